@@ -1,0 +1,117 @@
+//! Per-worker counters and the one numbered list of drop reasons.
+//!
+//! Counters are plain `u64`s owned by one worker (no atomics on the hot path); the I/O
+//! layer publishes a copy after each batch and readers sum across workers.
+//! The reasons the XDP program counts live in `xdp/bpf/xlb.h` (`enum xlb_stat`); keep the
+//! names of shared meanings (fragment, malformed, ttl) in sync with it.
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! drop_reasons {
+    ($($(#[$m:meta])* $v:ident = $n:literal => $name:literal,)*) => {
+        /// Why a worker dropped a frame. Numbers are stable (they index counters).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[repr(u8)]
+        pub enum DropReason { $($(#[$m])* $v = $n,)* }
+
+        impl DropReason {
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$v,)*];
+            pub const COUNT: usize = Self::ALL.len();
+            /// Stable snake_case name for stats output.
+            pub fn name(self) -> &'static str {
+                match self { $(DropReason::$v => $name,)* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// Truncated or invalid Ethernet/IPv4/TCP/UDP header.
+    Malformed = 0 => "malformed",
+    /// Not IPv4 (the XDP program should not have sent it).
+    NotIpv4 = 1 => "not_ipv4",
+    /// An IPv4 fragment: ports are not in every fragment, so SNAT cannot translate it.
+    Fragment = 2 => "fragment",
+    /// TTL ≤ 1: the kernel answers those (the XDP program passes them); defensive.
+    TtlExceeded = 3 => "ttl_exceeded",
+    /// Neither TCP nor UDP.
+    UnsupportedProtocol = 4 => "unsupported_protocol",
+    /// Not to a frontend nor to the SNAT address (stale steering map).
+    NotForUs = 5 => "not_for_us",
+    /// A reply or a mid-stream TCP segment with no flow.
+    NoFlow = 6 => "no_flow",
+    /// The service has no backend with weight.
+    NoBackend = 7 => "no_backend",
+    /// No route to the destination in the main table, or via an interface xlb lacks.
+    NoRoute = 8 => "no_route",
+    /// The next hop's MAC is not known yet (resolution was requested).
+    NoNeighbour = 9 => "no_neighbour",
+    /// Every SNAT port of this worker is in use toward this backend.
+    PortsExhausted = 10 => "ports_exhausted",
+    /// The flow table is at capacity.
+    FlowTableFull = 11 => "flow_table_full",
+    /// The flow's backend or service was removed.
+    BackendRemoved = 12 => "backend_removed",
+    /// The TX ring was full (I/O layer).
+    TxRingFull = 13 => "tx_ring_full",
+    /// The ring to the owning worker was full (I/O layer).
+    HandoffRingFull = 14 => "handoff_ring_full",
+    /// The frame does not fit a UMEM frame (I/O layer).
+    Oversize = 15 => "oversize",
+}
+
+/// One worker's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub rx: u64,
+    pub tx: u64,
+    /// Frames handed to another worker (their owner).
+    pub handoff_out: u64,
+    /// Frames received from other workers.
+    pub handoff_in: u64,
+    pub flows_created: u64,
+    pub flows_expired: u64,
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl Counters {
+    pub fn drop(&mut self, r: DropReason) {
+        self.drops[r as usize] += 1;
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Flatten to `(name, value)` pairs: the form stats output and the atomics mirror use.
+    pub fn to_array(&self) -> [u64; 6 + DropReason::COUNT] {
+        let mut a = [0u64; 6 + DropReason::COUNT];
+        a[..6].copy_from_slice(&[
+            self.rx,
+            self.tx,
+            self.handoff_out,
+            self.handoff_in,
+            self.flows_created,
+            self.flows_expired,
+        ]);
+        a[6..].copy_from_slice(&self.drops);
+        a
+    }
+
+    pub fn from_array(a: &[u64; 6 + DropReason::COUNT]) -> Counters {
+        let mut drops = [0u64; DropReason::COUNT];
+        drops.copy_from_slice(&a[6..]);
+        Counters {
+            rx: a[0],
+            tx: a[1],
+            handoff_out: a[2],
+            handoff_in: a[3],
+            flows_created: a[4],
+            flows_expired: a[5],
+            drops,
+        }
+    }
+}
+
+/// Length of [`Counters::to_array`].
+pub const COUNTER_SLOTS: usize = 6 + DropReason::COUNT;

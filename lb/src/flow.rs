@@ -1,0 +1,312 @@
+//! The per-worker flow table: one entry per NATed flow, reachable from both directions.
+//!
+//! Layout: a slab of [`Flow`]s preallocated to capacity, a free list, and one hashbrown
+//! map from [`FlowKey`] (the 5-tuple as it arrives) to `slot << 1 | direction`. Each flow
+//! has two keys, client→VIP (forward) and backend→SNAT (reverse), so a reply finds its
+//! flow with one lookup. Capacity is fixed at start-up: the map is created with room for
+//! two keys per slot, so inserts never allocate; a full table refuses new flows (the
+//! pipeline counts that) and never evicts established ones.
+//!
+//! Expiry is amortised: [`FlowTable::expire_step`] looks at a bounded number of slots
+//! (a clock hand), and a lookup that finds an idle-expired flow treats it as gone. There
+//! is no stop-the-world sweep.
+//!
+//! Invariant: a key is in the map iff the slot it names is live and holds that key.
+
+use crate::wire::checksum::Delta;
+use hashbrown::HashMap;
+
+/// A 5-tuple as it appears in a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Client → VIP.
+    Forward = 0,
+    /// Backend → SNAT address.
+    Reverse = 1,
+}
+
+/// Everything needed to rewrite a packet of one direction: new addresses, ports and MACs,
+/// the egress interface, and checksum deltas precomputed from the flow key (so applying
+/// it is a few stores and two one's-complement adds; an XDP fast path could execute the
+/// same action).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub iface: u8,
+    /// IPv4 header checksum delta, TTL decrement included.
+    pub ip_delta: Delta,
+    /// TCP/UDP checksum delta (pseudo-header addresses and ports).
+    pub l4_delta: Delta,
+}
+
+/// TCP-aware flow state; UDP flows stay in `Udp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    SynSent,
+    Established,
+    Fin,
+    Rst,
+    Udp,
+}
+
+impl FlowState {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::SynSent => "syn_sent",
+            FlowState::Established => "established",
+            FlowState::Fin => "fin",
+            FlowState::Rst => "rst",
+            FlowState::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Flow {
+    pub keys: [FlowKey; 2],
+    pub rewrite: [Rewrite; 2],
+    pub state: FlowState,
+    pub last_seen: u64,
+    /// Snapshot generation the rewrite was resolved under.
+    pub generation: u64,
+    /// The service and backend, to revalidate after a configuration change.
+    pub frontend: crate::snapshot::FrontendKey,
+    pub backend: ([u8; 4], u16),
+    pub packets: [u64; 2],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableFull;
+
+#[derive(Debug)]
+pub struct FlowTable {
+    map: HashMap<FlowKey, u32>,
+    slots: Vec<Option<Flow>>,
+    free: Vec<u32>,
+    hand: usize,
+}
+
+impl FlowTable {
+    /// A table for at most `capacity` flows (2 × capacity keys). Allocates everything now.
+    pub fn with_capacity(capacity: usize) -> FlowTable {
+        let capacity = capacity.clamp(1, (u32::MAX >> 1) as usize);
+        FlowTable {
+            map: HashMap::with_capacity(capacity * 2),
+            slots: vec![None; capacity],
+            free: (0..capacity as u32).rev().collect(),
+            hand: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The slot and direction a packet with `key` belongs to.
+    #[inline]
+    pub fn lookup(&self, key: &FlowKey) -> Option<(u32, Dir)> {
+        self.map.get(key).map(|&v| {
+            (v >> 1, if v & 1 == 0 { Dir::Forward } else { Dir::Reverse })
+        })
+    }
+
+    pub fn contains_key(&self, key: &FlowKey) -> bool {
+        self.map.contains_key(key)
+    }
+
+    pub fn get(&self, slot: u32) -> Option<&Flow> {
+        self.slots.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    pub fn get_mut(&mut self, slot: u32) -> Option<&mut Flow> {
+        self.slots.get_mut(slot as usize).and_then(Option::as_mut)
+    }
+
+    /// Insert a flow under both its keys. The caller has checked that neither key is
+    /// present (the pipeline looks both up first); a present key is replaced.
+    pub fn insert(&mut self, flow: Flow) -> Result<u32, TableFull> {
+        let slot = self.free.pop().ok_or(TableFull)?;
+        self.map.insert(flow.keys[0], slot << 1);
+        self.map.insert(flow.keys[1], slot << 1 | 1);
+        self.slots[slot as usize] = Some(flow);
+        Ok(slot)
+    }
+
+    pub fn remove(&mut self, slot: u32) -> Option<Flow> {
+        let flow = self.slots.get_mut(slot as usize)?.take()?;
+        for (d, k) in flow.keys.iter().enumerate() {
+            // Only remove the key if it still names this slot (defensive: keeps the
+            // invariant even if a caller replaced a key).
+            if self.map.get(k) == Some(&(slot << 1 | d as u32)) {
+                self.map.remove(k);
+            }
+        }
+        self.free.push(slot);
+        Some(flow)
+    }
+
+    /// Look at up to `budget` slots from the clock hand and remove flows for which
+    /// `expired` says yes. Returns how many were removed.
+    pub fn expire_step(&mut self, budget: usize, mut expired: impl FnMut(&Flow) -> bool) -> usize {
+        let n = self.slots.len();
+        let mut removed = 0;
+        for _ in 0..budget.min(n) {
+            let slot = self.hand;
+            self.hand = if self.hand + 1 == n { 0 } else { self.hand + 1 };
+            if self.slots[slot].as_ref().is_some_and(&mut expired) {
+                self.remove(slot as u32);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// All live flows (for `lbctl` listings; not for the hot path).
+    pub fn iter(&self) -> impl Iterator<Item = &Flow> {
+        self.slots.iter().filter_map(Option::as_ref)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::FrontendKey;
+    use proptest::prelude::*;
+    use std::collections::HashMap as Oracle;
+
+    fn key(n: u16, rev: bool) -> FlowKey {
+        FlowKey { src: [10, 0, 0, rev as u8], dst: [10, 0, 1, 1], sport: n, dport: 80, proto: 6 }
+    }
+
+    fn flow(n: u16, t: u64) -> Flow {
+        Flow {
+            keys: [key(n, false), key(n, true)],
+            rewrite: [Rewrite::default(); 2],
+            state: FlowState::SynSent,
+            last_seen: t,
+            generation: 0,
+            frontend: FrontendKey { addr: [0; 4], port: 0, proto: 6 },
+            backend: ([0; 4], 0),
+            packets: [0; 2],
+        }
+    }
+
+    #[test]
+    fn full_table_refuses() {
+        let mut t = FlowTable::with_capacity(2);
+        assert!(t.insert(flow(1, 0)).is_ok());
+        assert!(t.insert(flow(2, 0)).is_ok());
+        assert_eq!(t.insert(flow(3, 0)).err(), Some(TableFull));
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn both_directions_find_the_slot() {
+        let mut t = FlowTable::with_capacity(4);
+        let s = t.insert(flow(7, 0)).expect("room");
+        assert_eq!(t.lookup(&key(7, false)), Some((s, Dir::Forward)));
+        assert_eq!(t.lookup(&key(7, true)), Some((s, Dir::Reverse)));
+        t.remove(s);
+        assert_eq!(t.lookup(&key(7, false)), None);
+        assert_eq!(t.lookup(&key(7, true)), None);
+    }
+
+    #[test]
+    fn expiry_is_bounded_per_step() {
+        let mut t = FlowTable::with_capacity(100);
+        for n in 0..100 {
+            t.insert(flow(n, 0)).expect("room");
+        }
+        assert_eq!(t.expire_step(10, |_| true), 10);
+        assert_eq!(t.len(), 90);
+        let mut total = 10;
+        while !t.is_empty() {
+            total += t.expire_step(10, |_| true);
+        }
+        assert_eq!(total, 100);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Action {
+        Insert(u16),
+        Remove(u16),
+        Expire(u8, u64),
+    }
+
+    fn action() -> impl Strategy<Value = Action> {
+        prop_oneof![
+            (0u16..64).prop_map(Action::Insert),
+            (0u16..64).prop_map(Action::Remove),
+            (1u8..20, 0u64..64).prop_map(|(b, t)| Action::Expire(b, t)),
+        ]
+    }
+
+    proptest! {
+        /// The table behaves like a HashMap of flows keyed by their forward key, with a
+        /// capacity, and both keys always resolve to the same live flow.
+        #[test]
+        fn matches_hashmap_oracle(actions in proptest::collection::vec(action(), 1..300)) {
+            let cap = 32;
+            let mut t = FlowTable::with_capacity(cap);
+            let mut oracle: Oracle<u16, u64> = Oracle::new();
+            for (i, a) in actions.into_iter().enumerate() {
+                match a {
+                    Action::Insert(n) => {
+                        if oracle.contains_key(&n) { continue; }
+                        let r = t.insert(flow(n, i as u64));
+                        if oracle.len() < cap {
+                            prop_assert!(r.is_ok());
+                            oracle.insert(n, i as u64);
+                        } else {
+                            prop_assert_eq!(r.err(), Some(TableFull));
+                        }
+                    }
+                    Action::Remove(n) => {
+                        let got = t.lookup(&key(n, false)).and_then(|(s, _)| t.remove(s));
+                        prop_assert_eq!(got.is_some(), oracle.remove(&n).is_some());
+                    }
+                    Action::Expire(budget, before) => {
+                        t.expire_step(usize::from(budget), |f| f.last_seen < before);
+                        // Whatever was removed must have been expired; the rest stays.
+                        let live: Vec<u16> = oracle.keys().copied().collect();
+                        for n in live {
+                            if t.lookup(&key(n, false)).is_none() {
+                                prop_assert!(oracle[&n] < before);
+                                oracle.remove(&n);
+                            }
+                        }
+                    }
+                }
+                prop_assert_eq!(t.len(), oracle.len());
+                for (&n, &seen) in &oracle {
+                    let (s, d) = t.lookup(&key(n, false)).expect("forward key present");
+                    prop_assert_eq!(d, Dir::Forward);
+                    prop_assert_eq!(t.lookup(&key(n, true)), Some((s, Dir::Reverse)));
+                    prop_assert_eq!(t.get(s).map(|f| f.last_seen), Some(seen));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI'16, §3.4, Pseudocode 1).
+//!
+//! Each backend `i` has a permutation of the table slots given by
+//! `offset_i = h1(name_i) mod M`, `skip_i = h2(name_i) mod (M−1) + 1`, and
+//! `permutation_i[j] = (offset_i + j·skip_i) mod M`; backends take turns claiming their
+//! next unclaimed preferred slot until the table is full. Weights (§3.4, "we can adjust
+//! the relative frequency of the backends' turns") are integer: in every round a backend
+//! with weight `w` takes `w` turns; weight 0 takes none (drained).
+//!
+//! Determinism: backends are ordered by their name (address and port) and hashed with a
+//! fixed function ([`crate::hash`]), so two nodes given the same (backends, M, seed) build
+//! byte-identical tables whatever order the backends were added in. Permutations are
+//! generated on the fly (never stored), so a build costs O(M · rounds) time and O(N) extra
+//! memory. Builds run on the control thread; workers only read the finished table.
+
+use crate::hash::hash_bytes;
+
+/// Default table size: the prime the paper evaluates (65537), giving < 1 % imbalance
+/// for up to a few hundred backends.
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+
+/// Largest table size accepted (a prime just above 2^20 would still fit u32 slots; we
+/// bound memory at 4 MiB of u16 entries per service).
+pub const MAX_TABLE_SIZE: u32 = 2_000_003;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaglevError {
+    #[error("Maglev table size {0} is not prime (the permutation needs a prime M; 65537 is the default)")]
+    NotPrime(u32),
+    #[error("Maglev table size {0} is outside 3..={max}", max = MAX_TABLE_SIZE)]
+    OutOfRange(u32),
+    #[error("{0} backends exceed the Maglev limit of 65535")]
+    TooManyBackends(usize),
+}
+
+/// A backend as Maglev sees it: a stable name (bytes) and an integer weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaglevBackend {
+    pub name: Vec<u8>,
+    pub weight: u32,
+}
+
+/// A built lookup table: slot → index into the backend list passed to [`Maglev::build`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Maglev {
+    table: Vec<u16>,
+    /// Index of the backend in the caller's order, per slot; `EMPTY` when no backend has
+    /// weight (then every lookup misses).
+    has_backends: bool,
+}
+
+const EMPTY: u16 = u16::MAX;
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n % 2 == 0 {
+        return n == 2;
+    }
+    let mut d = 3u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+impl Maglev {
+    /// Build the table for `backends` (in the caller's order; the returned indices refer
+    /// to it) with table size `m` and hash seed `seed`.
+    pub fn build(backends: &[MaglevBackend], m: u32, seed: u64) -> Result<Maglev, MaglevError> {
+        if !(3..=MAX_TABLE_SIZE).contains(&m) {
+            return Err(MaglevError::OutOfRange(m));
+        }
+        if !is_prime(m) {
+            return Err(MaglevError::NotPrime(m));
+        }
+        if backends.len() >= usize::from(EMPTY) {
+            return Err(MaglevError::TooManyBackends(backends.len()));
+        }
+        let m64 = u64::from(m);
+        // Turn order is by name, not by the caller's order: determinism across nodes.
+        let mut order: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends[i].weight > 0)
+            .collect();
+        order.sort_by(|&a, &b| backends[a].name.cmp(&backends[b].name));
+        let mut table = vec![EMPTY; m as usize];
+        if order.is_empty() {
+            return Ok(Maglev {
+                table,
+                has_backends: false,
+            });
+        }
+        let perm: Vec<(u64, u64)> = order
+            .iter()
+            .map(|&i| {
+                let name = &backends[i].name;
+                let offset = hash_bytes(seed ^ 0x6f66_6673_6574, name) % m64;
+                let skip = hash_bytes(seed ^ 0x0000_736b_6970, name) % (m64 - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0u64; order.len()];
+        let mut filled = 0u32;
+        'fill: loop {
+            for (k, &i) in order.iter().enumerate() {
+                for _ in 0..backends[i].weight {
+                    let (offset, skip) = perm[k];
+                    let mut c = (offset + next[k] * skip) % m64;
+                    while table[c as usize] != EMPTY {
+                        next[k] += 1;
+                        c = (offset + next[k] * skip) % m64;
+                    }
+                    table[c as usize] = i as u16;
+                    next[k] += 1;
+                    filled += 1;
+                    if filled == m {
+                        break 'fill;
+                    }
+                }
+            }
+        }
+        Ok(Maglev {
+            table,
+            has_backends: true,
+        })
+    }
+
+    /// The backend index (in the build order) for a flow hash, or `None` when no backend
+    /// has weight.
+    #[inline]
+    pub fn lookup(&self, hash: u64) -> Option<usize> {
+        if !self.has_backends {
+            return None;
+        }
+        let slot = (hash % self.table.len() as u64) as usize;
+        Some(usize::from(self.table[slot]))
+    }
+
+    pub fn size(&self) -> usize {
+        self.table.len()
+    }
+
+    /// The raw table (slot → backend index), for tests and cross-node comparison.
+    pub fn slots(&self) -> &[u16] {
+        &self.table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn backends(n: usize) -> Vec<MaglevBackend> {
+        (0..n)
+            .map(|i| MaglevBackend {
+                name: format!("10.1.{}.{}:80", i / 256, i % 256).into_bytes(),
+                weight: 1,
+            })
+            .collect()
+    }
+
+    fn counts(m: &Maglev, n: usize) -> Vec<usize> {
+        let mut c = vec![0; n];
+        for &s in m.slots() {
+            c[usize::from(s)] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn no_holes() {
+        let m = Maglev::build(&backends(7), 65_537, 0).expect("build");
+        assert!(m.slots().iter().all(|&s| s != EMPTY && usize::from(s) < 7));
+    }
+
+    #[test]
+    fn rejects_non_prime_and_out_of_range() {
+        assert_eq!(Maglev::build(&backends(2), 65_536, 0), Err(MaglevError::NotPrime(65_536)));
+        assert_eq!(Maglev::build(&backends(2), 2, 0), Err(MaglevError::OutOfRange(2)));
+    }
+
+    #[test]
+    fn empty_or_all_drained_misses() {
+        let m = Maglev::build(&[], 13, 0).expect("build");
+        assert_eq!(m.lookup(5), None);
+        let mut b = backends(3);
+        for x in &mut b {
+            x.weight = 0;
+        }
+        assert_eq!(Maglev::build(&b, 13, 0).expect("build").lookup(5), None);
+    }
+
+    #[test]
+    fn even_spread_with_equal_weights() {
+        let n = 10;
+        let m = Maglev::build(&backends(n), 65_537, 0).expect("build");
+        let c = counts(&m, n);
+        let ideal = 65_537 / n;
+        for x in c {
+            // The paper reports < 1 % imbalance at this M; allow 2 %.
+            assert!(x.abs_diff(ideal) * 50 < ideal, "slot count {x} vs ideal {ideal}");
+        }
+    }
+
+    #[test]
+    fn higher_weight_gets_more_slots_in_proportion() {
+        let mut b = backends(3);
+        b[0].weight = 1;
+        b[1].weight = 2;
+        b[2].weight = 5;
+        let m = Maglev::build(&b, 65_537, 0).expect("build");
+        let c = counts(&m, 3);
+        let total = 65_537f64;
+        for (i, w) in [(0, 1.0), (1, 2.0), (2, 5.0)] {
+            let share = c[i] as f64 / total;
+            assert!((share - w / 8.0).abs() < 0.01, "backend {i}: share {share}");
+        }
+    }
+
+    #[test]
+    fn drained_backend_gets_no_slots() {
+        let mut b = backends(4);
+        b[2].weight = 0;
+        let m = Maglev::build(&b, 4_099, 0).expect("build");
+        assert!(m.slots().iter().all(|&s| s != 2));
+    }
+
+    proptest! {
+        /// Same (backends, M, seed) → identical table, whatever the input order.
+        #[test]
+        fn deterministic_and_order_independent(n in 1usize..40, seed in any::<u64>(), rot in 0usize..40) {
+            let b = backends(n);
+            let m1 = Maglev::build(&b, 4_099, seed).expect("build");
+            let mut r = b.clone();
+            r.rotate_left(rot % n);
+            let m2 = Maglev::build(&r, 4_099, seed).expect("build");
+            // Map indices back to names before comparing.
+            for (s1, s2) in m1.slots().iter().zip(m2.slots()) {
+                prop_assert_eq!(&b[usize::from(*s1)].name, &r[usize::from(*s2)].name);
+            }
+        }
+
+        /// Removing one of N backends moves close to 1/N of the slots: those of the removed
+        /// backend plus a small overshoot (the paper's Fig. 10 shows a few percent).
+        #[test]
+        fn minimal_disruption_on_removal(n in 5usize..60, victim in any::<prop::sample::Index>()) {
+            let b = backends(n);
+            let v = victim.index(n);
+            let before = Maglev::build(&b, 65_537, 1).expect("build");
+            let mut after_b = b.clone();
+            after_b.remove(v);
+            let after = Maglev::build(&after_b, 65_537, 1).expect("build");
+            let mut moved = 0usize;
+            for (s1, s2) in before.slots().iter().zip(after.slots()) {
+                if b[usize::from(*s1)].name != after_b[usize::from(*s2)].name {
+                    moved += 1;
+                }
+            }
+            let frac = moved as f64 / 65_537.0;
+            let ideal = 1.0 / n as f64;
+            prop_assert!(frac >= ideal * 0.9, "moved {} < ideal {}", frac, ideal);
+            prop_assert!(frac <= ideal * 1.6 + 0.01, "moved {} >> ideal {}", frac, ideal);
+        }
+    }
+}

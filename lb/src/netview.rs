@@ -1,0 +1,157 @@
+//! The kernel's routing and neighbour tables as the workers see them.
+//!
+//! Next hops are never configured: the daemon dumps the kernel's main IPv4 routing table,
+//! its neighbour table and the interfaces xlb serves (over netlink, in the `xdp` crate),
+//! and hands the workers this immutable copy inside each snapshot. A worker resolves a
+//! flow's next hop once, at flow creation (and again when the snapshot changes), so the
+//! linear longest-prefix scan here is off the per-packet path.
+//!
+//! An unresolved neighbour is reported, not guessed: the worker drops the packet (counted)
+//! and asks the daemon to have the kernel resolve it (ARP), which the next snapshot shows.
+
+use hashbrown::HashMap;
+
+/// An interface xlb has an XSK on. Its position in [`NetView::ifaces`] is the interface
+/// index the datapath uses in verdicts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IfaceInfo {
+    pub ifindex: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    /// The interface's primary IPv4 address, if any.
+    pub addr: Option<[u8; 4]>,
+}
+
+/// A unicast route from the main table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub dst: [u8; 4],
+    pub prefix_len: u8,
+    pub ifindex: u32,
+    pub gateway: Option<[u8; 4]>,
+}
+
+impl Route {
+    fn matches(&self, addr: [u8; 4]) -> bool {
+        if self.prefix_len == 0 {
+            return true;
+        }
+        let mask = u32::MAX << (32 - u32::from(self.prefix_len.min(32)));
+        u32::from_be_bytes(addr) & mask == u32::from_be_bytes(self.dst) & mask
+    }
+}
+
+/// Where to send a frame for a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextHop {
+    /// Position of the egress interface in [`NetView::ifaces`].
+    pub iface: u8,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextHopError {
+    /// No route in the main table.
+    NoRoute,
+    /// The route leaves through an interface xlb does not serve.
+    ForeignInterface,
+    /// The neighbour (gateway or on-link host) has no link-layer address yet.
+    Unresolved { ifindex: u32, addr: [u8; 4] },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetView {
+    pub ifaces: Vec<IfaceInfo>,
+    /// Sorted by prefix length, longest first (see [`NetView::new`]).
+    routes: Vec<Route>,
+    neighbours: HashMap<(u32, [u8; 4]), [u8; 6]>,
+}
+
+impl NetView {
+    pub fn new(
+        ifaces: Vec<IfaceInfo>,
+        mut routes: Vec<Route>,
+        neighbours: impl IntoIterator<Item = (u32, [u8; 4], [u8; 6])>,
+    ) -> NetView {
+        routes.sort_by(|a, b| b.prefix_len.cmp(&a.prefix_len).then(a.dst.cmp(&b.dst)));
+        NetView {
+            ifaces,
+            routes,
+            neighbours: neighbours.into_iter().map(|(i, a, m)| ((i, a), m)).collect(),
+        }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn neighbour(&self, ifindex: u32, addr: [u8; 4]) -> Option<[u8; 6]> {
+        self.neighbours.get(&(ifindex, addr)).copied()
+    }
+
+    pub fn neighbour_count(&self) -> usize {
+        self.neighbours.len()
+    }
+
+    /// Longest-prefix match, then the neighbour of the gateway (or of `dst` when on-link).
+    pub fn next_hop(&self, dst: [u8; 4]) -> Result<NextHop, NextHopError> {
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.matches(dst))
+            .ok_or(NextHopError::NoRoute)?;
+        let iface = self
+            .ifaces
+            .iter()
+            .position(|i| i.ifindex == route.ifindex)
+            .ok_or(NextHopError::ForeignInterface)?;
+        let hop = route.gateway.unwrap_or(dst);
+        let mac = self
+            .neighbour(route.ifindex, hop)
+            .ok_or(NextHopError::Unresolved { ifindex: route.ifindex, addr: hop })?;
+        Ok(NextHop {
+            iface: iface as u8,
+            src_mac: self.ifaces[iface].mac,
+            dst_mac: mac,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> NetView {
+        NetView::new(
+            vec![
+                IfaceInfo { ifindex: 5, name: "lb0".into(), mac: [2, 0, 0, 0, 0, 5], addr: Some([10, 0, 0, 1]) },
+                IfaceInfo { ifindex: 7, name: "lb1".into(), mac: [2, 0, 0, 0, 0, 7], addr: None },
+            ],
+            vec![
+                Route { dst: [0, 0, 0, 0], prefix_len: 0, ifindex: 5, gateway: Some([10, 0, 0, 254]) },
+                Route { dst: [10, 1, 0, 0], prefix_len: 24, ifindex: 7, gateway: None },
+                Route { dst: [10, 0, 0, 0], prefix_len: 24, ifindex: 5, gateway: None },
+                Route { dst: [192, 168, 0, 0], prefix_len: 16, ifindex: 99, gateway: None },
+            ],
+            [(5, [10, 0, 0, 254], [9; 6]), (7, [10, 1, 0, 2], [8; 6])],
+        )
+    }
+
+    #[test]
+    fn on_link_and_via_gateway() {
+        let v = view();
+        assert_eq!(
+            v.next_hop([10, 1, 0, 2]),
+            Ok(NextHop { iface: 1, src_mac: [2, 0, 0, 0, 0, 7], dst_mac: [8; 6] })
+        );
+        assert_eq!(v.next_hop([8, 8, 8, 8]).map(|h| h.dst_mac), Ok([9; 6]));
+        assert_eq!(
+            v.next_hop([10, 1, 0, 3]),
+            Err(NextHopError::Unresolved { ifindex: 7, addr: [10, 1, 0, 3] })
+        );
+        assert_eq!(v.next_hop([192, 168, 1, 1]), Err(NextHopError::ForeignInterface));
+        let no_default = NetView::new(v.ifaces.clone(), vec![], []);
+        assert_eq!(no_default.next_hop([8, 8, 8, 8]), Err(NextHopError::NoRoute));
+    }
+}

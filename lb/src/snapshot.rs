@@ -1,0 +1,156 @@
+//! The immutable configuration a worker runs on between two batches.
+//!
+//! The control thread builds a new [`Snapshot`] for every accepted change (service table,
+//! network view) and sends an `Arc` of it to each worker; workers swap it in between
+//! batches, so a batch sees one snapshot whole. Maglev tables are built here, on the
+//! control thread, never by a worker. Unchanged services keep their `Arc<ServiceState>`
+//! (and Maglev table) from the previous snapshot.
+
+use crate::maglev::{Maglev, MaglevBackend, MaglevError};
+use crate::netview::NetView;
+use crate::service::{BackendSpec, Frontend, ServiceSpec, ServiceTable};
+use hashbrown::HashMap;
+use nat::PortRange;
+use std::sync::Arc;
+
+const SEC: u64 = 1_000_000_000;
+
+/// Idle timeouts in nanoseconds, by flow state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP flow that has seen only the client's SYN.
+    pub tcp_syn: u64,
+    /// TCP flow with traffic both ways.
+    pub tcp_established: u64,
+    /// TCP flow after a FIN in either direction.
+    pub tcp_fin: u64,
+    /// TCP flow after a RST.
+    pub tcp_rst: u64,
+    pub udp: u64,
+}
+
+impl Default for Timeouts {
+    /// Cilium's conntrack defaults where they exist (TCP 6 h, SYN 60 s, FIN 10 s); UDP
+    /// 60 s like Cilium's non-TCP default.
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn: 60 * SEC,
+            tcp_established: 6 * 3600 * SEC,
+            tcp_fin: 10 * SEC,
+            tcp_rst: 10 * SEC,
+            udp: 60 * SEC,
+        }
+    }
+}
+
+/// A frontend as the datapath keys it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FrontendKey {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+}
+
+impl From<&Frontend> for FrontendKey {
+    fn from(f: &Frontend) -> Self {
+        FrontendKey { addr: f.addr.octets(), port: f.port, proto: f.proto.number() }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServiceState {
+    pub spec: ServiceSpec,
+    pub maglev: Maglev,
+}
+
+impl ServiceState {
+    pub fn backend(&self, idx: usize) -> Option<&BackendSpec> {
+        self.spec.backends.get(idx)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnatConfig {
+    pub addr: [u8; 4],
+    pub ports: PortRange,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Increases with every snapshot; flows remember the one they were resolved under.
+    pub generation: u64,
+    pub services: HashMap<FrontendKey, Arc<ServiceState>>,
+    pub snat: SnatConfig,
+    pub net: Arc<NetView>,
+    pub timeouts: Timeouts,
+    pub hash_seed: u64,
+    pub workers: u16,
+}
+
+/// Datapath settings fixed at start-up.
+#[derive(Debug, Clone, Copy)]
+pub struct DatapathConfig {
+    pub snat: SnatConfig,
+    pub timeouts: Timeouts,
+    pub maglev_size: u32,
+    pub hash_seed: u64,
+    pub workers: u16,
+}
+
+impl Snapshot {
+    /// Build the snapshot for `table`, reusing service states (and their Maglev tables)
+    /// from `prev` where the spec is unchanged.
+    pub fn build(
+        generation: u64,
+        cfg: &DatapathConfig,
+        table: &ServiceTable,
+        net: Arc<NetView>,
+        prev: Option<&Snapshot>,
+    ) -> Result<Snapshot, MaglevError> {
+        let mut services = HashMap::with_capacity(table.len());
+        for spec in table.services() {
+            let key = FrontendKey::from(&spec.frontend);
+            let reused = prev
+                .and_then(|p| p.services.get(&key))
+                .filter(|s| s.spec == *spec)
+                .cloned();
+            let state = match reused {
+                Some(s) => s,
+                None => {
+                    let mb: Vec<MaglevBackend> = spec
+                        .backends
+                        .iter()
+                        .map(|b| MaglevBackend { name: b.maglev_name(), weight: b.weight })
+                        .collect();
+                    Arc::new(ServiceState {
+                        spec: spec.clone(),
+                        maglev: Maglev::build(&mb, cfg.maglev_size, cfg.hash_seed)?,
+                    })
+                }
+            };
+            services.insert(key, state);
+        }
+        Ok(Snapshot {
+            generation,
+            services,
+            snat: cfg.snat,
+            net,
+            timeouts: cfg.timeouts,
+            hash_seed: cfg.hash_seed,
+            workers: cfg.workers,
+        })
+    }
+
+    /// Same services, new network view (after a neighbour or route change).
+    pub fn with_net(&self, generation: u64, net: Arc<NetView>) -> Snapshot {
+        Snapshot {
+            generation,
+            services: self.services.clone(),
+            snat: self.snat,
+            net,
+            timeouts: self.timeouts,
+            hash_seed: self.hash_seed,
+            workers: self.workers,
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! TCP (RFC 9293 §3.1), UDP (RFC 768) and ICMP (RFC 792) headers: the few fields an L4
+//! load balancer reads or rewrites: ports, TCP flags, the checksum field.
+//!
+//! TCP and UDP share the port layout, so one view serves both; the checksum field sits at
+//! a protocol-specific offset. ICMP is viewed only far enough to classify it.
+
+use super::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use super::{read_u16, write_u16, WireError};
+
+mod field {
+    pub const SRC_PORT: usize = 0;
+    pub const DST_PORT: usize = 2;
+    pub const TCP_DATA_OFF: usize = 12;
+    pub const TCP_FLAGS: usize = 13;
+    pub const TCP_CHECKSUM: usize = 16;
+    pub const TCP_MIN_LEN: usize = 20;
+    pub const UDP_CHECKSUM: usize = 6;
+    pub const UDP_LEN: usize = 8;
+    pub const ICMP_MIN_LEN: usize = 8;
+}
+
+/// TCP header flags (RFC 9293 §3.1) that the flow table's state machine reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpFlags(pub u8);
+
+impl TcpFlags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+
+    pub fn syn(self) -> bool {
+        self.0 & Self::SYN != 0
+    }
+    pub fn ack(self) -> bool {
+        self.0 & Self::ACK != 0
+    }
+    pub fn fin(self) -> bool {
+        self.0 & Self::FIN != 0
+    }
+    pub fn rst(self) -> bool {
+        self.0 & Self::RST != 0
+    }
+}
+
+/// A view of a TCP, UDP or ICMP header. After `new_checked`, the fixed header of `proto`
+/// lies inside the buffer, so no accessor panics.
+#[derive(Debug)]
+pub struct L4<T: AsRef<[u8]>> {
+    buf: T,
+    proto: u8,
+}
+
+impl<T: AsRef<[u8]>> L4<T> {
+    pub fn new_checked(buf: T, proto: u8) -> Result<Self, WireError> {
+        let b = buf.as_ref();
+        match proto {
+            PROTO_TCP => {
+                if b.len() < field::TCP_MIN_LEN {
+                    return Err(WireError::Truncated);
+                }
+                let off = usize::from(b[field::TCP_DATA_OFF] >> 4) * 4;
+                if off < field::TCP_MIN_LEN {
+                    return Err(WireError::Malformed);
+                }
+                if b.len() < off {
+                    return Err(WireError::Truncated);
+                }
+            }
+            PROTO_UDP => {
+                if b.len() < field::UDP_LEN {
+                    return Err(WireError::Truncated);
+                }
+            }
+            PROTO_ICMP => {
+                if b.len() < field::ICMP_MIN_LEN {
+                    return Err(WireError::Truncated);
+                }
+            }
+            _ => return Err(WireError::Malformed),
+        }
+        Ok(L4 { buf, proto })
+    }
+
+    pub fn has_ports(&self) -> bool {
+        self.proto == PROTO_TCP || self.proto == PROTO_UDP
+    }
+
+    /// Source port (TCP/UDP); for ICMP the type and code word.
+    pub fn src_port(&self) -> u16 {
+        read_u16(self.buf.as_ref(), field::SRC_PORT)
+    }
+
+    /// Destination port (TCP/UDP); for ICMP the checksum word.
+    pub fn dst_port(&self) -> u16 {
+        read_u16(self.buf.as_ref(), field::DST_PORT)
+    }
+
+    /// TCP flags; empty for other protocols.
+    pub fn tcp_flags(&self) -> TcpFlags {
+        if self.proto == PROTO_TCP {
+            TcpFlags(self.buf.as_ref()[field::TCP_FLAGS])
+        } else {
+            TcpFlags(0)
+        }
+    }
+
+    /// Offset of the checksum field for this protocol.
+    pub fn checksum_offset(&self) -> usize {
+        match self.proto {
+            PROTO_TCP => field::TCP_CHECKSUM,
+            PROTO_UDP => field::UDP_CHECKSUM,
+            _ => 2,
+        }
+    }
+
+    pub fn checksum(&self) -> u16 {
+        read_u16(self.buf.as_ref(), self.checksum_offset())
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> L4<T> {
+    pub fn set_ports(&mut self, src: u16, dst: u16) {
+        let b = self.buf.as_mut();
+        write_u16(b, field::SRC_PORT, src);
+        write_u16(b, field::DST_PORT, dst);
+    }
+
+    pub fn set_checksum(&mut self, c: u16) {
+        let at = self.checksum_offset();
+        write_u16(self.buf.as_mut(), at, c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_header_checks() {
+        let mut h = [0u8; 20];
+        h[12] = 0x50;
+        h[13] = TcpFlags::SYN;
+        let v = L4::new_checked(&h[..], PROTO_TCP).expect("valid");
+        assert!(v.tcp_flags().syn());
+        assert!(!v.tcp_flags().ack());
+        assert_eq!(v.checksum_offset(), 16);
+        for n in 0..20 {
+            assert_eq!(L4::new_checked(&h[..n], PROTO_TCP).err(), Some(WireError::Truncated));
+        }
+        h[12] = 0x40; // data offset 4 < 5
+        assert_eq!(L4::new_checked(&h[..], PROTO_TCP).err(), Some(WireError::Malformed));
+        h[12] = 0x60; // options claimed but absent
+        assert_eq!(L4::new_checked(&h[..], PROTO_TCP).err(), Some(WireError::Truncated));
+    }
+
+    #[test]
+    fn udp_ports_roundtrip() {
+        let mut h = [0u8; 8];
+        let mut v = L4::new_checked(&mut h[..], PROTO_UDP).expect("valid");
+        v.set_ports(1234, 53);
+        assert_eq!((v.src_port(), v.dst_port()), (1234, 53));
+        assert_eq!(v.checksum_offset(), 6);
+        assert_eq!(v.tcp_flags(), TcpFlags(0));
+    }
+
+    #[test]
+    fn unknown_protocol_is_malformed_for_us() {
+        assert_eq!(L4::new_checked(&[0u8; 40][..], 47).err(), Some(WireError::Malformed));
+    }
+}

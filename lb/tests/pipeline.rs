@@ -1,0 +1,293 @@
+//! The SNAT pipeline against byte fixtures: the shared fixture table, then stateful
+//! sequences (reply translation, handoff, state, revalidation), then properties.
+
+use lb::fixtures::{self, BACKEND, CLIENT, CLIENT_MAC, LB_MAC, SNAT, VIP};
+use lb::flow::FlowState;
+use lb::netview::{IfaceInfo, NetView, Route};
+use lb::service::{Op, ServiceTable};
+use lb::wire::build::{verify, FrameSpec};
+use lb::wire::ipv4::PROTO_UDP;
+use lb::wire::TcpFlags;
+use lb::{DropReason, Engine, Snapshot, Verdict};
+use proptest::prelude::*;
+use std::sync::Arc;
+
+const SEC: u64 = 1_000_000_000;
+
+fn engine(worker: u16) -> Engine {
+    let mut e = Engine::new(worker, 1024, Arc::new(fixtures::snapshot()));
+    e.begin_batch(SEC);
+    e
+}
+
+#[test]
+fn fixture_table() {
+    for fx in fixtures::fixtures() {
+        let mut e = engine(0);
+        let mut frame = fx.frame.clone();
+        let v = e.process(&mut frame);
+        assert_eq!(v, fx.verdict, "{}: verdict", fx.name);
+        match &fx.out {
+            Some(out) => {
+                assert_eq!(&frame, out, "{}: output frame", fx.name);
+                assert_eq!(verify(&frame), (true, true), "{}: checksums", fx.name);
+            }
+            None => assert_eq!(frame, fx.frame, "{}: a frame not sent is not modified", fx.name),
+        }
+    }
+}
+
+fn syn(sport: u16) -> FrameSpec {
+    FrameSpec { src_mac: CLIENT_MAC, dst_mac: LB_MAC, src: CLIENT, dst: VIP, sport, ..FrameSpec::default() }
+}
+
+/// The port the forward frame was sent from.
+fn sport(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[34], frame[35]])
+}
+
+#[test]
+fn reply_is_translated_back_to_the_client() {
+    let mut e = engine(0);
+    let mut f = syn(40000).build();
+    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+    let port = sport(&f);
+    let mut reply = FrameSpec {
+        src_mac: fixtures::BACKEND_MAC,
+        dst_mac: LB_MAC,
+        src: BACKEND,
+        dst: SNAT,
+        sport: 8080,
+        dport: port,
+        flags: TcpFlags::SYN | TcpFlags::ACK,
+        ttl: 64,
+        payload: b"hello".to_vec(),
+        ..FrameSpec::default()
+    }
+    .build();
+    assert_eq!(e.process(&mut reply), Verdict::Tx { iface: 0 });
+    let expected = FrameSpec {
+        src_mac: LB_MAC,
+        dst_mac: CLIENT_MAC,
+        src: VIP,
+        dst: CLIENT,
+        sport: 80,
+        dport: 40000,
+        flags: TcpFlags::SYN | TcpFlags::ACK,
+        ttl: 63,
+        payload: b"hello".to_vec(),
+        ..FrameSpec::default()
+    }
+    .build();
+    assert_eq!(reply, expected);
+    let flow = e.flows().iter().next().expect("one flow");
+    assert_eq!(flow.state, FlowState::Established);
+}
+
+#[test]
+fn same_flow_keeps_its_port_and_backend() {
+    let mut e = engine(0);
+    let mut a = syn(40000).build();
+    e.process(&mut a);
+    let mut b = FrameSpec { flags: TcpFlags::ACK, ..syn(40000) }.build();
+    assert_eq!(e.process(&mut b), Verdict::Tx { iface: 0 });
+    assert_eq!(sport(&a), sport(&b));
+    assert_eq!(e.counters.flows_created, 1);
+    let mut c = syn(40001).build();
+    e.process(&mut c);
+    assert_ne!(sport(&a), sport(&c), "a second flow gets another port toward the same backend");
+}
+
+#[test]
+fn reply_on_the_wrong_worker_goes_to_its_owner() {
+    // Worker 1 creates the flow (its ports are 63268–65535); the reply lands on worker 0.
+    let mut owner = engine(1);
+    let mut f = syn(40000).build();
+    assert_eq!(owner.process(&mut f), Verdict::Tx { iface: 0 });
+    let port = sport(&f);
+    assert!(port >= 63268, "worker 1 allocates from its own slice, got {port}");
+    let reply = FrameSpec { src: BACKEND, dst: SNAT, sport: 8080, dport: port, flags: TcpFlags::ACK, ..FrameSpec::default() };
+    let mut other = engine(0);
+    let mut r = reply.build();
+    assert_eq!(other.process(&mut r), Verdict::ToWorker(1));
+    assert_eq!(r, reply.build(), "a handed-off frame is untouched");
+    assert_eq!(owner.process(&mut r), Verdict::Tx { iface: 0 });
+    assert_eq!(&r[30..34], &CLIENT);
+}
+
+#[test]
+fn tcp_states_and_timeouts() {
+    let mut e = engine(0);
+    let t = fixtures::config().timeouts;
+    let mut f = syn(40000).build();
+    e.process(&mut f);
+    // SYN-only flows expire after the SYN timeout, swept by the clock hand.
+    let mut now = SEC + t.tcp_syn + 1;
+    for _ in 0..64 {
+        e.begin_batch(now);
+    }
+    assert_eq!(e.flows().len(), 0);
+    assert_eq!(e.counters.flows_expired, 1);
+    // An established flow survives the SYN timeout; a FIN makes it short-lived.
+    let mut f = syn(40001).build();
+    e.process(&mut f);
+    let port = sport(&f);
+    let mut r = FrameSpec { src: BACKEND, dst: SNAT, sport: 8080, dport: port, flags: TcpFlags::ACK, ..FrameSpec::default() }.build();
+    e.process(&mut r);
+    now += t.tcp_syn + 1;
+    e.begin_batch(now);
+    let mut ack = FrameSpec { flags: TcpFlags::ACK, ..syn(40001) }.build();
+    assert_eq!(e.process(&mut ack), Verdict::Tx { iface: 0 }, "established flow outlives the SYN timeout");
+    let mut fin = FrameSpec { flags: TcpFlags::FIN | TcpFlags::ACK, ..syn(40001) }.build();
+    e.process(&mut fin);
+    assert_eq!(e.flows().iter().next().map(|f| f.state), Some(FlowState::Fin));
+    now += t.tcp_fin + 1;
+    e.begin_batch(now);
+    let mut late = FrameSpec { flags: TcpFlags::ACK, ..syn(40001) }.build();
+    assert_eq!(e.process(&mut late), Verdict::Drop(DropReason::NoFlow), "closed flow is gone after the FIN timeout");
+}
+
+#[test]
+fn removed_backend_ends_its_flows_and_others_survive() {
+    let cfg = fixtures::config();
+    let fe = fixtures::frontends()[0];
+    let two = fixtures::table()
+        .apply(&Op::AddBackend { frontend: fe, backend: "10.1.0.3:8080".parse().expect("backend") })
+        .expect("add");
+    let mut net = fixtures::net();
+    net = NetView::new(
+        net.ifaces.clone(),
+        net.routes().to_vec(),
+        [
+            (fixtures::IFINDEX, CLIENT, CLIENT_MAC),
+            (fixtures::IFINDEX, BACKEND, fixtures::BACKEND_MAC),
+            (fixtures::IFINDEX, [10, 1, 0, 3], [2, 0, 0, 0, 0, 0xb3]),
+        ],
+    );
+    let net = Arc::new(net);
+    let s1 = Arc::new(Snapshot::build(1, &cfg, &two, net.clone(), None).expect("build"));
+    let mut e = Engine::new(0, 1024, s1.clone());
+    e.begin_batch(SEC);
+    let mut by_backend = std::collections::HashMap::new();
+    for p in 0..200u16 {
+        let mut f = syn(30000 + p).build();
+        assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+        by_backend.entry(f[33]).or_insert_with(Vec::new).push(30000 + p);
+    }
+    assert_eq!(by_backend.len(), 2, "both backends get flows");
+    let victims = by_backend[&3].clone();
+    let survivors = by_backend[&2].clone();
+    let one = two
+        .apply(&Op::RemoveBackend { frontend: fe, addr: [10, 1, 0, 3].into(), port: 8080 })
+        .expect("remove");
+    e.set_snapshot(Arc::new(Snapshot::build(2, &cfg, &one, net, Some(&s1)).expect("build")));
+    for p in victims {
+        let mut f = FrameSpec { flags: TcpFlags::ACK, ..syn(p) }.build();
+        assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::BackendRemoved));
+    }
+    for p in survivors {
+        let mut f = FrameSpec { flags: TcpFlags::ACK, ..syn(p) }.build();
+        assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+        assert_eq!(f[33], 2);
+    }
+}
+
+#[test]
+fn unresolved_neighbour_is_requested_not_guessed() {
+    let cfg = fixtures::config();
+    let net = NetView::new(
+        vec![IfaceInfo { ifindex: 2, name: "lb0".into(), mac: LB_MAC, addr: None }],
+        vec![Route { dst: [10, 0, 0, 0], prefix_len: 8, ifindex: 2, gateway: None }],
+        [(2, CLIENT, CLIENT_MAC)],
+    );
+    let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(net), None).expect("build");
+    let mut e = Engine::new(0, 16, Arc::new(s));
+    let mut f = syn(40000).build();
+    assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::NoNeighbour));
+    assert_eq!(e.take_resolve_requests().collect::<Vec<_>>(), vec![BACKEND]);
+    assert_eq!(e.take_resolve_requests().count(), 0);
+}
+
+#[test]
+fn full_table_refuses_and_keeps_existing_flows() {
+    let mut e = Engine::new(0, 2, Arc::new(fixtures::snapshot()));
+    e.begin_batch(SEC);
+    for p in [1000, 1001] {
+        let mut f = syn(p).build();
+        assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+    }
+    let mut f = syn(1002).build();
+    assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::FlowTableFull));
+    let mut f = FrameSpec { flags: TcpFlags::ACK, ..syn(1000) }.build();
+    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+}
+
+#[test]
+fn tiny_port_range_is_exhausted_and_counted() {
+    let mut cfg = fixtures::config();
+    cfg.snat.ports = nat::PortRange::new(61000, 61003).expect("range"); // 2 ports per worker
+    let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(fixtures::net()), None).expect("build");
+    let mut e = Engine::new(0, 64, Arc::new(s));
+    e.begin_batch(SEC);
+    let mut ok = 0;
+    for p in 0..5 {
+        let mut f = syn(2000 + p).build();
+        if e.process(&mut f) == (Verdict::Tx { iface: 0 }) {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 2);
+    assert_eq!(e.counters.drops[DropReason::PortsExhausted as usize], 3);
+}
+
+#[test]
+fn empty_service_counts_no_backend() {
+    let fe = fixtures::frontends()[0];
+    let t = ServiceTable::default().apply(&Op::AddService { frontend: fe, backends: vec![] }).expect("add");
+    let s = Snapshot::build(1, &fixtures::config(), &t, Arc::new(fixtures::net()), None).expect("build");
+    let mut e = Engine::new(0, 16, Arc::new(s));
+    let mut f = syn(1).build();
+    assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::NoBackend));
+}
+
+proptest! {
+    /// Any byte string gets a verdict, never a panic; nothing but Tx modifies it.
+    #[test]
+    fn arbitrary_bytes_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let mut e = engine(0);
+        let before = bytes.clone();
+        let v = e.process(&mut bytes);
+        if !matches!(v, Verdict::Tx { .. }) {
+            prop_assert_eq!(bytes, before);
+        }
+    }
+
+    /// Mutating a valid frame anywhere still never panics.
+    #[test]
+    fn mutated_frames_never_panic(idx in any::<prop::sample::Index>(), val in any::<u8>(), cut in any::<prop::sample::Index>()) {
+        let mut e = engine(0);
+        let mut f = FrameSpec { proto: PROTO_UDP, dport: 53, payload: vec![1; 30], ..syn(5) }.build();
+        let i = idx.index(f.len());
+        f[i] = val;
+        let n = cut.index(f.len() + 1);
+        f.truncate(n);
+        let _ = e.process(&mut f);
+    }
+
+    /// Incremental checksums equal full recomputation for any addresses, ports, payload.
+    #[test]
+    fn checksums_match_full_recompute(last in 3u8..=254, sport in 1u16.., ttl in 2u8.., udp in any::<bool>(),
+                                      payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+        prop_assume!(last != VIP[3]);
+        let src = [10, 0, 0, last]; // on the fixture's on-link /24
+        let mut net = fixtures::net();
+        net = NetView::new(net.ifaces.clone(), net.routes().to_vec(),
+            [(fixtures::IFINDEX, src, CLIENT_MAC), (fixtures::IFINDEX, BACKEND, fixtures::BACKEND_MAC)]);
+        let s = Snapshot::build(1, &fixtures::config(), &fixtures::table(), Arc::new(net), None).expect("build");
+        let mut e = Engine::new(0, 16, Arc::new(s));
+        let spec = FrameSpec { src, sport, ttl, payload, proto: if udp { PROTO_UDP } else { 6 }, dport: if udp { 53 } else { 80 }, ..syn(0) };
+        let mut f = spec.build();
+        prop_assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+        prop_assert_eq!(verify(&f), (true, true));
+    }
+}
