@@ -1,0 +1,73 @@
+//! Rust mirror of `bpf/xlb.h`. Sizes are asserted at compile time; field order and
+//! meaning must follow the header (keep in sync).
+
+/// `struct xlb_endpoint`: a frontend or backend key, network byte order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub pad: u8,
+}
+
+impl Endpoint {
+    pub fn new(addr: [u8; 4], port: u16, proto: u8) -> Endpoint {
+        Endpoint { addr, port: port.to_be_bytes(), proto, pad: 0 }
+    }
+}
+
+/// `struct xlb_snat_range`, host byte order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnatRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
+const _: () = assert!(core::mem::size_of::<SnatRange>() == 4);
+
+/// `enum xlb_stat`: indices of the steering program's per-CPU counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stat {
+    Rx = 0,
+    Frontend = 1,
+    Reply = 2,
+    NoXsk = 3,
+    Pass = 4,
+    NotIpv4 = 5,
+    Malformed = 6,
+    Ttl = 7,
+    Fragment = 8,
+}
+
+impl Stat {
+    pub const ALL: [Stat; 9] = [
+        Stat::Rx,
+        Stat::Frontend,
+        Stat::Reply,
+        Stat::NoXsk,
+        Stat::Pass,
+        Stat::NotIpv4,
+        Stat::Malformed,
+        Stat::Ttl,
+        Stat::Fragment,
+    ];
+    pub const COUNT: u32 = 9;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stat::Rx => "rx",
+            Stat::Frontend => "to_worker_frontend",
+            Stat::Reply => "to_worker_reply",
+            Stat::NoXsk => "no_xsk_passed",
+            Stat::Pass => "passed",
+            Stat::NotIpv4 => "not_ipv4_passed",
+            Stat::Malformed => "malformed_passed",
+            Stat::Ttl => "ttl_passed",
+            Stat::Fragment => "fragment_dropped",
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Loading the steering program and keeping its maps in step with the service table.
+//!
+//! The program is compiled by build.rs and embedded. [`Steering`] owns the loaded object:
+//! dropping it detaches the program (aya attaches through bpf_link where the kernel has
+//! it, so a crashed `lbd` also leaves no program behind).
+//!
+//! Map updates follow one order so that a packet the program steers is always one the
+//! workers' snapshot handles identically before and after a change: entries that go away
+//! are removed first, then the daemon publishes the new snapshot, then new entries are
+//! added ([`Steering::remove_stale`], [`Steering::add_new`]). During a change the program
+//! therefore steers a subset of both the old and the new configuration. A failed insert
+//! (a full map) rolls back what the call added and reports which map and key failed.
+
+use crate::abi::{Endpoint, SnatRange, Stat};
+use aya::maps::{HashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::Ebpf;
+use lb::service::ServiceTable;
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+
+/// The steering program's object file.
+pub static XLB_BPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("XDP program {0}: {1}")]
+    Program(&'static str, aya::programs::ProgramError),
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: aya::maps::MapError },
+    #[error("attaching XDP to {iface}: {source} (native mode needs driver support; veth has it)")]
+    Attach { iface: String, source: aya::programs::ProgramError },
+    #[error("map {map} rejected {key}: {source} (is the map full?)")]
+    Insert { map: &'static str, key: String, source: aya::maps::MapError },
+}
+
+/// What the maps must contain for a service table and SNAT configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SteeringState {
+    pub frontends: BTreeMap<Endpoint, u32>,
+    pub vips: BTreeMap<[u8; 4], u32>,
+    pub backends: BTreeMap<Endpoint, u32>,
+    pub snat: BTreeMap<[u8; 4], SnatRange>,
+}
+
+impl PartialOrd for Endpoint {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Endpoint {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.addr, self.port, self.proto).cmp(&(other.addr, other.port, other.proto))
+    }
+}
+
+impl SteeringState {
+    pub fn new(table: &ServiceTable, snat_addr: [u8; 4], ports: nat::PortRange) -> SteeringState {
+        let mut s = SteeringState::default();
+        for svc in table.services() {
+            let f = svc.frontend;
+            let proto = f.proto.number();
+            s.frontends.insert(Endpoint::new(f.addr.octets(), f.port, proto), svc.id);
+            *s.vips.entry(f.addr.octets()).or_default() += 1;
+            for b in &svc.backends {
+                *s.backends.entry(Endpoint::new(b.addr.octets(), b.port, proto)).or_default() += 1;
+            }
+        }
+        s.snat.insert(snat_addr, SnatRange { first: ports.first, last: ports.last });
+        s
+    }
+}
+
+pub struct Steering {
+    ebpf: Ebpf,
+    frontends: HashMap<MapData, Endpoint, u32>,
+    vips: HashMap<MapData, [u8; 4], u32>,
+    backends: HashMap<MapData, Endpoint, u32>,
+    snat: HashMap<MapData, [u8; 4], SnatRange>,
+    xsks: XskMap<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    current: SteeringState,
+    attached: Vec<(String, &'static str)>,
+}
+
+impl std::fmt::Debug for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steering").field("attached", &self.attached).finish()
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+    T::try_from(m).map_err(|source| BpfError::Map { map: name, source })
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, BpfError> {
+    let p = ebpf
+        .program_mut("xlb_steer")
+        .ok_or(BpfError::Program("xlb_steer", aya::programs::ProgramError::NotLoaded))?;
+    p.try_into().map_err(|e| BpfError::Program("xlb_steer", e))
+}
+
+impl Steering {
+    /// Load and verify the program; attach nothing yet.
+    pub fn load() -> Result<Steering, BpfError> {
+        let mut ebpf = Ebpf::load(XLB_BPF)?;
+        program(&mut ebpf)?.load().map_err(|e| BpfError::Program("xlb_steer", e))?;
+        Ok(Steering {
+            frontends: take(&mut ebpf, "frontends")?,
+            vips: take(&mut ebpf, "vips")?,
+            backends: take(&mut ebpf, "backends")?,
+            snat: take(&mut ebpf, "snat_addrs")?,
+            xsks: take(&mut ebpf, "xsks")?,
+            stats: take(&mut ebpf, "stats")?,
+            ebpf,
+            current: SteeringState::default(),
+            attached: Vec::new(),
+        })
+    }
+
+    /// Attach to `iface` in native (driver) mode, falling back to generic mode with a
+    /// warning. Returns the mode used.
+    pub fn attach(&mut self, iface: &str) -> Result<&'static str, BpfError> {
+        let prog = program(&mut self.ebpf)?;
+        let mode = match prog.attach(iface, XdpMode::Driver) {
+            Ok(_) => "native",
+            Err(e) => {
+                tracing::warn!(iface, error = %e, "native XDP attach failed; falling back to generic (slow) mode");
+                prog.attach(iface, XdpMode::Skb)
+                    .map_err(|source| BpfError::Attach { iface: iface.to_string(), source })?;
+                "generic"
+            }
+        };
+        self.attached.push((iface.to_string(), mode));
+        Ok(mode)
+    }
+
+    pub fn attached(&self) -> &[(String, &'static str)] {
+        &self.attached
+    }
+
+    /// Register the AF_XDP socket `fd` for rx queue `queue`.
+    pub fn set_xsk(&mut self, queue: u32, fd: RawFd) -> Result<(), BpfError> {
+        self.xsks
+            .set(queue, fd, 0)
+            .map_err(|source| BpfError::Insert { map: "xsks", key: format!("queue {queue}"), source })
+    }
+
+    pub fn current(&self) -> &SteeringState {
+        &self.current
+    }
+
+    /// Phase 1 of a change: remove entries `next` does not have (and lower counts).
+    pub fn remove_stale(&mut self, next: &SteeringState) -> Result<(), BpfError> {
+        fn sweep<K: aya::Pod + Ord + Copy, V: aya::Pod + PartialEq>(
+            map: &mut HashMap<MapData, K, V>,
+            name: &'static str,
+            cur: &BTreeMap<K, V>,
+            next: &BTreeMap<K, V>,
+        ) -> Result<(), BpfError> {
+            for k in cur.keys() {
+                if !next.contains_key(k) {
+                    map.remove(k).map_err(|source| BpfError::Map { map: name, source })?;
+                }
+            }
+            Ok(())
+        }
+        sweep(&mut self.frontends, "frontends", &self.current.frontends, &next.frontends)?;
+        sweep(&mut self.backends, "backends", &self.current.backends, &next.backends)?;
+        sweep(&mut self.vips, "vips", &self.current.vips, &next.vips)?;
+        sweep(&mut self.snat, "snat_addrs", &self.current.snat, &next.snat)?;
+        self.current.frontends.retain(|k, _| next.frontends.contains_key(k));
+        self.current.backends.retain(|k, _| next.backends.contains_key(k));
+        self.current.vips.retain(|k, _| next.vips.contains_key(k));
+        self.current.snat.retain(|k, _| next.snat.contains_key(k));
+        Ok(())
+    }
+
+    /// Phase 2 of a change: insert or update entries so the maps equal `next`. On
+    /// failure, entries this call inserted are removed again.
+    pub fn add_new(&mut self, next: &SteeringState) -> Result<(), BpfError> {
+        fn fill<K: aya::Pod + Ord + Copy + std::fmt::Debug, V: aya::Pod + PartialEq + Copy>(
+            map: &mut HashMap<MapData, K, V>,
+            name: &'static str,
+            cur: &BTreeMap<K, V>,
+            next: &BTreeMap<K, V>,
+        ) -> Result<(), BpfError> {
+            let mut added = Vec::new();
+            for (k, v) in next {
+                if cur.get(k) == Some(v) {
+                    continue;
+                }
+                if let Err(source) = map.insert(k, v, 0) {
+                    for a in added {
+                        let _ = map.remove(&a);
+                    }
+                    return Err(BpfError::Insert { map: name, key: format!("{k:?}"), source });
+                }
+                if !cur.contains_key(k) {
+                    added.push(*k);
+                }
+            }
+            Ok(())
+        }
+        // Backends and SNAT ranges before frontends: a steered first packet's replies
+        // must be steered too.
+        fill(&mut self.snat, "snat_addrs", &self.current.snat, &next.snat)?;
+        fill(&mut self.backends, "backends", &self.current.backends, &next.backends)?;
+        fill(&mut self.vips, "vips", &self.current.vips, &next.vips)?;
+        fill(&mut self.frontends, "frontends", &self.current.frontends, &next.frontends)?;
+        self.current = next.clone();
+        Ok(())
+    }
+
+    /// The program's counters, summed over CPUs, indexed by [`Stat`].
+    pub fn stats(&self) -> [u64; Stat::COUNT as usize] {
+        let mut out = [0u64; Stat::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(v) = self.stats.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Run the program once on `frame` (BPF_PROG_TEST_RUN); returns the XDP action.
+    pub fn test_run(&mut self, frame: &[u8]) -> Result<u32, BpfError> {
+        let prog = program(&mut self.ebpf)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::new() };
+        let r = prog.test_run(opts).map_err(|e| BpfError::Program("xlb_steer", e))?;
+        Ok(r.return_value)
+    }
+}
