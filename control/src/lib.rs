@@ -1,1 +1,14 @@
+//! xlb's control plane: the request/response protocol `lbd` speaks on its Unix socket
+//! ([`proto`], documented in docs/protocol.md), the mio event loop that serves it
+//! ([`server`]), and the blocking client `lbctl` uses ([`client`]).
+//!
+//! This crate never touches frames or the kernel's datapath; `lbd` (in the `xdp` crate)
+//! implements [`server::Handler`].
+#![forbid(unsafe_code)]
 
+pub mod client;
+pub mod proto;
+pub mod server;
+
+/// Where `lbd` listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/xlb/lbd.sock";

@@ -9,4 +9,5 @@
 
 pub mod abi;
 pub mod bpf;
+pub mod netlink;
 pub mod sys;

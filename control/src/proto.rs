@@ -1,0 +1,292 @@
+//! The lbd control protocol, version 1.
+//!
+//! Newline-delimited JSON over a Unix stream socket: one request object per line, one
+//! response object per line, in order. Every message carries `"version"`; a server
+//! answers a version it does not speak with an `unsupported_version` error instead of
+//! guessing. A request is validated whole before anything is applied (see
+//! `lb::service::ServiceTable::apply`). See docs/protocol.md for examples.
+
+use lb::service::{BackendSpec, Frontend};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+pub const VERSION: u32 = 1;
+/// Longest request line a server accepts.
+pub const MAX_LINE: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    ServiceAdd {
+        #[serde(with = "as_string")]
+        frontend: Frontend,
+        #[serde(default, with = "as_strings")]
+        backends: Vec<BackendSpec>,
+    },
+    ServiceRemove {
+        #[serde(with = "as_string")]
+        frontend: Frontend,
+    },
+    BackendAdd {
+        #[serde(with = "as_string")]
+        frontend: Frontend,
+        #[serde(with = "as_string")]
+        backend: BackendSpec,
+    },
+    BackendRemove {
+        #[serde(with = "as_string")]
+        frontend: Frontend,
+        address: Ipv4Addr,
+        port: u16,
+    },
+    // Empty struct variants rather than unit variants: serde ignores unknown fields on
+    // internally tagged unit variants, and a misspelt option must be an error.
+    ServiceList {},
+    Status {},
+    Stats {},
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestEnvelope {
+    pub version: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// Machine-readable error classes; `message` says what to fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The line is not a valid request object.
+    BadRequest,
+    UnsupportedVersion,
+    /// The request is well-formed but the configuration rejects it.
+    Invalid,
+    /// The datapath could not apply a valid request (nothing was changed).
+    Datapath,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Done { message: String },
+    Services { services: Vec<ServiceView> },
+    Status(StatusView),
+    Stats(StatsView),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    pub version: u32,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Ok { result: Reply },
+    Error { error: ErrorBody },
+}
+
+impl ResponseEnvelope {
+    pub fn ok(result: Reply) -> Self {
+        ResponseEnvelope { version: VERSION, outcome: Outcome::Ok { result } }
+    }
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ResponseEnvelope { version: VERSION, outcome: Outcome::Error { error: ErrorBody { kind, message: message.into() } } }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    /// "active" (weight > 0) or "drained" (weight 0: keeps its flows, gets no new ones).
+    pub state: String,
+    /// Share of the Maglev table, in percent.
+    pub share: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub id: u32,
+    pub frontend: String,
+    /// "snat" (full NAT); DSR modes come later.
+    pub mode: String,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceView {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: String,
+    pub xdp_mode: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerView {
+    pub id: u16,
+    pub queue: u32,
+    pub core: Option<usize>,
+    pub snat_ports: String,
+    pub flows: u64,
+    pub flow_capacity: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub interfaces: Vec<InterfaceView>,
+    pub workers: Vec<WorkerView>,
+    pub snat_address: Ipv4Addr,
+    pub snat_ports: String,
+    pub services: usize,
+    pub flows: u64,
+    pub neighbours: usize,
+    pub routes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub id: u16,
+    pub rx: u64,
+    pub tx: u64,
+    pub handoff_out: u64,
+    pub handoff_in: u64,
+    pub flows_created: u64,
+    pub flows_expired: u64,
+    /// Nonzero drop counters by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    pub workers: Vec<WorkerStats>,
+    /// The XDP program's counters, summed over CPUs.
+    pub xdp: BTreeMap<String, u64>,
+}
+
+/// Serde through `Display`/`FromStr`, so frontends and backends read as operators write
+/// them ("10.0.0.10:80/tcp", "10.1.0.2:8080@2").
+mod as_string {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(D::Error::custom)
+    }
+}
+
+mod as_strings {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    pub fn serialize<T: Display, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|x| x.to_string()))
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter().map(|s| s.parse().map_err(D::Error::custom)).collect()
+    }
+}
+
+/// Parse one request line: the version is checked before the body, so a future
+/// client's unknown request type gets `unsupported_version`, not a parse error.
+pub fn parse_request(line: &[u8]) -> Result<Request, ResponseEnvelope> {
+    let mut v: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| ResponseEnvelope::error(ErrorKind::BadRequest, format!("request is not JSON: {e}")))?;
+    match v.get("version").and_then(|x| x.as_u64()) {
+        Some(n) if n == u64::from(VERSION) => {}
+        Some(n) => {
+            return Err(ResponseEnvelope::error(
+                ErrorKind::UnsupportedVersion,
+                format!("protocol version {n} is not supported; this lbd speaks version {VERSION}"),
+            ))
+        }
+        None => return Err(ResponseEnvelope::error(ErrorKind::BadRequest, "request lacks a numeric \"version\" field")),
+    }
+    // The envelope's own field goes; what remains must be exactly one request (serde's
+    // `flatten` would silently accept unknown fields, so the envelope is not used here).
+    if let Some(o) = v.as_object_mut() {
+        o.remove("version");
+    }
+    serde_json::from_value::<Request>(v)
+        .map_err(|e| ResponseEnvelope::error(ErrorKind::BadRequest, format!("bad request: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_form() {
+        let r = RequestEnvelope {
+            version: 1,
+            request: Request::ServiceAdd {
+                frontend: "10.0.0.10:80/tcp".parse().expect("fe"),
+                backends: vec!["10.1.0.2:8080@2".parse().expect("be")],
+            },
+        };
+        let s = serde_json::to_string(&r).expect("ser");
+        assert_eq!(
+            s,
+            r#"{"version":1,"type":"service_add","frontend":"10.0.0.10:80/tcp","backends":["10.1.0.2:8080@2"]}"#
+        );
+        assert_eq!(parse_request(s.as_bytes()), Ok(r.request));
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        let cases: &[(&str, ErrorKind, &str)] = &[
+            ("not json", ErrorKind::BadRequest, "not JSON"),
+            (r#"{"type":"status"}"#, ErrorKind::BadRequest, "version"),
+            (r#"{"version":2,"type":"status"}"#, ErrorKind::UnsupportedVersion, "version 2"),
+            (r#"{"version":1,"type":"launch"}"#, ErrorKind::BadRequest, "launch"),
+            (r#"{"version":1,"type":"service_add","frontend":"10.0.0.10:80"}"#, ErrorKind::BadRequest, "VIP:PORT/tcp"),
+            (r#"{"version":1,"type":"status","extra":1}"#, ErrorKind::BadRequest, "extra"),
+        ];
+        for (line, kind, needle) in cases {
+            let err = parse_request(line.as_bytes()).expect_err(line);
+            let Outcome::Error { error } = err.outcome else { panic!("{line}: not an error") };
+            assert_eq!(error.kind, *kind, "{line}");
+            assert!(error.message.contains(needle), "{line}: {}", error.message);
+        }
+    }
+
+    #[test]
+    fn response_roundtrip() {
+        let r = ResponseEnvelope::error(ErrorKind::Invalid, "no service 10.0.0.10:80/tcp");
+        let s = serde_json::to_string(&r).expect("ser");
+        assert_eq!(s, r#"{"version":1,"status":"error","error":{"kind":"invalid","message":"no service 10.0.0.10:80/tcp"}}"#);
+        let back: ResponseEnvelope = serde_json::from_str(&s).expect("de");
+        assert_eq!(back, r);
+    }
+}
