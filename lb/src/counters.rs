@@ -58,6 +58,8 @@ drop_reasons! {
     HandoffRingFull = 14 => "handoff_ring_full",
     /// The frame does not fit a UMEM frame (I/O layer).
     Oversize = 15 => "oversize",
+    /// No free UMEM frame to take a handed-off frame (I/O layer).
+    NoFreeFrame = 16 => "no_free_frame",
 }
 
 /// One worker's counters.

@@ -94,13 +94,14 @@ impl NetView {
         self.neighbours.len()
     }
 
+    /// The longest-prefix route for `dst`.
+    pub fn route(&self, dst: [u8; 4]) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(dst))
+    }
+
     /// Longest-prefix match, then the neighbour of the gateway (or of `dst` when on-link).
     pub fn next_hop(&self, dst: [u8; 4]) -> Result<NextHop, NextHopError> {
-        let route = self
-            .routes
-            .iter()
-            .find(|r| r.matches(dst))
-            .ok_or(NextHopError::NoRoute)?;
+        let route = self.route(dst).ok_or(NextHopError::NoRoute)?;
         let iface = self
             .ifaces
             .iter()

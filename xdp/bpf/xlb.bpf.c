@@ -13,7 +13,9 @@
  * Fragments to a VIP or SNAT address are dropped (counted): SNAT needs ports, which
  * non-first fragments lack.
  *
- * If no XSK is bound on the queue, bpf_redirect_map falls back to XDP_PASS (counted).
+ * One program serves every interface lbd owns, so the XSKMAP is keyed by
+ * slot(ingress ifindex) * XLB_MAX_QUEUES + rx queue. If no XSK is bound there,
+ * bpf_redirect_map falls back to XDP_PASS (counted).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -33,10 +35,18 @@ struct vlan_hdr {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
-	__uint(max_entries, XLB_MAX_QUEUES);
+	__uint(max_entries, XLB_MAX_QUEUES * XLB_MAX_IFACES);
 	__type(key, __u32);
 	__type(value, __u32);
 } xsks SEC(".maps");
+
+/* ifindex -> slot of the interface among lbd's interfaces. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XLB_MAX_IFACES);
+	__type(key, __u32);
+	__type(value, __u32);
+} iface_slots SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -91,10 +101,18 @@ static __always_inline int pass(__u32 stat)
 
 static __always_inline int to_worker(struct xdp_md *ctx, __u32 stat)
 {
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u32 *slot, key;
 	long ret;
 
 	count(stat);
-	ret = bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+	slot = bpf_map_lookup_elem(&iface_slots, &ifindex);
+	if (!slot || ctx->rx_queue_index >= XLB_MAX_QUEUES) {
+		count(XLB_STAT_NO_XSK);
+		return XDP_PASS;
+	}
+	key = *slot * XLB_MAX_QUEUES + ctx->rx_queue_index;
+	ret = bpf_redirect_map(&xsks, key, XDP_PASS);
 	if (ret != XDP_REDIRECT)
 		count(XLB_STAT_NO_XSK);
 	return ret;

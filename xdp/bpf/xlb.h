@@ -9,6 +9,7 @@
 #include <linux/types.h>
 
 #define XLB_MAX_QUEUES 64
+#define XLB_MAX_IFACES 16
 #define XLB_MAX_FRONTENDS 4096
 #define XLB_MAX_VIPS 4096
 #define XLB_MAX_SNAT_ADDRS 16

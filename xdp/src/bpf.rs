@@ -19,6 +19,11 @@ use lb::service::ServiceTable;
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 
+/// `XLB_MAX_QUEUES` in xlb.h.
+pub const MAX_QUEUES: u32 = 64;
+/// `XLB_MAX_IFACES` in xlb.h.
+pub const MAX_IFACES: usize = 16;
+
 /// The steering program's object file.
 pub static XLB_BPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb.bpf.o"));
 
@@ -82,6 +87,7 @@ pub struct Steering {
     backends: HashMap<MapData, Endpoint, u32>,
     snat: HashMap<MapData, [u8; 4], SnatRange>,
     xsks: XskMap<MapData>,
+    iface_slots: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, u64>,
     current: SteeringState,
     attached: Vec<(String, &'static str)>,
@@ -119,6 +125,7 @@ impl Steering {
             backends: take(&mut ebpf, "backends")?,
             snat: take(&mut ebpf, "snat_addrs")?,
             xsks: take(&mut ebpf, "xsks")?,
+            iface_slots: take(&mut ebpf, "iface_slots")?,
             stats: take(&mut ebpf, "stats")?,
             ebpf,
             current: SteeringState::default(),
@@ -147,11 +154,19 @@ impl Steering {
         &self.attached
     }
 
-    /// Register the AF_XDP socket `fd` for rx queue `queue`.
-    pub fn set_xsk(&mut self, queue: u32, fd: RawFd) -> Result<(), BpfError> {
+    /// Number the interface `ifindex` as `slot` (its position in lbd's interface list).
+    pub fn set_iface_slot(&mut self, ifindex: u32, slot: u32) -> Result<(), BpfError> {
+        self.iface_slots
+            .insert(ifindex, slot, 0)
+            .map_err(|source| BpfError::Insert { map: "iface_slots", key: format!("ifindex {ifindex}"), source })
+    }
+
+    /// Register the AF_XDP socket `fd` for rx queue `queue` of the interface in `slot`.
+    pub fn set_xsk(&mut self, slot: u32, queue: u32, fd: RawFd) -> Result<(), BpfError> {
+        let key = slot * MAX_QUEUES + queue;
         self.xsks
-            .set(queue, fd, 0)
-            .map_err(|source| BpfError::Insert { map: "xsks", key: format!("queue {queue}"), source })
+            .set(key, fd, 0)
+            .map_err(|source| BpfError::Insert { map: "xsks", key: format!("slot {slot} queue {queue}"), source })
     }
 
     pub fn current(&self) -> &SteeringState {

@@ -9,5 +9,7 @@
 
 pub mod abi;
 pub mod bpf;
+pub mod daemon;
 pub mod netlink;
 pub mod sys;
+pub mod worker;

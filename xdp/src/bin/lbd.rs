@@ -1,1 +1,105 @@
-fn main() {}
+//! `lbd`: xlb's daemon. Attaches the steering program to the given interfaces, starts
+//! one pinned AF_XDP worker per rx queue, and serves the control socket until SIGINT or
+//! SIGTERM, then stops the workers and detaches.
+
+use anyhow::Context;
+use clap::Parser;
+use control::server::{serve, ControlSocket};
+use lb::Timeouts;
+use nat::PortRange;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use xdp::daemon::{Daemon, DaemonConfig};
+use xdp::sys::IoConfig;
+
+const SEC: u64 = 1_000_000_000;
+
+#[derive(Parser)]
+#[command(name = "lbd", version, about = "xlb's L4 load balancer daemon (XDP + AF_XDP, Maglev, SNAT)")]
+struct Args {
+    /// Interface to serve (repeat for two-armed: clients on one, backends on another).
+    #[arg(long = "iface", required = true)]
+    ifaces: Vec<String>,
+    /// Source address for traffic to backends [default: the last --iface's primary IPv4].
+    #[arg(long)]
+    snat_addr: Option<Ipv4Addr>,
+    /// SNAT source ports, split evenly across workers. Must avoid the host's
+    /// ip_local_port_range when --snat-addr is a host address.
+    #[arg(long, default_value = "61000-65535")]
+    snat_ports: PortRange,
+    /// Control socket.
+    #[arg(long, default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Workers (= rx queues served) [default: all queues of the interfaces].
+    #[arg(long)]
+    queues: Option<u32>,
+    /// Cores to pin workers to, round-robin [default: all].
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
+    /// Flow table capacity of each worker (memory is allocated at start).
+    #[arg(long, default_value_t = 262_144)]
+    flows_per_worker: usize,
+    /// Maglev table size (a prime).
+    #[arg(long, default_value_t = lb::maglev::DEFAULT_TABLE_SIZE)]
+    maglev_size: u32,
+    /// Idle timeout of TCP flows that saw only a SYN, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_tcp_syn: u64,
+    /// Idle timeout of established TCP flows, in seconds.
+    #[arg(long, default_value_t = 21_600)]
+    timeout_tcp_established: u64,
+    /// Idle timeout after a FIN, in seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout_tcp_fin: u64,
+    /// Idle timeout after a RST, in seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout_tcp_rst: u64,
+    /// Idle timeout of UDP flows, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_udp: u64,
+    /// AF_XDP ring size (fill, completion, rx, tx), a power of two.
+    #[arg(long, default_value_t = 2048)]
+    ring_size: u32,
+    /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&a.log))
+        .context("--log")?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handlers")?;
+    }
+    let cfg = DaemonConfig {
+        ifaces: a.ifaces,
+        snat_addr: a.snat_addr,
+        snat_ports: a.snat_ports,
+        queues: a.queues,
+        cores: a.cores,
+        flows_per_worker: a.flows_per_worker,
+        maglev_size: a.maglev_size,
+        timeouts: Timeouts {
+            tcp_syn: a.timeout_tcp_syn * SEC,
+            tcp_established: a.timeout_tcp_established * SEC,
+            tcp_fin: a.timeout_tcp_fin * SEC,
+            tcp_rst: a.timeout_tcp_rst * SEC,
+            udp: a.timeout_udp * SEC,
+        },
+        io: IoConfig { ring_size: a.ring_size, ..IoConfig::default() },
+    };
+    let mut sock = ControlSocket::bind(&a.socket).context("binding the control socket")?;
+    let mut daemon = Daemon::start(cfg, Arc::clone(&stop)).context("starting lbd")?;
+    tracing::info!(socket = %sock.path().display(), "lbd ready");
+    let served = serve(&mut sock, &mut daemon, &stop, Duration::from_millis(50));
+    daemon.shutdown();
+    tracing::info!("lbd stopped");
+    served.context("control socket")
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Build or tear down xlb's test/demo topology in network namespaces.
+#
+#   topology.sh up PREFIX [QUEUES] [BACKENDS]    topology.sh down PREFIX
+#
+#   PREFIX-client  c0 10.0.0.2/24 ──veth── lb0 10.0.0.1/24   PREFIX-lb   lb1 10.1.0.1/24 ──veth── PREFIX-sw (bridge br0)
+#                  route 10.96.0.0/16 via 10.0.0.1                                                  ├── PREFIX-b1 eth0 10.1.0.11/24
+#                                                                                                    ├── PREFIX-b2 eth0 10.1.0.12/24
+#                                                                                                    └── PREFIX-b3 eth0 10.1.0.13/24
+# VIPs live in 10.96.0.0/16 (routed to the LB, as a router or BGP would). lb0/lb1 are
+# veths with QUEUES rx/tx queues each, so replies spread over the LB's queues. TX checksum
+# offload is off on the traffic sources (client, backends): veth would otherwise hand XDP
+# CHECKSUM_PARTIAL frames (see docs/operations.md).
+set -euo pipefail
+cmd=${1:?up|down}; P=${2:?prefix}; Q=${3:-2}; NB=${4:-3}
+
+ns() { ip netns exec "$1" "${@:2}"; }
+
+down() {
+  for n in client lb sw $(seq -f 'b%g' 1 9); do
+    ip netns del "$P-$n" 2>/dev/null || true
+  done
+}
+
+up() {
+  down
+  for n in client lb sw; do ip netns add "$P-$n"; done
+  ip link add "$P-c0" netns "$P-client" numtxqueues "$Q" numrxqueues "$Q" type veth \
+    peer name lb0 netns "$P-lb" numtxqueues "$Q" numrxqueues "$Q"
+  ns "$P-client" ip link set "$P-c0" name c0
+  ip link add "$P-l1" netns "$P-lb" numtxqueues "$Q" numrxqueues "$Q" type veth \
+    peer name swlb netns "$P-sw" numtxqueues "$Q" numrxqueues "$Q"
+  ns "$P-lb" ip link set "$P-l1" name lb1
+  ns "$P-sw" ip link add br0 type bridge
+  ns "$P-sw" ip link set swlb master br0
+  for i in $(seq 1 "$NB"); do
+    ip netns add "$P-b$i"
+    ip link add "$P-s$i" netns "$P-sw" type veth peer name eth0 netns "$P-b$i"
+    ns "$P-sw" ip link set "$P-s$i" master br0
+    ns "$P-sw" ip link set "$P-s$i" up
+    ns "$P-b$i" ip addr add "10.1.0.1$i/24" dev eth0
+    ns "$P-b$i" ip link set eth0 up
+    ns "$P-b$i" ip link set lo up
+    ns "$P-b$i" ip route add default via 10.1.0.1
+    ns "$P-b$i" ethtool -K eth0 tx off >/dev/null
+  done
+  ns "$P-sw" ip link set br0 up
+  ns "$P-sw" ip link set swlb up
+  ns "$P-client" ip addr add 10.0.0.2/24 dev c0
+  ns "$P-client" ip link set c0 up
+  ns "$P-client" ip link set lo up
+  ns "$P-client" ip route add 10.96.0.0/16 via 10.0.0.1
+  ns "$P-client" ethtool -K c0 tx off >/dev/null
+  ns "$P-lb" ip addr add 10.0.0.1/24 dev lb0
+  ns "$P-lb" ip addr add 10.1.0.1/24 dev lb1
+  ns "$P-lb" ip link set lb0 up
+  ns "$P-lb" ip link set lb1 up
+  ns "$P-lb" ip link set lo up
+  # The LB node routes nothing itself (XDP does); keep the kernel from forwarding VIP
+  # traffic it is handed (TTL <= 1 packets are answered with ICMP either way).
+  ns "$P-lb" sysctl -qw net.ipv4.ip_forward=1
+}
+
+case "$cmd" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down PREFIX [QUEUES] [BACKENDS]" >&2; exit 2 ;;
+esac

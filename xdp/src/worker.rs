@@ -1,0 +1,254 @@
+//! Worker threads: one per rx queue, pinned to a core, each owning its AF_XDP sockets
+//! (one per served interface, on its queue), its flow table and its SNAT port slice.
+//!
+//! The loop, per batch: take the newest snapshot if the control thread sent one (so a
+//! batch sees one configuration), read the clock once, recycle completed TX frames into
+//! the fill rings, take up to a batch from each RX ring and from each hand-off ring,
+//! run every frame through the pure [`lb::Engine`], queue TX, flush. Nothing here locks
+//! or allocates.
+//!
+//! Hand-off: an XSK receives only its own queue's frames, so a reply that lands on
+//! another worker's queue is copied into that worker's SPSC ring (ringbuf; one ring per
+//! ordered pair of workers; frames are length-prefixed) and processed there.
+//!
+//! Idle: after `SPIN_ROUNDS` empty rounds a worker parks in poll() on its sockets and its
+//! mio waker (other workers and the control thread wake it when they give it work), so
+//! an idle lbd does not burn the cores the rest of the node needs.
+
+use crate::sys::{IoConfig, WorkerIo};
+use crossbeam_channel::{Receiver, Sender};
+use lb::counters::{Counters, COUNTER_SLOTS};
+use lb::{DropReason, Engine, Snapshot, Verdict};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use ringbuf::traits::{Consumer, Observer, Producer};
+use ringbuf::{HeapCons, HeapProd};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Empty rounds before parking.
+const SPIN_ROUNDS: u32 = 256;
+/// Longest park (the loop also notices stop requests this often).
+const PARK: Duration = Duration::from_millis(20);
+/// Bytes of each hand-off ring (≈ 250 full-size frames).
+pub const HANDOFF_RING_BYTES: usize = 512 * 1024;
+/// Largest frame a hand-off carries.
+const MAX_FRAME: usize = 2048;
+
+/// What a worker shares with the control thread: counters (written by the worker only,
+/// read by anyone), its flow count, and the park flag and waker.
+#[derive(Debug)]
+pub struct WorkerShared {
+    pub counters: [AtomicU64; COUNTER_SLOTS],
+    pub flows: AtomicU64,
+    pub parked: AtomicBool,
+    pub waker: Waker,
+}
+
+impl WorkerShared {
+    pub fn counters(&self) -> Counters {
+        let mut a = [0u64; COUNTER_SLOTS];
+        for (d, s) in a.iter_mut().zip(&self.counters) {
+            *d = s.load(Ordering::Relaxed);
+        }
+        Counters::from_array(&a)
+    }
+
+    /// Wake the worker if it is parked.
+    pub fn wake(&self) {
+        if self.parked.load(Ordering::Acquire) {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// Everything a worker thread needs; built by the daemon, moved into the thread.
+pub struct WorkerSpec {
+    pub id: u16,
+    pub queue: u32,
+    pub core: Option<core_affinity::CoreId>,
+    pub ifaces: Vec<String>,
+    pub io: IoConfig,
+    pub flow_capacity: usize,
+    pub snapshot: Arc<Snapshot>,
+    pub snapshots: Receiver<Arc<Snapshot>>,
+    pub resolve: Sender<[u8; 4]>,
+    /// Rings to every other worker (None at our own index).
+    pub out: Vec<Option<HeapProd<u8>>>,
+    /// Rings from every other worker.
+    pub inbound: Vec<HeapCons<u8>>,
+    /// Shared state of every worker (to wake a peer we hand a frame to).
+    pub peers: Vec<Arc<WorkerShared>>,
+    pub poll: Poll,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for WorkerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerSpec").field("id", &self.id).field("queue", &self.queue).finish()
+    }
+}
+
+pub const WAKER: Token = Token(usize::MAX);
+
+/// Create a worker's poll instance and shared state (the waker must be registered with
+/// the poll the worker will park on).
+pub fn shared_state() -> std::io::Result<(Poll, Arc<WorkerShared>)> {
+    let poll = Poll::new()?;
+    let waker = Waker::new(poll.registry(), WAKER)?;
+    Ok((
+        poll,
+        Arc::new(WorkerShared {
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            flows: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            waker,
+        }),
+    ))
+}
+
+/// Bind the worker's sockets (in the calling thread), report their fds through `ready`,
+/// then run until `stop`.
+pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
+    if let Some(core) = spec.core {
+        if !core_affinity::set_for_current(core) {
+            tracing::warn!(worker = spec.id, core = core.id, "could not pin worker to its core");
+        }
+    }
+    let mut io = match WorkerIo::new(&spec.ifaces, spec.queue, spec.io) {
+        Ok(io) => io,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let fds = io.fds();
+    for (i, fd) in fds.iter().enumerate() {
+        if let Err(e) = spec.poll.registry().register(&mut SourceFd(fd), Token(i), Interest::READABLE) {
+            let _ = ready.send(Err(format!("registering socket {i} with poll: {e}")));
+            return;
+        }
+    }
+    if ready.send(Ok(fds)).is_err() {
+        return;
+    }
+    let me = Arc::clone(&spec.peers[spec.id as usize]);
+    let mut engine = Engine::new(spec.id, spec.flow_capacity, Arc::clone(&spec.snapshot));
+    let mut events = Events::with_capacity(16);
+    let mut buf = [0u8; MAX_FRAME];
+    let start = Instant::now();
+    let mut idle = 0u32;
+    let mut wake_peer = vec![false; spec.peers.len()];
+    while !spec.stop.load(Ordering::Relaxed) {
+        while let Ok(s) = spec.snapshots.try_recv() {
+            engine.set_snapshot(s);
+        }
+        engine.begin_batch(start.elapsed().as_nanos() as u64);
+        io.refill();
+        let mut work = 0;
+        for port in 0..io.ports() {
+            work += io.receive(port);
+        }
+        for ring in &mut spec.inbound {
+            work += drain_ring(ring, &mut io, &mut engine.counters, &mut buf);
+        }
+        for i in 0..io.batch_len() {
+            let v = engine.process(io.frame(i));
+            match v {
+                Verdict::Tx { iface } => {
+                    if !io.send(i, usize::from(iface)) {
+                        engine.counters.tx -= 1;
+                        engine.counters.drop(DropReason::TxRingFull);
+                    }
+                }
+                Verdict::ToWorker(w) => {
+                    let w = usize::from(w);
+                    let frame = io.frame(i);
+                    let pushed = spec.out.get_mut(w).and_then(Option::as_mut).is_some_and(|p| push_frame(p, frame));
+                    if pushed {
+                        wake_peer[w] = true;
+                    } else {
+                        engine.counters.handoff_out -= 1;
+                        engine.counters.drop(DropReason::HandoffRingFull);
+                    }
+                    io.release(i);
+                }
+                Verdict::Drop(_) => io.release(i),
+            }
+        }
+        io.end_batch();
+        io.flush();
+        io.wake_fill();
+        for (w, flag) in wake_peer.iter_mut().enumerate() {
+            if std::mem::take(flag) {
+                spec.peers[w].wake();
+            }
+        }
+        for addr in engine.take_resolve_requests() {
+            let _ = spec.resolve.try_send(addr);
+        }
+        publish(&me, &engine);
+        if work == 0 && io.backlog() == 0 {
+            idle += 1;
+            if idle >= SPIN_ROUNDS {
+                idle = 0;
+                me.parked.store(true, Ordering::Release);
+                // Re-check after announcing the park: a peer that pushed before seeing the
+                // flag set must not be missed.
+                let pending = spec.inbound.iter().any(|r| r.occupied_len() > 0) || !spec.snapshots.is_empty();
+                if !pending {
+                    let _ = spec.poll.poll(&mut events, Some(PARK));
+                }
+                me.parked.store(false, Ordering::Release);
+            }
+        } else {
+            idle = 0;
+        }
+    }
+}
+
+fn publish(me: &WorkerShared, engine: &Engine) {
+    for (slot, v) in me.counters.iter().zip(engine.counters.to_array()) {
+        slot.store(v, Ordering::Relaxed);
+    }
+    me.flows.store(engine.flows().len() as u64, Ordering::Relaxed);
+}
+
+/// Length-prefixed copy into a peer's ring; false if it does not fit.
+fn push_frame(p: &mut HeapProd<u8>, frame: &[u8]) -> bool {
+    if frame.len() > MAX_FRAME || p.vacant_len() < frame.len() + 2 {
+        return false;
+    }
+    p.push_slice(&(frame.len() as u16).to_be_bytes());
+    p.push_slice(frame);
+    true
+}
+
+/// Move whole frames from a ring into free UMEM frames of this worker's batch.
+fn drain_ring(ring: &mut HeapCons<u8>, io: &mut WorkerIo, c: &mut Counters, buf: &mut [u8; MAX_FRAME]) -> usize {
+    let mut n = 0;
+    while n < 64 && ring.occupied_len() >= 2 {
+        let mut len = [0u8; 2];
+        ring.peek_slice(&mut len);
+        let len = usize::from(u16::from_be_bytes(len));
+        if ring.occupied_len() < len + 2 {
+            break; // the producer has not finished this frame yet
+        }
+        ring.skip(2);
+        c.handoff_in += 1;
+        n += 1;
+        if len > MAX_FRAME {
+            // Cannot happen with push_frame as the only producer; keep the ring in step.
+            ring.skip(len);
+            c.drop(DropReason::Oversize);
+            continue;
+        }
+        let got = ring.pop_slice(&mut buf[..len]);
+        if !io.inject(&buf[..got]) {
+            c.drop(DropReason::NoFreeFrame);
+        }
+    }
+    n
+}
