@@ -44,7 +44,8 @@ drop_reasons! {
     NoBackend = 7 => "no_backend",
     /// No route to the destination in the main table, or via an interface xlb lacks.
     NoRoute = 8 => "no_route",
-    /// The next hop's MAC is not known yet (resolution was requested).
+    /// The next hop's MAC was still unknown when the held frame's deadline passed, or
+    /// the hold queue was full (I/O layer).
     NoNeighbour = 9 => "no_neighbour",
     /// Every SNAT port of this worker is in use toward this backend.
     PortsExhausted = 10 => "ports_exhausted",
@@ -73,6 +74,8 @@ pub struct Counters {
     pub handoff_in: u64,
     pub flows_created: u64,
     pub flows_expired: u64,
+    /// Frames held for a neighbour resolution (each pass counts).
+    pub held: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -86,23 +89,24 @@ impl Counters {
     }
 
     /// Flatten to `(name, value)` pairs: the form stats output and the atomics mirror use.
-    pub fn to_array(&self) -> [u64; 6 + DropReason::COUNT] {
-        let mut a = [0u64; 6 + DropReason::COUNT];
-        a[..6].copy_from_slice(&[
+    pub fn to_array(&self) -> [u64; COUNTER_SLOTS] {
+        let mut a = [0u64; COUNTER_SLOTS];
+        a[..SCALARS].copy_from_slice(&[
             self.rx,
             self.tx,
             self.handoff_out,
             self.handoff_in,
             self.flows_created,
             self.flows_expired,
+            self.held,
         ]);
-        a[6..].copy_from_slice(&self.drops);
+        a[SCALARS..].copy_from_slice(&self.drops);
         a
     }
 
-    pub fn from_array(a: &[u64; 6 + DropReason::COUNT]) -> Counters {
+    pub fn from_array(a: &[u64; COUNTER_SLOTS]) -> Counters {
         let mut drops = [0u64; DropReason::COUNT];
-        drops.copy_from_slice(&a[6..]);
+        drops.copy_from_slice(&a[SCALARS..]);
         Counters {
             rx: a[0],
             tx: a[1],
@@ -110,10 +114,12 @@ impl Counters {
             handoff_in: a[3],
             flows_created: a[4],
             flows_expired: a[5],
+            held: a[6],
             drops,
         }
     }
 }
 
+const SCALARS: usize = 7;
 /// Length of [`Counters::to_array`].
-pub const COUNTER_SLOTS: usize = 6 + DropReason::COUNT;
+pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

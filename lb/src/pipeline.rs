@@ -46,6 +46,10 @@ pub enum Verdict {
     Tx { iface: u8 },
     /// Hand the unmodified frame to worker `n`, which owns its flow.
     ToWorker(u16),
+    /// Keep the unmodified frame and process it again after the next snapshot: a next
+    /// hop's MAC is unknown and resolution was requested (the kernel's unresolved queue,
+    /// `unres_qlen`, does the same). The I/O layer bounds how many and how long.
+    Hold,
     Drop(DropReason),
 }
 
@@ -138,11 +142,14 @@ impl Engine {
         self.counters.rx += 1;
         let v = match self.process_inner(frame) {
             Ok(v) => v,
+            // Only new flows resolve next hops, before touching the frame.
+            Err(DropReason::NoNeighbour) => Verdict::Hold,
             Err(r) => Verdict::Drop(r),
         };
         match v {
             Verdict::Tx { .. } => self.counters.tx += 1,
             Verdict::ToWorker(_) => self.counters.handoff_out += 1,
+            Verdict::Hold => self.counters.held += 1,
             Verdict::Drop(r) => self.counters.drop(r),
         }
         v

@@ -203,9 +203,15 @@ fn unresolved_neighbour_is_requested_not_guessed() {
     let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(net), None).expect("build");
     let mut e = Engine::new(0, 16, Arc::new(s));
     let mut f = syn(40000).build();
-    assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::NoNeighbour));
+    let before = f.clone();
+    assert_eq!(e.process(&mut f), Verdict::Hold);
+    assert_eq!(f, before, "a held frame is untouched, so it can be processed again");
     assert_eq!(e.take_resolve_requests().collect::<Vec<_>>(), vec![BACKEND]);
     assert_eq!(e.take_resolve_requests().count(), 0);
+    // Once the neighbour is known, the same frame goes out.
+    e.set_snapshot(Arc::new(fixtures::snapshot()));
+    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+    assert_eq!(e.counters.held, 1);
 }
 
 #[test]

@@ -94,9 +94,14 @@ pub struct WorkerIo {
     ports: Vec<Port>,
     free: Vec<FrameDesc>,
     batch: Vec<Slot>,
+    /// Frames awaiting a neighbour, with the time (ns) after which they are dropped.
+    held: Vec<(FrameDesc, u64)>,
     scratch: Vec<FrameDesc>,
     cfg: IoConfig,
 }
+
+/// Most frames held for neighbour resolution per worker.
+pub const MAX_HELD: usize = 256;
 
 impl std::fmt::Debug for WorkerIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -156,7 +161,10 @@ impl WorkerIo {
             umem,
             ports,
             free: descs,
-            batch: Vec::with_capacity(cfg.batch * 4),
+            // Room for a batch from every port, the hand-off rings and the held frames, so
+            // the batch never reallocates.
+            batch: Vec::with_capacity(cfg.batch * (ifaces.len() + 64) + MAX_HELD),
+            held: Vec::with_capacity(MAX_HELD),
             scratch: Vec::with_capacity(cfg.ring_size as usize),
             cfg,
         };
@@ -294,6 +302,47 @@ impl WorkerIo {
                 self.free.push(slot.desc);
             }
         }
+    }
+
+    /// Keep batch frame `i` until [`WorkerIo::requeue_held`] or its `deadline` (ns).
+    /// False (and the frame is freed) if the hold list is full.
+    pub fn hold(&mut self, i: usize, deadline: u64) -> bool {
+        let Some(slot) = self.batch.get_mut(i) else { return false };
+        if slot.done {
+            return false;
+        }
+        slot.done = true;
+        if self.held.len() < MAX_HELD {
+            self.held.push((slot.desc, deadline));
+            true
+        } else {
+            self.free.push(slot.desc);
+            false
+        }
+    }
+
+    /// Put every held frame back into the batch, to be processed again. Returns how many.
+    pub fn requeue_held(&mut self) -> usize {
+        let n = self.held.len();
+        for (desc, _) in self.held.drain(..) {
+            self.batch.push(Slot { desc, done: false });
+        }
+        n
+    }
+
+    /// Free held frames whose deadline is before `now`. Returns how many.
+    pub fn expire_held(&mut self, now: u64) -> usize {
+        let before = self.held.len();
+        let free = &mut self.free;
+        self.held.retain(|(desc, deadline)| {
+            if *deadline < now {
+                free.push(*desc);
+                false
+            } else {
+                true
+            }
+        });
+        before - self.held.len()
     }
 
     /// End the batch: frames not sent are freed.

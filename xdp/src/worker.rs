@@ -36,6 +36,8 @@ const PARK: Duration = Duration::from_millis(20);
 pub const HANDOFF_RING_BYTES: usize = 512 * 1024;
 /// Largest frame a hand-off carries.
 const MAX_FRAME: usize = 2048;
+/// How long a frame waits for its neighbour (the kernel's default probe time is 1 s).
+const HOLD_NS: u64 = 1_000_000_000;
 
 /// What a worker shares with the control thread: counters (written by the worker only,
 /// read by anyone), its flow count, and the park flag and waker.
@@ -142,12 +144,22 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     let mut idle = 0u32;
     let mut wake_peer = vec![false; spec.peers.len()];
     while !spec.stop.load(Ordering::Relaxed) {
+        let mut fresh = false;
         while let Ok(s) = spec.snapshots.try_recv() {
             engine.set_snapshot(s);
+            fresh = true;
         }
-        engine.begin_batch(start.elapsed().as_nanos() as u64);
+        let now = start.elapsed().as_nanos() as u64;
+        engine.begin_batch(now);
         io.refill();
+        let expired = io.expire_held(now);
+        for _ in 0..expired {
+            engine.counters.drop(DropReason::NoNeighbour);
+        }
         let mut work = 0;
+        if fresh {
+            work += io.requeue_held();
+        }
         for port in 0..io.ports() {
             work += io.receive(port);
         }
@@ -174,6 +186,11 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         engine.counters.drop(DropReason::HandoffRingFull);
                     }
                     io.release(i);
+                }
+                Verdict::Hold => {
+                    if !io.hold(i, now + HOLD_NS) {
+                        engine.counters.drop(DropReason::NoNeighbour);
+                    }
                 }
                 Verdict::Drop(_) => io.release(i),
             }

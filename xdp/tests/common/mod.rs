@@ -22,3 +22,4 @@ pub fn privileged(test: &str) -> bool {
     eprintln!("{test}: not root, skipped (set CI=true to make this a failure)");
     false
 }
+pub mod topo;

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""A test/demo backend that names itself.
+
+  backend.py NAME [--http PORT] [--udp PORT] [--tcp-echo PORT]
+
+HTTP: GET / answers "backend NAME\n" (HTTP/1.0, one request per connection).
+UDP:  each datagram is answered with b"NAME:" + datagram.
+TCP echo: each line received is answered with "NAME:" + line, until the peer closes.
+Each server reports the peer address it saw on stderr, so tests can check SNAT.
+"""
+import argparse
+import http.server
+import socket
+import socketserver
+import sys
+import threading
+
+
+def http_server(name, port):
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = f"backend {name}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt, *args):
+            pass
+
+    class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 256
+
+    S(("0.0.0.0", port), H).serve_forever()
+
+
+def udp_server(name, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    while True:
+        data, peer = s.recvfrom(65535)
+        s.sendto(name.encode() + b":" + data, peer)
+
+
+def tcp_echo(name, port):
+    class H(socketserver.StreamRequestHandler):
+        def handle(self):
+            print(f"tcp-echo peer {self.client_address[0]}:{self.client_address[1]}", file=sys.stderr, flush=True)
+            for line in self.rfile:
+                self.wfile.write(name.encode() + b":" + line)
+                self.wfile.flush()
+
+    class S(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    S(("0.0.0.0", port), H).serve_forever()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("name")
+    p.add_argument("--http", type=int)
+    p.add_argument("--udp", type=int)
+    p.add_argument("--tcp-echo", type=int)
+    a = p.parse_args()
+    threads = []
+    for fn, port in ((http_server, a.http), (udp_server, a.udp), (tcp_echo, a.tcp_echo)):
+        if port:
+            t = threading.Thread(target=fn, args=(a.name, port), daemon=True)
+            t.start()
+            threads.append(t)
+    print("ready", flush=True)
+    for t in threads:
+        t.join()
+
+
+if __name__ == "__main__":
+    main()

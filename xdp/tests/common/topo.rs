@@ -1,0 +1,196 @@
+//! An RAII namespace topology for end-to-end tests (after aya's integration-test netns
+//! guard): deploy/topology.sh builds it, `Drop` kills every process the test started and
+//! deletes the namespaces, also when the test fails.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const VIP: &str = "10.96.0.10";
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn lbctl_path() -> PathBuf {
+    let lbd = PathBuf::from(env!("CARGO_BIN_EXE_lbd"));
+    let p = lbd.with_file_name("lbctl");
+    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
+    p
+}
+
+pub struct Topo {
+    pub prefix: String,
+    pub socket: PathBuf,
+    children: Vec<Child>,
+    lbd: Option<Child>,
+    log: PathBuf,
+}
+
+impl Topo {
+    /// Build the topology with `queues` queues on the LB's veths and `backends` backends,
+    /// each running deploy/backend.py (HTTP 8080, UDP 5353, TCP echo 9000).
+    pub fn up(tag: &str, queues: u32, backends: u32) -> Topo {
+        let prefix = format!("x{}{}", &tag[..tag.len().min(3)], std::process::id() % 10_000);
+        let st = Command::new(repo().join("deploy/topology.sh"))
+            .args(["up", &prefix, &queues.to_string(), &backends.to_string()])
+            .status()
+            .expect("run topology.sh");
+        assert!(st.success(), "topology.sh up failed");
+        let dir = std::env::temp_dir().join(format!("{prefix}-run"));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let mut t = Topo { socket: dir.join("lbd.sock"), log: dir.join("lbd.log"), prefix, children: Vec::new(), lbd: None };
+        for i in 1..=backends {
+            let mut c = t
+                .cmd(&format!("b{i}"), "python3")
+                .arg(repo().join("deploy/backend.py"))
+                .args([format!("b{i}"), "--http".into(), "8080".into(), "--udp".into(), "5353".into()])
+                .args(["--tcp-echo", "9000"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start backend");
+            let mut line = String::new();
+            BufReader::new(c.stdout.take().expect("stdout")).read_line(&mut line).expect("backend ready");
+            assert_eq!(line.trim(), "ready");
+            t.children.push(c);
+        }
+        t
+    }
+
+    pub fn ns(&self, short: &str) -> String {
+        format!("{}-{}", self.prefix, short)
+    }
+
+    /// A command run inside namespace `short` (client, lb, b1, ...).
+    pub fn cmd(&self, short: &str, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(short)]).arg(prog);
+        c
+    }
+
+    pub fn start_lbd(&mut self, extra: &[&str]) {
+        let log = std::fs::File::create(&self.log).expect("log");
+        let child = self
+            .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
+            .args(["--iface", "lb0", "--iface", "lb1", "--flows-per-worker", "16384", "--socket"])
+            .arg(&self.socket)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start lbd");
+        self.lbd = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.try_lbctl(&["status"]).status.success() {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.lbd.as_mut().map(|c| c.try_wait()) {
+                panic!("lbd exited with {st}: {}", self.lbd_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("lbd did not come up: {}", self.lbd_log());
+    }
+
+    pub fn lbd_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while lbd runs.
+    pub fn lbd_alive(&mut self) -> bool {
+        matches!(self.lbd.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn try_lbctl(&self, args: &[&str]) -> Output {
+        Command::new(lbctl_path()).arg("--socket").arg(&self.socket).args(args).output().expect("run lbctl")
+    }
+
+    /// Run lbctl, assert success, return stdout.
+    pub fn lbctl(&self, args: &[&str]) -> String {
+        let o = self.try_lbctl(args);
+        assert!(
+            o.status.success(),
+            "lbctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn lbctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.lbctl(&a)).expect("lbctl json")
+    }
+
+    /// Sum of a per-worker counter from `lbctl stats`.
+    pub fn worker_sum(&self, field: &str) -> u64 {
+        let s = self.lbctl_json(&["stats"]);
+        s["workers"].as_array().expect("workers").iter().map(|w| w[field].as_u64().unwrap_or(0)).sum()
+    }
+
+    pub fn worker_drop(&self, reason: &str) -> u64 {
+        let s = self.lbctl_json(&["stats"]);
+        s["workers"].as_array().expect("workers").iter().map(|w| w["drops"][reason].as_u64().unwrap_or(0)).sum()
+    }
+
+    pub fn xdp_stat(&self, name: &str) -> u64 {
+        self.lbctl_json(&["stats"])["xdp"][name].as_u64().unwrap_or(0)
+    }
+
+    /// Run a python3 program in the client namespace; return stdout (asserting success).
+    pub fn client_py(&self, code: &str) -> String {
+        let o = self.cmd("client", "python3").args(["-c", code]).output().expect("python3");
+        assert!(
+            o.status.success(),
+            "client program failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.lbd_log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `n` HTTP requests through the VIP with curl (one connection each); the bodies.
+    pub fn curl_many(&self, n: u32) -> Vec<String> {
+        let o = self
+            .cmd("client", "curl")
+            .args(["-s", "--max-time", "5", "--retry", "0"])
+            .arg(format!("http://{VIP}/?[1-{n}]"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.lbd.take() {
+            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new(repo().join("deploy/topology.sh")).args(["down", &self.prefix]).status();
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{}-run", self.prefix)));
+    }
+}
+
+/// Count how often each line occurs.
+pub fn tally(lines: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for l in lines {
+        *m.entry(l.clone()).or_insert(0) += 1;
+    }
+    m
+}

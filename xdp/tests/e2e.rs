@@ -1,0 +1,258 @@
+//! End to end through real namespaces: curl and python clients, python backends, lbd
+//! with XDP on multi-queue veths. Run as root, one at a time (`--test-threads=1`).
+
+mod common;
+
+use common::topo::{tally, Topo, VIP};
+
+const SVC: &str = "10.96.0.10:80/tcp";
+
+fn three_backends(t: &Topo) {
+    t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080", "-b", "10.1.0.12:8080", "-b", "10.1.0.13:8080"]);
+}
+
+#[test]
+fn http_requests_spread_over_all_backends() {
+    if !common::privileged("http_requests_spread_over_all_backends") {
+        return;
+    }
+    let mut t = Topo::up("spr", 2, 3);
+    t.start_lbd(&[]);
+    three_backends(&t);
+    let n = 300;
+    let bodies = t.curl_many(n);
+    let counts = tally(&bodies);
+    assert_eq!(bodies.len(), n as usize, "every request answered: {counts:?}\n{}", t.lbd_log());
+    // Maglev over random client ports: each of 3 backends gets 1/3 ± binomial noise
+    // (σ ≈ 8 at n = 300); 20 %..47 % is > 3σ either side.
+    for b in ["backend b1", "backend b2", "backend b3"] {
+        let c = counts.get(b).copied().unwrap_or(0);
+        assert!((60..=140).contains(&c), "{b}: {c} of {n} ({counts:?})");
+    }
+    assert_eq!(counts.len(), 3, "only the three backends answer: {counts:?}");
+    assert!(t.worker_sum("flows_created") >= u64::from(n));
+    assert_eq!(t.worker_drop("malformed"), 0);
+}
+
+#[test]
+fn udp_through_the_vip_with_checksums_validated_by_the_receiver() {
+    if !common::privileged("udp_through_the_vip") {
+        return;
+    }
+    let mut t = Topo::up("udp", 2, 3);
+    t.start_lbd(&[]);
+    t.lbctl(&["service", "add", "10.96.0.10:53/udp", "-b", "10.1.0.11:5353", "-b", "10.1.0.12:5353", "-b", "10.1.0.13:5353"]);
+    // 200 sockets (200 flows), payloads of varying length and content; the backend's
+    // kernel drops a datagram with a wrong checksum, and so does the client's for the
+    // reply, so every answer received proves both translations' checksums.
+    let out = t.client_py(&format!(
+        r#"
+import socket
+ok = 0; names = set()
+for i in range(200):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    payload = bytes([(i * 7 + j) % 256 for j in range(1 + i * 5 % 1200)])
+    s.sendto(payload, ("{VIP}", 53))
+    data, src = s.recvfrom(65535)
+    name, echoed = data.split(b":", 1)
+    assert src == ("{VIP}", 53), src
+    assert echoed == payload, (i, len(echoed), len(payload))
+    names.add(name); ok += 1
+print(ok, len(names))
+"#
+    ));
+    assert_eq!(out.trim(), "200 3", "{}", t.lbd_log());
+}
+
+#[test]
+fn long_lived_connection_survives_changes_to_other_backends() {
+    if !common::privileged("long_lived_connection_survives") {
+        return;
+    }
+    let mut t = Topo::up("lng", 2, 4);
+    t.start_lbd(&[]);
+    t.lbctl(&["service", "add", "10.96.0.10:9000/tcp", "-b", "10.1.0.11:9000", "-b", "10.1.0.12:9000", "-b", "10.1.0.13:9000"]);
+    // The client holds one connection, reports its backend, then waits for the test to
+    // change the service (a file appears), then must get answers from the same backend.
+    let flag = std::env::temp_dir().join(format!("{}-go", t.prefix));
+    let _ = std::fs::remove_file(&flag);
+    let code = format!(
+        r#"
+import socket, os, time, sys
+s = socket.create_connection(("{VIP}", 9000), timeout=5)
+f = s.makefile("rwb")
+f.write(b"hello\n"); f.flush()
+first = f.readline().split(b":")[0]
+print(first.decode(), flush=True)
+while not os.path.exists("{flag}"):
+    time.sleep(0.05)
+for i in range(50):
+    f.write(b"msg%d\n" % i); f.flush()
+    line = f.readline()
+    assert line == first + b":msg%d\n" % i, line
+print("ok", flush=True)
+"#,
+        flag = flag.display()
+    );
+    let mut child = t
+        .cmd("client", "python3")
+        .args(["-c", &code])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("client");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).expect("first line");
+    let first = first.trim().to_string();
+    assert!(first.starts_with('b'), "connected to a backend: {first:?}");
+    // Add a fourth backend (Maglev moves ~1/4 of the table) and remove one that is not
+    // ours: the established flow must not move.
+    t.lbctl(&["backend", "add", "10.96.0.10:9000/tcp", "10.1.0.14:9000"]);
+    let other = ["b1", "b2", "b3"].into_iter().find(|b| *b != first).expect("another backend");
+    let other_addr = format!("10.1.0.1{}:9000", &other[1..]);
+    t.lbctl(&["backend", "remove", "10.96.0.10:9000/tcp", &other_addr]);
+    std::fs::write(&flag, b"go").expect("flag");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("rest");
+    let st = child.wait().expect("wait");
+    let _ = std::fs::remove_file(&flag);
+    assert!(st.success() && rest.trim() == "ok", "connection broke: {rest:?}\n{}", t.lbd_log());
+}
+
+#[test]
+fn removed_backend_gets_no_new_flows() {
+    if !common::privileged("removed_backend_gets_no_new_flows") {
+        return;
+    }
+    let mut t = Topo::up("rem", 2, 3);
+    t.start_lbd(&[]);
+    three_backends(&t);
+    let before = tally(&t.curl_many(60));
+    assert!(before.contains_key("backend b2"), "b2 served before removal: {before:?}");
+    t.lbctl(&["backend", "remove", SVC, "10.1.0.12:8080"]);
+    let list = t.lbctl(&["service", "list"]);
+    assert!(!list.contains("10.1.0.12"), "{list}");
+    let bodies = t.curl_many(150);
+    let after = tally(&bodies);
+    assert_eq!(bodies.len(), 150, "{after:?}");
+    assert!(!after.contains_key("backend b2"), "removed backend got flows: {after:?}");
+    assert_eq!(after.len(), 2, "{after:?}");
+}
+
+fn replies_find_their_flows_on(queues: u32) {
+    let mut t = Topo::up(&format!("q{queues}"), queues, 3);
+    t.start_lbd(&[]);
+    let status = t.lbctl_json(&["status"]);
+    assert_eq!(status["workers"].as_array().map(Vec::len), Some(queues as usize));
+    three_backends(&t);
+    let bodies = t.curl_many(200);
+    assert_eq!(bodies.len(), 200, "{:?}\n{}", tally(&bodies), t.lbd_log());
+    // Replies hash to any of the queues; those not on their flow's worker are handed
+    // over, and every request was still answered.
+    let handed = t.worker_sum("handoff_in");
+    assert!(handed > 0, "no reply landed on another queue with {queues} queues");
+    assert_eq!(t.worker_sum("handoff_out"), handed);
+    assert_eq!(t.worker_drop("handoff_ring_full"), 0);
+}
+
+#[test]
+fn replies_on_other_queues_reach_their_flows_2_queues() {
+    if !common::privileged("replies_on_other_queues_2") {
+        return;
+    }
+    replies_find_their_flows_on(2);
+}
+
+#[test]
+fn replies_on_other_queues_reach_their_flows_4_queues() {
+    if !common::privileged("replies_on_other_queues_4") {
+        return;
+    }
+    replies_find_their_flows_on(4);
+}
+
+#[test]
+fn lb_node_still_answers_ping_and_arp_with_xdp_attached() {
+    if !common::privileged("lb_node_answers_ping") {
+        return;
+    }
+    let mut t = Topo::up("png", 2, 1);
+    t.start_lbd(&[]);
+    t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080"]);
+    for (ns, addr) in [("client", "10.0.0.1"), ("b1", "10.1.0.1")] {
+        let _ = t.cmd(ns, "ip").args(["neigh", "flush", "all"]).status();
+        let o = t.cmd(ns, "ping").args(["-c", "3", "-i", "0.2", "-W", "2", addr]).output().expect("ping");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("3 received"), "ping {addr} from {ns}: {out}");
+    }
+    assert!(t.xdp_stat("not_ipv4_passed") > 0, "ARP went through the program to the kernel");
+}
+
+#[test]
+fn malformed_frames_get_a_verdict_and_a_counter() {
+    if !common::privileged("malformed_frames") {
+        return;
+    }
+    let mut t = Topo::up("mal", 2, 1);
+    t.start_lbd(&[]);
+    t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080"]);
+    t.lbctl(&["service", "add", "10.96.0.10:53/udp", "-b", "10.1.0.11:5353"]);
+    let ping = t.cmd("client", "ping").args(["-c", "1", "-W", "2", "10.0.0.1"]).output().expect("ping");
+    assert!(ping.status.success(), "the client resolves the LB's MAC first");
+    // Raw frames from the client: fragments to the VIP, a truncated TCP header, a TCP
+    // header with data offset < 5, IHL < 5, and a UDP datagram with IP options (which is
+    // valid and must be translated: the backend answers it).
+    let out = t.client_py(&format!(
+        r#"
+import socket, struct
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff
+lb_mac = bytes.fromhex(open("/sys/class/net/c0/address").read().strip().replace(":", ""))
+import subprocess
+neigh = subprocess.run(["ip", "neigh", "show", "10.0.0.1"], capture_output=True, text=True).stdout.split()
+dst_mac = bytes.fromhex(neigh[neigh.index("lladdr") + 1].replace(":", ""))
+src = socket.inet_aton("10.0.0.2"); dst = socket.inet_aton("{VIP}")
+def ip(proto, l4, frag=0x4000, ihl=None, opts=b"", ttl=64):
+    ihl = 5 + len(opts) // 4 if ihl is None else ihl
+    h = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(opts) + len(l4), 1, frag, ttl, proto, 0, src, dst) + opts
+    h = h[:10] + struct.pack("!H", csum(h)) + h[12:]
+    return h + l4
+def eth(p): return dst_mac + lb_mac + b"\x08\x00" + p
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("c0", 0))
+tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 0x50, 2, 65535, 0, 0)
+frames = [
+    eth(ip(6, tcp, frag=0x2000)),             # first fragment to the VIP
+    eth(ip(6, tcp[:8], frag=0x0010)),          # later fragment
+    eth(ip(6, tcp[:10])),                      # truncated TCP header
+    eth(ip(6, tcp[:12] + b"\x40" + tcp[13:])), # data offset 4
+    eth(ip(6, tcp, ihl=4)),                    # IHL 4
+    eth(b"\x45\x00"),                          # truncated IPv4 header
+]
+for f in frames * 5:
+    s.send(f)
+# A UDP datagram with IP options (record route padding: NOP NOP NOP EOL) through the VIP.
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("10.0.0.2", 0)); u.settimeout(2)
+port = u.getsockname()[1]
+payload = b"with-options"
+udp = struct.pack("!HHHH", port, 53, 8 + len(payload), 0) + payload
+pseudo = src + dst + struct.pack("!BBH", 0, 17, len(udp))
+udp = udp[:6] + struct.pack("!H", csum(pseudo + udp)) + udp[8:]
+s.send(eth(ip(17, udp, opts=b"\x01\x01\x01\x00")))
+data, peer = u.recvfrom(2048)
+print(data.decode())
+"#
+    ));
+    assert_eq!(out.trim(), "b1:with-options", "options frame translated and answered");
+    assert!(t.lbd_alive(), "lbd survived: {}", t.lbd_log());
+    assert_eq!(t.xdp_stat("fragment_dropped"), 10, "both fragments × 5 counted");
+    assert!(t.xdp_stat("malformed_passed") >= 15, "three malformed kinds × 5 left to the kernel");
+    // And the service still works.
+    let bodies = t.curl_many(10);
+    assert_eq!(bodies.len(), 10);
+}
