@@ -5,11 +5,17 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The C programs in bpf/ (the DSR backend decapsulator will join the steering program).
+const PROGRAMS: &[&str] = &["xlb"];
+
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
-    let arch_include = format!("/usr/include/{}-linux-gnu", env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into()));
-    for prog in ["xlb"] {
+    let arch_include = format!(
+        "/usr/include/{}-linux-gnu",
+        env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into())
+    );
+    for prog in PROGRAMS {
         let src = format!("bpf/{prog}.bpf.c");
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{prog}.bpf.o"));

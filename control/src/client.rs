@@ -26,14 +26,22 @@ pub struct Client {
 
 impl Client {
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
-        let s = UnixStream::connect(path)
-            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
+        let s = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Client { reader: BufReader::new(s.try_clone()?), writer: s })
+        Ok(Client {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        })
     }
 
     pub fn call(&mut self, req: &Request) -> Result<ResponseEnvelope, ClientError> {
-        let mut line = serde_json::to_vec(&RequestEnvelope { version: VERSION, request: req.clone() })?;
+        let mut line = serde_json::to_vec(&RequestEnvelope {
+            version: VERSION,
+            request: req.clone(),
+        })?;
         line.push(b'\n');
         self.writer.write_all(&line)?;
         let mut resp = String::new();

@@ -73,6 +73,15 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+impl ErrorBody {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ErrorBody {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Reply {
@@ -98,10 +107,21 @@ pub enum Outcome {
 
 impl ResponseEnvelope {
     pub fn ok(result: Reply) -> Self {
-        ResponseEnvelope { version: VERSION, outcome: Outcome::Ok { result } }
+        ResponseEnvelope {
+            version: VERSION,
+            outcome: Outcome::Ok { result },
+        }
     }
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ResponseEnvelope { version: VERSION, outcome: Outcome::Error { error: ErrorBody { kind, message: message.into() } } }
+        ResponseEnvelope {
+            version: VERSION,
+            outcome: Outcome::Error {
+                error: ErrorBody {
+                    kind,
+                    message: message.into(),
+                },
+            },
+        }
     }
 }
 
@@ -214,24 +234,31 @@ mod as_strings {
         D: Deserializer<'de>,
     {
         let v = Vec::<String>::deserialize(d)?;
-        v.iter().map(|s| s.parse().map_err(D::Error::custom)).collect()
+        v.iter()
+            .map(|s| s.parse().map_err(D::Error::custom))
+            .collect()
     }
 }
 
 /// Parse one request line: the version is checked before the body, so a future
 /// client's unknown request type gets `unsupported_version`, not a parse error.
-pub fn parse_request(line: &[u8]) -> Result<Request, ResponseEnvelope> {
+pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
     let mut v: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|e| ResponseEnvelope::error(ErrorKind::BadRequest, format!("request is not JSON: {e}")))?;
+        .map_err(|e| ErrorBody::new(ErrorKind::BadRequest, format!("request is not JSON: {e}")))?;
     match v.get("version").and_then(|x| x.as_u64()) {
         Some(n) if n == u64::from(VERSION) => {}
         Some(n) => {
-            return Err(ResponseEnvelope::error(
+            return Err(ErrorBody::new(
                 ErrorKind::UnsupportedVersion,
                 format!("protocol version {n} is not supported; this lbd speaks version {VERSION}"),
             ))
         }
-        None => return Err(ResponseEnvelope::error(ErrorKind::BadRequest, "request lacks a numeric \"version\" field")),
+        None => {
+            return Err(ErrorBody::new(
+                ErrorKind::BadRequest,
+                "request lacks a numeric \"version\" field",
+            ))
+        }
     }
     // The envelope's own field goes; what remains must be exactly one request (serde's
     // `flatten` would silently accept unknown fields, so the envelope is not used here).
@@ -239,7 +266,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ResponseEnvelope> {
         o.remove("version");
     }
     serde_json::from_value::<Request>(v)
-        .map_err(|e| ResponseEnvelope::error(ErrorKind::BadRequest, format!("bad request: {e}")))
+        .map_err(|e| ErrorBody::new(ErrorKind::BadRequest, format!("bad request: {e}")))
 }
 
 #[cfg(test)]
@@ -268,14 +295,29 @@ mod tests {
         let cases: &[(&str, ErrorKind, &str)] = &[
             ("not json", ErrorKind::BadRequest, "not JSON"),
             (r#"{"type":"status"}"#, ErrorKind::BadRequest, "version"),
-            (r#"{"version":2,"type":"status"}"#, ErrorKind::UnsupportedVersion, "version 2"),
-            (r#"{"version":1,"type":"launch"}"#, ErrorKind::BadRequest, "launch"),
-            (r#"{"version":1,"type":"service_add","frontend":"10.0.0.10:80"}"#, ErrorKind::BadRequest, "VIP:PORT/tcp"),
-            (r#"{"version":1,"type":"status","extra":1}"#, ErrorKind::BadRequest, "extra"),
+            (
+                r#"{"version":2,"type":"status"}"#,
+                ErrorKind::UnsupportedVersion,
+                "version 2",
+            ),
+            (
+                r#"{"version":1,"type":"launch"}"#,
+                ErrorKind::BadRequest,
+                "launch",
+            ),
+            (
+                r#"{"version":1,"type":"service_add","frontend":"10.0.0.10:80"}"#,
+                ErrorKind::BadRequest,
+                "VIP:PORT/tcp",
+            ),
+            (
+                r#"{"version":1,"type":"status","extra":1}"#,
+                ErrorKind::BadRequest,
+                "extra",
+            ),
         ];
         for (line, kind, needle) in cases {
-            let err = parse_request(line.as_bytes()).expect_err(line);
-            let Outcome::Error { error } = err.outcome else { panic!("{line}: not an error") };
+            let error = parse_request(line.as_bytes()).expect_err(line);
             assert_eq!(error.kind, *kind, "{line}");
             assert!(error.message.contains(needle), "{line}: {}", error.message);
         }
@@ -285,7 +327,10 @@ mod tests {
     fn response_roundtrip() {
         let r = ResponseEnvelope::error(ErrorKind::Invalid, "no service 10.0.0.10:80/tcp");
         let s = serde_json::to_string(&r).expect("ser");
-        assert_eq!(s, r#"{"version":1,"status":"error","error":{"kind":"invalid","message":"no service 10.0.0.10:80/tcp"}}"#);
+        assert_eq!(
+            s,
+            r#"{"version":1,"status":"error","error":{"kind":"invalid","message":"no service 10.0.0.10:80/tcp"}}"#
+        );
         let back: ResponseEnvelope = serde_json::from_str(&s).expect("de");
         assert_eq!(back, r);
     }

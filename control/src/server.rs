@@ -42,11 +42,15 @@ impl ControlSocket {
     /// Bind `path` with mode 0660, creating its directory (0755) and replacing a stale
     /// socket file, but never one another server still answers on.
     pub fn bind(path: &Path) -> Result<ControlSocket, ServerError> {
-        let err = |source| ServerError::Io { path: path.to_path_buf(), source };
+        let err = |source| ServerError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
                 std::fs::create_dir_all(dir).map_err(err)?;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                    .map_err(err)?;
             }
         }
         if path.exists() {
@@ -57,7 +61,10 @@ impl ControlSocket {
         }
         let listener = UnixListener::bind(path).map_err(err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
-        Ok(ControlSocket { listener, path: path.to_path_buf() })
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -89,7 +96,8 @@ pub fn serve(
     tick: Duration,
 ) -> io::Result<()> {
     let mut poll = Poll::new()?;
-    poll.registry().register(&mut sock.listener, LISTENER, Interest::READABLE)?;
+    poll.registry()
+        .register(&mut sock.listener, LISTENER, Interest::READABLE)?;
     let _waker = Waker::new(poll.registry(), WAKER)?;
     let mut events = Events::with_capacity(64);
     let mut conns: HashMap<Token, Conn> = HashMap::new();
@@ -109,8 +117,20 @@ pub fn serve(
                         Ok((mut stream, _)) => {
                             let t = Token(next_token);
                             next_token += 1;
-                            poll.registry().register(&mut stream, t, Interest::READABLE | Interest::WRITABLE)?;
-                            conns.insert(t, Conn { stream, rbuf: Vec::new(), wbuf: Vec::new(), closing: false });
+                            poll.registry().register(
+                                &mut stream,
+                                t,
+                                Interest::READABLE | Interest::WRITABLE,
+                            )?;
+                            conns.insert(
+                                t,
+                                Conn {
+                                    stream,
+                                    rbuf: Vec::new(),
+                                    wbuf: Vec::new(),
+                                    closing: false,
+                                },
+                            );
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
@@ -164,12 +184,18 @@ fn service(c: &mut Conn, handler: &mut impl Handler) -> bool {
         }
         let resp = match parse_request(line) {
             Ok(req) => handler.handle(req),
-            Err(resp) => resp,
+            Err(error) => ResponseEnvelope {
+                version: crate::proto::VERSION,
+                outcome: crate::proto::Outcome::Error { error },
+            },
         };
         push_response(&mut c.wbuf, &resp);
     }
     if c.rbuf.len() > MAX_LINE {
-        let resp = ResponseEnvelope::error(ErrorKind::BadRequest, format!("request line exceeds {MAX_LINE} bytes"));
+        let resp = ResponseEnvelope::error(
+            ErrorKind::BadRequest,
+            format!("request line exceeds {MAX_LINE} bytes"),
+        );
         push_response(&mut c.wbuf, &resp);
         c.rbuf.clear();
         c.closing = true;
@@ -195,7 +221,10 @@ fn push_response(w: &mut Vec<u8>, resp: &ResponseEnvelope) {
             w.extend_from_slice(&v);
         }
         Err(e) => {
-            let fallback = ResponseEnvelope::error(ErrorKind::Datapath, format!("response could not be encoded: {e}"));
+            let fallback = ResponseEnvelope::error(
+                ErrorKind::Datapath,
+                format!("response could not be encoded: {e}"),
+            );
             if let Ok(mut v) = serde_json::to_vec(&fallback) {
                 v.push(b'\n');
                 w.extend_from_slice(&v);
@@ -214,7 +243,9 @@ mod tests {
     impl Handler for Echo {
         fn handle(&mut self, req: Request) -> ResponseEnvelope {
             self.0 += 1;
-            ResponseEnvelope::ok(Reply::Done { message: format!("{req:?} #{}", self.0) })
+            ResponseEnvelope::ok(Reply::Done {
+                message: format!("{req:?} #{}", self.0),
+            })
         }
     }
 
@@ -225,7 +256,10 @@ mod tests {
         let mut sock = ControlSocket::bind(&path).expect("bind");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
-        assert!(matches!(ControlSocket::bind(&path), Err(ServerError::InUse(_))));
+        assert!(matches!(
+            ControlSocket::bind(&path),
+            Err(ServerError::InUse(_))
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let p2 = path.clone();
@@ -233,7 +267,8 @@ mod tests {
             let mut c = Client::connect(&p2).expect("connect");
             let a = c.call(&Request::Status {}).expect("call");
             let mut raw = std::os::unix::net::UnixStream::connect(&p2).expect("raw");
-            raw.write_all(b"garbage\n{\"version\":1,\"type\":\"stats\"}\n").expect("write");
+            raw.write_all(b"garbage\n{\"version\":1,\"type\":\"stats\"}\n")
+                .expect("write");
             let mut r = std::io::BufReader::new(raw);
             let mut l1 = String::new();
             let mut l2 = String::new();
@@ -244,7 +279,9 @@ mod tests {
         });
         serve(&mut sock, &mut Echo(0), &stop, Duration::from_millis(20)).expect("serve");
         let (a, l1, l2) = t.join().expect("client thread");
-        assert!(matches!(a.outcome, Outcome::Ok { result: Reply::Done { ref message } } if message == "Status #1"));
+        assert!(
+            matches!(a.outcome, Outcome::Ok { result: Reply::Done { ref message } } if message == "Status #1")
+        );
         assert!(l1.contains("\"bad_request\""), "{l1}");
         assert!(l2.contains("Stats #2"), "{l2}");
         drop(sock);

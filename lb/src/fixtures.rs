@@ -12,7 +12,7 @@
 
 use crate::netview::{IfaceInfo, NetView, Route};
 use crate::service::{BackendSpec, Frontend, Op, Proto, ServiceTable};
-use crate::snapshot::{DatapathConfig, SnatConfig, Snapshot, Timeouts};
+use crate::snapshot::{DatapathConfig, Snapshot, SnatConfig, Timeouts};
 use crate::wire::build::FrameSpec;
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_UDP};
 use crate::wire::TcpFlags;
@@ -56,34 +56,73 @@ pub struct Fixture {
 
 pub fn frontends() -> [Frontend; 2] {
     [
-        Frontend { addr: VIP.into(), port: 80, proto: Proto::Tcp },
-        Frontend { addr: VIP.into(), port: 53, proto: Proto::Udp },
+        Frontend {
+            addr: VIP.into(),
+            port: 80,
+            proto: Proto::Tcp,
+        },
+        Frontend {
+            addr: VIP.into(),
+            port: 53,
+            proto: Proto::Udp,
+        },
     ]
 }
 
 pub fn backends() -> [BackendSpec; 2] {
     [
-        BackendSpec { addr: BACKEND.into(), port: 8080, weight: 1 },
-        BackendSpec { addr: BACKEND.into(), port: 5353, weight: 1 },
+        BackendSpec {
+            addr: BACKEND.into(),
+            port: 8080,
+            weight: 1,
+        },
+        BackendSpec {
+            addr: BACKEND.into(),
+            port: 5353,
+            weight: 1,
+        },
     ]
 }
 
 pub fn table() -> ServiceTable {
     let mut t = ServiceTable::default();
     for (f, b) in frontends().into_iter().zip(backends()) {
-        t = t.apply(&Op::AddService { frontend: f, backends: vec![b] }).expect("fixture config is valid");
+        t = t
+            .apply(&Op::AddService {
+                frontend: f,
+                backends: vec![b],
+            })
+            .expect("fixture config is valid");
     }
     t
 }
 
 pub fn net() -> NetView {
     NetView::new(
-        vec![IfaceInfo { ifindex: IFINDEX, name: "lb0".into(), mac: LB_MAC, addr: Some(SNAT) }],
+        vec![IfaceInfo {
+            ifindex: IFINDEX,
+            name: "lb0".into(),
+            mac: LB_MAC,
+            addr: Some(SNAT),
+        }],
         vec![
-            Route { dst: [10, 0, 0, 0], prefix_len: 24, ifindex: IFINDEX, gateway: None },
-            Route { dst: [10, 1, 0, 0], prefix_len: 24, ifindex: IFINDEX, gateway: None },
+            Route {
+                dst: [10, 0, 0, 0],
+                prefix_len: 24,
+                ifindex: IFINDEX,
+                gateway: None,
+            },
+            Route {
+                dst: [10, 1, 0, 0],
+                prefix_len: 24,
+                ifindex: IFINDEX,
+                gateway: None,
+            },
         ],
-        [(IFINDEX, CLIENT, CLIENT_MAC), (IFINDEX, BACKEND, BACKEND_MAC)],
+        [
+            (IFINDEX, CLIENT, CLIENT_MAC),
+            (IFINDEX, BACKEND, BACKEND_MAC),
+        ],
     )
 }
 
@@ -105,7 +144,13 @@ pub fn snapshot() -> Snapshot {
 }
 
 fn client_syn() -> FrameSpec {
-    FrameSpec { src_mac: CLIENT_MAC, dst_mac: LB_MAC, src: CLIENT, dst: VIP, ..FrameSpec::default() }
+    FrameSpec {
+        src_mac: CLIENT_MAC,
+        dst_mac: LB_MAC,
+        src: CLIENT,
+        dst: VIP,
+        ..FrameSpec::default()
+    }
 }
 
 /// `spec` as worker 0's first flow sends it to the backend (SNAT port 61000, TTL − 1).
@@ -138,10 +183,24 @@ fn backend_reply(dport: u16) -> FrameSpec {
 
 pub fn fixtures() -> Vec<Fixture> {
     let syn = client_syn();
-    let udp = FrameSpec { proto: PROTO_UDP, dport: 53, payload: b"query".to_vec(), ..client_syn() };
-    let opts = FrameSpec { ip_options: vec![1, 1, 1, 0], ..client_syn() };
-    let vlan = FrameSpec { vlan: Some(100), ..client_syn() };
-    let big = FrameSpec { payload: vec![0xab; 1400], ..client_syn() };
+    let udp = FrameSpec {
+        proto: PROTO_UDP,
+        dport: 53,
+        payload: b"query".to_vec(),
+        ..client_syn()
+    };
+    let opts = FrameSpec {
+        ip_options: vec![1, 1, 1, 0],
+        ..client_syn()
+    };
+    let vlan = FrameSpec {
+        vlan: Some(100),
+        ..client_syn()
+    };
+    let big = FrameSpec {
+        payload: vec![0xab; 1400],
+        ..client_syn()
+    };
     let mut truncated = syn.build();
     truncated.truncate(14 + 20 + 10);
     // Keep the IP total length consistent with the cut so only the TCP header is short.
@@ -163,29 +222,217 @@ pub fn fixtures() -> Vec<Fixture> {
     let tx = Verdict::Tx { iface: 0 };
     let drop = Verdict::Drop;
     vec![
-        Fixture { name: "tcp syn to vip", frame: syn.build(), steer: Steer::Frontend, verdict: tx, out: Some(to_backend(&syn, 8080)) },
-        Fixture { name: "udp to vip", frame: udp.build(), steer: Steer::Frontend, verdict: tx, out: Some(to_backend(&udp, 5353)) },
-        Fixture { name: "tcp syn with ip options", frame: opts.build(), steer: Steer::Frontend, verdict: tx, out: Some(to_backend(&opts, 8080)) },
-        Fixture { name: "tcp syn behind vlan tag", frame: vlan.build(), steer: Steer::Frontend, verdict: tx, out: Some(to_backend(&vlan, 8080)) },
-        Fixture { name: "1400-byte tcp segment opening a flow", frame: big.build(), steer: Steer::Frontend, verdict: tx, out: Some(to_backend(&big, 8080)) },
-        Fixture { name: "tcp ack without flow", frame: FrameSpec { flags: TcpFlags::ACK, ..client_syn() }.build(), steer: Steer::Frontend, verdict: drop(DropReason::NoFlow), out: None },
-        Fixture { name: "tcp to vip, unserved port", frame: FrameSpec { dport: 81, ..client_syn() }.build(), steer: Steer::Pass, verdict: drop(DropReason::NotForUs), out: None },
-        Fixture { name: "udp to tcp-only port", frame: FrameSpec { proto: PROTO_UDP, ..client_syn() }.build(), steer: Steer::Pass, verdict: drop(DropReason::NotForUs), out: None },
-        Fixture { name: "tcp to another host", frame: FrameSpec { dst: [10, 0, 0, 99], ..client_syn() }.build(), steer: Steer::Pass, verdict: drop(DropReason::NotForUs), out: None },
-        Fixture { name: "reply owned by worker 1", frame: backend_reply(64000).build(), steer: Steer::Reply, verdict: Verdict::ToWorker(1), out: None },
-        Fixture { name: "reply without flow", frame: backend_reply(61000).build(), steer: Steer::Reply, verdict: drop(DropReason::NoFlow), out: None },
-        Fixture { name: "to snat address below the range (host ssh)", frame: FrameSpec { dport: 22, ..backend_reply(0) }.build(), steer: Steer::Pass, verdict: drop(DropReason::NotForUs), out: None },
-        Fixture { name: "to snat range from a non-backend", frame: FrameSpec { src: [10, 1, 0, 77], ..backend_reply(61000) }.build(), steer: Steer::Pass, verdict: drop(DropReason::NoFlow), out: None },
-        Fixture { name: "ttl 1 to vip", frame: FrameSpec { ttl: 1, ..client_syn() }.build(), steer: Steer::Pass, verdict: drop(DropReason::TtlExceeded), out: None },
-        Fixture { name: "first fragment to vip", frame: FrameSpec { frag: 0x2000, ..client_syn() }.build(), steer: Steer::Drop, verdict: drop(DropReason::Fragment), out: None },
-        Fixture { name: "later fragment to vip", frame: FrameSpec { frag: 0x0010, ..client_syn() }.build(), steer: Steer::Drop, verdict: drop(DropReason::Fragment), out: None },
-        Fixture { name: "truncated tcp header", frame: truncated, steer: Steer::Pass, verdict: drop(DropReason::Malformed), out: None },
-        Fixture { name: "tcp data offset below 5", frame: bad_doff, steer: Steer::Pass, verdict: drop(DropReason::Malformed), out: None },
-        Fixture { name: "ihl below 5", frame: bad_ihl, steer: Steer::Pass, verdict: drop(DropReason::Malformed), out: None },
-        Fixture { name: "ethernet runt", frame: vec![0x02; 10], steer: Steer::Pass, verdict: drop(DropReason::Malformed), out: None },
-        Fixture { name: "arp request for vip", frame: arp, steer: Steer::Pass, verdict: drop(DropReason::NotIpv4), out: None },
-        Fixture { name: "ipv6 ethertype", frame: ipv6, steer: Steer::Pass, verdict: drop(DropReason::NotIpv4), out: None },
-        Fixture { name: "icmp echo to vip", frame: FrameSpec { proto: PROTO_ICMP, ..client_syn() }.build(), steer: Steer::Pass, verdict: drop(DropReason::UnsupportedProtocol), out: None },
-        Fixture { name: "icmp echo to snat address", frame: FrameSpec { proto: PROTO_ICMP, ..backend_reply(0) }.build(), steer: Steer::Pass, verdict: drop(DropReason::UnsupportedProtocol), out: None },
+        Fixture {
+            name: "tcp syn to vip",
+            frame: syn.build(),
+            steer: Steer::Frontend,
+            verdict: tx,
+            out: Some(to_backend(&syn, 8080)),
+        },
+        Fixture {
+            name: "udp to vip",
+            frame: udp.build(),
+            steer: Steer::Frontend,
+            verdict: tx,
+            out: Some(to_backend(&udp, 5353)),
+        },
+        Fixture {
+            name: "tcp syn with ip options",
+            frame: opts.build(),
+            steer: Steer::Frontend,
+            verdict: tx,
+            out: Some(to_backend(&opts, 8080)),
+        },
+        Fixture {
+            name: "tcp syn behind vlan tag",
+            frame: vlan.build(),
+            steer: Steer::Frontend,
+            verdict: tx,
+            out: Some(to_backend(&vlan, 8080)),
+        },
+        Fixture {
+            name: "1400-byte tcp segment opening a flow",
+            frame: big.build(),
+            steer: Steer::Frontend,
+            verdict: tx,
+            out: Some(to_backend(&big, 8080)),
+        },
+        Fixture {
+            name: "tcp ack without flow",
+            frame: FrameSpec {
+                flags: TcpFlags::ACK,
+                ..client_syn()
+            }
+            .build(),
+            steer: Steer::Frontend,
+            verdict: drop(DropReason::NoFlow),
+            out: None,
+        },
+        Fixture {
+            name: "tcp to vip, unserved port",
+            frame: FrameSpec {
+                dport: 81,
+                ..client_syn()
+            }
+            .build(),
+            steer: Steer::Pass,
+            verdict: drop(DropReason::NotForUs),
+            out: None,
+        },
+        Fixture {
+            name: "udp to tcp-only port",
+            frame: FrameSpec {
+                proto: PROTO_UDP,
+                ..client_syn()
+            }
+            .build(),
+            steer: Steer::Pass,
+            verdict: drop(DropReason::NotForUs),
+            out: None,
+        },
+        Fixture {
+            name: "tcp to another host",
+            frame: FrameSpec {
+                dst: [10, 0, 0, 99],
+                ..client_syn()
+            }
+            .build(),
+            steer: Steer::Pass,
+            verdict: drop(DropReason::NotForUs),
+            out: None,
+        },
+        Fixture {
+            name: "reply owned by worker 1",
+            frame: backend_reply(64000).build(),
+            steer: Steer::Reply,
+            verdict: Verdict::ToWorker(1),
+            out: None,
+        },
+        Fixture {
+            name: "reply without flow",
+            frame: backend_reply(61000).build(),
+            steer: Steer::Reply,
+            verdict: drop(DropReason::NoFlow),
+            out: None,
+        },
+        Fixture {
+            name: "to snat address below the range (host ssh)",
+            frame: FrameSpec {
+                dport: 22,
+                ..backend_reply(0)
+            }
+            .build(),
+            steer: Steer::Pass,
+            verdict: drop(DropReason::NotForUs),
+            out: None,
+        },
+        Fixture {
+            name: "to snat range from a non-backend",
+            frame: FrameSpec {
+                src: [10, 1, 0, 77],
+                ..backend_reply(61000)
+            }
+            .build(),
+            steer: Steer::Pass,
+            verdict: drop(DropReason::NoFlow),
+            out: None,
+        },
+        Fixture {
+            name: "ttl 1 to vip",
+            frame: FrameSpec {
+                ttl: 1,
+                ..client_syn()
+            }
+            .build(),
+            steer: Steer::Pass,
+            verdict: drop(DropReason::TtlExceeded),
+            out: None,
+        },
+        Fixture {
+            name: "first fragment to vip",
+            frame: FrameSpec {
+                frag: 0x2000,
+                ..client_syn()
+            }
+            .build(),
+            steer: Steer::Drop,
+            verdict: drop(DropReason::Fragment),
+            out: None,
+        },
+        Fixture {
+            name: "later fragment to vip",
+            frame: FrameSpec {
+                frag: 0x0010,
+                ..client_syn()
+            }
+            .build(),
+            steer: Steer::Drop,
+            verdict: drop(DropReason::Fragment),
+            out: None,
+        },
+        Fixture {
+            name: "truncated tcp header",
+            frame: truncated,
+            steer: Steer::Pass,
+            verdict: drop(DropReason::Malformed),
+            out: None,
+        },
+        Fixture {
+            name: "tcp data offset below 5",
+            frame: bad_doff,
+            steer: Steer::Pass,
+            verdict: drop(DropReason::Malformed),
+            out: None,
+        },
+        Fixture {
+            name: "ihl below 5",
+            frame: bad_ihl,
+            steer: Steer::Pass,
+            verdict: drop(DropReason::Malformed),
+            out: None,
+        },
+        Fixture {
+            name: "ethernet runt",
+            frame: vec![0x02; 10],
+            steer: Steer::Pass,
+            verdict: drop(DropReason::Malformed),
+            out: None,
+        },
+        Fixture {
+            name: "arp request for vip",
+            frame: arp,
+            steer: Steer::Pass,
+            verdict: drop(DropReason::NotIpv4),
+            out: None,
+        },
+        Fixture {
+            name: "ipv6 ethertype",
+            frame: ipv6,
+            steer: Steer::Pass,
+            verdict: drop(DropReason::NotIpv4),
+            out: None,
+        },
+        Fixture {
+            name: "icmp echo to vip",
+            frame: FrameSpec {
+                proto: PROTO_ICMP,
+                ..client_syn()
+            }
+            .build(),
+            steer: Steer::Pass,
+            verdict: drop(DropReason::UnsupportedProtocol),
+            out: None,
+        },
+        Fixture {
+            name: "icmp echo to snat address",
+            frame: FrameSpec {
+                proto: PROTO_ICMP,
+                ..backend_reply(0)
+            }
+            .build(),
+            steer: Steer::Pass,
+            verdict: drop(DropReason::UnsupportedProtocol),
+            out: None,
+        },
     ]
 }

@@ -128,7 +128,14 @@ impl FlowTable {
     #[inline]
     pub fn lookup(&self, key: &FlowKey) -> Option<(u32, Dir)> {
         self.map.get(key).map(|&v| {
-            (v >> 1, if v & 1 == 0 { Dir::Forward } else { Dir::Reverse })
+            (
+                v >> 1,
+                if v & 1 == 0 {
+                    Dir::Forward
+                } else {
+                    Dir::Reverse
+                },
+            )
         })
     }
 
@@ -197,7 +204,13 @@ mod tests {
     use std::collections::HashMap as Oracle;
 
     fn key(n: u16, rev: bool) -> FlowKey {
-        FlowKey { src: [10, 0, 0, rev as u8], dst: [10, 0, 1, 1], sport: n, dport: 80, proto: 6 }
+        FlowKey {
+            src: [10, 0, 0, rev as u8],
+            dst: [10, 0, 1, 1],
+            sport: n,
+            dport: 80,
+            proto: 6,
+        }
     }
 
     fn flow(n: u16, t: u64) -> Flow {
@@ -207,7 +220,11 @@ mod tests {
             state: FlowState::SynSent,
             last_seen: t,
             generation: 0,
-            frontend: FrontendKey { addr: [0; 4], port: 0, proto: 6 },
+            frontend: FrontendKey {
+                addr: [0; 4],
+                port: 0,
+                proto: 6,
+            },
             backend: ([0; 4], 0),
             packets: [0; 2],
         }

@@ -55,12 +55,12 @@ pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         return n == 2;
     }
     let mut d = 3u32;
     while d.saturating_mul(d) <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 2;
@@ -180,8 +180,14 @@ mod tests {
 
     #[test]
     fn rejects_non_prime_and_out_of_range() {
-        assert_eq!(Maglev::build(&backends(2), 65_536, 0), Err(MaglevError::NotPrime(65_536)));
-        assert_eq!(Maglev::build(&backends(2), 2, 0), Err(MaglevError::OutOfRange(2)));
+        assert_eq!(
+            Maglev::build(&backends(2), 65_536, 0),
+            Err(MaglevError::NotPrime(65_536))
+        );
+        assert_eq!(
+            Maglev::build(&backends(2), 2, 0),
+            Err(MaglevError::OutOfRange(2))
+        );
     }
 
     #[test]
@@ -203,7 +209,10 @@ mod tests {
         let ideal = 65_537 / n;
         for x in c {
             // The paper reports < 1 % imbalance at this M; allow 2 %.
-            assert!(x.abs_diff(ideal) * 50 < ideal, "slot count {x} vs ideal {ideal}");
+            assert!(
+                x.abs_diff(ideal) * 50 < ideal,
+                "slot count {x} vs ideal {ideal}"
+            );
         }
     }
 

@@ -41,6 +41,9 @@ impl Route {
     }
 }
 
+/// A resolved neighbour: (ifindex, IPv4 address, MAC).
+pub type NeighbourEntry = (u32, [u8; 4], [u8; 6]);
+
 /// Where to send a frame for a destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NextHop {
@@ -72,13 +75,16 @@ impl NetView {
     pub fn new(
         ifaces: Vec<IfaceInfo>,
         mut routes: Vec<Route>,
-        neighbours: impl IntoIterator<Item = (u32, [u8; 4], [u8; 6])>,
+        neighbours: impl IntoIterator<Item = NeighbourEntry>,
     ) -> NetView {
         routes.sort_by(|a, b| b.prefix_len.cmp(&a.prefix_len).then(a.dst.cmp(&b.dst)));
         NetView {
             ifaces,
             routes,
-            neighbours: neighbours.into_iter().map(|(i, a, m)| ((i, a), m)).collect(),
+            neighbours: neighbours
+                .into_iter()
+                .map(|(i, a, m)| ((i, a), m))
+                .collect(),
         }
     }
 
@@ -110,7 +116,10 @@ impl NetView {
         let hop = route.gateway.unwrap_or(dst);
         let mac = self
             .neighbour(route.ifindex, hop)
-            .ok_or(NextHopError::Unresolved { ifindex: route.ifindex, addr: hop })?;
+            .ok_or(NextHopError::Unresolved {
+                ifindex: route.ifindex,
+                addr: hop,
+            })?;
         Ok(NextHop {
             iface: iface as u8,
             src_mac: self.ifaces[iface].mac,
@@ -126,14 +135,44 @@ mod tests {
     fn view() -> NetView {
         NetView::new(
             vec![
-                IfaceInfo { ifindex: 5, name: "lb0".into(), mac: [2, 0, 0, 0, 0, 5], addr: Some([10, 0, 0, 1]) },
-                IfaceInfo { ifindex: 7, name: "lb1".into(), mac: [2, 0, 0, 0, 0, 7], addr: None },
+                IfaceInfo {
+                    ifindex: 5,
+                    name: "lb0".into(),
+                    mac: [2, 0, 0, 0, 0, 5],
+                    addr: Some([10, 0, 0, 1]),
+                },
+                IfaceInfo {
+                    ifindex: 7,
+                    name: "lb1".into(),
+                    mac: [2, 0, 0, 0, 0, 7],
+                    addr: None,
+                },
             ],
             vec![
-                Route { dst: [0, 0, 0, 0], prefix_len: 0, ifindex: 5, gateway: Some([10, 0, 0, 254]) },
-                Route { dst: [10, 1, 0, 0], prefix_len: 24, ifindex: 7, gateway: None },
-                Route { dst: [10, 0, 0, 0], prefix_len: 24, ifindex: 5, gateway: None },
-                Route { dst: [192, 168, 0, 0], prefix_len: 16, ifindex: 99, gateway: None },
+                Route {
+                    dst: [0, 0, 0, 0],
+                    prefix_len: 0,
+                    ifindex: 5,
+                    gateway: Some([10, 0, 0, 254]),
+                },
+                Route {
+                    dst: [10, 1, 0, 0],
+                    prefix_len: 24,
+                    ifindex: 7,
+                    gateway: None,
+                },
+                Route {
+                    dst: [10, 0, 0, 0],
+                    prefix_len: 24,
+                    ifindex: 5,
+                    gateway: None,
+                },
+                Route {
+                    dst: [192, 168, 0, 0],
+                    prefix_len: 16,
+                    ifindex: 99,
+                    gateway: None,
+                },
             ],
             [(5, [10, 0, 0, 254], [9; 6]), (7, [10, 1, 0, 2], [8; 6])],
         )
@@ -144,15 +183,28 @@ mod tests {
         let v = view();
         assert_eq!(
             v.next_hop([10, 1, 0, 2]),
-            Ok(NextHop { iface: 1, src_mac: [2, 0, 0, 0, 0, 7], dst_mac: [8; 6] })
+            Ok(NextHop {
+                iface: 1,
+                src_mac: [2, 0, 0, 0, 0, 7],
+                dst_mac: [8; 6]
+            })
         );
         assert_eq!(v.next_hop([8, 8, 8, 8]).map(|h| h.dst_mac), Ok([9; 6]));
         assert_eq!(
             v.next_hop([10, 1, 0, 3]),
-            Err(NextHopError::Unresolved { ifindex: 7, addr: [10, 1, 0, 3] })
+            Err(NextHopError::Unresolved {
+                ifindex: 7,
+                addr: [10, 1, 0, 3]
+            })
         );
-        assert_eq!(v.next_hop([192, 168, 1, 1]), Err(NextHopError::ForeignInterface));
+        assert_eq!(
+            v.next_hop([192, 168, 1, 1]),
+            Err(NextHopError::ForeignInterface)
+        );
         let no_default = NetView::new(v.ifaces.clone(), vec![], []);
-        assert_eq!(no_default.next_hop([8, 8, 8, 8]), Err(NextHopError::NoRoute));
+        assert_eq!(
+            no_default.next_hop([8, 8, 8, 8]),
+            Err(NextHopError::NoRoute)
+        );
     }
 }

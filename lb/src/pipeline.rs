@@ -43,7 +43,9 @@ const RESOLVE_QUEUE: usize = 16;
 pub enum Verdict {
     /// Send the rewritten frame out of interface `iface` (index into the snapshot's
     /// interface list).
-    Tx { iface: u8 },
+    Tx {
+        iface: u8,
+    },
     /// Hand the unmodified frame to worker `n`, which owns its flow.
     ToWorker(u16),
     /// Keep the unmodified frame and process it again after the next snapshot: a next
@@ -125,9 +127,9 @@ impl Engine {
     pub fn begin_batch(&mut self, now: u64) {
         self.now = now;
         let t = self.snap.timeouts;
-        let expired = self
-            .flows
-            .expire_step(EXPIRE_BUDGET, |f| now.saturating_sub(f.last_seen) > timeout(&t, f.state));
+        let expired = self.flows.expire_step(EXPIRE_BUDGET, |f| {
+            now.saturating_sub(f.last_seen) > timeout(&t, f.state)
+        });
         self.counters.flows_expired += expired as u64;
     }
 
@@ -199,7 +201,10 @@ impl Engine {
         }
         let snat = self.snap.snat;
         if p.key.dst == snat.addr && snat.ports.contains(p.key.dport) {
-            let owner = snat.ports.owner(p.key.dport, self.snap.workers).unwrap_or(self.worker);
+            let owner = snat
+                .ports
+                .owner(p.key.dport, self.snap.workers)
+                .unwrap_or(self.worker);
             if owner != self.worker {
                 return Ok(Verdict::ToWorker(owner));
             }
@@ -216,8 +221,7 @@ impl Engine {
         };
         let idle = self.now.saturating_sub(f.last_seen) > timeout(&self.snap.timeouts, f.state);
         let reused = dir == Dir::Forward
-            && p.flags.syn()
-            && !p.flags.ack()
+            && p.flags.is_opening_syn()
             && matches!(f.state, FlowState::Fin | FlowState::Rst);
         if idle || reused {
             self.flows.remove(slot);
@@ -227,8 +231,18 @@ impl Engine {
         true
     }
 
-    fn forward(&mut self, frame: &mut [u8], slot: u32, dir: Dir, p: &Parsed) -> Result<Verdict, DropReason> {
-        if self.flows.get(slot).is_some_and(|f| f.generation != self.snap.generation) {
+    fn forward(
+        &mut self,
+        frame: &mut [u8],
+        slot: u32,
+        dir: Dir,
+        p: &Parsed,
+    ) -> Result<Verdict, DropReason> {
+        if self
+            .flows
+            .get(slot)
+            .is_some_and(|f| f.generation != self.snap.generation)
+        {
             self.revalidate(slot)?;
         }
         let now = self.now;
@@ -282,7 +296,9 @@ impl Engine {
         match self.snap.net.next_hop(dst) {
             Ok(h) => Ok(h),
             Err(NextHopError::Unresolved { addr, .. }) => {
-                if self.resolve_len < RESOLVE_QUEUE && !self.resolve[..self.resolve_len].contains(&addr) {
+                if self.resolve_len < RESOLVE_QUEUE
+                    && !self.resolve[..self.resolve_len].contains(&addr)
+                {
                     self.resolve[self.resolve_len] = addr;
                     self.resolve_len += 1;
                 }
@@ -295,11 +311,15 @@ impl Engine {
     fn new_flow(&mut self, frame: &mut [u8], p: &Parsed) -> Result<Verdict, DropReason> {
         let k = p.key;
         let snap = Arc::clone(&self.snap);
-        let fk = FrontendKey { addr: k.dst, port: k.dport, proto: k.proto };
+        let fk = FrontendKey {
+            addr: k.dst,
+            port: k.dport,
+            proto: k.proto,
+        };
         let svc = snap.services.get(&fk).ok_or(DropReason::NotForUs)?;
         // Only a SYN opens a TCP flow: a mid-stream segment would reach the backend from a
         // new SNAT port, which the backend can only reset.
-        if k.proto == PROTO_TCP && !(p.flags.syn() && !p.flags.ack()) {
+        if k.proto == PROTO_TCP && !p.flags.is_opening_syn() {
             return Err(DropReason::NoFlow);
         }
         if self.flows.len() >= self.flows.capacity() {
@@ -320,23 +340,41 @@ impl Engine {
         let port = self
             .ports
             .allocate(MAX_PORT_TRIES, |port| {
-                flows.contains_key(&FlowKey { src: baddr, dst: snat_addr, sport: backend.port, dport: port, proto: k.proto })
+                flows.contains_key(&FlowKey {
+                    src: baddr,
+                    dst: snat_addr,
+                    sport: backend.port,
+                    dport: port,
+                    proto: k.proto,
+                })
             })
             .ok_or(DropReason::PortsExhausted)?;
-        let rev_key = FlowKey { src: baddr, dst: snat_addr, sport: backend.port, dport: port, proto: k.proto };
+        let rev_key = FlowKey {
+            src: baddr,
+            dst: snat_addr,
+            sport: backend.port,
+            dport: port,
+            proto: k.proto,
+        };
         let fwd = rewrite(&k, snat_addr, baddr, port, backend.port, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
         let flow = Flow {
             keys: [k, rev_key],
             rewrite: [fwd, rev],
-            state: if k.proto == PROTO_TCP { FlowState::SynSent } else { FlowState::Udp },
+            state: if k.proto == PROTO_TCP {
+                FlowState::SynSent
+            } else {
+                FlowState::Udp
+            },
             last_seen: self.now,
             generation: snap.generation,
             frontend: fk,
             backend: (baddr, backend.port),
             packets: [1, 0],
         };
-        self.flows.insert(flow).map_err(|_| DropReason::FlowTableFull)?;
+        self.flows
+            .insert(flow)
+            .map_err(|_| DropReason::FlowTableFull)?;
         self.counters.flows_created += 1;
         apply(frame, p, &fwd);
         Ok(Verdict::Tx { iface: fwd.iface })
@@ -351,13 +389,23 @@ fn set_hop(rw: &mut Rewrite, h: NextHop) {
 
 /// The rewrite turning packets with key `from` into `src:sport → dst:dport` via `hop`,
 /// with checksum deltas computed once (RFC 1624).
-fn rewrite(from: &FlowKey, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, hop: NextHop) -> Rewrite {
+fn rewrite(
+    from: &FlowKey,
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    hop: NextHop,
+) -> Rewrite {
     let [os0, os1] = addr_words(from.src);
     let [od0, od1] = addr_words(from.dst);
     let [ns0, ns1] = addr_words(src);
     let [nd0, nd1] = addr_words(dst);
     let ip_delta = Delta::between(&[os0, os1, od0, od1], &[ns0, ns1, nd0, nd1]);
-    let l4_delta = Delta::between(&[os0, os1, od0, od1, from.sport, from.dport], &[ns0, ns1, nd0, nd1, sport, dport]);
+    let l4_delta = Delta::between(
+        &[os0, os1, od0, od1, from.sport, from.dport],
+        &[ns0, ns1, nd0, nd1, sport, dport],
+    );
     Rewrite {
         src,
         dst,

@@ -66,7 +66,9 @@ impl fmt::Display for Frontend {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("{0:?} is not a frontend: expected VIP:PORT/tcp or VIP:PORT/udp (e.g. 10.0.0.10:80/tcp)")]
+    #[error(
+        "{0:?} is not a frontend: expected VIP:PORT/tcp or VIP:PORT/udp (e.g. 10.0.0.10:80/tcp)"
+    )]
     Frontend(String),
     #[error("{0:?} is not a backend: expected IP:PORT or IP:PORT@WEIGHT (e.g. 10.1.0.2:8080@2)")]
     Backend(String),
@@ -141,30 +143,60 @@ pub struct ServiceSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    AddService { frontend: Frontend, backends: Vec<BackendSpec> },
-    RemoveService { frontend: Frontend },
-    AddBackend { frontend: Frontend, backend: BackendSpec },
-    RemoveBackend { frontend: Frontend, addr: Ipv4Addr, port: u16 },
+    AddService {
+        frontend: Frontend,
+        backends: Vec<BackendSpec>,
+    },
+    RemoveService {
+        frontend: Frontend,
+    },
+    AddBackend {
+        frontend: Frontend,
+        backend: BackendSpec,
+    },
+    RemoveBackend {
+        frontend: Frontend,
+        addr: Ipv4Addr,
+        port: u16,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("service {0} already exists; remove it first or add backends with `lbctl backend add`")]
+    #[error(
+        "service {0} already exists; remove it first or add backends with `lbctl backend add`"
+    )]
     ServiceExists(Frontend),
     #[error("no service {0}; `lbctl service list` shows the configured ones")]
     NoService(Frontend),
     #[error("backend {addr}:{port} is already in service {frontend}")]
-    BackendExists { frontend: Frontend, addr: Ipv4Addr, port: u16 },
+    BackendExists {
+        frontend: Frontend,
+        addr: Ipv4Addr,
+        port: u16,
+    },
     #[error("backend {addr}:{port} is listed twice for {frontend}")]
-    DuplicateBackend { frontend: Frontend, addr: Ipv4Addr, port: u16 },
+    DuplicateBackend {
+        frontend: Frontend,
+        addr: Ipv4Addr,
+        port: u16,
+    },
     #[error("no backend {addr}:{port} in service {frontend}")]
-    NoBackend { frontend: Frontend, addr: Ipv4Addr, port: u16 },
+    NoBackend {
+        frontend: Frontend,
+        addr: Ipv4Addr,
+        port: u16,
+    },
     #[error("{what} {addr} cannot be used: it must be a unicast address (not 0.0.0.0, broadcast, multicast or loopback)")]
     BadAddress { what: &'static str, addr: Ipv4Addr },
     #[error("{what} port 0 is not a valid port")]
     ZeroPort { what: &'static str },
     #[error("weight {weight} for backend {addr}:{port} is above the maximum {max}", max = MAX_WEIGHT)]
-    WeightTooLarge { addr: Ipv4Addr, port: u16, weight: u32 },
+    WeightTooLarge {
+        addr: Ipv4Addr,
+        port: u16,
+        weight: u32,
+    },
     #[error("{frontend} would have {count} backends, more than the limit of {max}", max = MAX_BACKENDS)]
     TooManyBackends { frontend: Frontend, count: usize },
     #[error("the node already has the maximum of {max} services", max = MAX_SERVICES)]
@@ -190,7 +222,11 @@ fn check_backend(b: &BackendSpec) -> Result<(), ConfigError> {
         return Err(ConfigError::ZeroPort { what: "backend" });
     }
     if b.weight > MAX_WEIGHT {
-        return Err(ConfigError::WeightTooLarge { addr: b.addr, port: b.port, weight: b.weight });
+        return Err(ConfigError::WeightTooLarge {
+            addr: b.addr,
+            port: b.port,
+            weight: b.weight,
+        });
     }
     Ok(())
 }
@@ -228,7 +264,10 @@ impl ServiceTable {
                     return Err(ConfigError::TooManyServices);
                 }
                 if backends.len() > MAX_BACKENDS {
-                    return Err(ConfigError::TooManyBackends { frontend: *frontend, count: backends.len() });
+                    return Err(ConfigError::TooManyBackends {
+                        frontend: *frontend,
+                        count: backends.len(),
+                    });
                 }
                 let mut list = backends.clone();
                 for b in &list {
@@ -247,16 +286,29 @@ impl ServiceTable {
                 next.next_id += 1;
                 next.services.insert(
                     *frontend,
-                    ServiceSpec { id: next.next_id, frontend: *frontend, backends: list },
+                    ServiceSpec {
+                        id: next.next_id,
+                        frontend: *frontend,
+                        backends: list,
+                    },
                 );
             }
             Op::RemoveService { frontend } => {
-                next.services.remove(frontend).ok_or(ConfigError::NoService(*frontend))?;
+                next.services
+                    .remove(frontend)
+                    .ok_or(ConfigError::NoService(*frontend))?;
             }
             Op::AddBackend { frontend, backend } => {
                 check_backend(backend)?;
-                let svc = next.services.get_mut(frontend).ok_or(ConfigError::NoService(*frontend))?;
-                if svc.backends.iter().any(|b| b.same_endpoint(backend.addr, backend.port)) {
+                let svc = next
+                    .services
+                    .get_mut(frontend)
+                    .ok_or(ConfigError::NoService(*frontend))?;
+                if svc
+                    .backends
+                    .iter()
+                    .any(|b| b.same_endpoint(backend.addr, backend.port))
+                {
                     return Err(ConfigError::BackendExists {
                         frontend: *frontend,
                         addr: backend.addr,
@@ -264,17 +316,31 @@ impl ServiceTable {
                     });
                 }
                 if svc.backends.len() >= MAX_BACKENDS {
-                    return Err(ConfigError::TooManyBackends { frontend: *frontend, count: svc.backends.len() + 1 });
+                    return Err(ConfigError::TooManyBackends {
+                        frontend: *frontend,
+                        count: svc.backends.len() + 1,
+                    });
                 }
                 svc.backends.push(*backend);
                 svc.backends.sort();
             }
-            Op::RemoveBackend { frontend, addr, port } => {
-                let svc = next.services.get_mut(frontend).ok_or(ConfigError::NoService(*frontend))?;
+            Op::RemoveBackend {
+                frontend,
+                addr,
+                port,
+            } => {
+                let svc = next
+                    .services
+                    .get_mut(frontend)
+                    .ok_or(ConfigError::NoService(*frontend))?;
                 let before = svc.backends.len();
                 svc.backends.retain(|b| !b.same_endpoint(*addr, *port));
                 if svc.backends.len() == before {
-                    return Err(ConfigError::NoBackend { frontend: *frontend, addr: *addr, port: *port });
+                    return Err(ConfigError::NoBackend {
+                        frontend: *frontend,
+                        addr: *addr,
+                        port: *port,
+                    });
                 }
             }
         }
@@ -295,7 +361,14 @@ mod tests {
 
     #[test]
     fn parsing() {
-        assert_eq!(fe("10.0.0.10:80/TCP"), Frontend { addr: [10, 0, 0, 10].into(), port: 80, proto: Proto::Tcp });
+        assert_eq!(
+            fe("10.0.0.10:80/TCP"),
+            Frontend {
+                addr: [10, 0, 0, 10].into(),
+                port: 80,
+                proto: Proto::Tcp
+            }
+        );
         assert_eq!(be("10.1.0.2:8080@3").weight, 3);
         assert_eq!(be("10.1.0.2:8080").weight, 1);
         assert!("10.0.0.10:80".parse::<Frontend>().is_err());
@@ -310,36 +383,91 @@ mod tests {
     fn add_remove_cycle() {
         let t = ServiceTable::default();
         let t = t
-            .apply(&Op::AddService { frontend: fe("10.0.0.10:80/tcp"), backends: vec![be("10.1.0.3:80"), be("10.1.0.2:80")] })
+            .apply(&Op::AddService {
+                frontend: fe("10.0.0.10:80/tcp"),
+                backends: vec![be("10.1.0.3:80"), be("10.1.0.2:80")],
+            })
             .expect("add");
         let svc = t.get(&fe("10.0.0.10:80/tcp")).expect("present");
         assert_eq!(svc.backends[0], be("10.1.0.2:80"), "sorted");
-        let t = t.apply(&Op::AddBackend { frontend: fe("10.0.0.10:80/tcp"), backend: be("10.1.0.4:80@2") }).expect("add backend");
-        assert_eq!(t.get(&fe("10.0.0.10:80/tcp")).map(|s| s.backends.len()), Some(3));
         let t = t
-            .apply(&Op::RemoveBackend { frontend: fe("10.0.0.10:80/tcp"), addr: [10, 1, 0, 2].into(), port: 80 })
+            .apply(&Op::AddBackend {
+                frontend: fe("10.0.0.10:80/tcp"),
+                backend: be("10.1.0.4:80@2"),
+            })
+            .expect("add backend");
+        assert_eq!(
+            t.get(&fe("10.0.0.10:80/tcp")).map(|s| s.backends.len()),
+            Some(3)
+        );
+        let t = t
+            .apply(&Op::RemoveBackend {
+                frontend: fe("10.0.0.10:80/tcp"),
+                addr: [10, 1, 0, 2].into(),
+                port: 80,
+            })
             .expect("remove backend");
-        assert_eq!(t.get(&fe("10.0.0.10:80/tcp")).map(|s| s.backends.len()), Some(2));
-        let t = t.apply(&Op::RemoveService { frontend: fe("10.0.0.10:80/tcp") }).expect("remove");
+        assert_eq!(
+            t.get(&fe("10.0.0.10:80/tcp")).map(|s| s.backends.len()),
+            Some(2)
+        );
+        let t = t
+            .apply(&Op::RemoveService {
+                frontend: fe("10.0.0.10:80/tcp"),
+            })
+            .expect("remove");
         assert!(t.is_empty());
     }
 
     #[test]
     fn rejected_ops_leave_the_table_unchanged() {
         let t = ServiceTable::default()
-            .apply(&Op::AddService { frontend: fe("10.0.0.10:80/tcp"), backends: vec![be("10.1.0.2:80")] })
+            .apply(&Op::AddService {
+                frontend: fe("10.0.0.10:80/tcp"),
+                backends: vec![be("10.1.0.2:80")],
+            })
             .expect("add");
         let bad = [
-            Op::AddService { frontend: fe("10.0.0.10:80/tcp"), backends: vec![] },
-            Op::AddService { frontend: fe("0.0.0.0:80/tcp"), backends: vec![] },
-            Op::AddService { frontend: fe("10.0.0.11:0/tcp"), backends: vec![] },
-            Op::AddService { frontend: fe("10.0.0.11:80/tcp"), backends: vec![be("10.1.0.2:80"), be("10.1.0.2:80@2")] },
-            Op::AddService { frontend: fe("10.0.0.11:80/tcp"), backends: vec![be("10.1.0.2:80"), be("224.0.0.1:80")] },
-            Op::AddBackend { frontend: fe("10.0.0.10:80/tcp"), backend: be("10.1.0.2:80") },
-            Op::AddBackend { frontend: fe("10.0.0.10:80/tcp"), backend: be("10.1.0.3:80@20000") },
-            Op::AddBackend { frontend: fe("10.0.0.99:80/tcp"), backend: be("10.1.0.3:80") },
-            Op::RemoveBackend { frontend: fe("10.0.0.10:80/tcp"), addr: [10, 1, 0, 9].into(), port: 80 },
-            Op::RemoveService { frontend: fe("10.0.0.10:81/tcp") },
+            Op::AddService {
+                frontend: fe("10.0.0.10:80/tcp"),
+                backends: vec![],
+            },
+            Op::AddService {
+                frontend: fe("0.0.0.0:80/tcp"),
+                backends: vec![],
+            },
+            Op::AddService {
+                frontend: fe("10.0.0.11:0/tcp"),
+                backends: vec![],
+            },
+            Op::AddService {
+                frontend: fe("10.0.0.11:80/tcp"),
+                backends: vec![be("10.1.0.2:80"), be("10.1.0.2:80@2")],
+            },
+            Op::AddService {
+                frontend: fe("10.0.0.11:80/tcp"),
+                backends: vec![be("10.1.0.2:80"), be("224.0.0.1:80")],
+            },
+            Op::AddBackend {
+                frontend: fe("10.0.0.10:80/tcp"),
+                backend: be("10.1.0.2:80"),
+            },
+            Op::AddBackend {
+                frontend: fe("10.0.0.10:80/tcp"),
+                backend: be("10.1.0.3:80@20000"),
+            },
+            Op::AddBackend {
+                frontend: fe("10.0.0.99:80/tcp"),
+                backend: be("10.1.0.3:80"),
+            },
+            Op::RemoveBackend {
+                frontend: fe("10.0.0.10:80/tcp"),
+                addr: [10, 1, 0, 9].into(),
+                port: 80,
+            },
+            Op::RemoveService {
+                frontend: fe("10.0.0.10:81/tcp"),
+            },
         ];
         for op in bad {
             let err = t.apply(&op).expect_err("must be rejected");

@@ -53,7 +53,11 @@ pub struct FrontendKey {
 
 impl From<&Frontend> for FrontendKey {
     fn from(f: &Frontend) -> Self {
-        FrontendKey { addr: f.addr.octets(), port: f.port, proto: f.proto.number() }
+        FrontendKey {
+            addr: f.addr.octets(),
+            port: f.port,
+            proto: f.proto.number(),
+        }
     }
 }
 
@@ -120,7 +124,10 @@ impl Snapshot {
                     let mb: Vec<MaglevBackend> = spec
                         .backends
                         .iter()
-                        .map(|b| MaglevBackend { name: b.maglev_name(), weight: b.weight })
+                        .map(|b| MaglevBackend {
+                            name: b.maglev_name(),
+                            weight: b.weight,
+                        })
                         .collect();
                     Arc::new(ServiceState {
                         spec: spec.clone(),

@@ -32,13 +32,24 @@ fn fixture_table() {
                 assert_eq!(&frame, out, "{}: output frame", fx.name);
                 assert_eq!(verify(&frame), (true, true), "{}: checksums", fx.name);
             }
-            None => assert_eq!(frame, fx.frame, "{}: a frame not sent is not modified", fx.name),
+            None => assert_eq!(
+                frame, fx.frame,
+                "{}: a frame not sent is not modified",
+                fx.name
+            ),
         }
     }
 }
 
 fn syn(sport: u16) -> FrameSpec {
-    FrameSpec { src_mac: CLIENT_MAC, dst_mac: LB_MAC, src: CLIENT, dst: VIP, sport, ..FrameSpec::default() }
+    FrameSpec {
+        src_mac: CLIENT_MAC,
+        dst_mac: LB_MAC,
+        src: CLIENT,
+        dst: VIP,
+        sport,
+        ..FrameSpec::default()
+    }
 }
 
 /// The port the forward frame was sent from.
@@ -89,13 +100,21 @@ fn same_flow_keeps_its_port_and_backend() {
     let mut e = engine(0);
     let mut a = syn(40000).build();
     e.process(&mut a);
-    let mut b = FrameSpec { flags: TcpFlags::ACK, ..syn(40000) }.build();
+    let mut b = FrameSpec {
+        flags: TcpFlags::ACK,
+        ..syn(40000)
+    }
+    .build();
     assert_eq!(e.process(&mut b), Verdict::Tx { iface: 0 });
     assert_eq!(sport(&a), sport(&b));
     assert_eq!(e.counters.flows_created, 1);
     let mut c = syn(40001).build();
     e.process(&mut c);
-    assert_ne!(sport(&a), sport(&c), "a second flow gets another port toward the same backend");
+    assert_ne!(
+        sport(&a),
+        sport(&c),
+        "a second flow gets another port toward the same backend"
+    );
 }
 
 #[test]
@@ -105,8 +124,18 @@ fn reply_on_the_wrong_worker_goes_to_its_owner() {
     let mut f = syn(40000).build();
     assert_eq!(owner.process(&mut f), Verdict::Tx { iface: 0 });
     let port = sport(&f);
-    assert!(port >= 63268, "worker 1 allocates from its own slice, got {port}");
-    let reply = FrameSpec { src: BACKEND, dst: SNAT, sport: 8080, dport: port, flags: TcpFlags::ACK, ..FrameSpec::default() };
+    assert!(
+        port >= 63268,
+        "worker 1 allocates from its own slice, got {port}"
+    );
+    let reply = FrameSpec {
+        src: BACKEND,
+        dst: SNAT,
+        sport: 8080,
+        dport: port,
+        flags: TcpFlags::ACK,
+        ..FrameSpec::default()
+    };
     let mut other = engine(0);
     let mut r = reply.build();
     assert_eq!(other.process(&mut r), Verdict::ToWorker(1));
@@ -132,19 +161,50 @@ fn tcp_states_and_timeouts() {
     let mut f = syn(40001).build();
     e.process(&mut f);
     let port = sport(&f);
-    let mut r = FrameSpec { src: BACKEND, dst: SNAT, sport: 8080, dport: port, flags: TcpFlags::ACK, ..FrameSpec::default() }.build();
+    let mut r = FrameSpec {
+        src: BACKEND,
+        dst: SNAT,
+        sport: 8080,
+        dport: port,
+        flags: TcpFlags::ACK,
+        ..FrameSpec::default()
+    }
+    .build();
     e.process(&mut r);
     now += t.tcp_syn + 1;
     e.begin_batch(now);
-    let mut ack = FrameSpec { flags: TcpFlags::ACK, ..syn(40001) }.build();
-    assert_eq!(e.process(&mut ack), Verdict::Tx { iface: 0 }, "established flow outlives the SYN timeout");
-    let mut fin = FrameSpec { flags: TcpFlags::FIN | TcpFlags::ACK, ..syn(40001) }.build();
+    let mut ack = FrameSpec {
+        flags: TcpFlags::ACK,
+        ..syn(40001)
+    }
+    .build();
+    assert_eq!(
+        e.process(&mut ack),
+        Verdict::Tx { iface: 0 },
+        "established flow outlives the SYN timeout"
+    );
+    let mut fin = FrameSpec {
+        flags: TcpFlags::FIN | TcpFlags::ACK,
+        ..syn(40001)
+    }
+    .build();
     e.process(&mut fin);
-    assert_eq!(e.flows().iter().next().map(|f| f.state), Some(FlowState::Fin));
+    assert_eq!(
+        e.flows().iter().next().map(|f| f.state),
+        Some(FlowState::Fin)
+    );
     now += t.tcp_fin + 1;
     e.begin_batch(now);
-    let mut late = FrameSpec { flags: TcpFlags::ACK, ..syn(40001) }.build();
-    assert_eq!(e.process(&mut late), Verdict::Drop(DropReason::NoFlow), "closed flow is gone after the FIN timeout");
+    let mut late = FrameSpec {
+        flags: TcpFlags::ACK,
+        ..syn(40001)
+    }
+    .build();
+    assert_eq!(
+        e.process(&mut late),
+        Verdict::Drop(DropReason::NoFlow),
+        "closed flow is gone after the FIN timeout"
+    );
 }
 
 #[test]
@@ -152,7 +212,10 @@ fn removed_backend_ends_its_flows_and_others_survive() {
     let cfg = fixtures::config();
     let fe = fixtures::frontends()[0];
     let two = fixtures::table()
-        .apply(&Op::AddBackend { frontend: fe, backend: "10.1.0.3:8080".parse().expect("backend") })
+        .apply(&Op::AddBackend {
+            frontend: fe,
+            backend: "10.1.0.3:8080".parse().expect("backend"),
+        })
         .expect("add");
     let mut net = fixtures::net();
     net = NetView::new(
@@ -172,21 +235,38 @@ fn removed_backend_ends_its_flows_and_others_survive() {
     for p in 0..200u16 {
         let mut f = syn(30000 + p).build();
         assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
-        by_backend.entry(f[33]).or_insert_with(Vec::new).push(30000 + p);
+        by_backend
+            .entry(f[33])
+            .or_insert_with(Vec::new)
+            .push(30000 + p);
     }
     assert_eq!(by_backend.len(), 2, "both backends get flows");
     let victims = by_backend[&3].clone();
     let survivors = by_backend[&2].clone();
     let one = two
-        .apply(&Op::RemoveBackend { frontend: fe, addr: [10, 1, 0, 3].into(), port: 8080 })
+        .apply(&Op::RemoveBackend {
+            frontend: fe,
+            addr: [10, 1, 0, 3].into(),
+            port: 8080,
+        })
         .expect("remove");
-    e.set_snapshot(Arc::new(Snapshot::build(2, &cfg, &one, net, Some(&s1)).expect("build")));
+    e.set_snapshot(Arc::new(
+        Snapshot::build(2, &cfg, &one, net, Some(&s1)).expect("build"),
+    ));
     for p in victims {
-        let mut f = FrameSpec { flags: TcpFlags::ACK, ..syn(p) }.build();
+        let mut f = FrameSpec {
+            flags: TcpFlags::ACK,
+            ..syn(p)
+        }
+        .build();
         assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::BackendRemoved));
     }
     for p in survivors {
-        let mut f = FrameSpec { flags: TcpFlags::ACK, ..syn(p) }.build();
+        let mut f = FrameSpec {
+            flags: TcpFlags::ACK,
+            ..syn(p)
+        }
+        .build();
         assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
         assert_eq!(f[33], 2);
     }
@@ -196,8 +276,18 @@ fn removed_backend_ends_its_flows_and_others_survive() {
 fn unresolved_neighbour_is_requested_not_guessed() {
     let cfg = fixtures::config();
     let net = NetView::new(
-        vec![IfaceInfo { ifindex: 2, name: "lb0".into(), mac: LB_MAC, addr: None }],
-        vec![Route { dst: [10, 0, 0, 0], prefix_len: 8, ifindex: 2, gateway: None }],
+        vec![IfaceInfo {
+            ifindex: 2,
+            name: "lb0".into(),
+            mac: LB_MAC,
+            addr: None,
+        }],
+        vec![Route {
+            dst: [10, 0, 0, 0],
+            prefix_len: 8,
+            ifindex: 2,
+            gateway: None,
+        }],
         [(2, CLIENT, CLIENT_MAC)],
     );
     let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(net), None).expect("build");
@@ -205,7 +295,10 @@ fn unresolved_neighbour_is_requested_not_guessed() {
     let mut f = syn(40000).build();
     let before = f.clone();
     assert_eq!(e.process(&mut f), Verdict::Hold);
-    assert_eq!(f, before, "a held frame is untouched, so it can be processed again");
+    assert_eq!(
+        f, before,
+        "a held frame is untouched, so it can be processed again"
+    );
     assert_eq!(e.take_resolve_requests().collect::<Vec<_>>(), vec![BACKEND]);
     assert_eq!(e.take_resolve_requests().count(), 0);
     // Once the neighbour is known, the same frame goes out.
@@ -224,7 +317,11 @@ fn full_table_refuses_and_keeps_existing_flows() {
     }
     let mut f = syn(1002).build();
     assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::FlowTableFull));
-    let mut f = FrameSpec { flags: TcpFlags::ACK, ..syn(1000) }.build();
+    let mut f = FrameSpec {
+        flags: TcpFlags::ACK,
+        ..syn(1000)
+    }
+    .build();
     assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
 }
 
@@ -232,7 +329,8 @@ fn full_table_refuses_and_keeps_existing_flows() {
 fn tiny_port_range_is_exhausted_and_counted() {
     let mut cfg = fixtures::config();
     cfg.snat.ports = nat::PortRange::new(61000, 61003).expect("range"); // 2 ports per worker
-    let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(fixtures::net()), None).expect("build");
+    let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(fixtures::net()), None)
+        .expect("build");
     let mut e = Engine::new(0, 64, Arc::new(s));
     e.begin_batch(SEC);
     let mut ok = 0;
@@ -249,8 +347,14 @@ fn tiny_port_range_is_exhausted_and_counted() {
 #[test]
 fn empty_service_counts_no_backend() {
     let fe = fixtures::frontends()[0];
-    let t = ServiceTable::default().apply(&Op::AddService { frontend: fe, backends: vec![] }).expect("add");
-    let s = Snapshot::build(1, &fixtures::config(), &t, Arc::new(fixtures::net()), None).expect("build");
+    let t = ServiceTable::default()
+        .apply(&Op::AddService {
+            frontend: fe,
+            backends: vec![],
+        })
+        .expect("add");
+    let s = Snapshot::build(1, &fixtures::config(), &t, Arc::new(fixtures::net()), None)
+        .expect("build");
     let mut e = Engine::new(0, 16, Arc::new(s));
     let mut f = syn(1).build();
     assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::NoBackend));

@@ -29,7 +29,11 @@ pub enum PortRangeError {
     #[error("port range {first}-{last} includes port 0")]
     Zero { first: u16, last: u16 },
     #[error("port range {range} has {len} ports, fewer than the {workers} workers that need a slice each")]
-    TooSmall { range: PortRange, len: u32, workers: u16 },
+    TooSmall {
+        range: PortRange,
+        len: u32,
+        workers: u16,
+    },
 }
 
 impl PortRange {
@@ -167,10 +171,22 @@ mod tests {
         let r: PortRange = "61000-65535".parse().expect("valid");
         assert_eq!((r.first, r.last, r.len()), (61000, 65535, 4536));
         assert_eq!(r.to_string(), "61000-65535");
-        assert!(matches!("6100".parse::<PortRange>(), Err(PortRangeError::Syntax(_))));
-        assert!(matches!("9-1".parse::<PortRange>(), Err(PortRangeError::Empty { .. })));
-        assert!(matches!("0-10".parse::<PortRange>(), Err(PortRangeError::Zero { .. })));
-        assert!(matches!("1-70000".parse::<PortRange>(), Err(PortRangeError::Syntax(_))));
+        assert!(matches!(
+            "6100".parse::<PortRange>(),
+            Err(PortRangeError::Syntax(_))
+        ));
+        assert!(matches!(
+            "9-1".parse::<PortRange>(),
+            Err(PortRangeError::Empty { .. })
+        ));
+        assert!(matches!(
+            "0-10".parse::<PortRange>(),
+            Err(PortRangeError::Zero { .. })
+        ));
+        assert!(matches!(
+            "1-70000".parse::<PortRange>(),
+            Err(PortRangeError::Syntax(_))
+        ));
     }
 
     #[test]

@@ -13,7 +13,12 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(addr: [u8; 4], port: u16, proto: u8) -> Endpoint {
-        Endpoint { addr, port: port.to_be_bytes(), proto, pad: 0 }
+        Endpoint {
+            addr,
+            port: port.to_be_bytes(),
+            proto,
+            pad: 0,
+        }
     }
 }
 

@@ -36,11 +36,21 @@ pub enum BpfError {
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("attaching XDP to {iface}: {source} (native mode needs driver support; veth has it)")]
-    Attach { iface: String, source: aya::programs::ProgramError },
+    Attach {
+        iface: String,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {map} rejected {key}: {source} (is the map full?)")]
-    Insert { map: &'static str, key: String, source: aya::maps::MapError },
+    Insert {
+        map: &'static str,
+        key: String,
+        source: aya::maps::MapError,
+    },
 }
 
 /// What the maps must contain for a service table and SNAT configuration.
@@ -69,13 +79,22 @@ impl SteeringState {
         for svc in table.services() {
             let f = svc.frontend;
             let proto = f.proto.number();
-            s.frontends.insert(Endpoint::new(f.addr.octets(), f.port, proto), svc.id);
+            s.frontends
+                .insert(Endpoint::new(f.addr.octets(), f.port, proto), svc.id);
             *s.vips.entry(f.addr.octets()).or_default() += 1;
             for b in &svc.backends {
-                *s.backends.entry(Endpoint::new(b.addr.octets(), b.port, proto)).or_default() += 1;
+                *s.backends
+                    .entry(Endpoint::new(b.addr.octets(), b.port, proto))
+                    .or_default() += 1;
             }
         }
-        s.snat.insert(snat_addr, SnatRange { first: ports.first, last: ports.last });
+        s.snat.insert(
+            snat_addr,
+            SnatRange {
+                first: ports.first,
+                last: ports.last,
+            },
+        );
         s
     }
 }
@@ -95,7 +114,9 @@ pub struct Steering {
 
 impl std::fmt::Debug for Steering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Steering").field("attached", &self.attached).finish()
+        f.debug_struct("Steering")
+            .field("attached", &self.attached)
+            .finish()
     }
 }
 
@@ -108,9 +129,10 @@ where
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, BpfError> {
-    let p = ebpf
-        .program_mut("xlb_steer")
-        .ok_or(BpfError::Program("xlb_steer", aya::programs::ProgramError::NotLoaded))?;
+    let p = ebpf.program_mut("xlb_steer").ok_or(BpfError::Program(
+        "xlb_steer",
+        aya::programs::ProgramError::NotLoaded,
+    ))?;
     p.try_into().map_err(|e| BpfError::Program("xlb_steer", e))
 }
 
@@ -118,7 +140,9 @@ impl Steering {
     /// Load and verify the program; attach nothing yet.
     pub fn load() -> Result<Steering, BpfError> {
         let mut ebpf = Ebpf::load(XLB_BPF)?;
-        program(&mut ebpf)?.load().map_err(|e| BpfError::Program("xlb_steer", e))?;
+        program(&mut ebpf)?
+            .load()
+            .map_err(|e| BpfError::Program("xlb_steer", e))?;
         Ok(Steering {
             frontends: take(&mut ebpf, "frontends")?,
             vips: take(&mut ebpf, "vips")?,
@@ -142,7 +166,10 @@ impl Steering {
             Err(e) => {
                 tracing::warn!(iface, error = %e, "native XDP attach failed; falling back to generic (slow) mode");
                 prog.attach(iface, XdpMode::Skb)
-                    .map_err(|source| BpfError::Attach { iface: iface.to_string(), source })?;
+                    .map_err(|source| BpfError::Attach {
+                        iface: iface.to_string(),
+                        source,
+                    })?;
                 "generic"
             }
         };
@@ -158,7 +185,11 @@ impl Steering {
     pub fn set_iface_slot(&mut self, ifindex: u32, slot: u32) -> Result<(), BpfError> {
         self.iface_slots
             .insert(ifindex, slot, 0)
-            .map_err(|source| BpfError::Insert { map: "iface_slots", key: format!("ifindex {ifindex}"), source })
+            .map_err(|source| BpfError::Insert {
+                map: "iface_slots",
+                key: format!("ifindex {ifindex}"),
+                source,
+            })
     }
 
     /// Register the AF_XDP socket `fd` for rx queue `queue` of the interface in `slot`.
@@ -166,7 +197,11 @@ impl Steering {
         let key = slot * MAX_QUEUES + queue;
         self.xsks
             .set(key, fd, 0)
-            .map_err(|source| BpfError::Insert { map: "xsks", key: format!("slot {slot} queue {queue}"), source })
+            .map_err(|source| BpfError::Insert {
+                map: "xsks",
+                key: format!("slot {slot} queue {queue}"),
+                source,
+            })
     }
 
     pub fn current(&self) -> &SteeringState {
@@ -183,17 +218,32 @@ impl Steering {
         ) -> Result<(), BpfError> {
             for k in cur.keys() {
                 if !next.contains_key(k) {
-                    map.remove(k).map_err(|source| BpfError::Map { map: name, source })?;
+                    map.remove(k)
+                        .map_err(|source| BpfError::Map { map: name, source })?;
                 }
             }
             Ok(())
         }
-        sweep(&mut self.frontends, "frontends", &self.current.frontends, &next.frontends)?;
-        sweep(&mut self.backends, "backends", &self.current.backends, &next.backends)?;
+        sweep(
+            &mut self.frontends,
+            "frontends",
+            &self.current.frontends,
+            &next.frontends,
+        )?;
+        sweep(
+            &mut self.backends,
+            "backends",
+            &self.current.backends,
+            &next.backends,
+        )?;
         sweep(&mut self.vips, "vips", &self.current.vips, &next.vips)?;
         sweep(&mut self.snat, "snat_addrs", &self.current.snat, &next.snat)?;
-        self.current.frontends.retain(|k, _| next.frontends.contains_key(k));
-        self.current.backends.retain(|k, _| next.backends.contains_key(k));
+        self.current
+            .frontends
+            .retain(|k, _| next.frontends.contains_key(k));
+        self.current
+            .backends
+            .retain(|k, _| next.backends.contains_key(k));
         self.current.vips.retain(|k, _| next.vips.contains_key(k));
         self.current.snat.retain(|k, _| next.snat.contains_key(k));
         Ok(())
@@ -217,7 +267,11 @@ impl Steering {
                     for a in added {
                         let _ = map.remove(&a);
                     }
-                    return Err(BpfError::Insert { map: name, key: format!("{k:?}"), source });
+                    return Err(BpfError::Insert {
+                        map: name,
+                        key: format!("{k:?}"),
+                        source,
+                    });
                 }
                 if !cur.contains_key(k) {
                     added.push(*k);
@@ -228,9 +282,19 @@ impl Steering {
         // Backends and SNAT ranges before frontends: a steered first packet's replies
         // must be steered too.
         fill(&mut self.snat, "snat_addrs", &self.current.snat, &next.snat)?;
-        fill(&mut self.backends, "backends", &self.current.backends, &next.backends)?;
+        fill(
+            &mut self.backends,
+            "backends",
+            &self.current.backends,
+            &next.backends,
+        )?;
         fill(&mut self.vips, "vips", &self.current.vips, &next.vips)?;
-        fill(&mut self.frontends, "frontends", &self.current.frontends, &next.frontends)?;
+        fill(
+            &mut self.frontends,
+            "frontends",
+            &self.current.frontends,
+            &next.frontends,
+        )?;
         self.current = next.clone();
         Ok(())
     }
@@ -250,8 +314,14 @@ impl Steering {
     pub fn test_run(&mut self, frame: &[u8]) -> Result<u32, BpfError> {
         let prog = program(&mut self.ebpf)?;
         let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::new() };
-        let r = prog.test_run(opts).map_err(|e| BpfError::Program("xlb_steer", e))?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let r = prog
+            .test_run(opts)
+            .map_err(|e| BpfError::Program("xlb_steer", e))?;
         Ok(r.return_value)
     }
 }

@@ -17,8 +17,8 @@ use crate::netlink::{local_port_range, Netlink};
 use crate::sys::IoConfig;
 use crate::worker::{self, WorkerShared, WorkerSpec, HANDOFF_RING_BYTES};
 use control::proto::{
-    BackendView, ErrorKind, InterfaceView, Reply, Request, ResponseEnvelope, ServiceView, StatsView, StatusView,
-    WorkerStats, WorkerView,
+    BackendView, ErrorKind, InterfaceView, Reply, Request, ResponseEnvelope, ServiceView,
+    StatsView, StatusView, WorkerStats, WorkerView,
 };
 use control::server::Handler;
 use crossbeam_channel::{Receiver, Sender};
@@ -65,7 +65,11 @@ pub enum DaemonError {
     #[error(transparent)]
     Bpf(#[from] crate::bpf::BpfError),
     #[error("starting worker {worker} (queue {queue}): {reason}")]
-    Worker { worker: u16, queue: u32, reason: String },
+    Worker {
+        worker: u16,
+        queue: u32,
+        reason: String,
+    },
 }
 
 struct WorkerHandle {
@@ -95,7 +99,9 @@ pub struct Daemon {
 
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Daemon").field("ifaces", &self.ifaces).finish()
+        f.debug_struct("Daemon")
+            .field("ifaces", &self.ifaces)
+            .finish()
     }
 }
 
@@ -103,7 +109,11 @@ impl std::fmt::Debug for Daemon {
 fn rx_queues(iface: &str) -> Result<u32, DaemonError> {
     let dir = format!("/sys/class/net/{iface}/queues");
     let n = std::fs::read_dir(&dir)
-        .map_err(|e| DaemonError::Config(format!("cannot read {dir}: {e} (does interface {iface} exist?)")))?
+        .map_err(|e| {
+            DaemonError::Config(format!(
+                "cannot read {dir}: {e} (does interface {iface} exist?)"
+            ))
+        })?
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
         .count();
@@ -114,7 +124,9 @@ impl Daemon {
     /// Read the kernel's view, attach the program, start the workers.
     pub fn start(dc: DaemonConfig, stop: Arc<AtomicBool>) -> Result<Daemon, DaemonError> {
         if dc.ifaces.is_empty() || dc.ifaces.len() > MAX_IFACES {
-            return Err(DaemonError::Config(format!("give 1 to {MAX_IFACES} interfaces with --iface")));
+            return Err(DaemonError::Config(format!(
+                "give 1 to {MAX_IFACES} interfaces with --iface"
+            )));
         }
         let mut nl = Netlink::open()?;
         let net = nl.dump(&dc.ifaces)?;
@@ -125,10 +137,12 @@ impl Daemon {
                 .last()
                 .and_then(|i| i.addr)
                 .map(Ipv4Addr::from)
-                .ok_or_else(|| DaemonError::Config(format!(
-                    "interface {} has no IPv4 address to use for SNAT; pass --snat-addr",
-                    dc.ifaces.last().map(String::as_str).unwrap_or("?")
-                )))?,
+                .ok_or_else(|| {
+                    DaemonError::Config(format!(
+                        "interface {} has no IPv4 address to use for SNAT; pass --snat-addr",
+                        dc.ifaces.last().map(String::as_str).unwrap_or("?")
+                    ))
+                })?,
         };
         let mut local = Vec::new();
         for i in &net.ifaces {
@@ -152,24 +166,33 @@ impl Daemon {
         }
         if let Some(q) = dc.queues {
             if q == 0 || q > queues {
-                return Err(DaemonError::Config(format!("--queues {q}: the interfaces have {queues} rx queue(s)")));
+                return Err(DaemonError::Config(format!(
+                    "--queues {q}: the interfaces have {queues} rx queue(s)"
+                )));
             }
             queues = q;
         }
         let queues = queues.min(MAX_QUEUES);
         let workers = queues as u16;
-        dc.snat_ports.check_workers(workers).map_err(|e| DaemonError::Config(e.to_string()))?;
+        dc.snat_ports
+            .check_workers(workers)
+            .map_err(|e| DaemonError::Config(e.to_string()))?;
         let cfg = DatapathConfig {
-            snat: SnatConfig { addr: snat_addr.octets(), ports: dc.snat_ports },
+            snat: SnatConfig {
+                addr: snat_addr.octets(),
+                ports: dc.snat_ports,
+            },
             timeouts: dc.timeouts,
             maglev_size: dc.maglev_size,
             hash_seed: 0,
             workers,
         };
-        lb::maglev::Maglev::build(&[], cfg.maglev_size, 0).map_err(|e| DaemonError::Config(e.to_string()))?;
+        lb::maglev::Maglev::build(&[], cfg.maglev_size, 0)
+            .map_err(|e| DaemonError::Config(e.to_string()))?;
         let table = ServiceTable::default();
         let snap = Arc::new(
-            Snapshot::build(1, &cfg, &table, Arc::new(net), None).map_err(|e| DaemonError::Config(e.to_string()))?,
+            Snapshot::build(1, &cfg, &table, Arc::new(net), None)
+                .map_err(|e| DaemonError::Config(e.to_string()))?,
         );
 
         if let Err(e) = crate::sys::raise_memlock_limit() {
@@ -187,7 +210,8 @@ impl Daemon {
 
         // Hand-off rings: one per ordered pair of workers.
         let n = usize::from(workers);
-        let mut outs: Vec<Vec<Option<ringbuf::HeapProd<u8>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut outs: Vec<Vec<Option<ringbuf::HeapProd<u8>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
         let mut ins: Vec<Vec<ringbuf::HeapCons<u8>>> = (0..n).map(|_| Vec::new()).collect();
         for (from, out_row) in outs.iter_mut().enumerate() {
             for (to, in_row) in ins.iter_mut().enumerate() {
@@ -201,7 +225,8 @@ impl Daemon {
         let mut polls = Vec::new();
         let mut shared = Vec::new();
         for _ in 0..n {
-            let (poll, s) = worker::shared_state().map_err(|e| DaemonError::Config(format!("creating poll: {e}")))?;
+            let (poll, s) = worker::shared_state()
+                .map_err(|e| DaemonError::Config(format!("creating poll: {e}")))?;
             polls.push(poll);
             shared.push(s);
         }
@@ -209,14 +234,21 @@ impl Daemon {
         let cores: Vec<core_affinity::CoreId> = if dc.cores.is_empty() {
             cores
         } else {
-            cores.into_iter().filter(|c| dc.cores.contains(&c.id)).collect()
+            cores
+                .into_iter()
+                .filter(|c| dc.cores.contains(&c.id))
+                .collect()
         };
         let (resolve_tx, resolve_rx) = crossbeam_channel::bounded(1024);
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         for (id, ((out, inbound), poll)) in outs.into_iter().zip(ins).zip(polls).enumerate() {
             let (snap_tx, snap_rx) = crossbeam_channel::bounded(64);
-            let core = if cores.is_empty() { None } else { Some(cores[id % cores.len()]) };
+            let core = if cores.is_empty() {
+                None
+            } else {
+                Some(cores[id % cores.len()])
+            };
             let queue = id as u32;
             let spec = WorkerSpec {
                 id: id as u16,
@@ -238,12 +270,24 @@ impl Daemon {
             let t = std::thread::Builder::new()
                 .name(format!("xlb-worker-{id}"))
                 .spawn(move || worker::run(spec, ready_tx))
-                .map_err(|e| DaemonError::Worker { worker: id as u16, queue, reason: e.to_string() })?;
+                .map_err(|e| DaemonError::Worker {
+                    worker: id as u16,
+                    queue,
+                    reason: e.to_string(),
+                })?;
             threads.push(t);
             let fds = ready_rx
                 .recv()
-                .map_err(|_| DaemonError::Worker { worker: id as u16, queue, reason: "worker exited".into() })?
-                .map_err(|reason| DaemonError::Worker { worker: id as u16, queue, reason })?;
+                .map_err(|_| DaemonError::Worker {
+                    worker: id as u16,
+                    queue,
+                    reason: "worker exited".into(),
+                })?
+                .map_err(|reason| DaemonError::Worker {
+                    worker: id as u16,
+                    queue,
+                    reason,
+                })?;
             for (slot, fd) in fds.into_iter().enumerate() {
                 steering.set_xsk(slot as u32, queue, fd)?;
             }
@@ -295,7 +339,13 @@ impl Daemon {
             Ok(t) => t,
             Err(e) => return ResponseEnvelope::error(ErrorKind::Invalid, e.to_string()),
         };
-        let snap = match Snapshot::build(self.next_generation(), &self.cfg, &next, Arc::clone(&self.snap.net), Some(&self.snap)) {
+        let snap = match Snapshot::build(
+            self.next_generation(),
+            &self.cfg,
+            &next,
+            Arc::clone(&self.snap.net),
+            Some(&self.snap),
+        ) {
             Ok(s) => s,
             Err(e) => return ResponseEnvelope::error(ErrorKind::Invalid, e.to_string()),
         };
@@ -318,14 +368,24 @@ impl Daemon {
         let msg = match &op {
             Op::AddService { frontend, backends } => {
                 self.prime(backends.iter().map(|b| b.addr.octets()).collect());
-                format!("service {frontend} added with {} backend(s)", backends.len())
+                format!(
+                    "service {frontend} added with {} backend(s)",
+                    backends.len()
+                )
             }
             Op::RemoveService { frontend } => format!("service {frontend} removed"),
             Op::AddBackend { frontend, backend } => {
                 self.prime(vec![backend.addr.octets()]);
-                format!("backend {}:{} added to {frontend}", backend.addr, backend.port)
+                format!(
+                    "backend {}:{} added to {frontend}",
+                    backend.addr, backend.port
+                )
             }
-            Op::RemoveBackend { frontend, addr, port } => format!("backend {addr}:{port} removed from {frontend}"),
+            Op::RemoveBackend {
+                frontend,
+                addr,
+                port,
+            } => format!("backend {addr}:{port} removed from {frontend}"),
         };
         ResponseEnvelope::ok(Reply::Done { message: msg })
     }
@@ -343,7 +403,12 @@ impl Daemon {
         for _ in 0..25 {
             std::thread::sleep(Duration::from_millis(20));
             self.refresh_net();
-            if addrs.iter().all(|a| !matches!(self.snap.net.next_hop(*a), Err(NextHopError::Unresolved { .. }))) {
+            if addrs.iter().all(|a| {
+                !matches!(
+                    self.snap.net.next_hop(*a),
+                    Err(NextHopError::Unresolved { .. })
+                )
+            }) {
                 return;
             }
         }
@@ -352,9 +417,16 @@ impl Daemon {
     /// Ask the kernel to resolve the neighbour for `dst` (a destination or a next hop
     /// itself); true if a request went out.
     fn request_resolution(&mut self, dst: [u8; 4], force: bool) -> bool {
-        let Err(NextHopError::Unresolved { ifindex, addr }) = self.snap.net.next_hop(dst) else { return false };
+        let Err(NextHopError::Unresolved { ifindex, addr }) = self.snap.net.next_hop(dst) else {
+            return false;
+        };
         let now = Instant::now();
-        if !force && self.resolving.get(&addr).is_some_and(|t| now.duration_since(*t) < RESOLVE_BACKOFF) {
+        if !force
+            && self
+                .resolving
+                .get(&addr)
+                .is_some_and(|t| now.duration_since(*t) < RESOLVE_BACKOFF)
+        {
             return false;
         }
         self.resolving.insert(addr, now);
@@ -405,7 +477,11 @@ impl Daemon {
                         address: b.addr,
                         port: b.port,
                         weight: b.weight,
-                        state: if b.weight > 0 { "active".into() } else { "drained".into() },
+                        state: if b.weight > 0 {
+                            "active".into()
+                        } else {
+                            "drained".into()
+                        },
                         share: (n as f64 * 1000.0 / total as f64).round() / 10.0,
                     })
                     .collect(),
@@ -415,7 +491,12 @@ impl Daemon {
     }
 
     fn status(&self) -> Reply {
-        let modes: HashMap<&str, &str> = self.steering.attached().iter().map(|(i, m)| (i.as_str(), *m)).collect();
+        let modes: HashMap<&str, &str> = self
+            .steering
+            .attached()
+            .iter()
+            .map(|(i, m)| (i.as_str(), *m))
+            .collect();
         let net: &NetView = &self.snap.net;
         Reply::Status(StatusView {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -425,7 +506,12 @@ impl Daemon {
                 .map(|i| InterfaceView {
                     name: i.name.clone(),
                     ifindex: i.ifindex,
-                    mac: i.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
+                    mac: i
+                        .mac
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
                     xdp_mode: modes.get(i.name.as_str()).copied().unwrap_or("none").into(),
                 })
                 .collect(),
@@ -444,7 +530,11 @@ impl Daemon {
             snat_address: Ipv4Addr::from(self.cfg.snat.addr),
             snat_ports: self.cfg.snat.ports.to_string(),
             services: self.table.len(),
-            flows: self.workers.iter().map(|w| w.shared.flows.load(Ordering::Relaxed)).sum(),
+            flows: self
+                .workers
+                .iter()
+                .map(|w| w.shared.flows.load(Ordering::Relaxed))
+                .sum(),
             neighbours: net.neighbour_count(),
             routes: net.routes().len(),
         })
@@ -473,7 +563,10 @@ impl Daemon {
             })
             .collect();
         let xs = self.steering.stats();
-        let xdp: BTreeMap<String, u64> = Stat::ALL.iter().map(|s| (s.name().to_string(), xs[*s as usize])).collect();
+        let xdp: BTreeMap<String, u64> = Stat::ALL
+            .iter()
+            .map(|s| (s.name().to_string(), xs[*s as usize]))
+            .collect();
         Reply::Stats(StatsView { workers, xdp })
     }
 
@@ -492,12 +585,22 @@ impl Daemon {
 impl Handler for Daemon {
     fn handle(&mut self, req: Request) -> ResponseEnvelope {
         match req {
-            Request::ServiceAdd { frontend, backends } => self.apply(Op::AddService { frontend, backends }),
-            Request::ServiceRemove { frontend } => self.apply(Op::RemoveService { frontend }),
-            Request::BackendAdd { frontend, backend } => self.apply(Op::AddBackend { frontend, backend }),
-            Request::BackendRemove { frontend, address, port } => {
-                self.apply(Op::RemoveBackend { frontend, addr: address, port })
+            Request::ServiceAdd { frontend, backends } => {
+                self.apply(Op::AddService { frontend, backends })
             }
+            Request::ServiceRemove { frontend } => self.apply(Op::RemoveService { frontend }),
+            Request::BackendAdd { frontend, backend } => {
+                self.apply(Op::AddBackend { frontend, backend })
+            }
+            Request::BackendRemove {
+                frontend,
+                address,
+                port,
+            } => self.apply(Op::RemoveBackend {
+                frontend,
+                addr: address,
+                port,
+            }),
             Request::ServiceList {} => ResponseEnvelope::ok(self.service_list()),
             Request::Status {} => ResponseEnvelope::ok(self.status()),
             Request::Stats {} => ResponseEnvelope::ok(self.stats()),
@@ -516,7 +619,8 @@ impl Handler for Daemon {
         if now >= self.next_refresh {
             self.refresh_net();
             self.next_refresh = now + REFRESH;
-            self.resolving.retain(|_, t| now.duration_since(*t) < RESOLVE_BACKOFF * 10);
+            self.resolving
+                .retain(|_, t| now.duration_since(*t) < RESOLVE_BACKOFF * 10);
         }
     }
 }

@@ -7,13 +7,16 @@
 //! and starts ARP, the way Cilium triggers resolution); the next dump shows the answer.
 //! Runs on the control thread only; allocation here is fine.
 
-use lb::netview::{IfaceInfo, NetView, Route};
+use lb::netview::{IfaceInfo, NeighbourEntry, NetView, Route};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -53,7 +56,11 @@ impl Netlink {
     }
 
     /// Send one request and collect its replies until DONE (dumps) or the ACK.
-    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags;
@@ -99,33 +106,50 @@ impl Netlink {
 
     /// Index, MAC and primary IPv4 address of `name`.
     pub fn iface(&mut self, name: &str) -> Result<IfaceInfo, NetlinkError> {
-        let links = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_REQUEST | NLM_F_DUMP)?;
+        let links = self.request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_REQUEST | NLM_F_DUMP,
+        )?;
         let link = links
             .into_iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(l),
                 _ => None,
             })
-            .find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)))
+            .find(|l| {
+                l.attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name))
+            })
             .ok_or_else(|| NetlinkError::NoSuchInterface(name.to_string()))?;
         let mac = link
             .attributes
             .iter()
             .find_map(|a| match a {
-                LinkAttribute::Address(m) if m.len() == 6 => Some([m[0], m[1], m[2], m[3], m[4], m[5]]),
+                LinkAttribute::Address(m) if m.len() == 6 => {
+                    Some([m[0], m[1], m[2], m[3], m[4], m[5]])
+                }
                 _ => None,
             })
             .ok_or_else(|| NetlinkError::NoMac(name.to_string()))?;
         let ifindex = link.header.index;
         let addr = self.ipv4_addrs(ifindex)?.into_iter().next();
-        Ok(IfaceInfo { ifindex, name: name.to_string(), mac, addr: addr.map(|a| a.octets()) })
+        Ok(IfaceInfo {
+            ifindex,
+            name: name.to_string(),
+            mac,
+            addr: addr.map(|a| a.octets()),
+        })
     }
 
     /// IPv4 addresses of interface `ifindex`, primary first.
     pub fn ipv4_addrs(&mut self, ifindex: u32) -> Result<Vec<Ipv4Addr>, NetlinkError> {
         let mut m = AddressMessage::default();
         m.header.family = AddressFamily::Inet;
-        let addrs = self.request(RouteNetlinkMessage::GetAddress(m), NLM_F_REQUEST | NLM_F_DUMP)?;
+        let addrs = self.request(
+            RouteNetlinkMessage::GetAddress(m),
+            NLM_F_REQUEST | NLM_F_DUMP,
+        )?;
         Ok(addrs
             .into_iter()
             .filter_map(|m| match m {
@@ -134,7 +158,8 @@ impl Netlink {
             })
             .filter_map(|a| {
                 a.attributes.iter().find_map(|x| match x {
-                    AddressAttribute::Local(IpAddr::V4(v)) | AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                    AddressAttribute::Local(IpAddr::V4(v))
+                    | AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
                     _ => None,
                 })
             })
@@ -148,7 +173,9 @@ impl Netlink {
         let msgs = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_REQUEST | NLM_F_DUMP)?;
         let mut out = Vec::new();
         for msg in msgs {
-            let RouteNetlinkMessage::NewRoute(r) = msg else { continue };
+            let RouteNetlinkMessage::NewRoute(r) = msg else {
+                continue;
+            };
             if r.header.kind != RouteType::Unicast {
                 continue;
             }
@@ -167,29 +194,44 @@ impl Netlink {
                 continue;
             }
             if let Some(ifindex) = oif {
-                out.push(Route { dst, prefix_len: r.header.destination_prefix_length, ifindex, gateway: gw });
+                out.push(Route {
+                    dst,
+                    prefix_len: r.header.destination_prefix_length,
+                    ifindex,
+                    gateway: gw,
+                });
             }
         }
         Ok(out)
     }
 
     /// Resolved IPv4 neighbours: (ifindex, address, MAC).
-    pub fn neighbours(&mut self) -> Result<Vec<(u32, [u8; 4], [u8; 6])>, NetlinkError> {
+    pub fn neighbours(&mut self) -> Result<Vec<NeighbourEntry>, NetlinkError> {
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Inet;
-        let msgs = self.request(RouteNetlinkMessage::GetNeighbour(m), NLM_F_REQUEST | NLM_F_DUMP)?;
+        let msgs = self.request(
+            RouteNetlinkMessage::GetNeighbour(m),
+            NLM_F_REQUEST | NLM_F_DUMP,
+        )?;
         let mut out = Vec::new();
         for msg in msgs {
-            let RouteNetlinkMessage::NewNeighbour(n) = msg else { continue };
+            let RouteNetlinkMessage::NewNeighbour(n) = msg else {
+                continue;
+            };
             // Any state with a valid link-layer address (RFC 4861 §7.3.2 states; STALE
             // is still correct to send to: the kernel re-verifies it on its own use).
-            if matches!(n.header.state, NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None) {
+            if matches!(
+                n.header.state,
+                NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+            ) {
                 continue;
             }
             let (mut ip, mut mac) = (None, None);
             for a in &n.attributes {
                 match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(v.octets()),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
+                        ip = Some(v.octets())
+                    }
                     NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                         mac = Some([l[0], l[1], l[2], l[3], l[4], l[5]])
                     }
@@ -211,7 +253,10 @@ impl Netlink {
         m.header.ifindex = ifindex;
         m.header.state = NeighbourState::None;
         m.header.flags = NeighbourFlags::Use;
-        m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(Ipv4Addr::from(addr))));
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                Ipv4Addr::from(addr),
+            )));
         self.request(
             RouteNetlinkMessage::NewNeighbour(m),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
@@ -221,7 +266,10 @@ impl Netlink {
 
     /// The whole view for the served interfaces `ifaces`.
     pub fn dump(&mut self, ifaces: &[String]) -> Result<NetView, NetlinkError> {
-        let infos = ifaces.iter().map(|n| self.iface(n)).collect::<Result<Vec<_>, _>>()?;
+        let infos = ifaces
+            .iter()
+            .map(|n| self.iface(n))
+            .collect::<Result<Vec<_>, _>>()?;
         let routes = self.routes()?;
         let neigh = self.neighbours()?;
         Ok(NetView::new(infos, routes, neigh))

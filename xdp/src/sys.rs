@@ -16,7 +16,9 @@
 use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
-use xsk_rs::config::{BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig, UmemConfig, XdpFlags};
+use xsk_rs::config::{
+    BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig, UmemConfig, XdpFlags,
+};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 // SAFETY: `Endpoint` and `SnatRange` are `#[repr(C)]`, contain only integer fields with
@@ -30,7 +32,10 @@ unsafe impl aya::Pod for crate::abi::SnatRange {}
 /// BPF maps to it; UMEMs count against it unless the process has CAP_IPC_LOCK). Callers
 /// treat failure as a warning: with CAP_IPC_LOCK on a 5.11+ kernel the limit is moot.
 pub fn raise_memlock_limit() -> io::Result<()> {
-    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads a valid, initialised rlimit struct we own for the call.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
     if rc != 0 {
@@ -50,7 +55,11 @@ pub struct IoConfig {
 
 impl Default for IoConfig {
     fn default() -> Self {
-        IoConfig { frame_size: 2048, ring_size: 2048, batch: 64 }
+        IoConfig {
+            frame_size: 2048,
+            ring_size: 2048,
+            batch: 64,
+        }
     }
 }
 
@@ -59,9 +68,16 @@ pub enum IoError {
     #[error("bad AF_XDP configuration: {0}")]
     Config(String),
     #[error("creating the UMEM for queue {queue}: {source}")]
-    Umem { queue: u32, source: xsk_rs::umem::UmemCreateError },
+    Umem {
+        queue: u32,
+        source: xsk_rs::umem::UmemCreateError,
+    },
     #[error("creating the AF_XDP socket on {iface} queue {queue}: {source}")]
-    Socket { iface: String, queue: u32, source: xsk_rs::socket::SocketCreateError },
+    Socket {
+        iface: String,
+        queue: u32,
+        source: xsk_rs::socket::SocketCreateError,
+    },
     #[error("interface name {0:?} is invalid")]
     Iface(String),
     #[error("the kernel returned no fill/completion rings for {iface} queue {queue}")]
@@ -105,7 +121,10 @@ pub const MAX_HELD: usize = 256;
 
 impl std::fmt::Debug for WorkerIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerIo").field("ports", &self.ports.len()).field("free", &self.free.len()).finish()
+        f.debug_struct("WorkerIo")
+            .field("ports", &self.ports.len())
+            .field("free", &self.free.len())
+            .finish()
     }
 }
 
@@ -130,8 +149,10 @@ impl WorkerIo {
         // Per port: a full fill ring, a full TX ring and a full pending list may all hold
         // frames at once; one batch more on top.
         let frames = ifaces.len() as u32 * cfg.ring_size * 3 + cfg.batch as u32 * 2;
-        let frames = NonZeroU32::new(frames).ok_or_else(|| IoError::Config("no interfaces".into()))?;
-        let (umem, descs) = Umem::new(umem_cfg, frames, false).map_err(|source| IoError::Umem { queue, source })?;
+        let frames =
+            NonZeroU32::new(frames).ok_or_else(|| IoError::Config("no interfaces".into()))?;
+        let (umem, descs) =
+            Umem::new(umem_cfg, frames, false).map_err(|source| IoError::Umem { queue, source })?;
         let sock_cfg = SocketConfig::builder()
             .rx_queue_size(ring)
             .tx_queue_size(ring)
@@ -144,9 +165,18 @@ impl WorkerIo {
             let iface = name.parse().map_err(|_| IoError::Iface(name.clone()))?;
             // SAFETY: xsk-rs requires INHIBIT_PROG_LOAD when sharing a UMEM on an already
             // bound (iface, queue) pair; we set it, and each (iface, queue) is bound once.
-            let (tx, rx, fq_cq) = unsafe { Socket::new(sock_cfg, &umem, &iface, queue) }
-                .map_err(|source| IoError::Socket { iface: name.clone(), queue, source })?;
-            let (fq, cq) = fq_cq.ok_or_else(|| IoError::NoRings { iface: name.clone(), queue })?;
+            let (tx, rx, fq_cq) =
+                unsafe { Socket::new(sock_cfg, &umem, &iface, queue) }.map_err(|source| {
+                    IoError::Socket {
+                        iface: name.clone(),
+                        queue,
+                        source,
+                    }
+                })?;
+            let (fq, cq) = fq_cq.ok_or_else(|| IoError::NoRings {
+                iface: name.clone(),
+                queue,
+            })?;
             ports.push(Port {
                 tx,
                 rx,
@@ -168,7 +198,8 @@ impl WorkerIo {
             scratch: Vec::with_capacity(cfg.ring_size as usize),
             cfg,
         };
-        io.scratch.resize(cfg.ring_size as usize, FrameDesc::default());
+        io.scratch
+            .resize(cfg.ring_size as usize, FrameDesc::default());
         io.refill();
         Ok(io)
     }
@@ -197,7 +228,8 @@ impl WorkerIo {
             }
         }
         for p in &mut self.ports {
-            let want = (self.cfg.ring_size - p.in_fill).min(p.fq.nb_free(self.cfg.ring_size)) as usize;
+            let want =
+                (self.cfg.ring_size - p.in_fill).min(p.fq.nb_free(self.cfg.ring_size)) as usize;
             let n = want.min(self.free.len());
             if n == 0 {
                 continue;
@@ -216,20 +248,36 @@ impl WorkerIo {
 
     /// Take up to `cfg.batch` received frames from port `port` into the batch.
     pub fn receive(&mut self, port: usize) -> usize {
-        let Some(p) = self.ports.get_mut(port) else { return 0 };
+        let Some(p) = self.ports.get_mut(port) else {
+            return 0;
+        };
         let max = self.cfg.batch;
         let n = p.rx.nb_avail(max as u32) as usize;
         if n == 0 {
             return 0;
         }
         let base = self.batch.len();
-        self.batch.resize(base + n, Slot { desc: FrameDesc::default(), done: false });
-        self.scratch[..n].iter_mut().for_each(|d| *d = FrameDesc::default());
+        self.batch.resize(
+            base + n,
+            Slot {
+                desc: FrameDesc::default(),
+                done: false,
+            },
+        );
+        self.scratch[..n]
+            .iter_mut()
+            .for_each(|d| *d = FrameDesc::default());
         // SAFETY: consume fills `scratch` with descriptors of frames the kernel has
         // written and released to us (ownership rule: RX ring → batch).
         let got = unsafe { p.rx.consume(&mut self.scratch[..n]) };
-        for (slot, d) in self.batch[base..base + got].iter_mut().zip(&self.scratch[..got]) {
-            *slot = Slot { desc: *d, done: false };
+        for (slot, d) in self.batch[base..base + got]
+            .iter_mut()
+            .zip(&self.scratch[..got])
+        {
+            *slot = Slot {
+                desc: *d,
+                done: false,
+            };
         }
         self.batch.truncate(base + got);
         p.in_fill -= got as u32;
@@ -242,7 +290,9 @@ impl WorkerIo {
         if bytes.len() > self.cfg.frame_size as usize - 256 {
             return false;
         }
-        let Some(mut desc) = self.free.pop() else { return false };
+        let Some(mut desc) = self.free.pop() else {
+            return false;
+        };
         // SAFETY: `desc` came from `free`, so no ring and no other slot refers to it.
         let mut data = unsafe { self.umem.data_mut(&mut desc) };
         let mut cur = data.cursor();
@@ -261,7 +311,9 @@ impl WorkerIo {
 
     /// The bytes of batch frame `i` (empty if `i` is out of range).
     pub fn frame(&mut self, i: usize) -> &mut [u8] {
-        let Some(slot) = self.batch.get_mut(i) else { return &mut [] };
+        let Some(slot) = self.batch.get_mut(i) else {
+            return &mut [];
+        };
         // SAFETY: descriptors in `batch` are owned by userspace (ownership rule), and the
         // returned borrow ties up `self`, so the frame cannot be queued while borrowed.
         let mut data = unsafe { self.umem.data_mut(&mut slot.desc) };
@@ -276,7 +328,9 @@ impl WorkerIo {
     /// Queue batch frame `i` for transmission on `port`. False (and the frame is freed)
     /// if the port's TX backlog is full.
     pub fn send(&mut self, i: usize, port: usize) -> bool {
-        let Some(slot) = self.batch.get_mut(i) else { return false };
+        let Some(slot) = self.batch.get_mut(i) else {
+            return false;
+        };
         if slot.done {
             return false;
         }
@@ -307,7 +361,9 @@ impl WorkerIo {
     /// Keep batch frame `i` until [`WorkerIo::requeue_held`] or its `deadline` (ns).
     /// False (and the frame is freed) if the hold list is full.
     pub fn hold(&mut self, i: usize, deadline: u64) -> bool {
-        let Some(slot) = self.batch.get_mut(i) else { return false };
+        let Some(slot) = self.batch.get_mut(i) else {
+            return false;
+        };
         if slot.done {
             return false;
         }
@@ -402,6 +458,11 @@ impl WorkerIo {
     /// fill_ring_empty, tx_invalid).
     pub fn kernel_stats(&self, port: usize) -> Option<[u64; 4]> {
         let s = self.ports.get(port)?.rx.fd().xdp_statistics().ok()?;
-        Some([s.rx_dropped(), s.rx_ring_full(), s.rx_fill_ring_empty_descs(), s.tx_invalid_descs()])
+        Some([
+            s.rx_dropped(),
+            s.rx_ring_full(),
+            s.rx_fill_ring_empty_descs(),
+            s.tx_invalid_descs(),
+        ])
     }
 }

@@ -89,7 +89,10 @@ pub struct WorkerSpec {
 
 impl std::fmt::Debug for WorkerSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerSpec").field("id", &self.id).field("queue", &self.queue).finish()
+        f.debug_struct("WorkerSpec")
+            .field("id", &self.id)
+            .field("queue", &self.queue)
+            .finish()
     }
 }
 
@@ -116,7 +119,11 @@ pub fn shared_state() -> std::io::Result<(Poll, Arc<WorkerShared>)> {
 pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     if let Some(core) = spec.core {
         if !core_affinity::set_for_current(core) {
-            tracing::warn!(worker = spec.id, core = core.id, "could not pin worker to its core");
+            tracing::warn!(
+                worker = spec.id,
+                core = core.id,
+                "could not pin worker to its core"
+            );
         }
     }
     let mut io = match WorkerIo::new(&spec.ifaces, spec.queue, spec.io) {
@@ -128,7 +135,11 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     };
     let fds = io.fds();
     for (i, fd) in fds.iter().enumerate() {
-        if let Err(e) = spec.poll.registry().register(&mut SourceFd(fd), Token(i), Interest::READABLE) {
+        if let Err(e) =
+            spec.poll
+                .registry()
+                .register(&mut SourceFd(fd), Token(i), Interest::READABLE)
+        {
             let _ = ready.send(Err(format!("registering socket {i} with poll: {e}")));
             return;
         }
@@ -178,7 +189,11 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                 Verdict::ToWorker(w) => {
                     let w = usize::from(w);
                     let frame = io.frame(i);
-                    let pushed = spec.out.get_mut(w).and_then(Option::as_mut).is_some_and(|p| push_frame(p, frame));
+                    let pushed = spec
+                        .out
+                        .get_mut(w)
+                        .and_then(Option::as_mut)
+                        .is_some_and(|p| push_frame(p, frame));
                     if pushed {
                         wake_peer[w] = true;
                     } else {
@@ -214,7 +229,8 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                 me.parked.store(true, Ordering::Release);
                 // Re-check after announcing the park: a peer that pushed before seeing the
                 // flag set must not be missed.
-                let pending = spec.inbound.iter().any(|r| r.occupied_len() > 0) || !spec.snapshots.is_empty();
+                let pending =
+                    spec.inbound.iter().any(|r| r.occupied_len() > 0) || !spec.snapshots.is_empty();
                 if !pending {
                     let _ = spec.poll.poll(&mut events, Some(PARK));
                 }
@@ -230,7 +246,8 @@ fn publish(me: &WorkerShared, engine: &Engine) {
     for (slot, v) in me.counters.iter().zip(engine.counters.to_array()) {
         slot.store(v, Ordering::Relaxed);
     }
-    me.flows.store(engine.flows().len() as u64, Ordering::Relaxed);
+    me.flows
+        .store(engine.flows().len() as u64, Ordering::Relaxed);
 }
 
 /// Length-prefixed copy into a peer's ring; false if it does not fit.
@@ -244,7 +261,12 @@ fn push_frame(p: &mut HeapProd<u8>, frame: &[u8]) -> bool {
 }
 
 /// Move whole frames from a ring into free UMEM frames of this worker's batch.
-fn drain_ring(ring: &mut HeapCons<u8>, io: &mut WorkerIo, c: &mut Counters, buf: &mut [u8; MAX_FRAME]) -> usize {
+fn drain_ring(
+    ring: &mut HeapCons<u8>,
+    io: &mut WorkerIo,
+    c: &mut Counters,
+    buf: &mut [u8; MAX_FRAME],
+) -> usize {
     let mut n = 0;
     while n < 64 && ring.occupied_len() >= 2 {
         let mut len = [0u8; 2];

@@ -16,7 +16,8 @@ fn loaded() -> Steering {
     let mut s = Steering::load().expect("the program loads and verifies");
     let cfg = fixtures::config();
     let state = SteeringState::new(&fixtures::table(), fixtures::SNAT, cfg.snat.ports);
-    s.add_new(&state).expect("maps accept the fixture configuration");
+    s.add_new(&state)
+        .expect("maps accept the fixture configuration");
     s
 }
 
@@ -30,7 +31,11 @@ fn fixture_table_through_prog_test_run() {
         if fx.frame.len() < ETH_HLEN {
             // The kernel never runs XDP on less than an Ethernet header (test_run says
             // EINVAL; a device cannot deliver one).
-            assert!(s.test_run(&fx.frame).is_err(), "{}: refused by the kernel", fx.name);
+            assert!(
+                s.test_run(&fx.frame).is_err(),
+                "{}: refused by the kernel",
+                fx.name
+            );
             continue;
         }
         let before = s.stats();
@@ -64,7 +69,10 @@ fn reasons_are_counted() {
     }
     let mut s = loaded();
     let before = s.stats();
-    let runnable: Vec<_> = fixtures::fixtures().into_iter().filter(|f| f.frame.len() >= ETH_HLEN).collect();
+    let runnable: Vec<_> = fixtures::fixtures()
+        .into_iter()
+        .filter(|f| f.frame.len() >= ETH_HLEN)
+        .collect();
     for fx in &runnable {
         s.test_run(&fx.frame).expect("test run");
     }
@@ -77,8 +85,13 @@ fn reasons_are_counted() {
     assert_eq!(d(Stat::NotIpv4), 2);
     assert_eq!(d(Stat::Malformed), 3);
     // Every frame ends in exactly one final class.
-    let classes = d(Stat::Frontend) + d(Stat::Reply) + d(Stat::Pass) + d(Stat::NotIpv4)
-        + d(Stat::Malformed) + d(Stat::Ttl) + d(Stat::Fragment);
+    let classes = d(Stat::Frontend)
+        + d(Stat::Reply)
+        + d(Stat::Pass)
+        + d(Stat::NotIpv4)
+        + d(Stat::Malformed)
+        + d(Stat::Ttl)
+        + d(Stat::Fragment);
     assert_eq!(classes, n);
 }
 
@@ -92,9 +105,17 @@ fn removing_a_service_stops_steering_it() {
     let before = s.stats()[Stat::Frontend as usize];
     s.test_run(&syn.frame).expect("run");
     assert_eq!(s.stats()[Stat::Frontend as usize], before + 1);
-    let empty = SteeringState::new(&Default::default(), fixtures::SNAT, fixtures::config().snat.ports);
+    let empty = SteeringState::new(
+        &Default::default(),
+        fixtures::SNAT,
+        fixtures::config().snat.ports,
+    );
     s.remove_stale(&empty).expect("remove");
     s.add_new(&empty).expect("add");
     s.test_run(&syn.frame).expect("run");
-    assert_eq!(s.stats()[Stat::Frontend as usize], before + 1, "no longer steered");
+    assert_eq!(
+        s.stats()[Stat::Frontend as usize],
+        before + 1,
+        "no longer steered"
+    );
 }

@@ -8,7 +8,17 @@ use common::topo::{tally, Topo, VIP};
 const SVC: &str = "10.96.0.10:80/tcp";
 
 fn three_backends(t: &Topo) {
-    t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080", "-b", "10.1.0.12:8080", "-b", "10.1.0.13:8080"]);
+    t.lbctl(&[
+        "service",
+        "add",
+        SVC,
+        "-b",
+        "10.1.0.11:8080",
+        "-b",
+        "10.1.0.12:8080",
+        "-b",
+        "10.1.0.13:8080",
+    ]);
 }
 
 #[test]
@@ -22,14 +32,23 @@ fn http_requests_spread_over_all_backends() {
     let n = 300;
     let bodies = t.curl_many(n);
     let counts = tally(&bodies);
-    assert_eq!(bodies.len(), n as usize, "every request answered: {counts:?}\n{}", t.lbd_log());
+    assert_eq!(
+        bodies.len(),
+        n as usize,
+        "every request answered: {counts:?}\n{}",
+        t.lbd_log()
+    );
     // Maglev over random client ports: each of 3 backends gets 1/3 ± binomial noise
     // (σ ≈ 8 at n = 300); 20 %..47 % is > 3σ either side.
     for b in ["backend b1", "backend b2", "backend b3"] {
         let c = counts.get(b).copied().unwrap_or(0);
         assert!((60..=140).contains(&c), "{b}: {c} of {n} ({counts:?})");
     }
-    assert_eq!(counts.len(), 3, "only the three backends answer: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        3,
+        "only the three backends answer: {counts:?}"
+    );
     assert!(t.worker_sum("flows_created") >= u64::from(n));
     assert_eq!(t.worker_drop("malformed"), 0);
 }
@@ -41,7 +60,17 @@ fn udp_through_the_vip_with_checksums_validated_by_the_receiver() {
     }
     let mut t = Topo::up("udp", 2, 3);
     t.start_lbd(&[]);
-    t.lbctl(&["service", "add", "10.96.0.10:53/udp", "-b", "10.1.0.11:5353", "-b", "10.1.0.12:5353", "-b", "10.1.0.13:5353"]);
+    t.lbctl(&[
+        "service",
+        "add",
+        "10.96.0.10:53/udp",
+        "-b",
+        "10.1.0.11:5353",
+        "-b",
+        "10.1.0.12:5353",
+        "-b",
+        "10.1.0.13:5353",
+    ]);
     // 200 sockets (200 flows), payloads of varying length and content; the backend's
     // kernel drops a datagram with a wrong checksum, and so does the client's for the
     // reply, so every answer received proves both translations' checksums.
@@ -72,7 +101,17 @@ fn long_lived_connection_survives_changes_to_other_backends() {
     }
     let mut t = Topo::up("lng", 2, 4);
     t.start_lbd(&[]);
-    t.lbctl(&["service", "add", "10.96.0.10:9000/tcp", "-b", "10.1.0.11:9000", "-b", "10.1.0.12:9000", "-b", "10.1.0.13:9000"]);
+    t.lbctl(&[
+        "service",
+        "add",
+        "10.96.0.10:9000/tcp",
+        "-b",
+        "10.1.0.11:9000",
+        "-b",
+        "10.1.0.12:9000",
+        "-b",
+        "10.1.0.13:9000",
+    ]);
     // The client holds one connection, reports its backend, then waits for the test to
     // change the service (a file appears), then must get answers from the same backend.
     let flag = std::env::temp_dir().join(format!("{}-go", t.prefix));
@@ -109,7 +148,10 @@ print("ok", flush=True)
     // Add a fourth backend (Maglev moves ~1/4 of the table) and remove one that is not
     // ours: the established flow must not move.
     t.lbctl(&["backend", "add", "10.96.0.10:9000/tcp", "10.1.0.14:9000"]);
-    let other = ["b1", "b2", "b3"].into_iter().find(|b| *b != first).expect("another backend");
+    let other = ["b1", "b2", "b3"]
+        .into_iter()
+        .find(|b| *b != first)
+        .expect("another backend");
     let other_addr = format!("10.1.0.1{}:9000", &other[1..]);
     t.lbctl(&["backend", "remove", "10.96.0.10:9000/tcp", &other_addr]);
     std::fs::write(&flag, b"go").expect("flag");
@@ -117,7 +159,11 @@ print("ok", flush=True)
     std::io::Read::read_to_string(&mut out, &mut rest).expect("rest");
     let st = child.wait().expect("wait");
     let _ = std::fs::remove_file(&flag);
-    assert!(st.success() && rest.trim() == "ok", "connection broke: {rest:?}\n{}", t.lbd_log());
+    assert!(
+        st.success() && rest.trim() == "ok",
+        "connection broke: {rest:?}\n{}",
+        t.lbd_log()
+    );
 }
 
 #[test]
@@ -129,14 +175,20 @@ fn removed_backend_gets_no_new_flows() {
     t.start_lbd(&[]);
     three_backends(&t);
     let before = tally(&t.curl_many(60));
-    assert!(before.contains_key("backend b2"), "b2 served before removal: {before:?}");
+    assert!(
+        before.contains_key("backend b2"),
+        "b2 served before removal: {before:?}"
+    );
     t.lbctl(&["backend", "remove", SVC, "10.1.0.12:8080"]);
     let list = t.lbctl(&["service", "list"]);
     assert!(!list.contains("10.1.0.12"), "{list}");
     let bodies = t.curl_many(150);
     let after = tally(&bodies);
     assert_eq!(bodies.len(), 150, "{after:?}");
-    assert!(!after.contains_key("backend b2"), "removed backend got flows: {after:?}");
+    assert!(
+        !after.contains_key("backend b2"),
+        "removed backend got flows: {after:?}"
+    );
     assert_eq!(after.len(), 2, "{after:?}");
 }
 
@@ -144,14 +196,20 @@ fn replies_find_their_flows_on(queues: u32) {
     let mut t = Topo::up(&format!("q{queues}"), queues, 3);
     t.start_lbd(&[]);
     let status = t.lbctl_json(&["status"]);
-    assert_eq!(status["workers"].as_array().map(Vec::len), Some(queues as usize));
+    assert_eq!(
+        status["workers"].as_array().map(Vec::len),
+        Some(queues as usize)
+    );
     three_backends(&t);
     let bodies = t.curl_many(200);
     assert_eq!(bodies.len(), 200, "{:?}\n{}", tally(&bodies), t.lbd_log());
     // Replies hash to any of the queues; those not on their flow's worker are handed
     // over, and every request was still answered.
     let handed = t.worker_sum("handoff_in");
-    assert!(handed > 0, "no reply landed on another queue with {queues} queues");
+    assert!(
+        handed > 0,
+        "no reply landed on another queue with {queues} queues"
+    );
     assert_eq!(t.worker_sum("handoff_out"), handed);
     assert_eq!(t.worker_drop("handoff_ring_full"), 0);
 }
@@ -182,11 +240,18 @@ fn lb_node_still_answers_ping_and_arp_with_xdp_attached() {
     t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080"]);
     for (ns, addr) in [("client", "10.0.0.1"), ("b1", "10.1.0.1")] {
         let _ = t.cmd(ns, "ip").args(["neigh", "flush", "all"]).status();
-        let o = t.cmd(ns, "ping").args(["-c", "3", "-i", "0.2", "-W", "2", addr]).output().expect("ping");
+        let o = t
+            .cmd(ns, "ping")
+            .args(["-c", "3", "-i", "0.2", "-W", "2", addr])
+            .output()
+            .expect("ping");
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(out.contains("3 received"), "ping {addr} from {ns}: {out}");
     }
-    assert!(t.xdp_stat("not_ipv4_passed") > 0, "ARP went through the program to the kernel");
+    assert!(
+        t.xdp_stat("not_ipv4_passed") > 0,
+        "ARP went through the program to the kernel"
+    );
 }
 
 #[test]
@@ -197,9 +262,22 @@ fn malformed_frames_get_a_verdict_and_a_counter() {
     let mut t = Topo::up("mal", 2, 1);
     t.start_lbd(&[]);
     t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080"]);
-    t.lbctl(&["service", "add", "10.96.0.10:53/udp", "-b", "10.1.0.11:5353"]);
-    let ping = t.cmd("client", "ping").args(["-c", "1", "-W", "2", "10.0.0.1"]).output().expect("ping");
-    assert!(ping.status.success(), "the client resolves the LB's MAC first");
+    t.lbctl(&[
+        "service",
+        "add",
+        "10.96.0.10:53/udp",
+        "-b",
+        "10.1.0.11:5353",
+    ]);
+    let ping = t
+        .cmd("client", "ping")
+        .args(["-c", "1", "-W", "2", "10.0.0.1"])
+        .output()
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "the client resolves the LB's MAC first"
+    );
     // Raw frames from the client: fragments to the VIP, a truncated TCP header, a TCP
     // header with data offset < 5, IHL < 5, and a UDP datagram with IP options (which is
     // valid and must be translated: the backend answers it).
@@ -248,10 +326,21 @@ data, peer = u.recvfrom(2048)
 print(data.decode())
 "#
     ));
-    assert_eq!(out.trim(), "b1:with-options", "options frame translated and answered");
+    assert_eq!(
+        out.trim(),
+        "b1:with-options",
+        "options frame translated and answered"
+    );
     assert!(t.lbd_alive(), "lbd survived: {}", t.lbd_log());
-    assert_eq!(t.xdp_stat("fragment_dropped"), 10, "both fragments × 5 counted");
-    assert!(t.xdp_stat("malformed_passed") >= 15, "three malformed kinds × 5 left to the kernel");
+    assert_eq!(
+        t.xdp_stat("fragment_dropped"),
+        10,
+        "both fragments × 5 counted"
+    );
+    assert!(
+        t.xdp_stat("malformed_passed") >= 15,
+        "three malformed kinds × 5 left to the kernel"
+    );
     // And the service still works.
     let bodies = t.curl_many(10);
     assert_eq!(bodies.len(), 10);

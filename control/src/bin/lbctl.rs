@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "lbctl", version, about = "Control xlb's lbd: services, backends, status, stats")]
+#[command(
+    name = "lbctl",
+    version,
+    about = "Control xlb's lbd: services, backends, status, stats"
+)]
 struct Cli {
     /// lbd's control socket.
     #[arg(long, global = true, env = "LBCTL_SOCKET", default_value = control::DEFAULT_SOCKET)]
@@ -86,20 +90,38 @@ enum BackendCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (req, format) = match cli.cmd {
-        Cmd::Service { cmd: ServiceCmd::Add { frontend, backends } } => {
-            (Request::ServiceAdd { frontend, backends }, Format::Table)
-        }
-        Cmd::Service { cmd: ServiceCmd::Remove { frontend } } => (Request::ServiceRemove { frontend }, Format::Table),
-        Cmd::Service { cmd: ServiceCmd::List { output } } => (Request::ServiceList {}, output),
-        Cmd::Backend { cmd: BackendCmd::Add { frontend, mut backend, weight } } => {
+        Cmd::Service {
+            cmd: ServiceCmd::Add { frontend, backends },
+        } => (Request::ServiceAdd { frontend, backends }, Format::Table),
+        Cmd::Service {
+            cmd: ServiceCmd::Remove { frontend },
+        } => (Request::ServiceRemove { frontend }, Format::Table),
+        Cmd::Service {
+            cmd: ServiceCmd::List { output },
+        } => (Request::ServiceList {}, output),
+        Cmd::Backend {
+            cmd:
+                BackendCmd::Add {
+                    frontend,
+                    mut backend,
+                    weight,
+                },
+        } => {
             if let Some(w) = weight {
                 backend.weight = w;
             }
             (Request::BackendAdd { frontend, backend }, Format::Table)
         }
-        Cmd::Backend { cmd: BackendCmd::Remove { frontend, backend } } => {
-            (Request::BackendRemove { frontend, address: backend.addr, port: backend.port }, Format::Table)
-        }
+        Cmd::Backend {
+            cmd: BackendCmd::Remove { frontend, backend },
+        } => (
+            Request::BackendRemove {
+                frontend,
+                address: backend.addr,
+                port: backend.port,
+            },
+            Format::Table,
+        ),
         Cmd::Status { output } => (Request::Status {}, output),
         Cmd::Stats { output } => (Request::Stats {}, output),
     };
@@ -147,13 +169,23 @@ fn print_services(services: &[ServiceView]) {
         println!("no services");
         return;
     }
-    println!("{:<4} {:<22} {:<5} {:<22} {:>6} {:<8} {:>7}", "ID", "FRONTEND", "MODE", "BACKEND", "WEIGHT", "STATE", "SHARE");
+    println!(
+        "{:<4} {:<22} {:<5} {:<22} {:>6} {:<8} {:>7}",
+        "ID", "FRONTEND", "MODE", "BACKEND", "WEIGHT", "STATE", "SHARE"
+    );
     for s in services {
         if s.backends.is_empty() {
-            println!("{:<4} {:<22} {:<5} {:<22}", s.id, s.frontend, s.mode, "(none)");
+            println!(
+                "{:<4} {:<22} {:<5} {:<22}",
+                s.id, s.frontend, s.mode, "(none)"
+            );
         }
         for (i, b) in s.backends.iter().enumerate() {
-            let (id, fe, mode) = if i == 0 { (s.id.to_string(), s.frontend.as_str(), s.mode.as_str()) } else { (String::new(), "", "") };
+            let (id, fe, mode) = if i == 0 {
+                (s.id.to_string(), s.frontend.as_str(), s.mode.as_str())
+            } else {
+                (String::new(), "", "")
+            };
             println!(
                 "{:<4} {:<22} {:<5} {:<22} {:>6} {:<8} {:>6.1}%",
                 id,
@@ -171,16 +203,28 @@ fn print_services(services: &[ServiceView]) {
 fn print_status(s: &StatusView) {
     println!("xlb {}", s.version);
     for i in &s.interfaces {
-        println!("Interface:   {} (ifindex {}, {}), XDP {}", i.name, i.ifindex, i.mac, i.xdp_mode);
+        println!(
+            "Interface:   {} (ifindex {}, {}), XDP {}",
+            i.name, i.ifindex, i.mac, i.xdp_mode
+        );
     }
     println!("SNAT:        {} ports {}", s.snat_address, s.snat_ports);
     println!("Services:    {}", s.services);
     println!("Flows:       {}", s.flows);
-    println!("Kernel view: {} routes, {} neighbours", s.routes, s.neighbours);
-    println!("{:<7} {:<6} {:<5} {:<12} {:>8} {:>10}", "WORKER", "QUEUE", "CORE", "SNAT PORTS", "FLOWS", "CAPACITY");
+    println!(
+        "Kernel view: {} routes, {} neighbours",
+        s.routes, s.neighbours
+    );
+    println!(
+        "{:<7} {:<6} {:<5} {:<12} {:>8} {:>10}",
+        "WORKER", "QUEUE", "CORE", "SNAT PORTS", "FLOWS", "CAPACITY"
+    );
     for w in &s.workers {
         let core = w.core.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
-        println!("{:<7} {:<6} {:<5} {:<12} {:>8} {:>10}", w.id, w.queue, core, w.snat_ports, w.flows, w.flow_capacity);
+        println!(
+            "{:<7} {:<6} {:<5} {:<12} {:>8} {:>10}",
+            w.id, w.queue, core, w.snat_ports, w.flows, w.flow_capacity
+        );
     }
 }
 

@@ -81,7 +81,9 @@ impl FrameSpec {
             PROTO_TCP => {
                 h.extend_from_slice(&self.sport.to_be_bytes());
                 h.extend_from_slice(&self.dport.to_be_bytes());
-                h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, self.flags, 0xff, 0xff, 0, 0, 0, 0]);
+                h.extend_from_slice(&[
+                    0, 0, 0, 1, 0, 0, 0, 0, 0x50, self.flags, 0xff, 0xff, 0, 0, 0, 0,
+                ]);
             }
             PROTO_UDP => {
                 h.extend_from_slice(&self.sport.to_be_bytes());
@@ -103,7 +105,11 @@ impl FrameSpec {
             _ => 2,
         };
         if self.proto == PROTO_TCP || self.proto == PROTO_UDP || self.proto == PROTO_ICMP {
-            let c = if self.proto == PROTO_UDP && c == 0 { 0xffff } else { c };
+            let c = if self.proto == PROTO_UDP && c == 0 {
+                0xffff
+            } else {
+                c
+            };
             h[at..at + 2].copy_from_slice(&c.to_be_bytes());
         }
         h
@@ -113,16 +119,25 @@ impl FrameSpec {
 /// Verify every checksum in an Ethernet/IPv4/TCP|UDP frame from scratch.
 /// Returns `(ip_ok, l4_ok)`.
 pub fn verify(frame: &[u8]) -> (bool, bool) {
-    let l3 = if frame.get(12..14) == Some(&[0x81, 0x00]) { 18 } else { 14 };
-    let Some(ip) = frame.get(l3..) else { return (false, false) };
-    let Ok(p) = super::Ipv4Packet::new_checked(ip) else { return (false, false) };
+    let l3 = if frame.get(12..14) == Some(&[0x81, 0x00]) {
+        18
+    } else {
+        14
+    };
+    let Some(ip) = frame.get(l3..) else {
+        return (false, false);
+    };
+    let Ok(p) = super::Ipv4Packet::new_checked(ip) else {
+        return (false, false);
+    };
     let hl = p.header_len();
     let ip_ok = fold(sum(&ip[..hl])) == 0xffff;
     let seg = p.payload();
     let l4_ok = match p.protocol() {
         PROTO_UDP if seg.get(6..8) == Some(&[0, 0]) => true,
         PROTO_TCP | PROTO_UDP => {
-            fold(pseudo_header_sum(p.src(), p.dst(), p.protocol(), seg.len() as u16) + sum(seg)) == 0xffff
+            fold(pseudo_header_sum(p.src(), p.dst(), p.protocol(), seg.len() as u16) + sum(seg))
+                == 0xffff
         }
         _ => fold(sum(seg)) == 0xffff,
     };

@@ -91,7 +91,10 @@ pub const TTL_DECREMENT: Delta = Delta(!0x0100);
 
 /// Split an address into its two 16-bit words.
 pub fn addr_words(a: [u8; 4]) -> [u16; 2] {
-    [u16::from_be_bytes([a[0], a[1]]), u16::from_be_bytes([a[2], a[3]])]
+    [
+        u16::from_be_bytes([a[0], a[1]]),
+        u16::from_be_bytes([a[2], a[3]]),
+    ]
 }
 
 #[cfg(test)]

@@ -183,29 +183,48 @@ mod tests {
     fn rejects_bad_headers() {
         let h = header();
         for n in 0..20 {
-            assert_eq!(Ipv4Packet::new_checked(&h[..n]).err(), Some(WireError::Truncated));
+            assert_eq!(
+                Ipv4Packet::new_checked(&h[..n]).err(),
+                Some(WireError::Truncated)
+            );
         }
         let mut v6 = h.clone();
         v6[0] = 0x65;
-        assert_eq!(Ipv4Packet::new_checked(&v6[..]).err(), Some(WireError::Malformed));
+        assert_eq!(
+            Ipv4Packet::new_checked(&v6[..]).err(),
+            Some(WireError::Malformed)
+        );
         let mut short_ihl = h.clone();
         short_ihl[0] = 0x44;
-        assert_eq!(Ipv4Packet::new_checked(&short_ihl[..]).err(), Some(WireError::Malformed));
+        assert_eq!(
+            Ipv4Packet::new_checked(&short_ihl[..]).err(),
+            Some(WireError::Malformed)
+        );
         let mut long_total = h.clone();
         long_total[3] = 200;
-        assert_eq!(Ipv4Packet::new_checked(&long_total[..]).err(), Some(WireError::Truncated));
+        assert_eq!(
+            Ipv4Packet::new_checked(&long_total[..]).err(),
+            Some(WireError::Truncated)
+        );
         let mut small_total = h;
         small_total[3] = 10;
-        assert_eq!(Ipv4Packet::new_checked(&small_total[..]).err(), Some(WireError::Malformed));
+        assert_eq!(
+            Ipv4Packet::new_checked(&small_total[..]).err(),
+            Some(WireError::Malformed)
+        );
     }
 
     #[test]
     fn fragments_are_recognised() {
         let mut h = header();
         h[6] = 0x20; // MF
-        assert!(Ipv4Packet::new_checked(&h[..]).expect("valid").is_fragment());
+        assert!(Ipv4Packet::new_checked(&h[..])
+            .expect("valid")
+            .is_fragment());
         h[6] = 0x00;
         h[7] = 0x10; // offset 16
-        assert!(Ipv4Packet::new_checked(&h[..]).expect("valid").is_fragment());
+        assert!(Ipv4Packet::new_checked(&h[..])
+            .expect("valid")
+            .is_fragment());
     }
 }

@@ -41,6 +41,10 @@ impl TcpFlags {
     pub fn rst(self) -> bool {
         self.0 & Self::RST != 0
     }
+    /// A connection-opening SYN (no ACK): the only segment that may create a flow.
+    pub fn is_opening_syn(self) -> bool {
+        self.syn() && !self.ack()
+    }
 }
 
 /// A view of a TCP, UDP or ICMP header. After `new_checked`, the fixed header of `proto`
@@ -146,12 +150,21 @@ mod tests {
         assert!(!v.tcp_flags().ack());
         assert_eq!(v.checksum_offset(), 16);
         for n in 0..20 {
-            assert_eq!(L4::new_checked(&h[..n], PROTO_TCP).err(), Some(WireError::Truncated));
+            assert_eq!(
+                L4::new_checked(&h[..n], PROTO_TCP).err(),
+                Some(WireError::Truncated)
+            );
         }
         h[12] = 0x40; // data offset 4 < 5
-        assert_eq!(L4::new_checked(&h[..], PROTO_TCP).err(), Some(WireError::Malformed));
+        assert_eq!(
+            L4::new_checked(&h[..], PROTO_TCP).err(),
+            Some(WireError::Malformed)
+        );
         h[12] = 0x60; // options claimed but absent
-        assert_eq!(L4::new_checked(&h[..], PROTO_TCP).err(), Some(WireError::Truncated));
+        assert_eq!(
+            L4::new_checked(&h[..], PROTO_TCP).err(),
+            Some(WireError::Truncated)
+        );
     }
 
     #[test]
@@ -166,6 +179,9 @@ mod tests {
 
     #[test]
     fn unknown_protocol_is_malformed_for_us() {
-        assert_eq!(L4::new_checked(&[0u8; 40][..], 47).err(), Some(WireError::Malformed));
+        assert_eq!(
+            L4::new_checked(&[0u8; 40][..], 47).err(),
+            Some(WireError::Malformed)
+        );
     }
 }

@@ -5,10 +5,10 @@
 //! never copy; setters write in place. A failed check is a cheap [`WireError`] that the
 //! pipeline turns into a counted drop, never a log line per packet.
 
+pub mod build;
 pub mod checksum;
 pub mod ethernet;
 pub mod ipv4;
-pub mod build;
 pub mod l4;
 
 /// Why a frame could not be viewed. Kept small and `Copy`: it is produced per packet.

@@ -18,7 +18,11 @@ use xdp::sys::IoConfig;
 const SEC: u64 = 1_000_000_000;
 
 #[derive(Parser)]
-#[command(name = "lbd", version, about = "xlb's L4 load balancer daemon (XDP + AF_XDP, Maglev, SNAT)")]
+#[command(
+    name = "lbd",
+    version,
+    about = "xlb's L4 load balancer daemon (XDP + AF_XDP, Maglev, SNAT)"
+)]
 struct Args {
     /// Interface to serve (repeat for two-armed: clients on one, backends on another).
     #[arg(long = "iface", required = true)]
@@ -73,10 +77,14 @@ fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&a.log))
         .context("--log")?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handlers")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
     }
     let cfg = DaemonConfig {
         ifaces: a.ifaces,
@@ -93,7 +101,10 @@ fn main() -> anyhow::Result<()> {
             tcp_rst: a.timeout_tcp_rst * SEC,
             udp: a.timeout_udp * SEC,
         },
-        io: IoConfig { ring_size: a.ring_size, ..IoConfig::default() },
+        io: IoConfig {
+            ring_size: a.ring_size,
+            ..IoConfig::default()
+        },
     };
     let mut sock = ControlSocket::bind(&a.socket).context("binding the control socket")?;
     let mut daemon = Daemon::start(cfg, Arc::clone(&stop)).context("starting lbd")?;

@@ -11,13 +11,20 @@ use std::time::{Duration, Instant};
 pub const VIP: &str = "10.96.0.10";
 
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn lbctl_path() -> PathBuf {
     let lbd = PathBuf::from(env!("CARGO_BIN_EXE_lbd"));
     let p = lbd.with_file_name("lbctl");
-    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
     p
 }
 
@@ -33,7 +40,11 @@ impl Topo {
     /// Build the topology with `queues` queues on the LB's veths and `backends` backends,
     /// each running deploy/backend.py (HTTP 8080, UDP 5353, TCP echo 9000).
     pub fn up(tag: &str, queues: u32, backends: u32) -> Topo {
-        let prefix = format!("x{}{}", &tag[..tag.len().min(3)], std::process::id() % 10_000);
+        let prefix = format!(
+            "x{}{}",
+            &tag[..tag.len().min(3)],
+            std::process::id() % 10_000
+        );
         let st = Command::new(repo().join("deploy/topology.sh"))
             .args(["up", &prefix, &queues.to_string(), &backends.to_string()])
             .status()
@@ -41,19 +52,33 @@ impl Topo {
         assert!(st.success(), "topology.sh up failed");
         let dir = std::env::temp_dir().join(format!("{prefix}-run"));
         std::fs::create_dir_all(&dir).expect("tmp dir");
-        let mut t = Topo { socket: dir.join("lbd.sock"), log: dir.join("lbd.log"), prefix, children: Vec::new(), lbd: None };
+        let mut t = Topo {
+            socket: dir.join("lbd.sock"),
+            log: dir.join("lbd.log"),
+            prefix,
+            children: Vec::new(),
+            lbd: None,
+        };
         for i in 1..=backends {
             let mut c = t
                 .cmd(&format!("b{i}"), "python3")
                 .arg(repo().join("deploy/backend.py"))
-                .args([format!("b{i}"), "--http".into(), "8080".into(), "--udp".into(), "5353".into()])
+                .args([
+                    format!("b{i}"),
+                    "--http".into(),
+                    "8080".into(),
+                    "--udp".into(),
+                    "5353".into(),
+                ])
                 .args(["--tcp-echo", "9000"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start backend");
             let mut line = String::new();
-            BufReader::new(c.stdout.take().expect("stdout")).read_line(&mut line).expect("backend ready");
+            BufReader::new(c.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("backend ready");
             assert_eq!(line.trim(), "ready");
             t.children.push(c);
         }
@@ -75,7 +100,15 @@ impl Topo {
         let log = std::fs::File::create(&self.log).expect("log");
         let child = self
             .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
-            .args(["--iface", "lb0", "--iface", "lb1", "--flows-per-worker", "16384", "--socket"])
+            .args([
+                "--iface",
+                "lb0",
+                "--iface",
+                "lb1",
+                "--flows-per-worker",
+                "16384",
+                "--socket",
+            ])
             .arg(&self.socket)
             .args(extra)
             .stdout(Stdio::null())
@@ -106,7 +139,12 @@ impl Topo {
     }
 
     pub fn try_lbctl(&self, args: &[&str]) -> Output {
-        Command::new(lbctl_path()).arg("--socket").arg(&self.socket).args(args).output().expect("run lbctl")
+        Command::new(lbctl_path())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run lbctl")
     }
 
     /// Run lbctl, assert success, return stdout.
@@ -130,21 +168,37 @@ impl Topo {
     /// Sum of a per-worker counter from `lbctl stats`.
     pub fn worker_sum(&self, field: &str) -> u64 {
         let s = self.lbctl_json(&["stats"]);
-        s["workers"].as_array().expect("workers").iter().map(|w| w[field].as_u64().unwrap_or(0)).sum()
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| w[field].as_u64().unwrap_or(0))
+            .sum()
     }
 
     pub fn worker_drop(&self, reason: &str) -> u64 {
         let s = self.lbctl_json(&["stats"]);
-        s["workers"].as_array().expect("workers").iter().map(|w| w["drops"][reason].as_u64().unwrap_or(0)).sum()
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| w["drops"][reason].as_u64().unwrap_or(0))
+            .sum()
     }
 
     pub fn xdp_stat(&self, name: &str) -> u64 {
-        self.lbctl_json(&["stats"])["xdp"][name].as_u64().unwrap_or(0)
+        self.lbctl_json(&["stats"])["xdp"][name]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     /// Run a python3 program in the client namespace; return stdout (asserting success).
     pub fn client_py(&self, code: &str) -> String {
-        let o = self.cmd("client", "python3").args(["-c", code]).output().expect("python3");
+        let o = self
+            .cmd("client", "python3")
+            .args(["-c", code])
+            .output()
+            .expect("python3");
         assert!(
             o.status.success(),
             "client program failed: {}\n{}",
@@ -162,14 +216,19 @@ impl Topo {
             .arg(format!("http://{VIP}/?[1-{n}]"))
             .output()
             .expect("curl");
-        String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect()
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 }
 
 impl Drop for Topo {
     fn drop(&mut self) {
         if let Some(mut c) = self.lbd.take() {
-            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
@@ -181,7 +240,9 @@ impl Drop for Topo {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new(repo().join("deploy/topology.sh")).args(["down", &self.prefix]).status();
+        let _ = Command::new(repo().join("deploy/topology.sh"))
+            .args(["down", &self.prefix])
+            .status();
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{}-run", self.prefix)));
     }
 }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# xlb's test suite: lint, unit and property tests, the XDP program through
+# BPF_PROG_TEST_RUN, and end-to-end tests in network namespaces. Run as root.
+# With CI=true a missing privilege or tool fails the run instead of skipping tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $EUID -ne 0 ]]; then
+  echo "run as root: the XDP and namespace tests need CAP_NET_ADMIN and CAP_BPF" >&2
+  exit 1
+fi
+deploy/install-deps.sh
+export CARGO_TERM_COLOR=never
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== build"
+cargo build --workspace --locked
+echo "== pure crates: unit, property and fixture tests"
+cargo test --workspace --locked --exclude xdp
+echo "== XDP program and end-to-end namespace tests (serial)"
+cargo test -p xdp --locked -- --test-threads=1
