@@ -15,7 +15,11 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"
 cargo build --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 echo "== pure crates: unit, property and fixture tests"
-cargo test --workspace --locked --exclude xdp
+cargo test --workspace --locked --exclude xdp 2>&1 | tee -a "$log"
 echo "== XDP program and end-to-end namespace tests (serial)"
-cargo test -p xdp --locked -- --test-threads=1
+cargo test -p xdp --locked -- --test-threads=1 2>&1 | tee -a "$log"
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"

@@ -56,8 +56,9 @@ up() {
   ns "$P-lb" ip link set lb0 up
   ns "$P-lb" ip link set lb1 up
   ns "$P-lb" ip link set lo up
-  # The LB node routes nothing itself (XDP does); keep the kernel from forwarding VIP
-  # traffic it is handed (TTL <= 1 packets are answered with ICMP either way).
+  # The client side stands in for the upstream router. The kernel forwards what XDP
+  # leaves to it, so a VIP packet with TTL <= 1 gets ICMP time exceeded, as from a router.
+  ns "$P-lb" ip route add default via 10.0.0.2
   ns "$P-lb" sysctl -qw net.ipv4.ip_forward=1
 }
 

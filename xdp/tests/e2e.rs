@@ -345,3 +345,119 @@ print(data.decode())
     let bodies = t.curl_many(10);
     assert_eq!(bodies.len(), 10);
 }
+
+#[test]
+fn lbctl_errors_are_clear_and_change_nothing() {
+    if !common::privileged("lbctl_errors") {
+        return;
+    }
+    let mut t = Topo::up("cli", 2, 2);
+    t.start_lbd(&[]);
+    t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080"]);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["service", "add", SVC, "-b", "10.1.0.12:8080"],
+            "already exists",
+        ),
+        (
+            &["service", "remove", "10.96.0.99:80/tcp"],
+            "no service 10.96.0.99:80/tcp",
+        ),
+        (
+            &["backend", "remove", SVC, "10.1.0.99:8080"],
+            "no backend 10.1.0.99:8080",
+        ),
+        (
+            &["backend", "add", SVC, "10.1.0.11:8080"],
+            "already in service",
+        ),
+        (
+            &["backend", "add", SVC, "10.1.0.12:8080", "--weight", "99999"],
+            "above the maximum",
+        ),
+        (
+            &["backend", "add", SVC, "0.0.0.0:8080"],
+            "must be a unicast address",
+        ),
+        (&["service", "add", "10.96.0.11:80"], "VIP:PORT/tcp"),
+        (
+            &[
+                "service",
+                "add",
+                "10.96.0.11:80/tcp",
+                "-b",
+                "10.1.0.11:8080",
+                "-b",
+                "10.1.0.11:8080",
+            ],
+            "listed twice",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = t.try_lbctl(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "lbctl {args:?} must fail");
+        assert!(
+            err.contains(needle),
+            "lbctl {args:?}: {err:?} lacks {needle:?}"
+        );
+    }
+    // A socket nobody serves is reported as such.
+    let lbctl = std::path::PathBuf::from(env!("CARGO_BIN_EXE_lbd")).with_file_name("lbctl");
+    let o = std::process::Command::new(lbctl)
+        .args(["--socket", "/nonexistent/lbd.sock", "status"])
+        .output()
+        .expect("lbctl");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cannot connect") && err.contains("is lbd running"),
+        "{err}"
+    );
+    let s = t.lbctl_json(&["service", "list"]);
+    let services = s["services"].as_array().expect("services");
+    assert_eq!(services.len(), 1, "{s}");
+    assert_eq!(
+        services[0]["backends"].as_array().map(Vec::len),
+        Some(1),
+        "{s}"
+    );
+    assert_eq!(t.curl_many(5), vec!["backend b1".to_string(); 5]);
+}
+
+#[test]
+fn ttl_expiring_at_the_lb_is_answered_by_the_kernel() {
+    if !common::privileged("ttl_expiring") {
+        return;
+    }
+    let mut t = Topo::up("ttl", 2, 1);
+    t.start_lbd(&[]);
+    t.lbctl(&[
+        "service",
+        "add",
+        "10.96.0.10:53/udp",
+        "-b",
+        "10.1.0.11:5353",
+    ]);
+    let out = t.client_py(&format!(
+        r#"
+import socket
+icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+icmp.settimeout(3)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+u.sendto(b"expire", ("{VIP}", 53))
+while True:
+    pkt, src = icmp.recvfrom(2048)
+    ihl = (pkt[0] & 15) * 4
+    if pkt[ihl] == 11:
+        print(src[0], pkt[ihl], pkt[ihl + 1])
+        break
+u.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
+u.settimeout(3)
+u.sendto(b"live", ("{VIP}", 53))
+print(u.recvfrom(2048)[0].decode())
+"#
+    ));
+    assert_eq!(out.trim(), "10.0.0.1 11 0\nb1:live", "{}", t.lbd_log());
+    assert!(t.xdp_stat("ttl_passed") >= 1);
+}

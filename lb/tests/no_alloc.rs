@@ -1,0 +1,105 @@
+//! `Engine::process` allocates nothing: new flows, flow hits, replies, hand-offs, drops
+//! and expiry all run with a counting global allocator watching.
+
+use lb::fixtures::{self, BACKEND, CLIENT, CLIENT_MAC, LB_MAC, SNAT, VIP};
+use lb::wire::build::FrameSpec;
+use lb::wire::TcpFlags;
+use lb::{Engine, Verdict};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+struct Counting;
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+static WATCH: AtomicBool = AtomicBool::new(false);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if WATCH.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        if WATCH.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+#[test]
+fn process_allocates_nothing() {
+    let mut e = Engine::new(0, 4096, Arc::new(fixtures::snapshot()));
+    // Frames are built before watching (the builder allocates).
+    let syns: Vec<Vec<u8>> = (0..1000u16)
+        .map(|p| {
+            FrameSpec {
+                src_mac: CLIENT_MAC,
+                dst_mac: LB_MAC,
+                src: CLIENT,
+                dst: VIP,
+                sport: 10_000 + p,
+                ..FrameSpec::default()
+            }
+            .build()
+        })
+        .collect();
+    let acks: Vec<Vec<u8>> = syns
+        .iter()
+        .map(|f| {
+            let mut a = f.clone();
+            a[47] = TcpFlags::ACK;
+            a
+        })
+        .collect();
+    let foreign = FrameSpec {
+        src: BACKEND,
+        dst: SNAT,
+        sport: 8080,
+        dport: 65000,
+        flags: TcpFlags::ACK,
+        ..FrameSpec::default()
+    }
+    .build();
+    let junk = vec![0u8; 30];
+    let mut work: Vec<Vec<u8>> = syns.iter().chain(&acks).cloned().collect();
+    let mut replies = Vec::with_capacity(1000);
+    let mut scratch = foreign.clone();
+    let mut junk_buf = junk.clone();
+
+    WATCH.store(true, Ordering::Relaxed);
+    e.begin_batch(1);
+    for (i, f) in work.iter_mut().enumerate() {
+        assert!(matches!(e.process(f), Verdict::Tx { .. }));
+        if i < 1000 {
+            replies.push(u16::from_be_bytes([f[34], f[35]])); // capacity reserved above
+        }
+    }
+    scratch.copy_from_slice(&foreign);
+    assert_eq!(e.process(&mut scratch), Verdict::ToWorker(1));
+    junk_buf.copy_from_slice(&junk);
+    assert!(matches!(e.process(&mut junk_buf), Verdict::Drop(_)));
+    for _ in 0..100 {
+        e.begin_batch(u64::MAX / 2); // everything idles out, swept step by step
+    }
+    WATCH.store(false, Ordering::Relaxed);
+
+    assert_eq!(
+        ALLOCS.load(Ordering::Relaxed),
+        0,
+        "allocations on the packet path"
+    );
+    assert_eq!(replies.len(), 1000);
+    assert!(e.counters.flows_expired > 0);
+}
