@@ -103,19 +103,28 @@ impl Maglev {
                 (offset, skip)
             })
             .collect();
-        let mut next = vec![0u64; order.len()];
+        // `pos[k]` is permutation_k[next_k], advanced by `+ skip mod M` with a conditional
+        // subtraction instead of a division per step (same sequence as the paper's
+        // `(offset + j·skip) mod M`, so the table is unchanged).
+        let mut pos: Vec<u64> = perm.iter().map(|&(offset, _)| offset).collect();
         let mut filled = 0u32;
         'fill: loop {
             for (k, &i) in order.iter().enumerate() {
+                let skip = perm[k].1;
                 for _ in 0..backends[i].weight {
-                    let (offset, skip) = perm[k];
-                    let mut c = (offset + next[k] * skip) % m64;
+                    let mut c = pos[k];
                     while table[c as usize] != EMPTY {
-                        next[k] += 1;
-                        c = (offset + next[k] * skip) % m64;
+                        c += skip;
+                        if c >= m64 {
+                            c -= m64;
+                        }
                     }
                     table[c as usize] = i as u16;
-                    next[k] += 1;
+                    c += skip;
+                    if c >= m64 {
+                        c -= m64;
+                    }
+                    pos[k] = c;
                     filled += 1;
                     if filled == m {
                         break 'fill;
@@ -239,7 +248,53 @@ mod tests {
         assert!(m.slots().iter().all(|&s| s != 2));
     }
 
+    /// The paper's Pseudocode 1, literally (division per step), with weighted turns.
+    fn reference(backends: &[MaglevBackend], m: u32, seed: u64) -> Vec<u16> {
+        let m64 = u64::from(m);
+        let mut order: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends[i].weight > 0)
+            .collect();
+        order.sort_by(|&a, &b| backends[a].name.cmp(&backends[b].name));
+        let perm = |i: usize, j: u64| {
+            let offset = hash_bytes(seed ^ 0x6f66_6673_6574, &backends[i].name) % m64;
+            let skip = hash_bytes(seed ^ 0x0000_736b_6970, &backends[i].name) % (m64 - 1) + 1;
+            (offset + j * skip) % m64
+        };
+        let mut next = vec![0u64; backends.len()];
+        let mut entry = vec![EMPTY; m as usize];
+        let mut n = 0;
+        loop {
+            for &i in &order {
+                for _ in 0..backends[i].weight {
+                    let mut c = perm(i, next[i]);
+                    while entry[c as usize] != EMPTY {
+                        next[i] += 1;
+                        c = perm(i, next[i]);
+                    }
+                    entry[c as usize] = i as u16;
+                    next[i] += 1;
+                    n += 1;
+                    if n == m {
+                        return entry;
+                    }
+                }
+            }
+        }
+    }
+
     proptest! {
+        /// The optimised build produces exactly the paper's table.
+        #[test]
+        fn equals_the_papers_pseudocode(weights in proptest::collection::vec(0u32..4, 1..30), seed in any::<u64>()) {
+            prop_assume!(weights.iter().any(|&w| w > 0));
+            let mut b = backends(weights.len());
+            for (x, w) in b.iter_mut().zip(&weights) {
+                x.weight = *w;
+            }
+            let m = Maglev::build(&b, 4_099, seed).expect("build");
+            prop_assert_eq!(m.slots(), &reference(&b, 4_099, seed)[..]);
+        }
+
         /// Same (backends, M, seed) → identical table, whatever the input order.
         #[test]
         fn deterministic_and_order_independent(n in 1usize..40, seed in any::<u64>(), rot in 0usize..40) {

@@ -54,6 +54,7 @@ pub struct DaemonConfig {
     pub maglev_size: u32,
     pub timeouts: Timeouts,
     pub io: IoConfig,
+    pub busy_poll_ns: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +258,7 @@ impl Daemon {
                 ifaces: dc.ifaces.clone(),
                 io: dc.io,
                 flow_capacity: dc.flows_per_worker,
+                busy_poll_ns: dc.busy_poll_ns,
                 snapshot: Arc::clone(&snap),
                 snapshots: snap_rx,
                 resolve: resolve_tx.clone(),

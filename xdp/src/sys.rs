@@ -454,6 +454,13 @@ impl WorkerIo {
         self.ports.iter().map(|p| p.pending.len()).sum()
     }
 
+    /// Frames in TX rings whose completion has not come back yet. In copy mode the
+    /// kernel transmits only when kicked (sendto/poll), so a worker must not sleep while
+    /// any are outstanding.
+    pub fn tx_in_flight(&self) -> u32 {
+        self.ports.iter().map(|p| p.in_tx).sum()
+    }
+
     /// Kernel-side drop statistics of port `port` (rx_dropped, rx_ring_full,
     /// fill_ring_empty, tx_invalid).
     pub fn kernel_stats(&self, port: usize) -> Option<[u64; 4]> {

@@ -11,9 +11,10 @@
 //! another worker's queue is copied into that worker's SPSC ring (ringbuf; one ring per
 //! ordered pair of workers; frames are length-prefixed) and processed there.
 //!
-//! Idle: after `SPIN_ROUNDS` empty rounds a worker parks in poll() on its sockets and its
+//! Idle: after `busy_poll_ns` without work a worker parks in poll() on its sockets and its
 //! mio waker (other workers and the control thread wake it when they give it work), so
-//! an idle lbd does not burn the cores the rest of the node needs.
+//! an idle lbd does not burn the cores the rest of the node needs. Spinning longer buys
+//! latency (a parked worker pays a wake-up per packet) with CPU time.
 
 use crate::sys::{IoConfig, WorkerIo};
 use crossbeam_channel::{Receiver, Sender};
@@ -28,8 +29,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Empty rounds before parking.
-const SPIN_ROUNDS: u32 = 256;
 /// Longest park (the loop also notices stop requests this often).
 const PARK: Duration = Duration::from_millis(20);
 /// Bytes of each hand-off ring (≈ 250 full-size frames).
@@ -58,9 +57,13 @@ impl WorkerShared {
         Counters::from_array(&a)
     }
 
-    /// Wake the worker if it is parked.
+    /// Wake the worker if it is parked. Call after publishing the work (ring push,
+    /// snapshot send): the fence pairs with the one in the park path (store work → fence
+    /// → load flag here; store flag → fence → load work there), so one side always sees
+    /// the other's store and no wake-up is lost.
     pub fn wake(&self) {
-        if self.parked.load(Ordering::Acquire) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
             let _ = self.waker.wake();
         }
     }
@@ -74,6 +77,8 @@ pub struct WorkerSpec {
     pub ifaces: Vec<String>,
     pub io: IoConfig,
     pub flow_capacity: usize,
+    /// How long to keep polling the rings without work before parking.
+    pub busy_poll_ns: u64,
     pub snapshot: Arc<Snapshot>,
     pub snapshots: Receiver<Arc<Snapshot>>,
     pub resolve: Sender<[u8; 4]>,
@@ -152,7 +157,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; MAX_FRAME];
     let start = Instant::now();
-    let mut idle = 0u32;
+    let mut last_work = 0u64;
     let mut wake_peer = vec![false; spec.peers.len()];
     while !spec.stop.load(Ordering::Relaxed) {
         let mut fresh = false;
@@ -222,22 +227,20 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             let _ = spec.resolve.try_send(addr);
         }
         publish(&me, &engine);
-        if work == 0 && io.backlog() == 0 {
-            idle += 1;
-            if idle >= SPIN_ROUNDS {
-                idle = 0;
-                me.parked.store(true, Ordering::Release);
-                // Re-check after announcing the park: a peer that pushed before seeing the
-                // flag set must not be missed.
-                let pending =
-                    spec.inbound.iter().any(|r| r.occupied_len() > 0) || !spec.snapshots.is_empty();
-                if !pending {
-                    let _ = spec.poll.poll(&mut events, Some(PARK));
-                }
-                me.parked.store(false, Ordering::Release);
+        if work > 0 || io.backlog() > 0 || io.tx_in_flight() > 0 {
+            last_work = now;
+        } else if now.saturating_sub(last_work) >= spec.busy_poll_ns {
+            me.parked.store(true, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            // Re-check after announcing the park: a peer that pushed before seeing the
+            // flag set must not be missed.
+            let pending =
+                spec.inbound.iter().any(|r| r.occupied_len() > 0) || !spec.snapshots.is_empty();
+            if !pending {
+                let _ = spec.poll.poll(&mut events, Some(PARK));
             }
-        } else {
-            idle = 0;
+            me.parked.store(false, Ordering::SeqCst);
+            last_work = start.elapsed().as_nanos() as u64;
         }
     }
 }
