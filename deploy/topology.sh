@@ -6,7 +6,9 @@
 #   PREFIX-client  c0 10.0.0.2/24 ──veth── lb0 10.0.0.1/24   PREFIX-lb   lb1 10.1.0.1/24 ──veth── PREFIX-sw (bridge br0)
 #                  route 10.96.0.0/16 via 10.0.0.1                                                  ├── PREFIX-b1 eth0 10.1.0.11/24
 #                                                                                                    ├── PREFIX-b2 eth0 10.1.0.12/24
-#                                                                                                    └── PREFIX-b3 eth0 10.1.0.13/24
+#                                                                                                    ├── PREFIX-b3 eth0 10.1.0.13/24
+#                                                                                                    └── PREFIX-oc eth0 10.1.0.100/24
+# PREFIX-oc is a client on the backends' segment, for one-armed mode (lbd --iface lb1).
 # VIPs live in 10.96.0.0/16 (routed to the LB, as a router or BGP would). lb0/lb1 are
 # veths with QUEUES rx/tx queues each, so replies spread over the LB's queues. TX checksum
 # offload is off on the traffic sources (client, backends): veth would otherwise hand XDP
@@ -17,7 +19,7 @@ cmd=${1:?up|down}; P=${2:?prefix}; Q=${3:-2}; NB=${4:-3}
 ns() { ip netns exec "$1" "${@:2}"; }
 
 down() {
-  for n in client lb sw $(seq -f 'b%g' 1 9); do
+  for n in client lb sw oc $(seq -f 'b%g' 1 9); do
     ip netns del "$P-$n" 2>/dev/null || true
   done
 }
@@ -44,6 +46,15 @@ up() {
     ns "$P-b$i" ip route add default via 10.1.0.1
     ns "$P-b$i" ethtool -K eth0 tx off >/dev/null
   done
+  ip netns add "$P-oc"
+  ip link add "$P-so" netns "$P-sw" type veth peer name eth0 netns "$P-oc"
+  ns "$P-sw" ip link set "$P-so" master br0
+  ns "$P-sw" ip link set "$P-so" up
+  ns "$P-oc" ip addr add 10.1.0.100/24 dev eth0
+  ns "$P-oc" ip link set eth0 up
+  ns "$P-oc" ip link set lo up
+  ns "$P-oc" ip route add 10.96.0.0/16 via 10.1.0.1
+  ns "$P-oc" ethtool -K eth0 tx off >/dev/null
   ns "$P-sw" ip link set br0 up
   ns "$P-sw" ip link set swlb up
   ns "$P-client" ip addr add 10.0.0.2/24 dev c0

@@ -185,6 +185,8 @@ pub struct WorkerStats {
     pub handoff_in: u64,
     pub flows_created: u64,
     pub flows_expired: u64,
+    /// Frames held while their next hop was being resolved.
+    pub held: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }

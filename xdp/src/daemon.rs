@@ -556,6 +556,7 @@ impl Daemon {
                     handoff_in: c.handoff_in,
                     flows_created: c.flows_created,
                     flows_expired: c.flows_expired,
+                    held: c.held,
                     drops: DropReason::ALL
                         .iter()
                         .filter(|r| c.drops[**r as usize] > 0)

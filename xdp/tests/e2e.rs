@@ -23,11 +23,9 @@ fn three_backends(t: &Topo) {
 
 #[test]
 fn http_requests_spread_over_all_backends() {
-    if !common::privileged("http_requests_spread_over_all_backends") {
+    let Some(t) = Topo::start("spr", 2, 3) else {
         return;
-    }
-    let mut t = Topo::up("spr", 2, 3);
-    t.start_lbd(&[]);
+    };
     three_backends(&t);
     let n = 300;
     let bodies = t.curl_many(n);
@@ -55,11 +53,9 @@ fn http_requests_spread_over_all_backends() {
 
 #[test]
 fn udp_through_the_vip_with_checksums_validated_by_the_receiver() {
-    if !common::privileged("udp_through_the_vip") {
+    let Some(t) = Topo::start("udp", 2, 3) else {
         return;
-    }
-    let mut t = Topo::up("udp", 2, 3);
-    t.start_lbd(&[]);
+    };
     t.lbctl(&[
         "service",
         "add",
@@ -96,11 +92,9 @@ print(ok, len(names))
 
 #[test]
 fn long_lived_connection_survives_changes_to_other_backends() {
-    if !common::privileged("long_lived_connection_survives") {
+    let Some(t) = Topo::start("lng", 2, 4) else {
         return;
-    }
-    let mut t = Topo::up("lng", 2, 4);
-    t.start_lbd(&[]);
+    };
     t.lbctl(&[
         "service",
         "add",
@@ -168,11 +162,9 @@ print("ok", flush=True)
 
 #[test]
 fn removed_backend_gets_no_new_flows() {
-    if !common::privileged("removed_backend_gets_no_new_flows") {
+    let Some(t) = Topo::start("rem", 2, 3) else {
         return;
-    }
-    let mut t = Topo::up("rem", 2, 3);
-    t.start_lbd(&[]);
+    };
     three_backends(&t);
     let before = tally(&t.curl_many(60));
     assert!(
@@ -192,9 +184,10 @@ fn removed_backend_gets_no_new_flows() {
     assert_eq!(after.len(), 2, "{after:?}");
 }
 
-fn replies_find_their_flows_on(queues: u32) {
-    let mut t = Topo::up(&format!("q{queues}"), queues, 3);
-    t.start_lbd(&[]);
+fn replies_find_their_flows_on(test: &str, queues: u32) {
+    let Some(t) = Topo::start(test, queues, 3) else {
+        return;
+    };
     let status = t.lbctl_json(&["status"]);
     assert_eq!(
         status["workers"].as_array().map(Vec::len),
@@ -216,27 +209,19 @@ fn replies_find_their_flows_on(queues: u32) {
 
 #[test]
 fn replies_on_other_queues_reach_their_flows_2_queues() {
-    if !common::privileged("replies_on_other_queues_2") {
-        return;
-    }
-    replies_find_their_flows_on(2);
+    replies_find_their_flows_on("q2", 2);
 }
 
 #[test]
 fn replies_on_other_queues_reach_their_flows_4_queues() {
-    if !common::privileged("replies_on_other_queues_4") {
-        return;
-    }
-    replies_find_their_flows_on(4);
+    replies_find_their_flows_on("q4", 4);
 }
 
 #[test]
 fn lb_node_still_answers_ping_and_arp_with_xdp_attached() {
-    if !common::privileged("lb_node_answers_ping") {
+    let Some(t) = Topo::start("png", 2, 1) else {
         return;
-    }
-    let mut t = Topo::up("png", 2, 1);
-    t.start_lbd(&[]);
+    };
     t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080"]);
     for (ns, addr) in [("client", "10.0.0.1"), ("b1", "10.1.0.1")] {
         let _ = t.cmd(ns, "ip").args(["neigh", "flush", "all"]).status();
@@ -256,11 +241,9 @@ fn lb_node_still_answers_ping_and_arp_with_xdp_attached() {
 
 #[test]
 fn malformed_frames_get_a_verdict_and_a_counter() {
-    if !common::privileged("malformed_frames") {
+    let Some(mut t) = Topo::start("mal", 2, 1) else {
         return;
-    }
-    let mut t = Topo::up("mal", 2, 1);
-    t.start_lbd(&[]);
+    };
     t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080"]);
     t.lbctl(&[
         "service",
@@ -348,11 +331,9 @@ print(data.decode())
 
 #[test]
 fn lbctl_errors_are_clear_and_change_nothing() {
-    if !common::privileged("lbctl_errors") {
+    let Some(t) = Topo::start("cli", 2, 2) else {
         return;
-    }
-    let mut t = Topo::up("cli", 2, 2);
-    t.start_lbd(&[]);
+    };
     t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080"]);
     let cases: &[(&[&str], &str)] = &[
         (
@@ -426,11 +407,9 @@ fn lbctl_errors_are_clear_and_change_nothing() {
 
 #[test]
 fn ttl_expiring_at_the_lb_is_answered_by_the_kernel() {
-    if !common::privileged("ttl_expiring") {
+    let Some(t) = Topo::start("ttl", 2, 1) else {
         return;
-    }
-    let mut t = Topo::up("ttl", 2, 1);
-    t.start_lbd(&[]);
+    };
     t.lbctl(&[
         "service",
         "add",
@@ -460,4 +439,34 @@ print(u.recvfrom(2048)[0].decode())
     ));
     assert_eq!(out.trim(), "10.0.0.1 11 0\nb1:live", "{}", t.lbd_log());
     assert!(t.xdp_stat("ttl_passed") >= 1);
+}
+
+#[test]
+fn one_armed_on_a_single_interface() {
+    if !common::privileged("one_armed") {
+        return;
+    }
+    // Clients and backends on one segment behind lb1: requests and replies enter and
+    // leave through the same interface.
+    let mut t = Topo::up("one", 2, 3);
+    t.start_lbd_on(&["lb1"], &[]);
+    let status = t.lbctl_json(&["status"]);
+    assert_eq!(
+        status["interfaces"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    three_backends(&t);
+    let bodies = t.curl_many_from("oc", 150);
+    let counts = tally(&bodies);
+    assert_eq!(bodies.len(), 150, "{counts:?}\n{}", t.lbd_log());
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    // The two-armed client is not served: lb0 has no program, so the kernel forwards
+    // its VIP packets to its default route instead.
+    let o = t
+        .cmd("client", "curl")
+        .args(["-s", "--max-time", "1", &format!("http://{VIP}/")])
+        .output()
+        .expect("curl");
+    assert!(o.stdout.is_empty() && !o.status.success());
 }

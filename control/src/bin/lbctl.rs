@@ -230,14 +230,30 @@ fn print_status(s: &StatusView) {
 
 fn print_stats(s: &StatsView) {
     println!(
-        "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}",
-        "WORKER", "RX", "TX", "HANDOFF_OUT", "HANDOFF_IN", "FLOWS_NEW", "FLOWS_END", "DROPS"
+        "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>10}",
+        "WORKER",
+        "RX",
+        "TX",
+        "HANDOFF_OUT",
+        "HANDOFF_IN",
+        "FLOWS_NEW",
+        "FLOWS_END",
+        "HELD",
+        "DROPS"
     );
     for w in &s.workers {
         let drops: u64 = w.drops.values().sum();
         println!(
-            "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}",
-            w.id, w.rx, w.tx, w.handoff_out, w.handoff_in, w.flows_created, w.flows_expired, drops
+            "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>10}",
+            w.id,
+            w.rx,
+            w.tx,
+            w.handoff_out,
+            w.handoff_in,
+            w.flows_created,
+            w.flows_expired,
+            w.held,
+            drops
         );
     }
     for w in &s.workers {

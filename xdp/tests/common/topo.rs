@@ -85,6 +85,17 @@ impl Topo {
         t
     }
 
+    /// The usual start of an end-to-end test: `None` (test skipped) when unprivileged
+    /// outside CI, else the topology with lbd running on it.
+    pub fn start(test: &str, queues: u32, backends: u32) -> Option<Topo> {
+        if !super::privileged(test) {
+            return None;
+        }
+        let mut t = Topo::up(test, queues, backends);
+        t.start_lbd(&[]);
+        Some(t)
+    }
+
     pub fn ns(&self, short: &str) -> String {
         format!("{}-{}", self.prefix, short)
     }
@@ -96,19 +107,19 @@ impl Topo {
         c
     }
 
+    /// Start lbd on both LB interfaces (two-armed), with `extra` arguments.
     pub fn start_lbd(&mut self, extra: &[&str]) {
+        self.start_lbd_on(&["lb0", "lb1"], extra);
+    }
+
+    pub fn start_lbd_on(&mut self, ifaces: &[&str], extra: &[&str]) {
         let log = std::fs::File::create(&self.log).expect("log");
-        let child = self
-            .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
-            .args([
-                "--iface",
-                "lb0",
-                "--iface",
-                "lb1",
-                "--flows-per-worker",
-                "16384",
-                "--socket",
-            ])
+        let mut cmd = self.cmd("lb", env!("CARGO_BIN_EXE_lbd"));
+        for i in ifaces {
+            cmd.args(["--iface", i]);
+        }
+        let child = cmd
+            .args(["--flows-per-worker", "16384", "--socket"])
             .arg(&self.socket)
             .args(extra)
             .stdout(Stdio::null())
@@ -210,8 +221,12 @@ impl Topo {
 
     /// `n` HTTP requests through the VIP with curl (one connection each); the bodies.
     pub fn curl_many(&self, n: u32) -> Vec<String> {
+        self.curl_many_from("client", n)
+    }
+
+    pub fn curl_many_from(&self, ns: &str, n: u32) -> Vec<String> {
         let o = self
-            .cmd("client", "curl")
+            .cmd(ns, "curl")
             .args(["-s", "--max-time", "5", "--retry", "0"])
             .arg(format!("http://{VIP}/?[1-{n}]"))
             .output()
