@@ -44,6 +44,31 @@ pub fn raise_memlock_limit() -> io::Result<()> {
     Ok(())
 }
 
+/// `SOL_XDP` and `XDP_MAX_TX_SKB_BUDGET` (linux/if_xdp.h, Linux 6.17+).
+const SOL_XDP: libc::c_int = 283;
+const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
+
+/// Let one `sendto()` on a copy-mode socket transmit up to `budget` frames instead of the
+/// kernel's default 32 (Documentation/networking/af_xdp.rst, range 32..=TX ring size).
+/// Older kernels answer ENOPROTOOPT: they keep 32.
+fn set_tx_budget(fd: RawFd, budget: u32) -> io::Result<()> {
+    // SAFETY: setsockopt reads `size_of::<u32>()` bytes from a live local u32; `fd` is
+    // an open AF_XDP socket owned by the caller for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_XDP,
+            XDP_MAX_TX_SKB_BUDGET,
+            (&budget as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sizes of one worker's UMEM and rings.
 #[derive(Debug, Clone, Copy)]
 pub struct IoConfig {
@@ -177,6 +202,9 @@ impl WorkerIo {
                 iface: name.clone(),
                 queue,
             })?;
+            if let Err(e) = set_tx_budget(tx.fd().as_raw_fd(), cfg.ring_size) {
+                tracing::debug!(iface = %name, queue, error = %e, "XDP_MAX_TX_SKB_BUDGET not set (kernel default 32 applies)");
+            }
             ports.push(Port {
                 tx,
                 rx,
