@@ -127,6 +127,19 @@ struct Port {
 struct Slot {
     desc: FrameDesc,
     done: bool,
+    /// For a frame that was held before: when it must be given up (kept across holds,
+    /// so re-holding never extends a frame's wait).
+    deadline: Option<u64>,
+}
+
+impl Slot {
+    fn new(desc: FrameDesc) -> Slot {
+        Slot {
+            desc,
+            done: false,
+            deadline: None,
+        }
+    }
 }
 
 /// One worker's AF_XDP I/O: a UMEM and one socket per served interface.
@@ -285,13 +298,7 @@ impl WorkerIo {
             return 0;
         }
         let base = self.batch.len();
-        self.batch.resize(
-            base + n,
-            Slot {
-                desc: FrameDesc::default(),
-                done: false,
-            },
-        );
+        self.batch.resize(base + n, Slot::new(FrameDesc::default()));
         self.scratch[..n]
             .iter_mut()
             .for_each(|d| *d = FrameDesc::default());
@@ -302,10 +309,7 @@ impl WorkerIo {
             .iter_mut()
             .zip(&self.scratch[..got])
         {
-            *slot = Slot {
-                desc: *d,
-                done: false,
-            };
+            *slot = Slot::new(*d);
         }
         self.batch.truncate(base + got);
         p.in_fill -= got as u32;
@@ -329,7 +333,7 @@ impl WorkerIo {
             self.free.push(desc);
             return false;
         }
-        self.batch.push(Slot { desc, done: false });
+        self.batch.push(Slot::new(desc));
         true
     }
 
@@ -386,8 +390,9 @@ impl WorkerIo {
         }
     }
 
-    /// Keep batch frame `i` until [`WorkerIo::requeue_held`] or its `deadline` (ns).
-    /// False (and the frame is freed) if the hold list is full.
+    /// Keep batch frame `i` until [`WorkerIo::requeue_held`] or its deadline: `deadline`
+    /// (ns) the first time, the original one when the frame was held before. False (and
+    /// the frame is freed) if the hold list is full.
     pub fn hold(&mut self, i: usize, deadline: u64) -> bool {
         let Some(slot) = self.batch.get_mut(i) else {
             return false;
@@ -397,7 +402,8 @@ impl WorkerIo {
         }
         slot.done = true;
         if self.held.len() < MAX_HELD {
-            self.held.push((slot.desc, deadline));
+            self.held
+                .push((slot.desc, slot.deadline.unwrap_or(deadline)));
             true
         } else {
             self.free.push(slot.desc);
@@ -408,8 +414,12 @@ impl WorkerIo {
     /// Put every held frame back into the batch, to be processed again. Returns how many.
     pub fn requeue_held(&mut self) -> usize {
         let n = self.held.len();
-        for (desc, _) in self.held.drain(..) {
-            self.batch.push(Slot { desc, done: false });
+        for (desc, deadline) in self.held.drain(..) {
+            self.batch.push(Slot {
+                desc,
+                done: false,
+                deadline: Some(deadline),
+            });
         }
         n
     }
