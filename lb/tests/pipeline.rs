@@ -52,6 +52,15 @@ fn syn(sport: u16) -> FrameSpec {
     }
 }
 
+/// A client segment with `flags` on the connection from port `sport`.
+fn seg(sport: u16, flags: u8) -> Vec<u8> {
+    FrameSpec {
+        flags,
+        ..syn(sport)
+    }
+    .build()
+}
+
 /// The port the forward frame was sent from.
 fn sport(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[34], frame[35]])
@@ -100,11 +109,7 @@ fn same_flow_keeps_its_port_and_backend() {
     let mut e = engine(0);
     let mut a = syn(40000).build();
     e.process(&mut a);
-    let mut b = FrameSpec {
-        flags: TcpFlags::ACK,
-        ..syn(40000)
-    }
-    .build();
+    let mut b = seg(40000, TcpFlags::ACK);
     assert_eq!(e.process(&mut b), Verdict::Tx { iface: 0 });
     assert_eq!(sport(&a), sport(&b));
     assert_eq!(e.counters.flows_created, 1);
@@ -173,21 +178,13 @@ fn tcp_states_and_timeouts() {
     e.process(&mut r);
     now += t.tcp_syn + 1;
     e.begin_batch(now);
-    let mut ack = FrameSpec {
-        flags: TcpFlags::ACK,
-        ..syn(40001)
-    }
-    .build();
+    let mut ack = seg(40001, TcpFlags::ACK);
     assert_eq!(
         e.process(&mut ack),
         Verdict::Tx { iface: 0 },
         "established flow outlives the SYN timeout"
     );
-    let mut fin = FrameSpec {
-        flags: TcpFlags::FIN | TcpFlags::ACK,
-        ..syn(40001)
-    }
-    .build();
+    let mut fin = seg(40001, TcpFlags::FIN | TcpFlags::ACK);
     e.process(&mut fin);
     assert_eq!(
         e.flows().iter().next().map(|f| f.state),
@@ -195,11 +192,7 @@ fn tcp_states_and_timeouts() {
     );
     now += t.tcp_fin + 1;
     e.begin_batch(now);
-    let mut late = FrameSpec {
-        flags: TcpFlags::ACK,
-        ..syn(40001)
-    }
-    .build();
+    let mut late = seg(40001, TcpFlags::ACK);
     assert_eq!(
         e.process(&mut late),
         Verdict::Drop(DropReason::NoFlow),
@@ -254,19 +247,11 @@ fn removed_backend_ends_its_flows_and_others_survive() {
         Snapshot::build(2, &cfg, &one, net, Some(&s1)).expect("build"),
     ));
     for p in victims {
-        let mut f = FrameSpec {
-            flags: TcpFlags::ACK,
-            ..syn(p)
-        }
-        .build();
+        let mut f = seg(p, TcpFlags::ACK);
         assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::BackendRemoved));
     }
     for p in survivors {
-        let mut f = FrameSpec {
-            flags: TcpFlags::ACK,
-            ..syn(p)
-        }
-        .build();
+        let mut f = seg(p, TcpFlags::ACK);
         assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
         assert_eq!(f[33], 2);
     }
@@ -317,11 +302,7 @@ fn full_table_refuses_and_keeps_existing_flows() {
     }
     let mut f = syn(1002).build();
     assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::FlowTableFull));
-    let mut f = FrameSpec {
-        flags: TcpFlags::ACK,
-        ..syn(1000)
-    }
-    .build();
+    let mut f = seg(1000, TcpFlags::ACK);
     assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
 }
 
