@@ -191,6 +191,28 @@ pub struct WorkerStats {
     pub drops: BTreeMap<String, u64>,
 }
 
+impl WorkerStats {
+    /// The wire form of worker `id`'s counters. The one place that maps `lb::Counters`
+    /// onto the protocol, so a new counter cannot be forgotten in one of several copies.
+    pub fn new(id: u16, c: &lb::Counters) -> WorkerStats {
+        WorkerStats {
+            id,
+            rx: c.rx,
+            tx: c.tx,
+            handoff_out: c.handoff_out,
+            handoff_in: c.handoff_in,
+            flows_created: c.flows_created,
+            flows_expired: c.flows_expired,
+            held: c.held,
+            drops: lb::DropReason::ALL
+                .iter()
+                .filter(|r| c.drops[**r as usize] > 0)
+                .map(|r| (r.name().to_string(), c.drops[*r as usize]))
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsView {
     pub workers: Vec<WorkerStats>,

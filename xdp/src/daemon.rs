@@ -25,7 +25,7 @@ use crossbeam_channel::{Receiver, Sender};
 use lb::netview::{NetView, NextHopError};
 use lb::service::{Op, ServiceTable};
 use lb::snapshot::{DatapathConfig, SnatConfig};
-use lb::{DropReason, Snapshot, Timeouts};
+use lb::{Snapshot, Timeouts};
 use nat::PortRange;
 use ringbuf::traits::Split;
 use ringbuf::HeapRb;
@@ -546,24 +546,7 @@ impl Daemon {
         let workers = self
             .workers
             .iter()
-            .map(|w| {
-                let c = w.shared.counters();
-                WorkerStats {
-                    id: w.id,
-                    rx: c.rx,
-                    tx: c.tx,
-                    handoff_out: c.handoff_out,
-                    handoff_in: c.handoff_in,
-                    flows_created: c.flows_created,
-                    flows_expired: c.flows_expired,
-                    held: c.held,
-                    drops: DropReason::ALL
-                        .iter()
-                        .filter(|r| c.drops[**r as usize] > 0)
-                        .map(|r| (r.name().to_string(), c.drops[*r as usize]))
-                        .collect(),
-                }
-            })
+            .map(|w| WorkerStats::new(w.id, &w.shared.counters()))
             .collect();
         let xs = self.steering.stats();
         let xdp: BTreeMap<String, u64> = Stat::ALL
