@@ -34,7 +34,7 @@ drop_reasons! {
     Fragment = 2 => "fragment",
     /// TTL ≤ 1: the kernel answers those (the XDP program passes them); defensive.
     TtlExceeded = 3 => "ttl_exceeded",
-    /// Neither TCP nor UDP.
+    /// Neither TCP, UDP nor (for masquerading) ICMP echo or a translatable ICMP error.
     UnsupportedProtocol = 4 => "unsupported_protocol",
     /// Not to a frontend nor to the SNAT address (stale steering map).
     NotForUs = 5 => "not_for_us",
@@ -47,7 +47,8 @@ drop_reasons! {
     /// The next hop's MAC was still unknown when the held frame's deadline passed, or
     /// the hold queue was full (I/O layer).
     NoNeighbour = 9 => "no_neighbour",
-    /// Every SNAT port of this worker is in use toward this backend.
+    /// Every NAT port of this worker's slice is in use toward this remote endpoint
+    /// (backend, or masqueraded destination and port). Nothing leaves untranslated.
     PortsExhausted = 10 => "ports_exhausted",
     /// The flow table is at capacity.
     FlowTableFull = 11 => "flow_table_full",
@@ -76,6 +77,11 @@ pub struct Counters {
     pub flows_expired: u64,
     /// Frames held for a neighbour resolution (each pass counts).
     pub held: u64,
+    /// Frames forwarded without translation: the masquerade policy keeps their source
+    /// (only while the XDP maps catch up with a policy change).
+    pub routed: u64,
+    /// ICMP errors about a NATed flow, translated back to its inside host.
+    pub icmp_errors: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -99,6 +105,8 @@ impl Counters {
             self.flows_created,
             self.flows_expired,
             self.held,
+            self.routed,
+            self.icmp_errors,
         ]);
         a[SCALARS..].copy_from_slice(&self.drops);
         a
@@ -115,11 +123,13 @@ impl Counters {
             flows_created: a[4],
             flows_expired: a[5],
             held: a[6],
+            routed: a[7],
+            icmp_errors: a[8],
             drops,
         }
     }
 }
 
-const SCALARS: usize = 7;
+const SCALARS: usize = 9;
 /// Length of [`Counters::to_array`].
 pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

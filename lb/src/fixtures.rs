@@ -39,8 +39,11 @@ pub enum Steer {
     Reply,
     /// Left to the kernel.
     Pass,
-    /// Dropped in XDP (fragments to a frontend or the SNAT range).
+    /// Dropped in XDP (fragments to a frontend or the SNAT range; from a masquerade
+    /// source, fragments and protocols without ports).
     Drop,
+    /// To the XSK of the rx queue: a packet to masquerade.
+    Masq,
 }
 
 #[derive(Debug, Clone)]
@@ -420,7 +423,7 @@ pub fn fixtures() -> Vec<Fixture> {
             }
             .build(),
             steer: Steer::Pass,
-            verdict: drop(DropReason::UnsupportedProtocol),
+            verdict: drop(DropReason::NotForUs),
             out: None,
         },
         Fixture {
@@ -431,7 +434,7 @@ pub fn fixtures() -> Vec<Fixture> {
             }
             .build(),
             steer: Steer::Pass,
-            verdict: drop(DropReason::UnsupportedProtocol),
+            verdict: drop(DropReason::NotForUs),
             out: None,
         },
     ]

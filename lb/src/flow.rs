@@ -2,7 +2,8 @@
 //!
 //! Layout: a slab of [`Flow`]s preallocated to capacity, a free list, and one hashbrown
 //! map from [`FlowKey`] (the 5-tuple as it arrives) to `slot << 1 | direction`. Each flow
-//! has two keys, client→VIP (forward) and backend→SNAT (reverse), so a reply finds its
+//! has two keys, client→VIP (forward) and backend→SNAT (reverse) — for a masqueraded
+//! flow inside host→remote and remote→egress address — so a reply finds its
 //! flow with one lookup. Capacity is fixed at start-up: the map is created with room for
 //! two keys per slot, so inserts never allocate; a full table refuses new flows (the
 //! pipeline counts that) and never evicts established ones.
@@ -61,6 +62,7 @@ pub enum FlowState {
     Fin,
     Rst,
     Udp,
+    Icmp,
 }
 
 impl FlowState {
@@ -71,6 +73,7 @@ impl FlowState {
             FlowState::Fin => "fin",
             FlowState::Rst => "rst",
             FlowState::Udp => "udp",
+            FlowState::Icmp => "icmp",
         }
     }
 }
@@ -83,10 +86,24 @@ pub struct Flow {
     pub last_seen: u64,
     /// Snapshot generation the rewrite was resolved under.
     pub generation: u64,
-    /// The service and backend, to revalidate after a configuration change.
-    pub frontend: crate::snapshot::FrontendKey,
-    pub backend: ([u8; 4], u16),
+    pub kind: FlowKind,
+    /// A masqueraded flow the current policy would no longer masquerade: the XDP
+    /// program's keep map steers its packets to the workers (see the pipeline).
+    pub kept: bool,
     pub packets: [u64; 2],
+}
+
+/// What created a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowKind {
+    /// Load balancing: the service and backend, to revalidate after a configuration
+    /// change.
+    Lb {
+        frontend: crate::snapshot::FrontendKey,
+        backend: ([u8; 4], u16),
+    },
+    /// Egress masquerading: `keys[0]` is inside host → remote, `keys[1]` remote → egress.
+    Masq,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +211,11 @@ impl FlowTable {
     pub fn iter(&self) -> impl Iterator<Item = &Flow> {
         self.slots.iter().filter_map(Option::as_ref)
     }
+
+    /// All live flows, mutably (to mark them after a policy change; not per packet).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Flow> {
+        self.slots.iter_mut().filter_map(Option::as_mut)
+    }
 }
 
 #[cfg(test)]
@@ -220,12 +242,15 @@ mod tests {
             state: FlowState::SynSent,
             last_seen: t,
             generation: 0,
-            frontend: FrontendKey {
-                addr: [0; 4],
-                port: 0,
-                proto: 6,
+            kind: FlowKind::Lb {
+                frontend: FrontendKey {
+                    addr: [0; 4],
+                    port: 0,
+                    proto: 6,
+                },
+                backend: ([0; 4], 0),
             },
-            backend: ([0; 4], 0),
+            kept: false,
             packets: [0; 2],
         }
     }

@@ -12,6 +12,7 @@ pub mod fixtures;
 pub mod flow;
 pub mod hash;
 pub mod maglev;
+pub mod masq_fixtures;
 pub mod netview;
 pub mod pipeline;
 pub mod service;

@@ -1,9 +1,22 @@
-//! The SNAT-mode load-balancing stage: frame in, rewritten frame and verdict out.
+//! The worker pipeline: frame in, rewritten frame and verdict out. Two kinds of flow
+//! share one flow table, one port slice and one rewrite machinery:
 //!
 //! ```text
+//! load balancing (SNAT mode)
 //! client:cport → VIP:vport        becomes   snat:port → backend:bport   (forward)
 //! backend:bport → snat:port       becomes   VIP:vport → client:cport    (reverse)
+//! egress masquerading (ip-masq-agent semantics, see nat::ipmasq)
+//! pod:sport → remote:rport        becomes   egress:port → remote:rport  (forward)
+//! remote:rport → egress:port      becomes   remote:rport → pod:sport    (reverse)
 //! ```
+//!
+//! ICMP echo is keyed like a port pair: a request as `(id, 0)`, a reply as `(0, id)`, so
+//! its identifier is translated like a source port (RFC 5508 §3.1). An ICMP error
+//! (unreachable, fragmentation needed, time exceeded, parameter problem) quoting a
+//! packet of a flow is translated back: the quoted packet is the inverse of a packet
+//! that flow's rewrite produces, so the flow's rewrite, mirrored, restores the quoted
+//! header, and the outer destination follows the flow (RFC 5508 §4, RFC 3022 §4.3).
+//! Quoted and ICMP checksums are updated incrementally like the rest.
 //!
 //! Contract: no I/O, no clock (the caller passes `now` to [`Engine::begin_batch`], read
 //! once per batch), no allocation per packet, no panics on any input. A frame is either
@@ -21,13 +34,14 @@
 //! backend ends the flow, a changed neighbour updates the MACs, nothing else moves.
 
 use crate::counters::{Counters, DropReason};
-use crate::flow::{Dir, Flow, FlowKey, FlowState, FlowTable, Rewrite};
+use crate::flow::{Dir, Flow, FlowKey, FlowKind, FlowState, FlowTable, Rewrite};
 use crate::hash::flow_hash;
 use crate::netview::{NextHop, NextHopError};
-use crate::snapshot::{FrontendKey, Snapshot, Timeouts};
-use crate::wire::checksum::{addr_words, Delta, TTL_DECREMENT};
+use crate::snapshot::{FrontendKey, MasqState, Snapshot, Timeouts};
+use crate::wire::checksum::{addr_words, fold, sum, Delta, TTL_DECREMENT};
 use crate::wire::ethernet::ETHERTYPE_IPV4;
-use crate::wire::ipv4::{PROTO_TCP, PROTO_UDP};
+use crate::wire::icmp::{self, Quoted};
+use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use crate::wire::{write_u16, EthernetFrame, Ipv4Packet, TcpFlags, L4};
 use nat::PortAllocator;
 use std::sync::Arc;
@@ -38,6 +52,9 @@ pub const EXPIRE_BUDGET: usize = 64;
 pub const MAX_PORT_TRIES: u32 = 128;
 /// Neighbour resolutions a worker can ask for between two drains.
 const RESOLVE_QUEUE: usize = 16;
+/// Kept flows whose end a worker can report between two drains (more are not reported:
+/// a stale keep entry only steers a 5-tuple to the workers, which then decide by policy).
+const UNKEEP_QUEUE: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -55,6 +72,22 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// What kind of L4 message a parsed frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// TCP or UDP.
+    Ports,
+    EchoRequest,
+    EchoReply,
+    /// An ICMP error quoting the IPv4 packet at `il3` (its L4 header at `il4`) whose
+    /// 5-tuple is `inner`.
+    Error {
+        il3: usize,
+        il4: usize,
+        inner: FlowKey,
+    },
+}
+
 /// Where the headers of a parsed frame sit.
 struct Parsed {
     l3: usize,
@@ -62,6 +95,7 @@ struct Parsed {
     l4_end: usize,
     key: FlowKey,
     flags: TcpFlags,
+    kind: Kind,
 }
 
 #[derive(Debug)]
@@ -74,6 +108,13 @@ pub struct Engine {
     pub counters: Counters,
     resolve: [[u8; 4]; RESOLVE_QUEUE],
     resolve_len: usize,
+    /// Masquerading policy version the flows were last scanned under.
+    masq_version: Option<u64>,
+    /// Forward keys of flows newly kept by the last policy change (see
+    /// [`Engine::set_snapshot`]).
+    kept_new: Vec<FlowKey>,
+    unkept: [FlowKey; UNKEEP_QUEUE],
+    unkept_len: usize,
 }
 
 fn timeout(t: &Timeouts, s: FlowState) -> u64 {
@@ -83,6 +124,14 @@ fn timeout(t: &Timeouts, s: FlowState) -> u64 {
         FlowState::Fin => t.tcp_fin,
         FlowState::Rst => t.tcp_rst,
         FlowState::Udp => t.udp,
+        FlowState::Icmp => t.icmp,
+    }
+}
+
+fn push_unkept(queue: &mut [FlowKey; UNKEEP_QUEUE], len: &mut usize, f: &Flow) {
+    if f.kept && *len < UNKEEP_QUEUE {
+        queue[*len] = f.keys[0];
+        *len += 1;
     }
 }
 
@@ -90,6 +139,7 @@ impl Engine {
     /// A worker's engine. `flow_capacity` flows are allocated now.
     pub fn new(worker: u16, flow_capacity: usize, snap: Arc<Snapshot>) -> Engine {
         let slice = snap.snat.ports.slice(worker, snap.workers.max(1));
+        let masq_version = snap.masq.as_ref().map(|m| m.version);
         Engine {
             worker,
             ports: PortAllocator::new(slice),
@@ -99,6 +149,10 @@ impl Engine {
             counters: Counters::default(),
             resolve: [[0; 4]; RESOLVE_QUEUE],
             resolve_len: 0,
+            masq_version,
+            kept_new: Vec::new(),
+            unkept: [FlowKey::default(); UNKEEP_QUEUE],
+            unkept_len: 0,
         }
     }
 
@@ -110,9 +164,51 @@ impl Engine {
         &self.snap
     }
 
-    /// Swap in a new snapshot (between batches). Flows revalidate lazily.
+    /// Swap in a new snapshot (between batches). Flows revalidate lazily, except after a
+    /// masquerading policy change: then every masqueraded flow the new policy would not
+    /// masquerade is marked kept, and its forward key queued for [`Engine::take_kept`]
+    /// (the daemon puts those in the XDP program's keep map before the program learns
+    /// the new policy, so established flows keep their translation). Not per packet: it
+    /// walks the table and may allocate.
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
+        let version = snap.masq.as_ref().map(|m| m.version);
         self.snap = snap;
+        if version == self.masq_version {
+            return;
+        }
+        self.masq_version = version;
+        let Some(m) = self.snap.masq.clone() else {
+            return;
+        };
+        for f in self.flows.iter_mut() {
+            if f.kind == FlowKind::Masq
+                && !f.kept
+                && !m
+                    .rules
+                    .decide(f.keys[0].src.into(), f.keys[0].dst.into())
+                    .masquerades()
+            {
+                f.kept = true;
+                self.kept_new.push(f.keys[0]);
+            }
+        }
+    }
+
+    /// Forward keys of flows kept by the last policy change (see [`Engine::set_snapshot`]).
+    pub fn take_kept(&mut self) -> Vec<FlowKey> {
+        core::mem::take(&mut self.kept_new)
+    }
+
+    /// Forward keys of kept flows that ended since the last call.
+    pub fn take_unkept(&mut self) -> impl Iterator<Item = FlowKey> + '_ {
+        let n = core::mem::take(&mut self.unkept_len);
+        self.unkept[..n].iter().copied()
+    }
+
+    fn remove_flow(&mut self, slot: u32) {
+        if let Some(f) = self.flows.remove(slot) {
+            push_unkept(&mut self.unkept, &mut self.unkept_len, &f);
+        }
     }
 
     pub fn flows(&self) -> &FlowTable {
@@ -127,8 +223,13 @@ impl Engine {
     pub fn begin_batch(&mut self, now: u64) {
         self.now = now;
         let t = self.snap.timeouts;
+        let (queue, len) = (&mut self.unkept, &mut self.unkept_len);
         let expired = self.flows.expire_step(EXPIRE_BUDGET, |f| {
-            now.saturating_sub(f.last_seen) > timeout(&t, f.state)
+            let gone = now.saturating_sub(f.last_seen) > timeout(&t, f.state);
+            if gone {
+                push_unkept(queue, len, f);
+            }
+            gone
         });
         self.counters.flows_expired += expired as u64;
     }
@@ -171,46 +272,117 @@ impl Engine {
             return Err(DropReason::TtlExceeded);
         }
         let proto = ip.protocol();
-        if proto != PROTO_TCP && proto != PROTO_UDP {
+        if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
             return Err(DropReason::UnsupportedProtocol);
         }
         let l4 = l3 + ip.header_len();
         let l4_end = l3 + ip.total_len();
         let seg = L4::new_checked(&frame[l4..l4_end], proto).map_err(|_| DropReason::Malformed)?;
+        let mut key = FlowKey {
+            src: ip.src(),
+            dst: ip.dst(),
+            sport: seg.src_port(),
+            dport: seg.dst_port(),
+            proto,
+        };
+        let mut kind = Kind::Ports;
+        if proto == PROTO_ICMP {
+            // L4 checked 8 bytes: type, code, checksum, and the identifier of an echo.
+            let ty = frame[l4];
+            let id = u16::from_be_bytes([frame[l4 + icmp::ECHO_ID], frame[l4 + icmp::ECHO_ID + 1]]);
+            (key.sport, key.dport, kind) = match ty {
+                icmp::ECHO_REQUEST => (id, 0, Kind::EchoRequest),
+                icmp::ECHO_REPLY => (0, id, Kind::EchoReply),
+                t if icmp::is_error(t) => {
+                    let il3 = l4 + icmp::QUOTE;
+                    let q = Quoted::new_checked(&frame[il3..l4_end])
+                        .map_err(|_| DropReason::Malformed)?;
+                    if q.is_later_fragment() {
+                        return Err(DropReason::UnsupportedProtocol);
+                    }
+                    let (sport, dport) = q.ports().ok_or(DropReason::UnsupportedProtocol)?;
+                    let inner = FlowKey {
+                        src: q.src(),
+                        dst: q.dst(),
+                        sport,
+                        dport,
+                        proto: q.protocol(),
+                    };
+                    (
+                        0,
+                        0,
+                        Kind::Error {
+                            il3,
+                            il4: il3 + q.header_len(),
+                            inner,
+                        },
+                    )
+                }
+                _ => return Err(DropReason::UnsupportedProtocol),
+            };
+        }
         Ok(Parsed {
             l3,
             l4,
             l4_end,
-            key: FlowKey {
-                src: ip.src(),
-                dst: ip.dst(),
-                sport: seg.src_port(),
-                dport: seg.dst_port(),
-                proto,
-            },
+            key,
             flags: seg.tcp_flags(),
+            kind,
         })
     }
 
     fn process_inner(&mut self, frame: &mut [u8]) -> Result<Verdict, DropReason> {
         let p = Self::parse(frame)?;
+        if let Kind::Error { il3, il4, inner } = p.kind {
+            return self.icmp_error(frame, &p, il3, il4, inner);
+        }
         if let Some((slot, dir)) = self.flows.lookup(&p.key) {
             if self.still_valid(slot, dir, &p) {
                 return self.forward(frame, slot, dir, &p);
             }
         }
-        let snat = self.snap.snat;
-        if p.key.dst == snat.addr && snat.ports.contains(p.key.dport) {
-            let owner = snat
-                .ports
-                .owner(p.key.dport, self.snap.workers)
-                .unwrap_or(self.worker);
+        // A reply to a NAT address and port with no flow here: its owner has it, or
+        // nobody does.
+        if let Some(owner) = self.nat_port_owner(p.key.dst, p.key.dport) {
             if owner != self.worker {
                 return Ok(Verdict::ToWorker(owner));
             }
             return Err(DropReason::NoFlow);
         }
-        self.new_flow(frame, &p)
+        if p.kind == Kind::Ports {
+            let fk = FrontendKey {
+                addr: p.key.dst,
+                port: p.key.dport,
+                proto: p.key.proto,
+            };
+            if self.snap.services.contains_key(&fk) {
+                return self.new_flow(frame, &p, fk);
+            }
+        }
+        match self.snap.masq.clone() {
+            Some(m) => self.masquerade(frame, &p, &m),
+            None => Err(DropReason::NotForUs),
+        }
+    }
+
+    /// The worker owning `port` when `addr:port` is one of our NAT endpoints (the SNAT
+    /// address or the egress address, inside the NAT port range).
+    fn nat_port_owner(&self, addr: [u8; 4], port: u16) -> Option<u16> {
+        let snat = self.snap.snat;
+        let ours = addr == snat.addr
+            || self
+                .snap
+                .masq
+                .as_ref()
+                .is_some_and(|m| m.rules.egress.octets() == addr);
+        if !ours || !snat.ports.contains(port) {
+            return None;
+        }
+        Some(
+            snat.ports
+                .owner(port, self.snap.workers)
+                .unwrap_or(self.worker),
+        )
     }
 
     /// False (after removing it) when the flow found for this packet has idled out, or is
@@ -224,7 +396,7 @@ impl Engine {
             && p.flags.is_opening_syn()
             && matches!(f.state, FlowState::Fin | FlowState::Rst);
         if idle || reused {
-            self.flows.remove(slot);
+            self.remove_flow(slot);
             self.counters.flows_expired += 1;
             return false;
         }
@@ -265,24 +437,31 @@ impl Engine {
         Ok(Verdict::Tx { iface: rw.iface })
     }
 
-    /// Bring a flow up to the current snapshot: end it if its backend is gone, refresh
-    /// its next hops if they changed. Addresses and ports never change mid-flow.
+    /// Bring a flow up to the current snapshot: end a load-balanced flow if its backend
+    /// is gone, refresh next hops if they changed. Addresses and ports never change
+    /// mid-flow (a masqueraded flow keeps its translation across policy changes).
     fn revalidate(&mut self, slot: u32) -> Result<(), DropReason> {
         let snap = Arc::clone(&self.snap);
         let Some(f) = self.flows.get_mut(slot) else {
             return Err(DropReason::NoFlow);
         };
-        let alive = snap.services.get(&f.frontend).is_some_and(|s| {
-            s.spec
-                .backends
-                .iter()
-                .any(|b| b.addr.octets() == f.backend.0 && b.port == f.backend.1)
-        });
-        if !alive {
-            self.flows.remove(slot);
-            return Err(DropReason::BackendRemoved);
-        }
-        if let Ok(h) = snap.net.next_hop(f.backend.0) {
+        let fwd_to = match f.kind {
+            FlowKind::Lb { frontend, backend } => {
+                let alive = snap.services.get(&frontend).is_some_and(|s| {
+                    s.spec
+                        .backends
+                        .iter()
+                        .any(|b| b.addr.octets() == backend.0 && b.port == backend.1)
+                });
+                if !alive {
+                    self.remove_flow(slot);
+                    return Err(DropReason::BackendRemoved);
+                }
+                backend.0
+            }
+            FlowKind::Masq => f.keys[0].dst,
+        };
+        if let Ok(h) = snap.net.next_hop(fwd_to) {
             set_hop(&mut f.rewrite[0], h);
         }
         if let Ok(h) = snap.net.next_hop(f.keys[0].src) {
@@ -308,14 +487,14 @@ impl Engine {
         }
     }
 
-    fn new_flow(&mut self, frame: &mut [u8], p: &Parsed) -> Result<Verdict, DropReason> {
+    fn new_flow(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        fk: FrontendKey,
+    ) -> Result<Verdict, DropReason> {
         let k = p.key;
         let snap = Arc::clone(&self.snap);
-        let fk = FrontendKey {
-            addr: k.dst,
-            port: k.dport,
-            proto: k.proto,
-        };
         let svc = snap.services.get(&fk).ok_or(DropReason::NotForUs)?;
         // Only a SYN opens a TCP flow: a mid-stream segment would reach the backend from a
         // new SNAT port, which the backend can only reset.
@@ -368,8 +547,11 @@ impl Engine {
             },
             last_seen: self.now,
             generation: snap.generation,
-            frontend: fk,
-            backend: (baddr, backend.port),
+            kind: FlowKind::Lb {
+                frontend: fk,
+                backend: (baddr, backend.port),
+            },
+            kept: false,
             packets: [1, 0],
         };
         self.flows
@@ -379,6 +561,217 @@ impl Engine {
         apply(frame, p, &fwd);
         Ok(Verdict::Tx { iface: fwd.iface })
     }
+    /// A packet with no flow and no service: masquerade it, route it untranslated, or
+    /// refuse it, as the policy says.
+    fn masquerade(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        m: &MasqState,
+    ) -> Result<Verdict, DropReason> {
+        let k = p.key;
+        match m.rules.decide(k.src.into(), k.dst.into()) {
+            nat::Decision::NotMasqueradeSource => Err(DropReason::NotForUs),
+            nat::Decision::Masquerade { to } => {
+                if p.kind == Kind::EchoReply {
+                    return Err(DropReason::NoFlow);
+                }
+                if k.proto == PROTO_TCP && !p.flags.is_opening_syn() {
+                    // A connection the previous policy left to the kernel unmasqueraded
+                    // continues that way; any other mid-stream segment has lost its flow.
+                    let was_kept = m
+                        .previous
+                        .as_ref()
+                        .is_some_and(|prev| prev.non_masquerade(k.dst.into()).is_some());
+                    if was_kept {
+                        return self.route(frame, p);
+                    }
+                    return Err(DropReason::NoFlow);
+                }
+                self.new_masq_flow(frame, p, to.octets())
+            }
+            // The node's own addresses and multicast are the kernel's (the XDP program
+            // passes them; this is defensive).
+            nat::Decision::Node {
+                kind: nat::NodeRule::ThisNode | nat::NodeRule::Multicast,
+                ..
+            } => Err(DropReason::NotForUs),
+            // Only while the XDP maps catch up with a policy change, or for a kept
+            // 5-tuple whose flow has ended: do what the kernel would have done.
+            nat::Decision::KeepSource { .. } | nat::Decision::Node { .. } => self.route(frame, p),
+        }
+    }
+
+    fn new_masq_flow(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        egress: [u8; 4],
+    ) -> Result<Verdict, DropReason> {
+        let k = p.key;
+        if self.flows.len() >= self.flows.capacity() {
+            return Err(DropReason::FlowTableFull);
+        }
+        let fwd_hop = self.hop(k.dst)?;
+        let rev_hop = self.hop(k.src)?;
+        // The reply key for a candidate port. For an echo request (id, 0) it is (0, id'):
+        // the same formula, because k.dport is 0.
+        let reply = |port: u16| FlowKey {
+            src: k.dst,
+            dst: egress,
+            sport: k.dport,
+            dport: port,
+            proto: k.proto,
+        };
+        let flows = &self.flows;
+        let port = self
+            .ports
+            .allocate(MAX_PORT_TRIES, |port| flows.contains_key(&reply(port)))
+            .ok_or(DropReason::PortsExhausted)?;
+        let rev_key = reply(port);
+        let fwd = rewrite(&k, egress, k.dst, port, k.dport, fwd_hop);
+        let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
+        let flow = Flow {
+            keys: [k, rev_key],
+            rewrite: [fwd, rev],
+            state: match k.proto {
+                PROTO_TCP => FlowState::SynSent,
+                PROTO_UDP => FlowState::Udp,
+                _ => FlowState::Icmp,
+            },
+            last_seen: self.now,
+            generation: self.snap.generation,
+            kind: FlowKind::Masq,
+            kept: false,
+            packets: [1, 0],
+        };
+        self.flows
+            .insert(flow)
+            .map_err(|_| DropReason::FlowTableFull)?;
+        self.counters.flows_created += 1;
+        apply(frame, p, &fwd);
+        Ok(Verdict::Tx { iface: fwd.iface })
+    }
+
+    /// Forward untranslated, as a router: next hop from the routing table, TTL − 1.
+    fn route(&mut self, frame: &mut [u8], p: &Parsed) -> Result<Verdict, DropReason> {
+        let hop = self.hop(p.key.dst)?;
+        frame[0..6].copy_from_slice(&hop.dst_mac);
+        frame[6..12].copy_from_slice(&hop.src_mac);
+        decrement_ttl(&mut frame[p.l3..p.l4], TTL_DECREMENT);
+        self.counters.routed += 1;
+        Ok(Verdict::Tx { iface: hop.iface })
+    }
+
+    /// Translate an ICMP error quoting a packet of one of our flows. The quoted packet
+    /// went out translated, so its 5-tuple reversed is the key of the direction this
+    /// error travels; that direction's rewrite gives the new outer destination (and the
+    /// new outer source when the error comes from the flow's far end itself), and,
+    /// mirrored, the quoted packet's original addresses and ports.
+    fn icmp_error(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        il3: usize,
+        il4: usize,
+        inner: FlowKey,
+    ) -> Result<Verdict, DropReason> {
+        let rk = FlowKey {
+            src: inner.dst,
+            dst: inner.src,
+            sport: inner.dport,
+            dport: inner.sport,
+            proto: inner.proto,
+        };
+        let Some((slot, dir)) = self.flows.lookup(&rk) else {
+            return match self.nat_port_owner(rk.dst, rk.dport) {
+                Some(owner) if owner != self.worker => Ok(Verdict::ToWorker(owner)),
+                _ => Err(DropReason::NoFlow),
+            };
+        };
+        if self
+            .flows
+            .get(slot)
+            .is_some_and(|f| f.generation != self.snap.generation)
+        {
+            self.revalidate(slot)?;
+        }
+        let rw = self
+            .flows
+            .get(slot)
+            .map(|f| f.rewrite[dir as usize])
+            .ok_or(DropReason::NoFlow)?;
+        let icmp_sum = fold(sum(&frame[p.l4..p.l4_end]));
+        {
+            let q = &mut frame[il3..p.l4_end];
+            let addr_delta = Delta::between(&words(inner.src, inner.dst), &words(rw.dst, rw.src));
+            let c = u16::from_be_bytes([q[10], q[11]]);
+            write_u16(q, 10, addr_delta.apply(c));
+            q[12..16].copy_from_slice(&rw.dst);
+            q[16..20].copy_from_slice(&rw.src);
+            let l4 = &mut q[il4 - il3..];
+            match inner.proto {
+                PROTO_ICMP => {
+                    // (id, 0) or (0, id): the identifier is whichever is set.
+                    let (old_id, new_id) = (inner.sport | inner.dport, rw.sport | rw.dport);
+                    write_u16(l4, icmp::ECHO_ID, new_id);
+                    let c = u16::from_be_bytes([l4[2], l4[3]]);
+                    write_u16(l4, 2, Delta::between(&[old_id], &[new_id]).apply(c));
+                }
+                _ => {
+                    write_u16(l4, 0, rw.dport);
+                    write_u16(l4, 2, rw.sport);
+                    let d = addr_delta.plus(Delta::between(
+                        &[inner.sport, inner.dport],
+                        &[rw.dport, rw.sport],
+                    ));
+                    if inner.proto == PROTO_UDP {
+                        let c = u16::from_be_bytes([l4[6], l4[7]]);
+                        write_u16(l4, 6, d.apply_udp(c));
+                    } else if l4.len() >= 18 {
+                        // A quote of only 8 bytes lacks the TCP checksum; nothing to fix.
+                        let c = u16::from_be_bytes([l4[16], l4[17]]);
+                        write_u16(l4, 16, d.apply(c));
+                    }
+                }
+            }
+        }
+        let icmp_new = fold(sum(&frame[p.l4..p.l4_end]));
+        let c = u16::from_be_bytes([frame[p.l4 + 2], frame[p.l4 + 3]]);
+        write_u16(
+            &mut frame[p.l4..],
+            2,
+            Delta::between(&[icmp_sum], &[icmp_new]).apply(c),
+        );
+        let src = if p.key.src == rk.src {
+            rw.src
+        } else {
+            p.key.src
+        };
+        frame[0..6].copy_from_slice(&rw.dst_mac);
+        frame[6..12].copy_from_slice(&rw.src_mac);
+        let ip = &mut frame[p.l3..p.l4];
+        let d = Delta::between(&words(p.key.src, p.key.dst), &words(src, rw.dst));
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&rw.dst);
+        decrement_ttl(ip, d.plus(TTL_DECREMENT));
+        self.counters.icmp_errors += 1;
+        Ok(Verdict::Tx { iface: rw.iface })
+    }
+}
+
+/// The four 16-bit words of an address pair.
+fn words(a: [u8; 4], b: [u8; 4]) -> [u16; 4] {
+    let ([a0, a1], [b0, b1]) = (addr_words(a), addr_words(b));
+    [a0, a1, b0, b1]
+}
+
+/// Decrement the TTL (≥ 2, checked in parse) and apply `delta` (which must include
+/// [`TTL_DECREMENT`]) to the header checksum.
+fn decrement_ttl(ip: &mut [u8], delta: Delta) {
+    ip[8] -= 1;
+    let c = u16::from_be_bytes([ip[10], ip[11]]);
+    write_u16(ip, 10, delta.apply(c));
 }
 
 fn set_hop(rw: &mut Rewrite, h: NextHop) {
@@ -402,10 +795,16 @@ fn rewrite(
     let [ns0, ns1] = addr_words(src);
     let [nd0, nd1] = addr_words(dst);
     let ip_delta = Delta::between(&[os0, os1, od0, od1], &[ns0, ns1, nd0, nd1]);
-    let l4_delta = Delta::between(
-        &[os0, os1, od0, od1, from.sport, from.dport],
-        &[ns0, ns1, nd0, nd1, sport, dport],
-    );
+    let l4_delta = if from.proto == PROTO_ICMP {
+        // No pseudo-header; only the identifier changes, and it is whichever of the
+        // key's two "ports" is set ((id, 0) for a request, (0, id) for a reply).
+        Delta::between(&[from.sport | from.dport], &[sport | dport])
+    } else {
+        Delta::between(
+            &[os0, os1, od0, od1, from.sport, from.dport],
+            &[ns0, ns1, nd0, nd1, sport, dport],
+        )
+    };
     Rewrite {
         src,
         dst,
@@ -431,13 +830,24 @@ fn apply(frame: &mut [u8], p: &Parsed, rw: &Rewrite) {
     let c = u16::from_be_bytes([ip[10], ip[11]]);
     write_u16(ip, 10, rw.ip_delta.apply(c));
     let l4 = &mut frame[p.l4..p.l4_end];
-    write_u16(l4, 0, rw.sport);
-    write_u16(l4, 2, rw.dport);
-    if p.key.proto == PROTO_TCP {
-        let c = u16::from_be_bytes([l4[16], l4[17]]);
-        write_u16(l4, 16, rw.l4_delta.apply(c));
-    } else {
-        let c = u16::from_be_bytes([l4[6], l4[7]]);
-        write_u16(l4, 6, rw.l4_delta.apply_udp(c));
+    match p.key.proto {
+        PROTO_TCP => {
+            write_u16(l4, 0, rw.sport);
+            write_u16(l4, 2, rw.dport);
+            let c = u16::from_be_bytes([l4[16], l4[17]]);
+            write_u16(l4, 16, rw.l4_delta.apply(c));
+        }
+        PROTO_UDP => {
+            write_u16(l4, 0, rw.sport);
+            write_u16(l4, 2, rw.dport);
+            let c = u16::from_be_bytes([l4[6], l4[7]]);
+            write_u16(l4, 6, rw.l4_delta.apply_udp(c));
+        }
+        _ => {
+            // ICMP echo: the identifier is whichever "port" the rewrite sets.
+            write_u16(l4, icmp::ECHO_ID, rw.sport | rw.dport);
+            let c = u16::from_be_bytes([l4[2], l4[3]]);
+            write_u16(l4, 2, rw.l4_delta.apply(c));
+        }
     }
 }

@@ -27,11 +27,13 @@ pub struct Timeouts {
     /// TCP flow after a RST.
     pub tcp_rst: u64,
     pub udp: u64,
+    /// ICMP echo flows (masquerading).
+    pub icmp: u64,
 }
 
 impl Default for Timeouts {
     /// Cilium's conntrack defaults where they exist (TCP 6 h, SYN 60 s, FIN 10 s); UDP
-    /// 60 s like Cilium's non-TCP default.
+    /// 60 s like Cilium's non-TCP default; ICMP 30 s like Linux's nf_conntrack_icmp_timeout.
     fn default() -> Self {
         Timeouts {
             tcp_syn: 60 * SEC,
@@ -39,6 +41,7 @@ impl Default for Timeouts {
             tcp_fin: 10 * SEC,
             tcp_rst: 10 * SEC,
             udp: 60 * SEC,
+            icmp: 30 * SEC,
         }
     }
 }
@@ -79,6 +82,19 @@ pub struct SnatConfig {
     pub ports: PortRange,
 }
 
+/// Egress masquerading as the workers apply it.
+#[derive(Debug)]
+pub struct MasqState {
+    /// Sources, node rules, the current non-masquerade policy, the egress address.
+    pub rules: nat::Masquerade,
+    /// The policy before the last change. A TCP segment with no flow that the previous
+    /// policy left unmasqueraded belongs to a connection the kernel routed with its pod
+    /// address: it keeps going that way instead of being dropped.
+    pub previous: Option<Arc<nat::MasqPolicy>>,
+    /// Changes with every policy change (workers rescan their flows then).
+    pub version: u64,
+}
+
 #[derive(Debug)]
 pub struct Snapshot {
     /// Increases with every snapshot; flows remember the one they were resolved under.
@@ -89,6 +105,8 @@ pub struct Snapshot {
     pub timeouts: Timeouts,
     pub hash_seed: u64,
     pub workers: u16,
+    /// Egress masquerading, when `--masquerade-from` is given.
+    pub masq: Option<Arc<MasqState>>,
 }
 
 /// Datapath settings fixed at start-up.
@@ -145,6 +163,7 @@ impl Snapshot {
             timeouts: cfg.timeouts,
             hash_seed: cfg.hash_seed,
             workers: cfg.workers,
+            masq: prev.and_then(|p| p.masq.clone()),
         })
     }
 
@@ -158,6 +177,16 @@ impl Snapshot {
             timeouts: self.timeouts,
             hash_seed: self.hash_seed,
             workers: self.workers,
+            masq: self.masq.clone(),
+        }
+    }
+
+    /// Same everything, another masquerading state.
+    pub fn with_masq(&self, generation: u64, masq: Option<Arc<MasqState>>) -> Snapshot {
+        Snapshot {
+            generation,
+            masq,
+            ..self.with_net(generation, Arc::clone(&self.net))
         }
     }
 }

@@ -38,8 +38,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
+/// The counter is global: tests that watch it run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn process_allocates_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut e = Engine::new(0, 4096, Arc::new(fixtures::snapshot()));
     // Frames are built before watching (the builder allocates).
     let syns: Vec<Vec<u8>> = (0..1000u16)
@@ -102,4 +106,55 @@ fn process_allocates_nothing() {
     );
     assert_eq!(replies.len(), 1000);
     assert!(e.counters.flows_expired > 0);
+}
+
+#[test]
+fn masquerading_allocates_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    use lb::masq_fixtures::{self as mf, answer, from_pod, icmp_error, masqueraded};
+    use lb::wire::icmp;
+    use lb::wire::ipv4::{PROTO_ICMP, PROTO_UDP};
+    let mut e = Engine::new(0, 4096, Arc::new(mf::snapshot()));
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    for i in 0..500u16 {
+        let out = from_pod(mf::POD_A, mf::REMOTE, PROTO_UDP, 20_000 + i, 53);
+        let sent = masqueraded(&out, mf::FIRST_PORT + i);
+        frames.push(out.build());
+        frames.push(answer(&sent).build());
+        frames.push(
+            icmp_error(
+                mf::ROUTER,
+                mf::EGRESS,
+                icmp::TIME_EXCEEDED,
+                0,
+                0,
+                &sent.build(),
+            )
+            .build(),
+        );
+    }
+    for i in 0..100u16 {
+        let ping = from_pod(mf::POD_B, mf::REMOTE, PROTO_ICMP, i, 1);
+        frames.push(ping.build());
+        frames.push(answer(&masqueraded(&ping, mf::FIRST_PORT + 500 + i)).build());
+    }
+    // Routed untranslated (non-masquerade destination).
+    frames.push(from_pod(mf::POD_A, mf::PRIVATE, PROTO_UDP, 1, 2).build());
+    WATCH.store(true, Ordering::Relaxed);
+    let before = ALLOCS.load(Ordering::Relaxed);
+    e.begin_batch(1);
+    for f in frames.iter_mut() {
+        assert!(matches!(e.process(f), Verdict::Tx { .. }));
+    }
+    for _ in 0..100 {
+        e.begin_batch(u64::MAX / 2);
+    }
+    WATCH.store(false, Ordering::Relaxed);
+    assert_eq!(
+        ALLOCS.load(Ordering::Relaxed) - before,
+        0,
+        "allocations on the masquerade path"
+    );
+    assert_eq!(e.counters.icmp_errors, 500);
+    assert_eq!(e.counters.routed, 1);
 }

@@ -226,6 +226,28 @@ impl MasqPolicy {
     }
 }
 
+/// Destinations that are never masqueraded whatever the policy says: the node itself,
+/// the cluster's nodes (`--cluster-nodes`), multicast and broadcast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRule {
+    /// An address of this node: delivered locally, never forwarded.
+    ThisNode,
+    /// A `--cluster-nodes` CIDR: nodes reach pod addresses directly.
+    ClusterNodes,
+    /// 224.0.0.0/4 and 255.255.255.255: never routed off-link.
+    Multicast,
+}
+
+impl fmt::Display for NodeRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeRule::ThisNode => "this node",
+            NodeRule::ClusterNodes => "--cluster-nodes",
+            NodeRule::Multicast => "multicast/broadcast",
+        })
+    }
+}
+
 /// What happens to a packet from `src` to `dst`, and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -233,8 +255,16 @@ pub enum Decision {
     Masquerade { to: Ipv4Addr },
     /// Keeps its source: the destination is in a non-masquerade CIDR.
     KeepSource { rule: Cidr, source: RuleSource },
+    /// Keeps its source: the destination is a node (or multicast).
+    Node { rule: Cidr, kind: NodeRule },
     /// Not from a masquerade source (`--masquerade-from`): not xlb's to translate.
     NotMasqueradeSource,
+}
+
+impl Decision {
+    pub fn masquerades(&self) -> bool {
+        matches!(self, Decision::Masquerade { .. })
+    }
 }
 
 impl fmt::Display for Decision {
@@ -242,6 +272,7 @@ impl fmt::Display for Decision {
         match self {
             Decision::Masquerade { to } => write!(f, "masquerade to {to} (no rule matches)"),
             Decision::KeepSource { rule, source } => write!(f, "keep source: {rule} ({source})"),
+            Decision::Node { rule, kind } => write!(f, "keep source: {rule} ({kind})"),
             Decision::NotMasqueradeSource => {
                 f.write_str("not masqueraded: source is not in --masquerade-from")
             }
@@ -249,18 +280,79 @@ impl fmt::Display for Decision {
     }
 }
 
-/// The whole egress decision: masquerade sources, the policy, the egress address.
+/// The whole egress decision: masquerade sources, the policy, the node rules, the
+/// egress address. Built on the control thread; workers read it from their snapshot.
 #[derive(Debug, Clone)]
 pub struct Masquerade {
     pub from: Vec<Cidr>,
-    pub policy: MasqPolicy,
+    pub policy: std::sync::Arc<MasqPolicy>,
     pub egress: Ipv4Addr,
+    node_rules: Vec<(Cidr, NodeRule)>,
+    nodes: PrefixMap<NodeRule>,
 }
 
 impl Masquerade {
+    /// `this_node`: the node's own addresses; `cluster_nodes`: `--cluster-nodes`.
+    pub fn new(
+        from: Vec<Cidr>,
+        policy: std::sync::Arc<MasqPolicy>,
+        egress: Ipv4Addr,
+        this_node: &[Ipv4Addr],
+        cluster_nodes: &[Cidr],
+    ) -> Masquerade {
+        let mut m = Masquerade {
+            from,
+            policy,
+            egress,
+            node_rules: Vec::new(),
+            nodes: PrefixMap::new(),
+        };
+        let host = |a: Ipv4Addr| Cidr::new(a, 32).expect("32 is a valid length");
+        let mut add = |c: Cidr, k: NodeRule| {
+            if m.nodes.insert(c, k) {
+                m.node_rules.push((c, k));
+            }
+        };
+        for a in this_node {
+            add(host(*a), NodeRule::ThisNode);
+        }
+        for c in cluster_nodes {
+            add(*c, NodeRule::ClusterNodes);
+        }
+        add(
+            Cidr::new(Ipv4Addr::new(224, 0, 0, 0), 4).expect("valid"),
+            NodeRule::Multicast,
+        );
+        add(host(Ipv4Addr::BROADCAST), NodeRule::Multicast);
+        m
+    }
+
+    /// The same sources and nodes under another policy.
+    pub fn with_policy(&self, policy: std::sync::Arc<MasqPolicy>) -> Masquerade {
+        Masquerade {
+            policy,
+            ..self.clone()
+        }
+    }
+
+    /// Destinations kept unmasqueraded because they are nodes (or multicast).
+    pub fn node_rules(&self) -> &[(Cidr, NodeRule)] {
+        &self.node_rules
+    }
+
+    pub fn is_source(&self, src: Ipv4Addr) -> bool {
+        self.from.iter().any(|c| c.contains(src))
+    }
+
     pub fn decide(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Decision {
-        if !self.from.iter().any(|c| c.contains(src)) {
+        if !self.is_source(src) {
             return Decision::NotMasqueradeSource;
+        }
+        if let Some((rule, kind)) = self.nodes.lookup(dst) {
+            return Decision::Node {
+                rule: *rule,
+                kind: *kind,
+            };
         }
         match self.policy.non_masquerade(dst) {
             Some((rule, source)) => Decision::KeepSource { rule, source },
@@ -278,11 +370,13 @@ mod tests {
     }
 
     fn masq(policy: MasqPolicy) -> Masquerade {
-        Masquerade {
-            from: vec!["10.244.0.0/16".parse().expect("cidr")],
-            policy,
-            egress: ip("203.0.113.7"),
-        }
+        Masquerade::new(
+            vec!["10.244.0.0/16".parse().expect("cidr")],
+            std::sync::Arc::new(policy),
+            ip("203.0.113.7"),
+            &[ip("192.0.2.1")],
+            &["20.0.0.0/24".parse().expect("cidr")],
+        )
     }
 
     #[test]
@@ -312,6 +406,26 @@ mod tests {
             m.decide(ip("192.168.1.1"), ip("8.8.8.8")),
             Decision::NotMasqueradeSource
         );
+    }
+
+    #[test]
+    fn nodes_and_multicast_are_never_masqueraded() {
+        let m = masq(MasqPolicy::from_yaml("nonMasqueradeCIDRs: [10.0.0.0/8]\n").expect("valid"));
+        let src = ip("10.244.1.5");
+        assert_eq!(
+            m.decide(src, ip("20.0.0.7")).to_string(),
+            "keep source: 20.0.0.0/24 (--cluster-nodes)"
+        );
+        assert_eq!(
+            m.decide(src, ip("192.0.2.1")).to_string(),
+            "keep source: 192.0.2.1/32 (this node)"
+        );
+        assert_eq!(
+            m.decide(src, ip("239.1.1.1")).to_string(),
+            "keep source: 224.0.0.0/4 (multicast/broadcast)"
+        );
+        assert!(m.decide(src, ip("192.0.2.2")).masquerades());
+        assert!(!m.decide(src, ip("255.255.255.255")).masquerades());
     }
 
     #[test]

@@ -13,6 +13,6 @@ pub mod ipmasq;
 pub mod ports;
 pub mod prefix;
 
-pub use ipmasq::{Decision, MasqPolicy, Masquerade};
+pub use ipmasq::{Decision, MasqPolicy, Masquerade, NodeRule, RuleSource};
 pub use ports::{PortAllocator, PortRange, PortRangeError};
 pub use prefix::{Cidr, PrefixMap};

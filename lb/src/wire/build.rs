@@ -22,6 +22,11 @@ pub struct FrameSpec {
     pub ip_options: Vec<u8>,
     /// Raw value of the flags/fragment-offset word.
     pub frag: u16,
+    /// ICMP type and code (ICMP only). The 4 bytes after the checksum are `sport` and
+    /// `dport`: identifier and sequence for echo, unused and next-hop MTU for
+    /// "fragmentation needed"; `payload` follows (an error's quoted packet).
+    pub icmp_type: u8,
+    pub icmp_code: u8,
 }
 
 impl Default for FrameSpec {
@@ -40,6 +45,8 @@ impl Default for FrameSpec {
             payload: Vec::new(),
             ip_options: Vec::new(),
             frag: 0x4000, // DF
+            icmp_type: super::icmp::ECHO_REQUEST,
+            icmp_code: 0,
         }
     }
 }
@@ -91,7 +98,11 @@ impl FrameSpec {
                 h.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
                 h.extend_from_slice(&[0, 0]);
             }
-            PROTO_ICMP => h.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]),
+            PROTO_ICMP => {
+                h.extend_from_slice(&[self.icmp_type, self.icmp_code, 0, 0]);
+                h.extend_from_slice(&self.sport.to_be_bytes());
+                h.extend_from_slice(&self.dport.to_be_bytes());
+            }
             _ => {}
         }
         h.extend_from_slice(&self.payload);
@@ -114,6 +125,18 @@ impl FrameSpec {
         }
         h
     }
+}
+
+/// The IPv4 packet of `frame` (everything after the Ethernet header and a VLAN tag), as
+/// an ICMP error quotes it: truncated to `len` bytes when given.
+pub fn ip_packet(frame: &[u8], len: Option<usize>) -> Vec<u8> {
+    let l3 = if frame.get(12..14) == Some(&[0x81, 0x00]) {
+        18
+    } else {
+        14
+    };
+    let ip = &frame[l3.min(frame.len())..];
+    ip[..len.unwrap_or(ip.len()).min(ip.len())].to_vec()
 }
 
 /// Verify every checksum in an Ethernet/IPv4/TCP|UDP frame from scratch.

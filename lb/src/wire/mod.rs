@@ -8,6 +8,7 @@
 pub mod build;
 pub mod checksum;
 pub mod ethernet;
+pub mod icmp;
 pub mod ipv4;
 pub mod l4;
 

@@ -1,0 +1,388 @@
+//! Egress masquerading through the pipeline: the shared fixture table, then round trips
+//! (UDP, TCP, ICMP echo), ICMP errors translated back, port reuse and exhaustion, and
+//! policy changes that must not disturb established flows.
+
+use lb::fixtures;
+use lb::flow::FlowState;
+use lb::masq_fixtures::{
+    self as mf, answer, from_pod, icmp_error, masqueraded, EGRESS, FIRST_PORT, INT_MAC, POD_A,
+    POD_B, POD_MAC, PRIVATE, REMOTE, ROUTER,
+};
+use lb::snapshot::MasqState;
+use lb::wire::build::{ip_packet, verify, FrameSpec};
+use lb::wire::icmp;
+use lb::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use lb::wire::TcpFlags;
+use lb::{DropReason, Engine, Snapshot, Verdict};
+use std::sync::Arc;
+
+const SEC: u64 = 1_000_000_000;
+const TX_EXT: Verdict = Verdict::Tx { iface: 1 };
+const TX_INT: Verdict = Verdict::Tx { iface: 0 };
+
+fn engine_on(snap: Snapshot) -> Engine {
+    let mut e = Engine::new(0, 1024, Arc::new(snap));
+    e.begin_batch(SEC);
+    e
+}
+
+fn engine() -> Engine {
+    engine_on(mf::snapshot())
+}
+
+fn run(e: &mut Engine, spec: &FrameSpec) -> (Verdict, Vec<u8>) {
+    let mut f = spec.build();
+    let v = e.process(&mut f);
+    (v, f)
+}
+
+/// What the pod receives: `spec` (as the remote sent it) with the pod's address and port
+/// back, TTL − 1, on int0.
+fn to_pod(spec: &FrameSpec, pod: [u8; 4], pod_port: u16) -> FrameSpec {
+    FrameSpec {
+        src_mac: INT_MAC,
+        dst_mac: POD_MAC,
+        dst: pod,
+        dport: pod_port,
+        ttl: spec.ttl - 1,
+        ..spec.clone()
+    }
+}
+
+#[test]
+fn fixture_table() {
+    for m in mf::fixtures() {
+        let fx = m.fx;
+        let mut e = engine();
+        let mut frame = fx.frame.clone();
+        let v = e.process(&mut frame);
+        assert_eq!(v, fx.verdict, "{}: verdict", fx.name);
+        match &fx.out {
+            Some(out) => {
+                assert_eq!(&frame, out, "{}: output frame", fx.name);
+                assert_eq!(verify(&frame), (true, true), "{}: checksums", fx.name);
+            }
+            None => assert_eq!(frame, fx.frame, "{}: unmodified", fx.name),
+        }
+    }
+}
+
+#[test]
+fn udp_round_trip_restores_the_pod_tuple() {
+    let mut e = engine();
+    let out = from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53);
+    let (v, f) = run(&mut e, &out);
+    assert_eq!(v, TX_EXT);
+    let sent = masqueraded(&out, FIRST_PORT);
+    assert_eq!(f, sent.build());
+    let back = answer(&sent);
+    let (v, f) = run(&mut e, &back);
+    assert_eq!(v, TX_INT);
+    assert_eq!(f, to_pod(&back, POD_A, 40000).build());
+    assert_eq!(verify(&f), (true, true));
+    // The flow is reused, not recreated.
+    let (_, f) = run(&mut e, &out);
+    assert_eq!(f, sent.build());
+    assert_eq!(e.counters.flows_created, 1);
+}
+
+#[test]
+fn tcp_round_trip_tracks_state() {
+    let mut e = engine();
+    let syn = from_pod(POD_B, REMOTE, PROTO_TCP, 40001, 443);
+    let (v, _) = run(&mut e, &syn);
+    assert_eq!(v, TX_EXT);
+    let synack = answer(&masqueraded(&syn, FIRST_PORT));
+    let (v, f) = run(&mut e, &synack);
+    assert_eq!(v, TX_INT);
+    assert_eq!(f, to_pod(&synack, POD_B, 40001).build());
+    let flow = e.flows().iter().next().expect("one flow");
+    assert_eq!(flow.state, FlowState::Established);
+    let ack = FrameSpec {
+        flags: TcpFlags::ACK,
+        payload: b"GET / HTTP/1.1\r\n".to_vec(),
+        ..syn.clone()
+    };
+    let (v, f) = run(&mut e, &ack);
+    assert_eq!(v, TX_EXT);
+    assert_eq!(f, masqueraded(&ack, FIRST_PORT).build());
+    assert_eq!(verify(&f), (true, true));
+}
+
+#[test]
+fn ping_translates_the_identifier() {
+    let mut e = engine();
+    let req = from_pod(POD_A, REMOTE, PROTO_ICMP, 7, 1);
+    let (v, f) = run(&mut e, &req);
+    assert_eq!(v, TX_EXT);
+    let sent = masqueraded(&req, FIRST_PORT);
+    assert_eq!(f, sent.build());
+    assert_eq!(verify(&f), (true, true));
+    let reply = answer(&sent);
+    let (v, f) = run(&mut e, &reply);
+    assert_eq!(v, TX_INT);
+    let expect = FrameSpec {
+        src_mac: INT_MAC,
+        dst_mac: POD_MAC,
+        dst: POD_A,
+        sport: 7,
+        ttl: reply.ttl - 1,
+        ..reply.clone()
+    };
+    assert_eq!(f, expect.build());
+    assert_eq!(verify(&f), (true, true));
+    // A second pod using the same identifier gets another outside identifier.
+    let (_, f) = run(&mut e, &from_pod(POD_B, REMOTE, PROTO_ICMP, 7, 1));
+    let other = FrameSpec {
+        src: POD_B,
+        ..req.clone()
+    };
+    assert_eq!(f, masqueraded(&other, FIRST_PORT + 1).build());
+    assert_eq!(
+        e.flows().iter().next().map(|f| f.state),
+        Some(FlowState::Icmp)
+    );
+}
+
+/// The error `from` sends about `sent` (a masqueraded frame), and what the pod must get:
+/// the same error quoting the packet it sent itself.
+fn error_case(
+    e: &mut Engine,
+    original: &FrameSpec,
+    port: u16,
+    from: [u8; 4],
+    ty: u8,
+    code: u8,
+    quote: Option<usize>,
+) {
+    let sent = masqueraded(original, port).build();
+    let mut err = icmp_error(from, EGRESS, ty, code, 1280, &sent);
+    err.payload = ip_packet(&sent, quote);
+    let (v, f) = run(e, &err);
+    assert_eq!(v, TX_INT, "type {ty} code {code}");
+    // The pod's own packet, as it was when the far side quoted it (TTL already − 1).
+    let own = FrameSpec {
+        ttl: original.ttl - 1,
+        ..original.clone()
+    }
+    .build();
+    let expect = FrameSpec {
+        src_mac: INT_MAC,
+        dst_mac: POD_MAC,
+        dst: original.src,
+        ttl: err.ttl - 1,
+        payload: ip_packet(&own, quote),
+        ..err.clone()
+    };
+    assert_eq!(f, expect.build(), "type {ty} code {code} quote {quote:?}");
+    assert_eq!(verify(&f), (true, true));
+}
+
+#[test]
+fn icmp_errors_reach_the_pod_translated() {
+    let mut e = engine();
+    let udp = from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53);
+    let tcp = FrameSpec {
+        payload: vec![0x5a; 1000],
+        ..from_pod(POD_B, REMOTE, PROTO_TCP, 40001, 443)
+    };
+    let ping = from_pod(POD_A, REMOTE, PROTO_ICMP, 9, 3);
+    for (spec, port) in [
+        (&udp, FIRST_PORT),
+        (&tcp, FIRST_PORT + 1),
+        (&ping, FIRST_PORT + 2),
+    ] {
+        let (v, _) = run(&mut e, spec);
+        assert_eq!(v, TX_EXT);
+        // Time exceeded from a router on the way, quoting the whole packet.
+        error_case(&mut e, spec, port, ROUTER, icmp::TIME_EXCEEDED, 0, None);
+        // Fragmentation needed from the far end, quoting the header and 8 bytes.
+        error_case(
+            &mut e,
+            spec,
+            port,
+            REMOTE,
+            icmp::DEST_UNREACHABLE,
+            icmp::FRAG_NEEDED,
+            Some(28),
+        );
+    }
+    assert_eq!(e.counters.icmp_errors, 6);
+}
+
+#[test]
+fn icmp_error_without_flow_is_dropped() {
+    let mut e = engine();
+    let sent = masqueraded(&from_pod(POD_A, REMOTE, PROTO_UDP, 1, 2), FIRST_PORT).build();
+    let err = icmp_error(ROUTER, EGRESS, icmp::TIME_EXCEEDED, 0, 0, &sent);
+    assert_eq!(run(&mut e, &err).0, Verdict::Drop(DropReason::NoFlow));
+    let mut short = err.clone();
+    short.payload = ip_packet(&sent, Some(24));
+    assert_eq!(run(&mut e, &short).0, Verdict::Drop(DropReason::Malformed));
+}
+
+#[test]
+fn ports_are_reused_per_remote_and_exhaustion_is_counted() {
+    // Two workers share 61000-61007: worker 0 has four ports.
+    let mut e = engine_on(mf::snapshot_with_ports(61000, 61007));
+    for sport in 0..4 {
+        let (v, f) = run(
+            &mut e,
+            &from_pod(POD_A, REMOTE, PROTO_UDP, 30000 + sport, 53),
+        );
+        assert_eq!(v, TX_EXT);
+        assert_eq!(&f[34..36], &(61000 + sport).to_be_bytes());
+    }
+    let fifth = from_pod(POD_A, REMOTE, PROTO_UDP, 30004, 53);
+    assert_eq!(
+        run(&mut e, &fifth).0,
+        Verdict::Drop(DropReason::PortsExhausted)
+    );
+    // Another remote port: every outside port is free again toward it.
+    for sport in 0..4 {
+        let (v, _) = run(
+            &mut e,
+            &from_pod(POD_A, REMOTE, PROTO_UDP, 30000 + sport, 54),
+        );
+        assert_eq!(v, TX_EXT);
+    }
+    assert_eq!(e.counters.drops[DropReason::PortsExhausted as usize], 1);
+    // Established flows still work.
+    let (v, _) = run(&mut e, &from_pod(POD_A, REMOTE, PROTO_UDP, 30000, 53));
+    assert_eq!(v, TX_EXT);
+    assert_eq!(e.flows().len(), 8);
+}
+
+fn with_policy(snap: &Snapshot, yaml: &str, version: u64) -> Arc<Snapshot> {
+    let old = snap.masq.as_ref().expect("masquerading");
+    let policy = Arc::new(nat::MasqPolicy::from_yaml(yaml).expect("valid policy"));
+    Arc::new(snap.with_masq(
+        snap.generation + 1,
+        Some(Arc::new(MasqState {
+            rules: old.rules.with_policy(policy),
+            previous: Some(Arc::clone(&old.rules.policy)),
+            version,
+        })),
+    ))
+}
+
+#[test]
+fn a_new_non_masquerade_cidr_changes_new_flows_only() {
+    let mut e = engine();
+    let old = from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53);
+    assert_eq!(run(&mut e, &old).0, TX_EXT);
+    let snap = with_policy(e.snapshot(), "nonMasqueradeCIDRs: [20.0.0.0/24]\n", 2);
+    e.set_snapshot(Arc::clone(&snap));
+    assert_eq!(
+        e.take_kept(),
+        vec![lb::flow::FlowKey {
+            src: POD_A,
+            dst: REMOTE,
+            sport: 40000,
+            dport: 53,
+            proto: PROTO_UDP
+        }]
+    );
+    assert!(e.take_kept().is_empty(), "reported once");
+    // The established flow keeps its translation.
+    let (v, f) = run(&mut e, &old);
+    assert_eq!(v, TX_EXT);
+    assert_eq!(f, masqueraded(&old, FIRST_PORT).build());
+    // A new flow to the same remote leaves with the pod's address.
+    let new = from_pod(POD_A, REMOTE, PROTO_UDP, 40001, 53);
+    let (v, f) = run(&mut e, &new);
+    assert_eq!(v, TX_EXT);
+    assert_eq!(&f[26..30], &POD_A);
+    assert_eq!(e.counters.routed, 1);
+    // Now PRIVATE (10.0.0.0/8) is no longer in the list: it is masqueraded.
+    let (_, f) = run(&mut e, &from_pod(POD_A, PRIVATE, PROTO_UDP, 40000, 53));
+    assert_eq!(&f[26..30], &EGRESS);
+    // When the kept flow ends, its keep entry is released.
+    e.begin_batch(SEC * 1000);
+    let mut unkept = Vec::new();
+    for _ in 0..64 {
+        e.begin_batch(SEC * 1000);
+        unkept.extend(e.take_unkept());
+    }
+    assert_eq!(unkept.len(), 1);
+    assert_eq!(unkept[0].sport, 40000);
+}
+
+#[test]
+fn connections_the_old_policy_left_alone_continue_unmasqueraded() {
+    let mut e = engine();
+    // 10.0.0.0/8 was non-masquerade; the new list drops it.
+    let snap = with_policy(e.snapshot(), "nonMasqueradeCIDRs: [172.16.0.0/12]\n", 2);
+    e.set_snapshot(snap);
+    let mid = FrameSpec {
+        flags: TcpFlags::ACK,
+        ..from_pod(POD_A, PRIVATE, PROTO_TCP, 40000, 3306)
+    };
+    let (v, f) = run(&mut e, &mid);
+    assert_eq!(v, TX_EXT);
+    assert_eq!(
+        &f[26..30],
+        &POD_A,
+        "the kernel-routed connection keeps its source"
+    );
+    // A new connection there is masqueraded.
+    let (_, f) = run(&mut e, &from_pod(POD_A, PRIVATE, PROTO_TCP, 40001, 3306));
+    assert_eq!(&f[26..30], &EGRESS);
+    // Elsewhere a mid-stream segment without flow is still refused.
+    let lost = FrameSpec {
+        flags: TcpFlags::ACK,
+        ..from_pod(POD_A, REMOTE, PROTO_TCP, 40002, 443)
+    };
+    assert_eq!(run(&mut e, &lost).0, Verdict::Drop(DropReason::NoFlow));
+}
+
+#[test]
+fn load_balanced_flows_get_their_icmp_errors_too() {
+    use fixtures::{BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, LB_MAC, SNAT, VIP};
+    let mut e = Engine::new(0, 64, Arc::new(fixtures::snapshot()));
+    e.begin_batch(SEC);
+    let q = FrameSpec {
+        src_mac: CLIENT_MAC,
+        dst_mac: LB_MAC,
+        src: CLIENT,
+        dst: VIP,
+        proto: PROTO_UDP,
+        sport: 5000,
+        dport: 53,
+        payload: b"query".to_vec(),
+        ..FrameSpec::default()
+    };
+    let (v, sent) = run(&mut e, &q);
+    assert_eq!(v, Verdict::Tx { iface: 0 });
+    let unreachable = FrameSpec {
+        src_mac: BACKEND_MAC,
+        dst_mac: LB_MAC,
+        src: BACKEND,
+        dst: SNAT,
+        proto: PROTO_ICMP,
+        icmp_type: icmp::DEST_UNREACHABLE,
+        icmp_code: 3,
+        sport: 0,
+        dport: 0,
+        payload: ip_packet(&sent, None),
+        ..FrameSpec::default()
+    };
+    let (v, f) = run(&mut e, &unreachable);
+    assert_eq!(v, Verdict::Tx { iface: 0 });
+    let own = FrameSpec {
+        ttl: q.ttl - 1,
+        ..q.clone()
+    }
+    .build();
+    let expect = FrameSpec {
+        src_mac: LB_MAC,
+        dst_mac: CLIENT_MAC,
+        src: VIP,
+        dst: CLIENT,
+        ttl: unreachable.ttl - 1,
+        payload: ip_packet(&own, None),
+        ..unreachable.clone()
+    };
+    assert_eq!(f, expect.build());
+    assert_eq!(verify(&f), (true, true));
+}
