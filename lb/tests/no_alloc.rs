@@ -6,17 +6,28 @@ use lb::wire::build::FrameSpec;
 use lb::wire::TcpFlags;
 use lb::{Engine, Verdict};
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 struct Counting;
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-static WATCH: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Only the test thread's allocations count (libtest's own threads allocate too).
+    static WATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn watch(on: bool) {
+    WATCH.with(|w| w.set(on));
+}
+
+fn watching() -> bool {
+    WATCH.with(|w| w.get())
+}
 
 // SAFETY: forwards every call to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if WATCH.load(Ordering::Relaxed) {
+        if watching() {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: same contract as ours.
@@ -27,7 +38,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if WATCH.load(Ordering::Relaxed) {
+        if watching() {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: same contract as ours.
@@ -82,7 +93,7 @@ fn process_allocates_nothing() {
     let mut scratch = foreign.clone();
     let mut junk_buf = junk.clone();
 
-    WATCH.store(true, Ordering::Relaxed);
+    watch(true);
     e.begin_batch(1);
     for (i, f) in work.iter_mut().enumerate() {
         assert!(matches!(e.process(f), Verdict::Tx { .. }));
@@ -97,7 +108,7 @@ fn process_allocates_nothing() {
     for _ in 0..100 {
         e.begin_batch(u64::MAX / 2); // everything idles out, swept step by step
     }
-    WATCH.store(false, Ordering::Relaxed);
+    watch(false);
 
     assert_eq!(
         ALLOCS.load(Ordering::Relaxed),
@@ -140,7 +151,7 @@ fn masquerading_allocates_nothing() {
     }
     // Routed untranslated (non-masquerade destination).
     frames.push(from_pod(mf::POD_A, mf::PRIVATE, PROTO_UDP, 1, 2).build());
-    WATCH.store(true, Ordering::Relaxed);
+    watch(true);
     let before = ALLOCS.load(Ordering::Relaxed);
     e.begin_batch(1);
     for f in frames.iter_mut() {
@@ -149,7 +160,7 @@ fn masquerading_allocates_nothing() {
     for _ in 0..100 {
         e.begin_batch(u64::MAX / 2);
     }
-    WATCH.store(false, Ordering::Relaxed);
+    watch(false);
     assert_eq!(
         ALLOCS.load(Ordering::Relaxed) - before,
         0,
