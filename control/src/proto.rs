@@ -45,6 +45,18 @@ pub enum Request {
     ServiceList {},
     Status {},
     Stats {},
+    /// The effective non-masquerade list.
+    IpmasqList {},
+    /// What happens to a packet from `source` to `destination`, and why.
+    IpmasqCheck {
+        source: Ipv4Addr,
+        destination: Ipv4Addr,
+    },
+    /// Active translations (load-balanced and masqueraded), at most `limit` per worker.
+    NatList {
+        #[serde(default)]
+        limit: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,8 +99,84 @@ impl ErrorBody {
 pub enum Reply {
     Done { message: String },
     Services { services: Vec<ServiceView> },
-    Status(StatusView),
+    Status(Box<StatusView>),
     Stats(StatsView),
+    Ipmasq(IpmasqView),
+    Check(CheckView),
+    Nat(NatView),
+}
+
+/// One non-masquerade rule: the CIDR and where it comes from ("default",
+/// "nonMasqueradeCIDRs", "masqLinkLocal: false", "this node", "--cluster-nodes",
+/// "multicast/broadcast").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpmasqRule {
+    pub cidr: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpmasqView {
+    pub masquerade_from: Vec<String>,
+    pub egress_address: Ipv4Addr,
+    /// ip-masq-agent's list, as in effect (the defaults when the file gives none).
+    pub non_masquerade: Vec<IpmasqRule>,
+    /// Destinations never masqueraded whatever the list says.
+    pub always_kept: Vec<IpmasqRule>,
+    pub masq_link_local: bool,
+    /// The watched file, if any, and the last error reading it (the last good list
+    /// stays in effect).
+    pub config: Option<String>,
+    pub config_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckView {
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+    pub masquerade: bool,
+    /// E.g. "masquerade to 203.0.113.7 (no rule matches)".
+    pub decision: String,
+}
+
+/// One active translation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TranslationView {
+    /// "masquerade" or "snat" (load balancing).
+    pub kind: String,
+    pub proto: String,
+    /// The inside endpoint (pod, or the load-balanced client).
+    pub inside: String,
+    /// What the remote sees.
+    pub outside: String,
+    /// The far endpoint (remote, or backend).
+    pub remote: String,
+    pub state: String,
+    /// Seconds since the last packet.
+    pub idle_s: f64,
+    pub worker: u16,
+    pub packets_out: u64,
+    pub packets_in: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NatView {
+    pub translations: Vec<TranslationView>,
+    /// True when a worker had more flows than the limit.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasqStatusView {
+    /// Interfaces that carry egress traffic out, with the XDP mode.
+    pub egress_interfaces: Vec<String>,
+    pub egress_address: Ipv4Addr,
+    pub masquerade_from: Vec<String>,
+    pub non_masquerade_rules: usize,
+    pub config: Option<String>,
+    pub config_error: Option<String>,
+    /// Entries in the XDP keep map (flows masqueraded before a policy change).
+    pub kept_flows: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +262,12 @@ pub struct StatusView {
     pub flows: u64,
     pub neighbours: usize,
     pub routes: usize,
+    /// None when masquerading is off.
+    #[serde(default)]
+    pub masquerading: Option<MasqStatusView>,
+    /// Drops by reason, summed over workers (nonzero only).
+    #[serde(default)]
+    pub drops: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +281,12 @@ pub struct WorkerStats {
     pub flows_expired: u64,
     /// Frames held while their next hop was being resolved.
     pub held: u64,
+    /// Forwarded untranslated (masquerade policy keeps the source).
+    #[serde(default)]
+    pub routed: u64,
+    /// ICMP errors translated back to the inside host.
+    #[serde(default)]
+    pub icmp_errors: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -204,6 +304,8 @@ impl WorkerStats {
             flows_created: c.flows_created,
             flows_expired: c.flows_expired,
             held: c.held,
+            routed: c.routed,
+            icmp_errors: c.icmp_errors,
             drops: lb::DropReason::ALL
                 .iter()
                 .filter(|r| c.drops[**r as usize] > 0)

@@ -8,6 +8,16 @@
  *   (b) TCP/UDP replies of NATed flows: destination is an SNAT address of this node,
  *       destination port inside its SNAT range, and the source is a configured backend
  *       (so the host's own connections to and from that address are never stolen).
+ *   (c) egress masquerading, on interfaces flagged internal: packets from a masquerade
+ *       source (LPM trie masq_src) to a destination not in masq_skip (the
+ *       non-masquerade list, the node's addresses, --cluster-nodes, multicast: LPM trie),
+ *       plus 5-tuples in masq_keep (flows masqueraded before a policy change); from a
+ *       masquerade source, fragments and protocols other than TCP/UDP/ICMP are dropped
+ *       (counted), never forwarded with the pod address;
+ *   (d) replies to masqueraded flows: to a NAT address flagged XLB_SNAT_ANY_SOURCE,
+ *       port (or echo identifier) in range, from anywhere;
+ *   (e) ICMP errors (unreachable, time exceeded, parameter problem) to a NAT address
+ *       quoting a packet that left from it with a port in range.
  * Everything else passes, so ARP, ssh, BGP and the host's own traffic keep working.
  * Frames that are ours but carry TTL <= 1 pass too: the kernel sends ICMP time exceeded.
  * Fragments to a VIP or SNAT address are dropped (counted): SNAT needs ports, which
@@ -27,6 +37,21 @@
 #include <bpf/bpf_endian.h>
 
 #include "xlb.h"
+
+/* The ICMP header (RFC 792); linux/icmp.h drags in libc headers. */
+struct icmphdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 id;	/* echo; "unused" or next-hop MTU in errors */
+	__be16 sequence;
+};
+
+#define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
+#define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
 
 struct vlan_hdr {
 	__be16 tci;
@@ -78,6 +103,32 @@ struct {
 	__type(value, __u32);
 } backends SEC(".maps");
 
+/* Masquerade sources (value unused). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, XLB_MAX_MASQ_SRC);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct xlb_lpm_key);
+	__type(value, __u32);
+} masq_src SEC(".maps");
+
+/* Destinations never masqueraded (value: why, for debugging; unused here). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, XLB_MAX_MASQ_SKIP);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct xlb_lpm_key);
+	__type(value, __u32);
+} masq_skip SEC(".maps");
+
+/* Forward 5-tuples of masqueraded flows the current policy would not masquerade. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XLB_MAX_MASQ_KEEP);
+	__type(key, struct xlb_flow_key);
+	__type(value, __u32);
+} masq_keep SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, XLB_STAT_MAX);
@@ -99,6 +150,12 @@ static __always_inline int pass(__u32 stat)
 	return XDP_PASS;
 }
 
+static __always_inline int drop(__u32 stat)
+{
+	count(stat);
+	return XDP_DROP;
+}
+
 static __always_inline int to_worker(struct xdp_md *ctx, __u32 stat)
 {
 	__u32 ifindex = ctx->ingress_ifindex;
@@ -111,11 +168,138 @@ static __always_inline int to_worker(struct xdp_md *ctx, __u32 stat)
 		count(XLB_STAT_NO_XSK);
 		return XDP_PASS;
 	}
-	key = *slot * XLB_MAX_QUEUES + ctx->rx_queue_index;
+	key = (*slot & XLB_IFACE_SLOT_MASK) * XLB_MAX_QUEUES + ctx->rx_queue_index;
 	ret = bpf_redirect_map(&xsks, key, XDP_PASS);
 	if (ret != XDP_REDIRECT)
 		count(XLB_STAT_NO_XSK);
 	return ret;
+}
+
+
+/* The "ports" of the L4 header at l4 as lb::flow::FlowKey keys them: TCP/UDP ports, ICMP
+ * echo request (id, 0), echo reply (0, id), other ICMP (0, 0). Network byte order.
+ * Returns -1 when the header is truncated or invalid. */
+static __always_inline int l4_ports(void *l4, void *end, __u8 proto, __be16 *sport,
+				    __be16 *dport)
+{
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > end || th->doff < 5)
+			return -1;
+		*sport = th->source;
+		*dport = th->dest;
+		return 0;
+	}
+	if (proto == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+
+		if ((void *)(uh + 1) > end)
+			return -1;
+		*sport = uh->source;
+		*dport = uh->dest;
+		return 0;
+	}
+	if (proto == IPPROTO_ICMP) {
+		struct icmphdr *ih = l4;
+
+		if ((void *)(ih + 1) > end)
+			return -1;
+		*sport = 0;
+		*dport = 0;
+		if (ih->type == ICMP_ECHO)
+			*sport = ih->id;
+		else if (ih->type == ICMP_ECHOREPLY)
+			*dport = ih->id;
+		return 0;
+	}
+	return -1;
+}
+
+static __always_inline int in_range(struct xlb_snat_range *r, __be16 port)
+{
+	__u16 p = bpf_ntohs(port);
+
+	return p >= r->first && p <= r->last;
+}
+
+/* (c): a packet from a masquerade source on an internal interface. */
+static __always_inline int masq_out(struct xdp_md *ctx, struct iphdr *ip, void *end,
+				    int is_frag)
+{
+	struct xlb_lpm_key dk = { .prefixlen = 32, .addr = ip->daddr };
+	struct xlb_flow_key fk = {};
+	void *l4 = (void *)ip + ip->ihl * 4;
+	int bad = is_frag ||
+		  l4_ports(l4, end, ip->protocol, &fk.sport, &fk.dport) < 0;
+
+	if (bpf_map_lookup_elem(&masq_skip, &dk)) {
+		if (bad)
+			return pass(XLB_STAT_PASS);
+		fk.saddr = ip->saddr;
+		fk.daddr = ip->daddr;
+		fk.proto = ip->protocol;
+		if (!bpf_map_lookup_elem(&masq_keep, &fk))
+			return pass(XLB_STAT_PASS);
+		if (ip->ttl <= 1)
+			return pass(XLB_STAT_TTL);
+		return to_worker(ctx, XLB_STAT_MASQ_KEEP);
+	}
+	if (is_frag)
+		return drop(XLB_STAT_FRAGMENT);
+	if (bad)
+		return drop(XLB_STAT_MASQ_DROP);
+	if (ip->ttl <= 1)
+		return pass(XLB_STAT_TTL);
+	return to_worker(ctx, XLB_STAT_MASQ);
+}
+
+/* (e): an ICMP error to a NAT address: does it quote a packet of a NATed flow? */
+static __always_inline int icmp_error_in(struct xdp_md *ctx, struct iphdr *ip,
+					 struct icmphdr *ih, void *end,
+					 struct xlb_snat_range *range)
+{
+	struct iphdr *in = (void *)(ih + 1);
+	__be16 sport, dport;
+	void *il4;
+
+	if ((void *)(in + 1) > end || in->version != 4 || in->ihl < 5)
+		return pass(XLB_STAT_MALFORMED);
+	if (in->saddr != ip->daddr)
+		return pass(XLB_STAT_PASS);
+	il4 = (void *)in + in->ihl * 4;
+	/* Only 8 bytes of the quoted L4 header are guaranteed. */
+	if (il4 + 8 > end)
+		return pass(XLB_STAT_MALFORMED);
+	if (in->protocol == IPPROTO_ICMP) {
+		struct icmphdr *iih = il4;
+
+		if (iih->type != ICMP_ECHO || !(range->flags & XLB_SNAT_ANY_SOURCE))
+			return pass(XLB_STAT_PASS);
+		sport = iih->id;
+	} else if (in->protocol == IPPROTO_TCP || in->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = il4; /* TCP has its ports at the same offsets */
+
+		sport = uh->source;
+		dport = uh->dest;
+		if (!(range->flags & XLB_SNAT_ANY_SOURCE)) {
+			struct xlb_endpoint be = {
+				.addr = in->daddr,
+				.port = dport,
+				.proto = in->protocol,
+			};
+
+			if (!bpf_map_lookup_elem(&backends, &be))
+				return pass(XLB_STAT_PASS);
+		}
+	} else {
+		return pass(XLB_STAT_PASS);
+	}
+	if (!in_range(range, sport))
+		return pass(XLB_STAT_PASS);
+	if (ip->ttl <= 1)
+		return pass(XLB_STAT_TTL);
+	return to_worker(ctx, XLB_STAT_ICMP_ERROR);
 }
 
 SEC("xdp")
@@ -124,10 +308,14 @@ int xlb_steer(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct xlb_snat_range *range;
 	struct iphdr *ip;
-	__be16 h_proto;
+	__be16 h_proto, sport, dport;
+	__u32 *slot;
+	__be32 daddr;
 	void *l3, *l4;
-	__u16 sport, dport;
+	int is_frag;
 
 	count(XLB_STAT_RX);
 	if ((void *)(eth + 1) > end)
@@ -150,60 +338,76 @@ int xlb_steer(struct xdp_md *ctx)
 		return pass(XLB_STAT_MALFORMED);
 	if (ip->version != 4 || ip->ihl < 5)
 		return pass(XLB_STAT_MALFORMED);
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+	is_frag = (ip->frag_off & bpf_htons(0x3fff)) != 0;
+	daddr = ip->daddr;
+	l4 = (void *)ip + ip->ihl * 4;
+
+	/* (a) frontends come first: a pod talking to a VIP is load-balanced. */
+	if (!is_frag && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)) {
+		if (l4_ports(l4, end, ip->protocol, &sport, &dport) < 0)
+			return pass(XLB_STAT_MALFORMED);
+		struct xlb_endpoint fe = {
+			.addr = daddr,
+			.port = dport,
+			.proto = ip->protocol,
+		};
+		if (bpf_map_lookup_elem(&frontends, &fe)) {
+			if (ip->ttl <= 1)
+				return pass(XLB_STAT_TTL);
+			return to_worker(ctx, XLB_STAT_FRONTEND);
+		}
+	}
+
+	/* (c) masquerade sources on the cluster side. */
+	slot = bpf_map_lookup_elem(&iface_slots, &ifindex);
+	if (slot && (*slot & XLB_IFACE_INTERNAL)) {
+		struct xlb_lpm_key sk = { .prefixlen = 32, .addr = ip->saddr };
+
+		if (bpf_map_lookup_elem(&masq_src, &sk))
+			return masq_out(ctx, ip, end, is_frag);
+	}
+
+	range = bpf_map_lookup_elem(&snat_addrs, &daddr);
+	if (is_frag) {
+		/* SNAT needs ports, which non-first fragments lack. A masquerading address
+		 * is usually the node's own: its fragments are the kernel's to reassemble. */
+		if (bpf_map_lookup_elem(&vips, &daddr) ||
+		    (range && !(range->flags & XLB_SNAT_ANY_SOURCE)))
+			return drop(XLB_STAT_FRAGMENT);
+		return pass(XLB_STAT_PASS);
+	}
+	if (!range)
 		return pass(XLB_STAT_PASS);
 
-	if (ip->frag_off & bpf_htons(0x3fff)) {
-		__be32 daddr = ip->daddr;
+	if (ip->protocol == IPPROTO_ICMP) {
+		struct icmphdr *ih = l4;
 
-		if (bpf_map_lookup_elem(&vips, &daddr) ||
-		    bpf_map_lookup_elem(&snat_addrs, &daddr)) {
-			count(XLB_STAT_FRAGMENT);
-			return XDP_DROP;
+		if ((void *)(ih + 1) > end)
+			return pass(XLB_STAT_MALFORMED);
+		if (ih->type == ICMP_DEST_UNREACH || ih->type == ICMP_TIME_EXCEEDED ||
+		    ih->type == ICMP_PARAMETERPROB)
+			return icmp_error_in(ctx, ip, ih, end, range);
+		/* (d) echo replies to masqueraded pings. */
+		if (ih->type == ICMP_ECHOREPLY && (range->flags & XLB_SNAT_ANY_SOURCE) &&
+		    in_range(range, ih->id)) {
+			if (ip->ttl <= 1)
+				return pass(XLB_STAT_TTL);
+			return to_worker(ctx, XLB_STAT_REPLY);
 		}
 		return pass(XLB_STAT_PASS);
 	}
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return pass(XLB_STAT_PASS);
 
-	l4 = (void *)ip + ip->ihl * 4;
-	if (ip->protocol == IPPROTO_TCP) {
-		struct tcphdr *th = l4;
-
-		if ((void *)(th + 1) > end || th->doff < 5)
-			return pass(XLB_STAT_MALFORMED);
-		sport = th->source;
-		dport = th->dest;
-	} else {
-		struct udphdr *uh = l4;
-
-		if ((void *)(uh + 1) > end)
-			return pass(XLB_STAT_MALFORMED);
-		sport = uh->source;
-		dport = uh->dest;
-	}
-
-	struct xlb_endpoint fe = {
-		.addr = ip->daddr,
-		.port = dport,
-		.proto = ip->protocol,
-	};
-	if (bpf_map_lookup_elem(&frontends, &fe)) {
-		if (ip->ttl <= 1)
-			return pass(XLB_STAT_TTL);
-		return to_worker(ctx, XLB_STAT_FRONTEND);
-	}
-
-	__be32 daddr = ip->daddr;
-	struct xlb_snat_range *range = bpf_map_lookup_elem(&snat_addrs, &daddr);
-
-	if (range) {
-		__u16 port = bpf_ntohs(dport);
+	/* (b), (d) replies of NATed flows. */
+	if (in_range(range, dport)) {
 		struct xlb_endpoint be = {
 			.addr = ip->saddr,
 			.port = sport,
 			.proto = ip->protocol,
 		};
 
-		if (port >= range->first && port <= range->last &&
+		if ((range->flags & XLB_SNAT_ANY_SOURCE) ||
 		    bpf_map_lookup_elem(&backends, &be)) {
 			if (ip->ttl <= 1)
 				return pass(XLB_STAT_TTL);

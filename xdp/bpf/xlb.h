@@ -14,6 +14,14 @@
 #define XLB_MAX_VIPS 4096
 #define XLB_MAX_SNAT_ADDRS 16
 #define XLB_MAX_BACKENDS 65536
+#define XLB_MAX_MASQ_SRC 256
+#define XLB_MAX_MASQ_SKIP 16384
+#define XLB_MAX_MASQ_KEEP 65536
+
+/* iface_slots value: the slot in the low 16 bits, and this flag on interfaces where
+ * masquerade sources arrive (the cluster-facing side). */
+#define XLB_IFACE_SLOT_MASK 0xffffu
+#define XLB_IFACE_INTERNAL (1u << 16)
 
 /* A frontend (VIP:port/proto) or a backend (addr:port/proto), network byte order. */
 struct xlb_endpoint {
@@ -23,10 +31,32 @@ struct xlb_endpoint {
 	__u8 pad;
 };
 
-/* The SNAT port range of one SNAT address, host byte order, inclusive. */
+/* The NAT port range of one NAT address, host byte order, inclusive. */
 struct xlb_snat_range {
 	__u16 first;
 	__u16 last;
+	__u32 flags;
+};
+
+/* A NAT address that masquerades: replies may come from any source (without it, only
+ * from a configured backend). */
+#define XLB_SNAT_ANY_SOURCE 1u
+
+/* Key of the LPM tries: prefix length, then the address (network byte order). */
+struct xlb_lpm_key {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+/* A 5-tuple as it arrives, network byte order. ICMP echo: request (id, 0), reply
+ * (0, id), as lb::flow::FlowKey keys them. */
+struct xlb_flow_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
 };
 
 /*
@@ -44,7 +74,11 @@ enum xlb_stat {
 	XLB_STAT_MALFORMED = 6,		/* truncated/invalid headers: left to the kernel */
 	XLB_STAT_TTL = 7,		/* ours but TTL <= 1: left to the kernel (ICMP time exceeded) */
 	XLB_STAT_FRAGMENT = 8,		/* fragment to a VIP or SNAT address: dropped */
-	XLB_STAT_MAX = 9,
+	XLB_STAT_MASQ = 9,		/* from a masquerade source to masquerade: sent to the XSK */
+	XLB_STAT_MASQ_KEEP = 10,	/* a kept flow (policy changed under it): sent to the XSK */
+	XLB_STAT_MASQ_DROP = 11,	/* from a masquerade source, untranslatable: dropped */
+	XLB_STAT_ICMP_ERROR = 12,	/* ICMP error about a NATed flow: sent to the XSK */
+	XLB_STAT_MAX = 13,
 };
 
 #endif

@@ -28,10 +28,43 @@ impl Endpoint {
 pub struct SnatRange {
     pub first: u16,
     pub last: u16,
+    /// `XLB_SNAT_ANY_SOURCE` for a masquerading address.
+    pub flags: u32,
+}
+
+/// `XLB_SNAT_ANY_SOURCE`.
+pub const SNAT_ANY_SOURCE: u32 = 1;
+/// `XLB_IFACE_INTERNAL`: flag in `iface_slots` values.
+pub const IFACE_INTERNAL: u32 = 1 << 16;
+
+/// `struct xlb_flow_key`: a 5-tuple, network byte order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+impl From<&lb::flow::FlowKey> for FlowKey {
+    fn from(k: &lb::flow::FlowKey) -> Self {
+        FlowKey {
+            saddr: k.src,
+            daddr: k.dst,
+            sport: k.sport.to_be_bytes(),
+            dport: k.dport.to_be_bytes(),
+            proto: k.proto,
+            pad: [0; 3],
+        }
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
-const _: () = assert!(core::mem::size_of::<SnatRange>() == 4);
+const _: () = assert!(core::mem::size_of::<SnatRange>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
 /// `enum xlb_stat`: indices of the steering program's per-CPU counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +79,14 @@ pub enum Stat {
     Malformed = 6,
     Ttl = 7,
     Fragment = 8,
+    Masq = 9,
+    MasqKeep = 10,
+    MasqDrop = 11,
+    IcmpError = 12,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 9] = [
+    pub const ALL: [Stat; 13] = [
         Stat::Rx,
         Stat::Frontend,
         Stat::Reply,
@@ -59,8 +96,12 @@ impl Stat {
         Stat::Malformed,
         Stat::Ttl,
         Stat::Fragment,
+        Stat::Masq,
+        Stat::MasqKeep,
+        Stat::MasqDrop,
+        Stat::IcmpError,
     ];
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 13;
 
     pub fn name(self) -> &'static str {
         match self {
@@ -73,6 +114,10 @@ impl Stat {
             Stat::Malformed => "malformed_passed",
             Stat::Ttl => "ttl_passed",
             Stat::Fragment => "fragment_dropped",
+            Stat::Masq => "to_worker_masquerade",
+            Stat::MasqKeep => "to_worker_masquerade_kept",
+            Stat::MasqDrop => "masquerade_untranslatable_dropped",
+            Stat::IcmpError => "to_worker_icmp_error",
         }
     }
 }

@@ -11,12 +11,13 @@
 //! therefore steers a subset of both the old and the new configuration. A failed insert
 //! (a full map) rolls back what the call added and reports which map and key failed.
 
-use crate::abi::{Endpoint, SnatRange, Stat};
-use aya::maps::{HashMap, MapData, PerCpuArray, XskMap};
+use crate::abi::{Endpoint, FlowKey, SnatRange, Stat, IFACE_INTERNAL, SNAT_ANY_SOURCE};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, XskMap};
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::Ebpf;
 use lb::service::ServiceTable;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::RawFd;
 
 /// `XLB_MAX_QUEUES` in xlb.h.
@@ -53,13 +54,25 @@ pub enum BpfError {
     },
 }
 
-/// What the maps must contain for a service table and SNAT configuration.
+/// `XLB_MAX_MASQ_KEEP` in xlb.h.
+pub const MAX_MASQ_KEEP: usize = 65536;
+
+/// A prefix as the LPM tries key it: (length, address).
+pub type Prefix = (u8, [u8; 4]);
+
+/// Why a destination is in `masq_skip` (the value; informational).
+pub const SKIP_POLICY: u32 = 1;
+pub const SKIP_NODE: u32 = 2;
+
+/// What the maps must contain for a service table, SNAT and masquerading configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SteeringState {
     pub frontends: BTreeMap<Endpoint, u32>,
     pub vips: BTreeMap<[u8; 4], u32>,
     pub backends: BTreeMap<Endpoint, u32>,
     pub snat: BTreeMap<[u8; 4], SnatRange>,
+    pub masq_src: BTreeMap<Prefix, u32>,
+    pub masq_skip: BTreeMap<Prefix, u32>,
 }
 
 impl PartialOrd for Endpoint {
@@ -93,10 +106,108 @@ impl SteeringState {
             SnatRange {
                 first: ports.first,
                 last: ports.last,
+                flags: 0,
             },
         );
         s
     }
+
+    /// Add masquerading: the egress address takes replies from any source (it shares the
+    /// NAT port range), the sources and the never-masqueraded destinations.
+    pub fn with_masq(mut self, m: &nat::Masquerade, ports: nat::PortRange) -> SteeringState {
+        let e = self.snat.entry(m.egress.octets()).or_insert(SnatRange {
+            first: ports.first,
+            last: ports.last,
+            flags: 0,
+        });
+        e.flags |= SNAT_ANY_SOURCE;
+        for c in &m.from {
+            self.masq_src.insert((c.len(), c.addr().octets()), 1);
+        }
+        for (c, _) in m.policy.rules() {
+            self.masq_skip
+                .insert((c.len(), c.addr().octets()), SKIP_POLICY);
+        }
+        for (c, _) in m.node_rules() {
+            self.masq_skip
+                .insert((c.len(), c.addr().octets()), SKIP_NODE);
+        }
+        self
+    }
+}
+
+fn lpm(p: &Prefix) -> LpmKey<[u8; 4]> {
+    LpmKey::new(u32::from(p.0), p.1)
+}
+
+/// A BPF map as the sync code writes it: the hash maps by key, the LPM tries by prefix.
+trait SyncMap<K, V> {
+    fn put(&mut self, k: &K, v: &V) -> Result<(), MapError>;
+    fn del(&mut self, k: &K) -> Result<(), MapError>;
+}
+
+impl<K: aya::Pod, V: aya::Pod> SyncMap<K, V> for HashMap<MapData, K, V> {
+    fn put(&mut self, k: &K, v: &V) -> Result<(), MapError> {
+        self.insert(k, v, 0)
+    }
+    fn del(&mut self, k: &K) -> Result<(), MapError> {
+        self.remove(k)
+    }
+}
+
+impl SyncMap<Prefix, u32> for LpmTrie<MapData, [u8; 4], u32> {
+    fn put(&mut self, k: &Prefix, v: &u32) -> Result<(), MapError> {
+        self.insert(&lpm(k), v, 0)
+    }
+    fn del(&mut self, k: &Prefix) -> Result<(), MapError> {
+        self.remove(&lpm(k))
+    }
+}
+
+/// Remove from `map` the keys of `cur` that `next` lacks.
+fn sweep<K: Ord, V>(
+    map: &mut impl SyncMap<K, V>,
+    name: &'static str,
+    cur: &BTreeMap<K, V>,
+    next: &BTreeMap<K, V>,
+) -> Result<(), BpfError> {
+    for k in cur.keys() {
+        if !next.contains_key(k) {
+            map.del(k)
+                .map_err(|source| BpfError::Map { map: name, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Insert into `map` what differs in `next`; on failure, remove what this call added and
+/// report the key.
+fn fill<K: Ord + Copy + std::fmt::Debug, V: PartialEq>(
+    map: &mut impl SyncMap<K, V>,
+    name: &'static str,
+    cur: &BTreeMap<K, V>,
+    next: &BTreeMap<K, V>,
+) -> Result<(), BpfError> {
+    let mut added = Vec::new();
+    for (k, v) in next {
+        if cur.get(k) == Some(v) {
+            continue;
+        }
+        if let Err(source) = map.put(k, v) {
+            for a in &added {
+                let _ = map.del(a);
+            }
+            return Err(BpfError::Insert {
+                map: name,
+                key: format!("{k:?}"),
+                source,
+            });
+        }
+        if !cur.contains_key(k) {
+            added.push(*k);
+        }
+    }
+    Ok(())
 }
 
 pub struct Steering {
@@ -107,6 +218,10 @@ pub struct Steering {
     snat: HashMap<MapData, [u8; 4], SnatRange>,
     xsks: XskMap<MapData>,
     iface_slots: HashMap<MapData, u32, u32>,
+    masq_src: LpmTrie<MapData, [u8; 4], u32>,
+    masq_skip: LpmTrie<MapData, [u8; 4], u32>,
+    masq_keep: HashMap<MapData, FlowKey, u32>,
+    kept: BTreeSet<FlowKey>,
     stats: PerCpuArray<MapData, u64>,
     current: SteeringState,
     attached: Vec<(String, &'static str)>,
@@ -150,6 +265,10 @@ impl Steering {
             snat: take(&mut ebpf, "snat_addrs")?,
             xsks: take(&mut ebpf, "xsks")?,
             iface_slots: take(&mut ebpf, "iface_slots")?,
+            masq_src: take(&mut ebpf, "masq_src")?,
+            masq_skip: take(&mut ebpf, "masq_skip")?,
+            masq_keep: take(&mut ebpf, "masq_keep")?,
+            kept: BTreeSet::new(),
             stats: take(&mut ebpf, "stats")?,
             ebpf,
             current: SteeringState::default(),
@@ -181,10 +300,17 @@ impl Steering {
         &self.attached
     }
 
-    /// Number the interface `ifindex` as `slot` (its position in lbd's interface list).
-    pub fn set_iface_slot(&mut self, ifindex: u32, slot: u32) -> Result<(), BpfError> {
+    /// Number the interface `ifindex` as `slot` (its position in lbd's interface list);
+    /// `internal`: masquerade sources arrive on it.
+    pub fn set_iface_slot(
+        &mut self,
+        ifindex: u32,
+        slot: u32,
+        internal: bool,
+    ) -> Result<(), BpfError> {
+        let v = slot | if internal { IFACE_INTERNAL } else { 0 };
         self.iface_slots
-            .insert(ifindex, slot, 0)
+            .insert(ifindex, v, 0)
             .map_err(|source| BpfError::Insert {
                 map: "iface_slots",
                 key: format!("ifindex {ifindex}"),
@@ -210,93 +336,109 @@ impl Steering {
 
     /// Phase 1 of a change: remove entries `next` does not have (and lower counts).
     pub fn remove_stale(&mut self, next: &SteeringState) -> Result<(), BpfError> {
-        fn sweep<K: aya::Pod + Ord + Copy, V: aya::Pod + PartialEq>(
-            map: &mut HashMap<MapData, K, V>,
-            name: &'static str,
-            cur: &BTreeMap<K, V>,
-            next: &BTreeMap<K, V>,
-        ) -> Result<(), BpfError> {
-            for k in cur.keys() {
-                if !next.contains_key(k) {
-                    map.remove(k)
-                        .map_err(|source| BpfError::Map { map: name, source })?;
-                }
-            }
-            Ok(())
-        }
+        let cur = &self.current;
         sweep(
             &mut self.frontends,
             "frontends",
-            &self.current.frontends,
+            &cur.frontends,
             &next.frontends,
         )?;
         sweep(
             &mut self.backends,
             "backends",
-            &self.current.backends,
+            &cur.backends,
             &next.backends,
         )?;
-        sweep(&mut self.vips, "vips", &self.current.vips, &next.vips)?;
-        sweep(&mut self.snat, "snat_addrs", &self.current.snat, &next.snat)?;
-        self.current
-            .frontends
-            .retain(|k, _| next.frontends.contains_key(k));
-        self.current
-            .backends
-            .retain(|k, _| next.backends.contains_key(k));
-        self.current.vips.retain(|k, _| next.vips.contains_key(k));
-        self.current.snat.retain(|k, _| next.snat.contains_key(k));
+        sweep(&mut self.vips, "vips", &cur.vips, &next.vips)?;
+        sweep(&mut self.snat, "snat_addrs", &cur.snat, &next.snat)?;
+        sweep(
+            &mut self.masq_src,
+            "masq_src",
+            &cur.masq_src,
+            &next.masq_src,
+        )?;
+        sweep(
+            &mut self.masq_skip,
+            "masq_skip",
+            &cur.masq_skip,
+            &next.masq_skip,
+        )?;
+        let c = &mut self.current;
+        c.frontends.retain(|k, _| next.frontends.contains_key(k));
+        c.backends.retain(|k, _| next.backends.contains_key(k));
+        c.vips.retain(|k, _| next.vips.contains_key(k));
+        c.snat.retain(|k, _| next.snat.contains_key(k));
+        c.masq_src.retain(|k, _| next.masq_src.contains_key(k));
+        c.masq_skip.retain(|k, _| next.masq_skip.contains_key(k));
         Ok(())
     }
 
     /// Phase 2 of a change: insert or update entries so the maps equal `next`. On
     /// failure, entries this call inserted are removed again.
     pub fn add_new(&mut self, next: &SteeringState) -> Result<(), BpfError> {
-        fn fill<K: aya::Pod + Ord + Copy + std::fmt::Debug, V: aya::Pod + PartialEq + Copy>(
-            map: &mut HashMap<MapData, K, V>,
-            name: &'static str,
-            cur: &BTreeMap<K, V>,
-            next: &BTreeMap<K, V>,
-        ) -> Result<(), BpfError> {
-            let mut added = Vec::new();
-            for (k, v) in next {
-                if cur.get(k) == Some(v) {
-                    continue;
-                }
-                if let Err(source) = map.insert(k, v, 0) {
-                    for a in added {
-                        let _ = map.remove(&a);
-                    }
-                    return Err(BpfError::Insert {
-                        map: name,
-                        key: format!("{k:?}"),
-                        source,
-                    });
-                }
-                if !cur.contains_key(k) {
-                    added.push(*k);
-                }
-            }
-            Ok(())
-        }
-        // Backends and SNAT ranges before frontends: a steered first packet's replies
-        // must be steered too.
-        fill(&mut self.snat, "snat_addrs", &self.current.snat, &next.snat)?;
+        let cur = &self.current;
+        // Backends and NAT ranges before frontends: a steered first packet's replies
+        // must be steered too. Kept destinations before sources: a new source must not
+        // masquerade what the policy keeps.
+        fill(&mut self.snat, "snat_addrs", &cur.snat, &next.snat)?;
         fill(
             &mut self.backends,
             "backends",
-            &self.current.backends,
+            &cur.backends,
             &next.backends,
         )?;
-        fill(&mut self.vips, "vips", &self.current.vips, &next.vips)?;
+        fill(&mut self.vips, "vips", &cur.vips, &next.vips)?;
         fill(
             &mut self.frontends,
             "frontends",
-            &self.current.frontends,
+            &cur.frontends,
             &next.frontends,
+        )?;
+        fill(
+            &mut self.masq_skip,
+            "masq_skip",
+            &cur.masq_skip,
+            &next.masq_skip,
+        )?;
+        fill(
+            &mut self.masq_src,
+            "masq_src",
+            &cur.masq_src,
+            &next.masq_src,
         )?;
         self.current = next.clone();
         Ok(())
+    }
+
+    /// Steer the 5-tuple `k` (a masqueraded flow's forward key) to the workers even if
+    /// the policy now keeps its destination's source.
+    pub fn keep(&mut self, k: &lb::flow::FlowKey) -> Result<(), BpfError> {
+        let key = FlowKey::from(k);
+        if self.kept.contains(&key) {
+            return Ok(());
+        }
+        self.masq_keep
+            .insert(key, 1, 0)
+            .map_err(|source| BpfError::Insert {
+                map: "masq_keep",
+                key: format!("{k:?}"),
+                source,
+            })?;
+        self.kept.insert(key);
+        Ok(())
+    }
+
+    /// The flow of `k` has ended: stop steering its 5-tuple.
+    pub fn unkeep(&mut self, k: &lb::flow::FlowKey) {
+        let key = FlowKey::from(k);
+        if self.kept.remove(&key) {
+            let _ = self.masq_keep.remove(&key);
+        }
+    }
+
+    /// Entries in the keep map.
+    pub fn kept(&self) -> usize {
+        self.kept.len()
     }
 
     /// The program's counters, summed over CPUs, indexed by [`Stat`].

@@ -9,28 +9,38 @@
 //!
 //! Periodically ([`Handler::tick`]) it asks the kernel to resolve neighbours the workers
 //! could not find, and re-reads routes and neighbours; a changed view becomes a new
-//! snapshot (flows pick up new MACs lazily).
+//! snapshot (flows pick up new MACs lazily). With masquerading it also re-reads the
+//! ip-masq-agent file; a changed, valid policy is applied in the order that keeps
+//! established flows translated: new snapshot to the workers; each worker marks the
+//! masqueraded flows the new policy would not masquerade and reports them; those
+//! 5-tuples go into the XDP keep map; only then do the XDP tries learn the new policy.
+//! An invalid file is reported (log, `lbctl status`, `lbctl ipmasq list`) and the last
+//! good policy stays.
 
 use crate::abi::Stat;
 use crate::bpf::{Steering, SteeringState, MAX_IFACES, MAX_QUEUES};
 use crate::netlink::{local_port_range, Netlink};
 use crate::sys::IoConfig;
+use crate::worker::WorkerRequest;
 use crate::worker::{self, WorkerShared, WorkerSpec, HANDOFF_RING_BYTES};
 use control::proto::{
-    BackendView, ErrorKind, InterfaceView, Reply, Request, ResponseEnvelope, ServiceView,
-    StatsView, StatusView, WorkerStats, WorkerView,
+    BackendView, CheckView, ErrorKind, InterfaceView, IpmasqRule, IpmasqView, MasqStatusView,
+    NatView, Reply, Request, ResponseEnvelope, ServiceView, StatsView, StatusView, TranslationView,
+    WorkerStats, WorkerView,
 };
 use control::server::Handler;
 use crossbeam_channel::{Receiver, Sender};
+use lb::flow::{Flow, FlowKey, FlowKind};
 use lb::netview::{NetView, NextHopError};
 use lb::service::{Op, ServiceTable};
-use lb::snapshot::{DatapathConfig, SnatConfig};
+use lb::snapshot::{DatapathConfig, MasqState, SnatConfig};
 use lb::{Snapshot, Timeouts};
-use nat::PortRange;
+use nat::{Cidr, MasqPolicy, PortRange};
 use ringbuf::traits::Split;
 use ringbuf::HeapRb;
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -42,6 +52,47 @@ const REFRESH: Duration = Duration::from_secs(1);
 const RESOLVE_RECHECK: Duration = Duration::from_millis(30);
 /// One resolution request per address per this long.
 const RESOLVE_BACKOFF: Duration = Duration::from_secs(1);
+/// How often the ip-masq-agent file is re-read.
+const MASQ_CONFIG_CHECK: Duration = Duration::from_secs(1);
+/// How long the control thread waits for a worker's answer.
+const WORKER_ANSWER: Duration = Duration::from_secs(2);
+
+/// Egress masquerading options (`--masquerade-from` and friends).
+#[derive(Debug, Clone)]
+pub struct MasqOptions {
+    pub from: Vec<Cidr>,
+    /// The interface masqueraded traffic leaves by [default: the last --iface].
+    pub egress_iface: Option<String>,
+    /// [default: the egress interface's primary IPv4]
+    pub egress_addr: Option<Ipv4Addr>,
+    /// ip-masq-agent's YAML file, watched.
+    pub config: Option<PathBuf>,
+    /// Destinations never masqueraded: the cluster's nodes.
+    pub cluster_nodes: Vec<Cidr>,
+}
+
+/// Masquerading as the control thread runs it.
+#[derive(Debug)]
+struct MasqRuntime {
+    egress_iface: String,
+    config: Option<PathBuf>,
+    /// The file's content last read (None: not read yet or unreadable).
+    config_text: Option<String>,
+    config_error: Option<String>,
+    next_check: Instant,
+}
+
+/// Read ip-masq-agent's file. Missing means defaults, as for ip-masq-agent.
+fn read_policy(path: &std::path::Path) -> Result<(MasqPolicy, String), String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    MasqPolicy::from_yaml(&text)
+        .map(|p| (p, text))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -55,6 +106,7 @@ pub struct DaemonConfig {
     pub timeouts: Timeouts,
     pub io: IoConfig,
     pub busy_poll_ns: u64,
+    pub masq: Option<MasqOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +131,7 @@ struct WorkerHandle {
     core: Option<usize>,
     slice: PortRange,
     snapshots: Sender<Arc<Snapshot>>,
+    requests: Sender<WorkerRequest>,
     shared: Arc<WorkerShared>,
 }
 
@@ -93,6 +146,8 @@ pub struct Daemon {
     threads: Vec<JoinHandle<()>>,
     netlink: Netlink,
     resolve_rx: Receiver<[u8; 4]>,
+    unkept_rx: Receiver<FlowKey>,
+    masq: Option<MasqRuntime>,
     resolving: HashMap<[u8; 4], Instant>,
     next_refresh: Instant,
     stop: Arc<AtomicBool>,
@@ -121,6 +176,49 @@ fn rx_queues(iface: &str) -> Result<u32, DaemonError> {
     Ok(n.max(1) as u32)
 }
 
+/// What the XDP maps must hold for `table` and the masquerading state of `snap`.
+fn steering_state(table: &ServiceTable, cfg: &DatapathConfig, snap: &Snapshot) -> SteeringState {
+    let s = SteeringState::new(table, cfg.snat.addr, cfg.snat.ports);
+    match &snap.masq {
+        Some(m) => s.with_masq(&m.rules, cfg.snat.ports),
+        None => s,
+    }
+}
+
+/// An endpoint as `lbctl nat list` shows it: `addr:port`, or `addr id N` for ICMP echo.
+fn endpoint(addr: [u8; 4], a: u16, b: u16, proto: u8) -> String {
+    if proto == lb::wire::ipv4::PROTO_ICMP {
+        format!("{} id {}", Ipv4Addr::from(addr), a | b)
+    } else {
+        format!("{}:{a}", Ipv4Addr::from(addr))
+    }
+}
+
+fn translation(f: &Flow, worker: u16, now: u64) -> TranslationView {
+    let (k, out) = (f.keys[0], f.rewrite[0]);
+    let proto = match k.proto {
+        lb::wire::ipv4::PROTO_TCP => "tcp",
+        lb::wire::ipv4::PROTO_UDP => "udp",
+        _ => "icmp",
+    };
+    let kind = match f.kind {
+        FlowKind::Masq => "masquerade",
+        FlowKind::Lb { .. } => "snat",
+    };
+    TranslationView {
+        kind: kind.into(),
+        proto: proto.into(),
+        inside: endpoint(k.src, k.sport, 0, k.proto),
+        outside: endpoint(out.src, out.sport, 0, k.proto),
+        remote: endpoint(out.dst, out.dport, 0, k.proto),
+        state: f.state.name().into(),
+        idle_s: (now.saturating_sub(f.last_seen) as f64 / 1e9 * 10.0).round() / 10.0,
+        worker,
+        packets_out: f.packets[0],
+        packets_in: f.packets[1],
+    }
+}
+
 impl Daemon {
     /// Read the kernel's view, attach the program, start the workers.
     pub fn start(dc: DaemonConfig, stop: Arc<AtomicBool>) -> Result<Daemon, DaemonError> {
@@ -145,17 +243,78 @@ impl Daemon {
                     ))
                 })?,
         };
-        let mut local = Vec::new();
-        for i in &net.ifaces {
-            local.extend(nl.ipv4_addrs(i.ifindex)?);
+        let local = nl.ipv4_addrs(None)?;
+        let mut masq = None;
+        let mut masq_state = None;
+        if let Some(o) = &dc.masq {
+            if o.from.is_empty() {
+                return Err(DaemonError::Config(
+                    "masquerading needs at least one --masquerade-from CIDR".into(),
+                ));
+            }
+            let egress_iface = o
+                .egress_iface
+                .clone()
+                .or_else(|| dc.ifaces.last().cloned())
+                .unwrap_or_default();
+            let iface = net
+                .ifaces
+                .iter()
+                .find(|i| i.name == egress_iface)
+                .ok_or_else(|| {
+                    DaemonError::Config(format!(
+                        "--egress-iface {egress_iface} is not one of the --iface interfaces"
+                    ))
+                })?;
+            let egress = match o.egress_addr.or(iface.addr.map(Ipv4Addr::from)) {
+                Some(a) => a,
+                None => {
+                    return Err(DaemonError::Config(format!(
+                        "interface {egress_iface} has no IPv4 address to masquerade to; pass --egress-addr"
+                    )))
+                }
+            };
+            let (policy, text) = match &o.config {
+                Some(path) => {
+                    let (p, t) = read_policy(path).map_err(DaemonError::Config)?;
+                    (p, Some(t))
+                }
+                None => (MasqPolicy::defaults(), None),
+            };
+            let rules = nat::Masquerade::new(
+                o.from.clone(),
+                Arc::new(policy),
+                egress,
+                &local,
+                &o.cluster_nodes,
+            );
+            masq_state = Some(Arc::new(MasqState {
+                rules,
+                previous: None,
+                version: 1,
+            }));
+            masq = Some(MasqRuntime {
+                egress_iface,
+                config: o.config.clone(),
+                config_text: text,
+                config_error: None,
+                next_check: Instant::now() + MASQ_CONFIG_CHECK,
+            });
         }
-        if local.contains(&snat_addr) {
+        let egress_addr = masq_state.as_ref().map(|m| m.rules.egress);
+        for (addr, flag) in [
+            (Some(snat_addr), "--snat-addr"),
+            (egress_addr, "--egress-addr"),
+        ] {
+            let Some(addr) = addr.filter(|a| local.contains(a)) else {
+                continue;
+            };
             if let Some((lo, hi)) = local_port_range() {
                 if dc.snat_ports.first <= hi && lo <= dc.snat_ports.last {
                     return Err(DaemonError::Config(format!(
-                        "SNAT ports {} overlap the host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range) on \
-                         {snat_addr}, a host address: replies to the host's own connections would be taken. Choose \
-                         --snat-ports outside {lo}-{hi} or a dedicated --snat-addr",
+                        "NAT ports {} overlap the host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range) on \
+                         {addr}, a host address: replies to the host's own connections would be taken. Choose \
+                         --snat-ports outside {lo}-{hi} or a dedicated {flag}",
                         dc.snat_ports
                     )));
                 }
@@ -193,7 +352,8 @@ impl Daemon {
         let table = ServiceTable::default();
         let snap = Arc::new(
             Snapshot::build(1, &cfg, &table, Arc::new(net), None)
-                .map_err(|e| DaemonError::Config(e.to_string()))?,
+                .map_err(|e| DaemonError::Config(e.to_string()))?
+                .with_masq(1, masq_state),
         );
 
         if let Err(e) = crate::sys::raise_memlock_limit() {
@@ -201,9 +361,14 @@ impl Daemon {
         }
         let mut steering = Steering::load()?;
         for (slot, iface) in snap.net.ifaces.iter().enumerate() {
-            steering.set_iface_slot(iface.ifindex, slot as u32)?;
+            // Masquerade sources arrive on the cluster side: every interface but the
+            // egress one, or the only one.
+            let internal = masq
+                .as_ref()
+                .is_some_and(|m| dc.ifaces.len() == 1 || iface.name != m.egress_iface);
+            steering.set_iface_slot(iface.ifindex, slot as u32, internal)?;
         }
-        steering.add_new(&SteeringState::new(&table, cfg.snat.addr, cfg.snat.ports))?;
+        steering.add_new(&steering_state(&table, &cfg, &snap))?;
         for i in &dc.ifaces {
             let mode = steering.attach(i)?;
             tracing::info!(iface = %i, mode, "XDP program attached");
@@ -241,10 +406,12 @@ impl Daemon {
                 .collect()
         };
         let (resolve_tx, resolve_rx) = crossbeam_channel::bounded(1024);
+        let (unkept_tx, unkept_rx) = crossbeam_channel::bounded(65536);
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         for (id, ((out, inbound), poll)) in outs.into_iter().zip(ins).zip(polls).enumerate() {
             let (snap_tx, snap_rx) = crossbeam_channel::bounded(64);
+            let (req_tx, req_rx) = crossbeam_channel::bounded(16);
             let core = if cores.is_empty() {
                 None
             } else {
@@ -261,7 +428,9 @@ impl Daemon {
                 busy_poll_ns: dc.busy_poll_ns,
                 snapshot: Arc::clone(&snap),
                 snapshots: snap_rx,
+                requests: req_rx,
                 resolve: resolve_tx.clone(),
+                unkept: unkept_tx.clone(),
                 out,
                 inbound,
                 peers: shared.clone(),
@@ -299,6 +468,7 @@ impl Daemon {
                 core: core.map(|c| c.id),
                 slice: dc.snat_ports.slice(id as u16, workers),
                 snapshots: snap_tx,
+                requests: req_tx,
                 shared: Arc::clone(&shared[id]),
             });
             tracing::info!(worker = id, queue, core = ?core.map(|c| c.id), "worker started");
@@ -314,6 +484,8 @@ impl Daemon {
             threads,
             netlink: nl,
             resolve_rx,
+            unkept_rx,
+            masq,
             resolving: HashMap::new(),
             next_refresh: Instant::now() + REFRESH,
             stop,
@@ -352,7 +524,7 @@ impl Daemon {
             Err(e) => return ResponseEnvelope::error(ErrorKind::Invalid, e.to_string()),
         };
         let old_state = self.steering.current().clone();
-        let new_state = SteeringState::new(&next, self.cfg.snat.addr, self.cfg.snat.ports);
+        let new_state = steering_state(&next, &self.cfg, &self.snap);
         if let Err(e) = self.steering.remove_stale(&new_state) {
             let _ = self.steering.add_new(&old_state);
             return ResponseEnvelope::error(ErrorKind::Datapath, format!("nothing changed: {e}"));
@@ -500,7 +672,7 @@ impl Daemon {
             .map(|(i, m)| (i.as_str(), *m))
             .collect();
         let net: &NetView = &self.snap.net;
-        Reply::Status(StatusView {
+        Reply::Status(Box::new(StatusView {
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: net
                 .ifaces
@@ -539,7 +711,41 @@ impl Daemon {
                 .sum(),
             neighbours: net.neighbour_count(),
             routes: net.routes().len(),
-        })
+            masquerading: self
+                .snap
+                .masq
+                .as_ref()
+                .zip(self.masq.as_ref())
+                .map(|(m, rt)| MasqStatusView {
+                    egress_interfaces: vec![format!(
+                        "{} {}",
+                        rt.egress_iface,
+                        modes
+                            .get(rt.egress_iface.as_str())
+                            .copied()
+                            .unwrap_or("none")
+                    )],
+                    egress_address: m.rules.egress,
+                    masquerade_from: m.rules.from.iter().map(ToString::to_string).collect(),
+                    non_masquerade_rules: m.rules.policy.rules().len(),
+                    config: rt.config.as_ref().map(|p| p.display().to_string()),
+                    config_error: rt.config_error.clone(),
+                    kept_flows: self.steering.kept(),
+                }),
+            drops: {
+                let mut d = BTreeMap::new();
+                for w in &self.workers {
+                    let c = w.shared.counters();
+                    for r in lb::DropReason::ALL {
+                        let n = c.drops[*r as usize];
+                        if n > 0 {
+                            *d.entry(r.name().to_string()).or_insert(0) += n;
+                        }
+                    }
+                }
+                d
+            },
+        }))
     }
 
     fn stats(&self) -> Reply {
@@ -554,6 +760,205 @@ impl Daemon {
             .map(|s| (s.name().to_string(), xs[*s as usize]))
             .collect();
         Reply::Stats(StatsView { workers, xdp })
+    }
+
+    /// Re-read the ip-masq-agent file if it is time; apply a changed, valid policy.
+    fn check_masq_config(&mut self, now: Instant) {
+        let Some(m) = self.masq.as_mut() else {
+            return;
+        };
+        let Some(path) = m.config.clone() else {
+            return;
+        };
+        if now < m.next_check {
+            return;
+        }
+        m.next_check = now + MASQ_CONFIG_CHECK;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                let err = format!("reading {}: {e}", path.display());
+                if m.config_error.as_ref() != Some(&err) {
+                    tracing::error!(error = %err, "ip-masq-agent config unreadable; the last good list stays");
+                    m.config_error = Some(err);
+                }
+                return;
+            }
+        };
+        if m.config_text.as_ref() == Some(&text) {
+            return;
+        }
+        m.config_text = Some(text.clone());
+        match MasqPolicy::from_yaml(&text) {
+            Ok(p) => {
+                m.config_error = None;
+                self.apply_policy(Arc::new(p));
+            }
+            Err(e) => {
+                let err = format!("{}: {e}", path.display());
+                tracing::error!(error = %err, "ip-masq-agent config rejected; the last good list stays");
+                m.config_error = Some(err);
+            }
+        }
+    }
+
+    /// Apply a new non-masquerade policy without disturbing established flows (see the
+    /// module documentation for the order).
+    fn apply_policy(&mut self, policy: Arc<MasqPolicy>) {
+        let Some(cur) = self.snap.masq.clone() else {
+            return;
+        };
+        if cur.rules.policy.rules() == policy.rules()
+            && cur.rules.policy.masq_link_local() == policy.masq_link_local()
+        {
+            return;
+        }
+        let state = MasqState {
+            rules: cur.rules.with_policy(policy),
+            previous: Some(Arc::clone(&cur.rules.policy)),
+            version: cur.version + 1,
+        };
+        let snap = self
+            .snap
+            .with_masq(self.next_generation(), Some(Arc::new(state)));
+        self.publish(snap);
+        let mut answers = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if w.requests.try_send(WorkerRequest::Sync(tx)).is_ok() {
+                w.shared.wake();
+                answers.push((w.id, rx));
+            }
+        }
+        let mut kept = 0usize;
+        for (id, rx) in answers {
+            match rx.recv_timeout(WORKER_ANSWER) {
+                Ok(keys) => {
+                    for k in keys {
+                        match self.steering.keep(&k) {
+                            Ok(()) => kept += 1,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "flow not kept: it will lose its translation")
+                            }
+                        }
+                    }
+                }
+                Err(_) => tracing::error!(worker = id, "worker did not answer the policy sync"),
+            }
+        }
+        let next = steering_state(&self.table, &self.cfg, &self.snap);
+        let applied = self
+            .steering
+            .remove_stale(&next)
+            .and_then(|()| self.steering.add_new(&next));
+        if let Err(e) = applied {
+            tracing::error!(error = %e, "XDP maps did not take the new masquerade policy");
+            if let Some(m) = self.masq.as_mut() {
+                m.config_error = Some(format!("XDP maps: {e}"));
+            }
+        }
+        let rules = self
+            .snap
+            .masq
+            .as_ref()
+            .map_or(0, |m| m.rules.policy.rules().len());
+        tracing::info!(rules, kept, "masquerade policy applied");
+    }
+
+    fn masq_rules(m: &MasqState) -> (Vec<IpmasqRule>, Vec<IpmasqRule>) {
+        let list = m
+            .rules
+            .policy
+            .rules()
+            .iter()
+            .map(|(c, s)| IpmasqRule {
+                cidr: c.to_string(),
+                source: s.to_string(),
+            })
+            .collect();
+        let always = m
+            .rules
+            .node_rules()
+            .iter()
+            .map(|(c, k)| IpmasqRule {
+                cidr: c.to_string(),
+                source: k.to_string(),
+            })
+            .collect();
+        (list, always)
+    }
+
+    fn masq_off() -> ResponseEnvelope {
+        ResponseEnvelope::error(
+            ErrorKind::Invalid,
+            "masquerading is off: start lbd with --masquerade-from CIDR",
+        )
+    }
+
+    fn ipmasq_list(&self) -> ResponseEnvelope {
+        let (Some(m), Some(rt)) = (self.snap.masq.as_ref(), self.masq.as_ref()) else {
+            return Self::masq_off();
+        };
+        let (non_masquerade, always_kept) = Self::masq_rules(m);
+        ResponseEnvelope::ok(Reply::Ipmasq(IpmasqView {
+            masquerade_from: m.rules.from.iter().map(ToString::to_string).collect(),
+            egress_address: m.rules.egress,
+            non_masquerade,
+            always_kept,
+            masq_link_local: m.rules.policy.masq_link_local(),
+            config: rt.config.as_ref().map(|p| p.display().to_string()),
+            config_error: rt.config_error.clone(),
+        }))
+    }
+
+    fn ipmasq_check(&self, source: Ipv4Addr, destination: Ipv4Addr) -> ResponseEnvelope {
+        let Some(m) = self.snap.masq.as_ref() else {
+            return Self::masq_off();
+        };
+        let d = m.rules.decide(source, destination);
+        ResponseEnvelope::ok(Reply::Check(CheckView {
+            source,
+            destination,
+            masquerade: d.masquerades(),
+            decision: d.to_string(),
+        }))
+    }
+
+    fn nat_list(&self, limit: usize) -> ResponseEnvelope {
+        let mut answers = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if w.requests
+                .try_send(WorkerRequest::Flows { limit, reply: tx })
+                .is_ok()
+            {
+                w.shared.wake();
+                answers.push((w.id, rx));
+            }
+        }
+        let mut translations = Vec::new();
+        let mut truncated = false;
+        for (id, rx) in answers {
+            match rx.recv_timeout(WORKER_ANSWER) {
+                Ok((flows, now, more)) => {
+                    truncated |= more;
+                    translations.extend(flows.iter().map(|f| translation(f, id, now)));
+                }
+                Err(_) => {
+                    return ResponseEnvelope::error(
+                        ErrorKind::Datapath,
+                        format!("worker {id} did not answer"),
+                    )
+                }
+            }
+        }
+        translations
+            .sort_by(|a, b| (&a.kind, &a.inside, &a.remote).cmp(&(&b.kind, &b.inside, &b.remote)));
+        ResponseEnvelope::ok(Reply::Nat(NatView {
+            translations,
+            truncated,
+        }))
     }
 
     /// Stop the workers and wait for them; dropping the daemon then detaches XDP.
@@ -590,6 +995,12 @@ impl Handler for Daemon {
             Request::ServiceList {} => ResponseEnvelope::ok(self.service_list()),
             Request::Status {} => ResponseEnvelope::ok(self.status()),
             Request::Stats {} => ResponseEnvelope::ok(self.stats()),
+            Request::IpmasqList {} => self.ipmasq_list(),
+            Request::IpmasqCheck {
+                source,
+                destination,
+            } => self.ipmasq_check(source, destination),
+            Request::NatList { limit } => self.nat_list(limit.unwrap_or(10_000)),
         }
     }
 
@@ -598,7 +1009,11 @@ impl Handler for Daemon {
         while let Ok(addr) = self.resolve_rx.try_recv() {
             asked |= self.request_resolution(addr, false);
         }
+        while let Ok(k) = self.unkept_rx.try_recv() {
+            self.steering.unkeep(&k);
+        }
         let now = Instant::now();
+        self.check_masq_config(now);
         if asked {
             self.next_refresh = self.next_refresh.min(now + RESOLVE_RECHECK);
         }

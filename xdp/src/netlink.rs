@@ -133,7 +133,7 @@ impl Netlink {
             })
             .ok_or_else(|| NetlinkError::NoMac(name.to_string()))?;
         let ifindex = link.header.index;
-        let addr = self.ipv4_addrs(ifindex)?.into_iter().next();
+        let addr = self.ipv4_addrs(Some(ifindex))?.into_iter().next();
         Ok(IfaceInfo {
             ifindex,
             name: name.to_string(),
@@ -142,8 +142,8 @@ impl Netlink {
         })
     }
 
-    /// IPv4 addresses of interface `ifindex`, primary first.
-    pub fn ipv4_addrs(&mut self, ifindex: u32) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+    /// IPv4 addresses of interface `ifindex` (primary first), or of every interface.
+    pub fn ipv4_addrs(&mut self, ifindex: Option<u32>) -> Result<Vec<Ipv4Addr>, NetlinkError> {
         let mut m = AddressMessage::default();
         m.header.family = AddressFamily::Inet;
         let addrs = self.request(
@@ -153,7 +153,11 @@ impl Netlink {
         Ok(addrs
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) if a.header.index == ifindex => Some(a),
+                RouteNetlinkMessage::NewAddress(a)
+                    if ifindex.is_none_or(|i| a.header.index == i) =>
+                {
+                    Some(a)
+                }
                 _ => None,
             })
             .filter_map(|a| {

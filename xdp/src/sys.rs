@@ -27,6 +27,8 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 unsafe impl aya::Pod for crate::abi::Endpoint {}
 // SAFETY: as above.
 unsafe impl aya::Pod for crate::abi::SnatRange {}
+// SAFETY: as above (`FlowKey` spells its padding out as a zeroed field).
+unsafe impl aya::Pod for crate::abi::FlowKey {}
 
 /// Lift RLIMIT_MEMLOCK so UMEMs and BPF maps can be locked (kernels before 5.11 charge
 /// BPF maps to it; UMEMs count against it unless the process has CAP_IPC_LOCK). Callers

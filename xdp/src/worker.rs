@@ -69,6 +69,19 @@ impl WorkerShared {
     }
 }
 
+/// What the control thread asks a worker between batches.
+#[derive(Debug)]
+pub enum WorkerRequest {
+    /// Reply once every snapshot sent before this request is in use, with the forward
+    /// keys of the flows the last masquerading policy change kept.
+    Sync(Sender<Vec<lb::flow::FlowKey>>),
+    /// A copy of up to `limit` flows, and the worker's clock (ns) to age them.
+    Flows {
+        limit: usize,
+        reply: Sender<(Vec<lb::flow::Flow>, u64, bool)>,
+    },
+}
+
 /// Everything a worker thread needs; built by the daemon, moved into the thread.
 pub struct WorkerSpec {
     pub id: u16,
@@ -81,7 +94,10 @@ pub struct WorkerSpec {
     pub busy_poll_ns: u64,
     pub snapshot: Arc<Snapshot>,
     pub snapshots: Receiver<Arc<Snapshot>>,
+    pub requests: Receiver<WorkerRequest>,
     pub resolve: Sender<[u8; 4]>,
+    /// Forward keys of kept masquerade flows that ended (for the keep map).
+    pub unkept: Sender<lb::flow::FlowKey>,
     /// Rings to every other worker (None at our own index).
     pub out: Vec<Option<HeapProd<u8>>>,
     /// Rings from every other worker.
@@ -166,6 +182,25 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             fresh = true;
         }
         let now = start.elapsed().as_nanos() as u64;
+        while let Ok(req) = spec.requests.try_recv() {
+            match req {
+                WorkerRequest::Sync(reply) => {
+                    // A snapshot sent just before the request may have arrived after
+                    // the check above.
+                    while let Ok(s) = spec.snapshots.try_recv() {
+                        engine.set_snapshot(s);
+                        fresh = true;
+                    }
+                    let _ = reply.send(engine.take_kept());
+                }
+                WorkerRequest::Flows { limit, reply } => {
+                    let flows: Vec<lb::flow::Flow> =
+                        engine.flows().iter().take(limit).copied().collect();
+                    let truncated = engine.flows().len() > limit;
+                    let _ = reply.send((flows, now, truncated));
+                }
+            }
+        }
         engine.begin_batch(now);
         io.refill();
         let expired = io.expire_held(now);
@@ -226,6 +261,9 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         for addr in engine.take_resolve_requests() {
             let _ = spec.resolve.try_send(addr);
         }
+        for k in engine.take_unkept() {
+            let _ = spec.unkept.try_send(k);
+        }
         publish(&me, &engine);
         if work > 0 || io.backlog() > 0 || io.tx_in_flight() > 0 {
             last_work = now;
@@ -234,8 +272,9 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             std::sync::atomic::fence(Ordering::SeqCst);
             // Re-check after announcing the park: a peer that pushed before seeing the
             // flag set must not be missed.
-            let pending =
-                spec.inbound.iter().any(|r| r.occupied_len() > 0) || !spec.snapshots.is_empty();
+            let pending = spec.inbound.iter().any(|r| r.occupied_len() > 0)
+                || !spec.snapshots.is_empty()
+                || !spec.requests.is_empty();
             if !pending {
                 let _ = spec.poll.poll(&mut events, Some(PARK));
             }

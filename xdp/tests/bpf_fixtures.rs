@@ -4,6 +4,8 @@
 mod common;
 
 use lb::fixtures::{self, Steer};
+use lb::masq_fixtures::{self as mf, Side};
+use lb::wire::ipv4::PROTO_UDP;
 use xdp::abi::Stat;
 use xdp::bpf::{Steering, SteeringState};
 
@@ -118,4 +120,107 @@ fn removing_a_service_stops_steering_it() {
         before + 1,
         "no longer steered"
     );
+}
+
+fn lo_ifindex() -> u32 {
+    std::fs::read_to_string("/sys/class/net/lo/ifindex")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("lo has an ifindex")
+}
+
+/// The masquerading configuration of `lb::masq_fixtures`, with BPF_PROG_TEST_RUN's
+/// ingress interface (the namespace's loopback) numbered slot 0.
+fn masq_loaded(policy: nat::MasqPolicy) -> (Steering, SteeringState) {
+    let _ = xdp::sys::raise_memlock_limit();
+    let mut s = Steering::load().expect("the program loads and verifies");
+    let cfg = mf::config(61000, 65535);
+    let state = SteeringState::new(&Default::default(), mf::EGRESS, cfg.snat.ports)
+        .with_masq(&mf::rules(policy), cfg.snat.ports);
+    s.add_new(&state)
+        .expect("maps accept the masquerading configuration");
+    (s, state)
+}
+
+fn steer_of(s: &mut Steering, frame: &[u8]) -> Steer {
+    let before = s.stats();
+    let ret = s.test_run(frame).expect("test run");
+    let after = s.stats();
+    let d = |st: Stat| after[st as usize] - before[st as usize];
+    assert_eq!(d(Stat::Rx), 1);
+    if d(Stat::Masq) == 1 || d(Stat::MasqKeep) == 1 {
+        assert_eq!(
+            d(Stat::NoXsk),
+            1,
+            "no XSK in a test run: the redirect falls back"
+        );
+        Steer::Masq
+    } else if d(Stat::Reply) == 1 || d(Stat::IcmpError) == 1 {
+        assert_eq!(d(Stat::NoXsk), 1);
+        Steer::Reply
+    } else if ret == XDP_DROP {
+        Steer::Drop
+    } else {
+        assert_eq!(ret, XDP_PASS);
+        Steer::Pass
+    }
+}
+
+#[test]
+fn masquerade_fixtures_through_prog_test_run() {
+    if !common::privileged("masquerade_fixtures_through_prog_test_run") {
+        return;
+    }
+    let (mut s, _) = masq_loaded(nat::MasqPolicy::defaults());
+    let lo = lo_ifindex();
+    for m in mf::fixtures() {
+        s.set_iface_slot(lo, 0, m.on == Side::Internal)
+            .expect("slot");
+        assert_eq!(steer_of(&mut s, &m.fx.frame), m.fx.steer, "{}", m.fx.name);
+    }
+    // Masquerade sources are only looked for on internal interfaces.
+    s.set_iface_slot(lo, 0, false).expect("slot");
+    let pod = mf::fixtures().remove(0);
+    assert_eq!(pod.fx.steer, Steer::Masq);
+    assert_eq!(steer_of(&mut s, &pod.fx.frame), Steer::Pass);
+}
+
+#[test]
+fn kept_flows_stay_steered_after_a_policy_change() {
+    if !common::privileged("kept_flows_stay_steered_after_a_policy_change") {
+        return;
+    }
+    let (mut s, old) = masq_loaded(nat::MasqPolicy::defaults());
+    s.set_iface_slot(lo_ifindex(), 0, true).expect("slot");
+    let flow = mf::from_pod(mf::POD_A, mf::REMOTE, PROTO_UDP, 40000, 53);
+    let other = mf::from_pod(mf::POD_A, mf::REMOTE, PROTO_UDP, 40001, 53);
+    assert_eq!(steer_of(&mut s, &flow.build()), Steer::Masq);
+    // 20.0.0.0/24 becomes non-masquerade; the flow is kept first, as lbd does.
+    let key = lb::flow::FlowKey {
+        src: mf::POD_A,
+        dst: mf::REMOTE,
+        sport: 40000,
+        dport: 53,
+        proto: PROTO_UDP,
+    };
+    s.keep(&key).expect("keep");
+    let policy = nat::MasqPolicy::from_yaml("nonMasqueradeCIDRs: [20.0.0.0/24]\n").expect("valid");
+    let cfg = mf::config(61000, 65535);
+    let new = SteeringState::new(&Default::default(), mf::EGRESS, cfg.snat.ports)
+        .with_masq(&mf::rules(policy), cfg.snat.ports);
+    assert_ne!(old, new);
+    s.remove_stale(&new).expect("remove");
+    s.add_new(&new).expect("add");
+    assert_eq!(steer_of(&mut s, &flow.build()), Steer::Masq, "kept");
+    assert_eq!(
+        steer_of(&mut s, &other.build()),
+        Steer::Pass,
+        "new flow: kernel"
+    );
+    // 10.0.0.0/8 left the list: now masqueraded.
+    let private = mf::from_pod(mf::POD_A, mf::PRIVATE, PROTO_UDP, 1, 2);
+    assert_eq!(steer_of(&mut s, &private.build()), Steer::Masq);
+    s.unkeep(&key);
+    assert_eq!(s.kept(), 0);
+    assert_eq!(steer_of(&mut s, &flow.build()), Steer::Pass, "released");
 }

@@ -3,8 +3,11 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use control::client::Client;
-use control::proto::{Outcome, Reply, Request, ServiceView, StatsView, StatusView};
+use control::proto::{
+    CheckView, IpmasqView, NatView, Outcome, Reply, Request, ServiceView, StatsView, StatusView,
+};
 use lb::service::{BackendSpec, Frontend};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,7 +15,7 @@ use std::process::ExitCode;
 #[command(
     name = "lbctl",
     version,
-    about = "Control xlb's lbd: services, backends, status, stats"
+    about = "Control xlb's lbd: services, backends, masquerading, status, stats"
 )]
 struct Cli {
     /// lbd's control socket.
@@ -49,6 +52,46 @@ enum Cmd {
     Stats {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
+    },
+    /// Egress masquerading: the effective non-masquerade list, and why a packet is (not)
+    /// masqueraded.
+    Ipmasq {
+        #[command(subcommand)]
+        cmd: IpmasqCmd,
+    },
+    /// Active translations.
+    Nat {
+        #[command(subcommand)]
+        cmd: NatCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum IpmasqCmd {
+    /// The effective non-masquerade list (ip-masq-agent's, defaults shown as such) and
+    /// the destinations always kept.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Which source address a packet from SRC to DST leaves with, and why.
+    Check {
+        source: Ipv4Addr,
+        destination: Ipv4Addr,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum NatCmd {
+    /// Active translations: proto, inside, outside, remote, state, idle.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+        /// At most this many flows per worker.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
     },
 }
 
@@ -124,6 +167,26 @@ fn main() -> ExitCode {
         ),
         Cmd::Status { output } => (Request::Status {}, output),
         Cmd::Stats { output } => (Request::Stats {}, output),
+        Cmd::Ipmasq {
+            cmd: IpmasqCmd::List { output },
+        } => (Request::IpmasqList {}, output),
+        Cmd::Ipmasq {
+            cmd:
+                IpmasqCmd::Check {
+                    source,
+                    destination,
+                    output,
+                },
+        } => (
+            Request::IpmasqCheck {
+                source,
+                destination,
+            },
+            output,
+        ),
+        Cmd::Nat {
+            cmd: NatCmd::List { output, limit },
+        } => (Request::NatList { limit: Some(limit) }, output),
     };
     let resp = Client::connect(&cli.socket).and_then(|mut c| c.call(&req));
     let resp = match resp {
@@ -161,6 +224,56 @@ fn print_table(r: &Reply) {
         Reply::Services { services } => print_services(services),
         Reply::Status(s) => print_status(s),
         Reply::Stats(s) => print_stats(s),
+        Reply::Ipmasq(v) => print_ipmasq(v),
+        Reply::Check(c) => print_check(c),
+        Reply::Nat(n) => print_nat(n),
+    }
+}
+
+fn print_ipmasq(v: &IpmasqView) {
+    println!(
+        "Masquerade from {} to {}{}",
+        v.masquerade_from.join(", "),
+        v.egress_address,
+        match &v.config {
+            Some(c) => format!(", config {c}"),
+            None => ", no config file (defaults)".into(),
+        }
+    );
+    if let Some(e) = &v.config_error {
+        println!("Config error (last good list in effect): {e}");
+    }
+    println!("masqLinkLocal: {}", v.masq_link_local);
+    println!("{:<20} SOURCE", "NON-MASQUERADE CIDR");
+    for r in &v.non_masquerade {
+        println!("{:<20} {}", r.cidr, r.source);
+    }
+    for r in &v.always_kept {
+        println!("{:<20} {} (always)", r.cidr, r.source);
+    }
+}
+
+fn print_check(c: &CheckView) {
+    println!("{}", c.decision);
+}
+
+fn print_nat(n: &NatView) {
+    if n.translations.is_empty() {
+        println!("no translations");
+        return;
+    }
+    println!(
+        "{:<10} {:<5} {:<21} {:<21} {:<21} {:<12} {:>8} {:>6}",
+        "KIND", "PROTO", "INSIDE", "OUTSIDE", "REMOTE", "STATE", "IDLE", "WORKER"
+    );
+    for t in &n.translations {
+        println!(
+            "{:<10} {:<5} {:<21} {:<21} {:<21} {:<12} {:>7.1}s {:>6}",
+            t.kind, t.proto, t.inside, t.outside, t.remote, t.state, t.idle_s, t.worker
+        );
+    }
+    if n.truncated {
+        println!("(truncated: raise --limit)");
     }
 }
 
@@ -209,6 +322,26 @@ fn print_status(s: &StatusView) {
         );
     }
     println!("SNAT:        {} ports {}", s.snat_address, s.snat_ports);
+    match &s.masquerading {
+        Some(m) => {
+            println!(
+                "Masquerading: AF_XDP [{}] egress {}, IPv4: enabled",
+                m.egress_interfaces.join(", "),
+                m.egress_address
+            );
+            println!(
+                "             from {}; {} non-masquerade rule(s) from {}; {} kept flow(s)",
+                m.masquerade_from.join(", "),
+                m.non_masquerade_rules,
+                m.config.as_deref().unwrap_or("defaults (no config file)"),
+                m.kept_flows
+            );
+            if let Some(e) = &m.config_error {
+                println!("             config error (last good list in effect): {e}");
+            }
+        }
+        None => println!("Masquerading: disabled"),
+    }
     println!("Services:    {}", s.services);
     println!("Flows:       {}", s.flows);
     println!(
@@ -226,11 +359,14 @@ fn print_status(s: &StatusView) {
             w.id, w.queue, core, w.snat_ports, w.flows, w.flow_capacity
         );
     }
+    for (reason, n) in &s.drops {
+        println!("Dropped:     {reason:<22} {n:>10}");
+    }
 }
 
 fn print_stats(s: &StatsView) {
     println!(
-        "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>10}",
+        "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10}",
         "WORKER",
         "RX",
         "TX",
@@ -239,12 +375,14 @@ fn print_stats(s: &StatsView) {
         "FLOWS_NEW",
         "FLOWS_END",
         "HELD",
+        "ROUTED",
+        "ICMP_ERR",
         "DROPS"
     );
     for w in &s.workers {
         let drops: u64 = w.drops.values().sum();
         println!(
-            "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>10}",
+            "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10}",
             w.id,
             w.rx,
             w.tx,
@@ -253,6 +391,8 @@ fn print_stats(s: &StatsView) {
             w.flows_created,
             w.flows_expired,
             w.held,
+            w.routed,
+            w.icmp_errors,
             drops
         );
     }

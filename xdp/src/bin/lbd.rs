@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-use xdp::daemon::{Daemon, DaemonConfig};
+use xdp::daemon::{Daemon, DaemonConfig, MasqOptions};
 use xdp::sys::IoConfig;
 
 const SEC: u64 = 1_000_000_000;
@@ -21,7 +21,7 @@ const SEC: u64 = 1_000_000_000;
 #[command(
     name = "lbd",
     version,
-    about = "xlb's L4 load balancer daemon (XDP + AF_XDP, Maglev, SNAT)"
+    about = "xlb's L4 load balancer and egress NAT daemon (XDP + AF_XDP, Maglev, SNAT, masquerading)"
 )]
 struct Args {
     /// Interface to serve (repeat for two-armed: clients on one, backends on another).
@@ -30,10 +30,30 @@ struct Args {
     /// Source address for traffic to backends [default: the last --iface's primary IPv4].
     #[arg(long)]
     snat_addr: Option<Ipv4Addr>,
-    /// SNAT source ports, split evenly across workers. Must avoid the host's
-    /// ip_local_port_range when --snat-addr is a host address.
-    #[arg(long, default_value = "61000-65535")]
+    /// NAT source ports (load-balancer SNAT and masquerading share them), split evenly
+    /// across workers. Must avoid the host's ip_local_port_range when the SNAT or egress
+    /// address is a host address.
+    #[arg(long, visible_alias = "nat-ports", default_value = "61000-65535")]
     snat_ports: PortRange,
+    /// Masquerade traffic from this CIDR (e.g. the pod CIDR); repeat for more. Enables
+    /// egress masquerading with ip-masq-agent semantics.
+    #[arg(long = "masquerade-from")]
+    masquerade_from: Vec<nat::Cidr>,
+    /// Interface masqueraded traffic leaves by [default: the last --iface].
+    #[arg(long, requires = "masquerade_from")]
+    egress_iface: Option<String>,
+    /// Address masqueraded traffic leaves with [default: the egress interface's primary
+    /// IPv4].
+    #[arg(long, requires = "masquerade_from")]
+    egress_addr: Option<Ipv4Addr>,
+    /// ip-masq-agent's config file (nonMasqueradeCIDRs, masqLinkLocal), watched: a
+    /// change applies to new flows; a malformed file is reported and the last good list
+    /// stays. Without it: ip-masq-agent's defaults.
+    #[arg(long, requires = "masquerade_from")]
+    ip_masq_config: Option<PathBuf>,
+    /// Cluster nodes' CIDR: never masqueraded (they reach pod addresses directly).
+    #[arg(long = "cluster-nodes", requires = "masquerade_from")]
+    cluster_nodes: Vec<nat::Cidr>,
     /// Control socket.
     #[arg(long, default_value = control::DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -64,6 +84,9 @@ struct Args {
     /// Idle timeout of UDP flows, in seconds.
     #[arg(long, default_value_t = 60)]
     timeout_udp: u64,
+    /// Idle timeout of ICMP echo flows (masquerading), in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_icmp: u64,
     /// Microseconds a worker keeps polling its rings without work before it sleeps in
     /// poll(). Only for workers on dedicated, isolated cores: a spinning worker starves
     /// the softirqs and processes that share its core (measured: 30-130 req/s instead
@@ -106,12 +129,20 @@ fn main() -> anyhow::Result<()> {
             tcp_fin: a.timeout_tcp_fin * SEC,
             tcp_rst: a.timeout_tcp_rst * SEC,
             udp: a.timeout_udp * SEC,
+            icmp: a.timeout_icmp * SEC,
         },
         io: IoConfig {
             ring_size: a.ring_size,
             ..IoConfig::default()
         },
         busy_poll_ns: a.busy_poll_us * 1000,
+        masq: (!a.masquerade_from.is_empty()).then_some(MasqOptions {
+            from: a.masquerade_from,
+            egress_iface: a.egress_iface,
+            egress_addr: a.egress_addr,
+            config: a.ip_masq_config,
+            cluster_nodes: a.cluster_nodes,
+        }),
     };
     let mut sock = ControlSocket::bind(&a.socket).context("binding the control socket")?;
     let mut daemon = Daemon::start(cfg, Arc::clone(&stop)).context("starting lbd")?;
