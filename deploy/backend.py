@@ -3,10 +3,13 @@
 
   backend.py NAME [--http PORT] [--udp PORT] [--tcp-echo PORT]
 
-HTTP: GET / answers "backend NAME\n" (HTTP/1.0, one request per connection).
-UDP:  each datagram is answered with b"NAME:" + datagram.
-TCP echo: each line received is answered with "NAME:" + line, until the peer closes.
-Each server reports the peer address it saw on stderr, so tests can check SNAT.
+HTTP: GET / answers "backend NAME\n" (HTTP/1.0, one request per connection);
+      GET /peer answers "peer ADDR:PORT\n", the client address this server sees.
+UDP:  each datagram is answered with b"NAME:" + datagram; the datagram "?peer" with
+      "NAME:peer ADDR:PORT".
+TCP echo: each line received is answered with "NAME:" + line, until the peer closes;
+      the line "?peer" with "NAME:peer ADDR:PORT".
+The peer answers let tests check which source address NAT gave a flow.
 """
 import argparse
 import http.server
@@ -19,7 +22,10 @@ import threading
 def http_server(name, port):
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            body = f"backend {name}\n".encode()
+            if self.path == "/peer":
+                body = f"peer {self.client_address[0]}:{self.client_address[1]}\n".encode()
+            else:
+                body = f"backend {name}\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
@@ -42,6 +48,8 @@ def udp_server(name, port):
     s.bind(("0.0.0.0", port))
     while True:
         data, peer = s.recvfrom(65535)
+        if data == b"?peer":
+            data = f"peer {peer[0]}:{peer[1]}".encode()
         s.sendto(name.encode() + b":" + data, peer)
 
 
@@ -50,6 +58,8 @@ def tcp_echo(name, port):
         def handle(self):
             print(f"tcp-echo peer {self.client_address[0]}:{self.client_address[1]}", file=sys.stderr, flush=True)
             for line in self.rfile:
+                if line.strip() == b"?peer":
+                    line = f"peer {self.client_address[0]}:{self.client_address[1]}\n".encode()
                 self.wfile.write(name.encode() + b":" + line)
                 self.wfile.flush()
 

@@ -168,7 +168,7 @@ pub struct NatView {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MasqStatusView {
-    /// Interfaces that carry egress traffic out, with the XDP mode.
+    /// Interfaces masqueraded traffic leaves by (their XDP mode is in `interfaces`).
     pub egress_interfaces: Vec<String>,
     pub egress_address: Ipv4Addr,
     pub masquerade_from: Vec<String>,

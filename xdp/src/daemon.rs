@@ -717,14 +717,7 @@ impl Daemon {
                 .as_ref()
                 .zip(self.masq.as_ref())
                 .map(|(m, rt)| MasqStatusView {
-                    egress_interfaces: vec![format!(
-                        "{} {}",
-                        rt.egress_iface,
-                        modes
-                            .get(rt.egress_iface.as_str())
-                            .copied()
-                            .unwrap_or("none")
-                    )],
+                    egress_interfaces: vec![rt.egress_iface.clone()],
                     egress_address: m.rules.egress,
                     masquerade_from: m.rules.from.iter().map(ToString::to_string).collect(),
                     non_masquerade_rules: m.rules.policy.rules().len(),

@@ -30,6 +30,8 @@ fn lbctl_path() -> PathBuf {
 
 pub struct Topo {
     pub prefix: String,
+    /// The topology script under deploy/ (its `down` runs on drop).
+    script: &'static str,
     pub socket: PathBuf,
     children: Vec<Child>,
     lbd: Option<Child>,
@@ -40,49 +42,80 @@ impl Topo {
     /// Build the topology with `queues` queues on the LB's veths and `backends` backends,
     /// each running deploy/backend.py (HTTP 8080, UDP 5353, TCP echo 9000).
     pub fn up(tag: &str, queues: u32, backends: u32) -> Topo {
+        let mut t = Topo::build(
+            "deploy/topology.sh",
+            tag,
+            &[&queues.to_string(), &backends.to_string()],
+        );
+        for i in 1..=backends {
+            t.start_server(&format!("b{i}"));
+        }
+        t
+    }
+
+    /// The masquerading topology (deploy/masq-topology.sh): pods behind the edge node
+    /// `lb`, servers `srv`, `far` (behind an MTU-1280 link) and `nm` (non-masquerade).
+    pub fn masq_up(tag: &str, queues: u32) -> Topo {
+        let mut t = Topo::build("deploy/masq-topology.sh", tag, &[&queues.to_string()]);
+        for n in ["srv", "far", "nm"] {
+            t.start_server(n);
+        }
+        t
+    }
+
+    fn build(script: &'static str, tag: &str, args: &[&str]) -> Topo {
         let prefix = format!(
             "x{}{}",
             &tag[..tag.len().min(3)],
             std::process::id() % 10_000
         );
-        let st = Command::new(repo().join("deploy/topology.sh"))
-            .args(["up", &prefix, &queues.to_string(), &backends.to_string()])
+        let st = Command::new(repo().join(script))
+            .args(["up", &prefix])
+            .args(args)
             .status()
-            .expect("run topology.sh");
-        assert!(st.success(), "topology.sh up failed");
+            .expect("run the topology script");
+        assert!(st.success(), "{script} up failed");
         let dir = std::env::temp_dir().join(format!("{prefix}-run"));
         std::fs::create_dir_all(&dir).expect("tmp dir");
-        let mut t = Topo {
+        Topo {
             socket: dir.join("lbd.sock"),
             log: dir.join("lbd.log"),
             prefix,
+            script,
             children: Vec::new(),
             lbd: None,
-        };
-        for i in 1..=backends {
-            let mut c = t
-                .cmd(&format!("b{i}"), "python3")
-                .arg(repo().join("deploy/backend.py"))
-                .args([
-                    format!("b{i}"),
-                    "--http".into(),
-                    "8080".into(),
-                    "--udp".into(),
-                    "5353".into(),
-                ])
-                .args(["--tcp-echo", "9000"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start backend");
-            let mut line = String::new();
-            BufReader::new(c.stdout.take().expect("stdout"))
-                .read_line(&mut line)
-                .expect("backend ready");
-            assert_eq!(line.trim(), "ready");
-            t.children.push(c);
         }
-        t
+    }
+
+    /// deploy/backend.py NAME in namespace NAME: HTTP 8080, UDP 5353, TCP echo 9000.
+    fn start_server(&mut self, name: &str) {
+        let mut c = self
+            .cmd(name, "python3")
+            .arg(repo().join("deploy/backend.py"))
+            .args([
+                name,
+                "--http",
+                "8080",
+                "--udp",
+                "5353",
+                "--tcp-echo",
+                "9000",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start backend");
+        let mut line = String::new();
+        BufReader::new(c.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("backend ready");
+        assert_eq!(line.trim(), "ready");
+        self.children.push(c);
+    }
+
+    /// The directory this topology keeps its files in (socket, log, configs).
+    pub fn dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-run", self.prefix))
     }
 
     /// The usual start of an end-to-end test: `None` (test skipped) when unprivileged
@@ -205,8 +238,13 @@ impl Topo {
 
     /// Run a python3 program in the client namespace; return stdout (asserting success).
     pub fn client_py(&self, code: &str) -> String {
+        self.py("client", code)
+    }
+
+    /// Run a python3 program in namespace `ns`; return stdout (asserting success).
+    pub fn py(&self, ns: &str, code: &str) -> String {
         let o = self
-            .cmd("client", "python3")
+            .cmd(ns, "python3")
             .args(["-c", code])
             .output()
             .expect("python3");
@@ -255,7 +293,7 @@ impl Drop for Topo {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new(repo().join("deploy/topology.sh"))
+        let _ = Command::new(repo().join(self.script))
             .args(["down", &self.prefix])
             .status();
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{}-run", self.prefix)));
