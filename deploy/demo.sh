@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# xlb demo: a client, an LB node running lbd (XDP + AF_XDP workers on 2-queue veths) and
-# three backends running HTTP servers that name themselves, all in network namespaces.
-# Sends REQUESTS (default 300) HTTP requests through the VIP with curl, shows which
-# backend answered how often, then lbctl's view. Cleans up on exit, Ctrl-C or failure.
-# Run as root.
+# xlb demo, in network namespaces, two parts (DEMO=lb or DEMO=masq runs one):
+#  lb:   a client, an LB node running lbd (XDP + AF_XDP workers on 2-queue veths) and
+#        three backends running HTTP servers that name themselves. Sends REQUESTS
+#        (default 300) HTTP requests through the VIP with curl, shows which backend
+#        answered how often, then lbctl's view.
+#  masq: two pods behind an edge node running lbd as an egress NAT with ip-masq-agent
+#        semantics; servers report the source address they see. Shows lbctl ipmasq
+#        check/list and nat list, then changes the ip-masq-agent file while running.
+# Cleans up on exit, Ctrl-C or failure. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $EUID -ne 0 ]]; then echo "run as root (namespaces, XDP)" >&2; exit 1; fi
 REQUESTS=${REQUESTS:-300}
+DEMO=${DEMO:-all}
 P=xdemo
+M=xmasq
 RUN=/tmp/xlb-demo
 VIP=10.96.0.10
-
-deploy/install-deps.sh
-echo "== building xlb (release)"
-cargo build --release --workspace --locked -q
-LBD=$PWD/target/release/lbd
-LBCTL=$PWD/target/release/lbctl
 
 pids=()
 cleanup() {
@@ -27,12 +27,20 @@ cleanup() {
     ((alive)) || break; sleep 0.1
   done
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
+  pids=()
   deploy/topology.sh down "$P"
+  deploy/masq-topology.sh down "$M"
   rm -rf "$RUN"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+wait_lbd() {
+  for _ in $(seq 100); do "$LBCTL" status >/dev/null 2>&1 && return 0; sleep 0.1; done
+  cat "$RUN/lbd.log"; return 1
+}
+
+lb_demo() {
 echo "== topology: $P-client → $P-lb (lb0 | lb1, 2 queues each) → $P-sw bridge → $P-b1..b3"
 deploy/topology.sh up "$P" 2 3
 mkdir -p "$RUN"
@@ -45,8 +53,8 @@ echo "== starting lbd"
 ip netns exec "$P-lb" "$LBD" --iface lb0 --iface lb1 --socket "$RUN/lbd.sock" 2>"$RUN/lbd.log" &
 pids+=($!); disown
 export LBCTL_SOCKET=$RUN/lbd.sock
-for _ in $(seq 100); do "$LBCTL" status >/dev/null 2>&1 && break; sleep 0.1; done
-"$LBCTL" status || { cat "$RUN/lbd.log"; exit 1; }
+wait_lbd
+"$LBCTL" status
 
 echo
 echo "== lbctl service add $VIP:80/tcp with three backends"
@@ -67,3 +75,81 @@ echo
 echo "== lbctl stats"
 "$LBCTL" stats
 [[ $got -eq $REQUESTS ]] || { echo "some requests were not answered" >&2; exit 1; }
+}
+
+masq_demo() {
+  echo "== topology: $M-pod (10.244.1.2, 10.244.1.3) → $M-lb (int0 | ext0 203.0.113.7) → $M-rt → $M-srv 20.0.0.10, $M-nm 10.50.0.10"
+  deploy/masq-topology.sh up "$M" 2
+  mkdir -p "$RUN"
+  for n in srv far nm; do
+    ip netns exec "$M-$n" python3 deploy/backend.py "$n" --http 8080 --udp 5353 >/dev/null 2>&1 &
+    pids+=($!); disown
+  done
+  cat > "$RUN/ip-masq-agent.yaml" <<'YAML'
+# ip-masq-agent's ConfigMap content, as an operator would reuse it.
+nonMasqueradeCIDRs:
+  - 10.0.0.0/8
+masqLinkLocal: false
+resyncInterval: 60s
+YAML
+  echo "== starting lbd as egress NAT: --masquerade-from 10.244.0.0/16 --ip-masq-config $RUN/ip-masq-agent.yaml"
+  ip netns exec "$M-lb" "$LBD" --iface int0 --iface ext0 --masquerade-from 10.244.0.0/16 \
+    --ip-masq-config "$RUN/ip-masq-agent.yaml" --socket "$RUN/lbd.sock" 2>"$RUN/lbd.log" &
+  pids+=($!); disown
+  export LBCTL_SOCKET=$RUN/lbd.sock
+  wait_lbd
+  "$LBCTL" status
+  echo
+  echo "== lbctl ipmasq list"
+  "$LBCTL" ipmasq list
+  echo
+  for dst in 20.0.0.10 10.50.0.10; do
+    echo "\$ lbctl ipmasq check 10.244.1.2 $dst"
+    "$LBCTL" ipmasq check 10.244.1.2 "$dst"
+  done
+  echo
+  echo "== what the servers see (HTTP /peer from each pod)"
+  local bad=0
+  for pod in 10.244.1.2 10.244.1.3; do
+    for dst in 20.0.0.10 10.50.0.10; do
+      seen=$(ip netns exec "$M-pod" curl -s --max-time 5 --interface "$pod" "http://$dst:8080/peer")
+      printf '  %-11s → %-11s server saw %s\n' "$pod" "$dst" "$seen"
+      want=203.0.113.7; [[ $dst == 10.50.0.10 ]] && want=$pod
+      [[ $seen == "peer $want:"* ]] || bad=1
+    done
+  done
+  echo "== ping and UDP from the pods through the NAT"
+  ip netns exec "$M-pod" ping -c 2 -i 0.2 -I 10.244.1.2 20.0.0.10 | sed 's/^/  /' | grep -E "bytes from|packet loss" || bad=1
+  ip netns exec "$M-pod" python3 -c "
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('10.244.1.3', 0)); s.settimeout(3)
+s.sendto(b'?peer', ('20.0.0.10', 5353)); print('  udp from 10.244.1.3:%d, server answered %s' % (s.getsockname()[1], s.recv(100).decode()))" || bad=1
+  echo
+  echo "== lbctl nat list"
+  "$LBCTL" nat list
+  echo
+  echo "== adding 20.0.0.0/24 to nonMasqueradeCIDRs while lbd runs"
+  sed -i 's|  - 10.0.0.0/8|  - 10.0.0.0/8\n  - 20.0.0.0/24|' "$RUN/ip-masq-agent.yaml"
+  for _ in $(seq 50); do "$LBCTL" ipmasq list | grep -q 20.0.0.0/24 && break; sleep 0.1; done
+  echo "\$ lbctl ipmasq check 10.244.1.2 20.0.0.10"
+  "$LBCTL" ipmasq check 10.244.1.2 20.0.0.10
+  seen=$(ip netns exec "$M-pod" curl -s --max-time 5 --interface 10.244.1.2 "http://20.0.0.10:8080/peer")
+  echo "  a new connection from 10.244.1.2 → 20.0.0.10: server saw $seen"
+  [[ $seen == "peer 10.244.1.2:"* ]] || bad=1
+  echo
+  echo "== lbctl stats"
+  "$LBCTL" stats
+  if ((bad)); then echo "masquerading did not behave as shown above" >&2; exit 1; fi
+}
+
+deploy/install-deps.sh
+echo "== building xlb (release)"
+cargo build --release --workspace --locked -q
+LBD=$PWD/target/release/lbd
+LBCTL=$PWD/target/release/lbctl
+case "$DEMO" in
+  lb) lb_demo ;;
+  masq) masq_demo ;;
+  all) lb_demo; cleanup; echo; masq_demo ;;
+  *) echo "DEMO must be lb, masq or all" >&2; exit 2 ;;
+esac

@@ -210,7 +210,12 @@ fn translation(f: &Flow, worker: u16, now: u64) -> TranslationView {
         proto: proto.into(),
         inside: endpoint(k.src, k.sport, 0, k.proto),
         outside: endpoint(out.src, out.sport, 0, k.proto),
-        remote: endpoint(out.dst, out.dport, 0, k.proto),
+        // An echo's remote has no identifier of its own.
+        remote: if k.proto == lb::wire::ipv4::PROTO_ICMP {
+            Ipv4Addr::from(out.dst).to_string()
+        } else {
+            endpoint(out.dst, out.dport, 0, k.proto)
+        },
         state: f.state.name().into(),
         idle_s: (now.saturating_sub(f.last_seen) as f64 / 1e9 * 10.0).round() / 10.0,
         worker,

@@ -403,6 +403,6 @@ fn print_stats(s: &StatsView) {
     }
     println!("XDP program:");
     for (k, v) in &s.xdp {
-        println!("  {k:<22} {v:>12}");
+        println!("  {k:<34} {v:>12}");
     }
 }
