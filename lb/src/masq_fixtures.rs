@@ -259,7 +259,19 @@ pub fn fixtures() -> Vec<MasqFixture> {
             },
         };
     use Side::{External, Internal};
-    vec![
+    let mut bad_doff = tcp.build();
+    bad_doff[14 + 20 + 12] = 0x40;
+    let malformed = MasqFixture {
+        on: Internal,
+        fx: Fixture {
+            name: "pod tcp with data offset below 5",
+            frame: bad_doff,
+            steer: Steer::Drop,
+            verdict: drop(DropReason::Malformed),
+            out: None,
+        },
+    };
+    let mut all = vec![
         m(
             Internal,
             "pod udp to a public address",
@@ -423,5 +435,7 @@ pub fn fixtures() -> Vec<MasqFixture> {
             drop(DropReason::NotForUs),
             None,
         ),
-    ]
+    ];
+    all.push(malformed);
+    all
 }

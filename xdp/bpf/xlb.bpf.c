@@ -315,7 +315,7 @@ int xlb_steer(struct xdp_md *ctx)
 	__u32 *slot;
 	__be32 daddr;
 	void *l3, *l4;
-	int is_frag;
+	int is_frag, ports_ok;
 
 	count(XLB_STAT_RX);
 	if ((void *)(eth + 1) > end)
@@ -342,10 +342,11 @@ int xlb_steer(struct xdp_md *ctx)
 	daddr = ip->daddr;
 	l4 = (void *)ip + ip->ihl * 4;
 
-	/* (a) frontends come first: a pod talking to a VIP is load-balanced. */
-	if (!is_frag && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)) {
-		if (l4_ports(l4, end, ip->protocol, &sport, &dport) < 0)
-			return pass(XLB_STAT_MALFORMED);
+	/* (a) frontends come first: a pod talking to a VIP is load-balanced. A malformed
+	 * header is judged after the masquerade check (a masquerade source's is dropped). */
+	ports_ok = !is_frag && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) &&
+		   l4_ports(l4, end, ip->protocol, &sport, &dport) == 0;
+	if (ports_ok) {
 		struct xlb_endpoint fe = {
 			.addr = daddr,
 			.port = dport,
@@ -366,6 +367,10 @@ int xlb_steer(struct xdp_md *ctx)
 		if (bpf_map_lookup_elem(&masq_src, &sk))
 			return masq_out(ctx, ip, end, is_frag);
 	}
+
+	if (!is_frag && !ports_ok &&
+	    (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP))
+		return pass(XLB_STAT_MALFORMED);
 
 	range = bpf_map_lookup_elem(&snat_addrs, &daddr);
 	if (is_frag) {
