@@ -160,6 +160,12 @@ impl Engine {
         self.worker
     }
 
+    /// Start port allocation at a position `seed` selects (see
+    /// [`nat::PortAllocator::seeded`]); call before the first packet.
+    pub fn seed_ports(&mut self, seed: u64) {
+        self.ports = PortAllocator::seeded(self.ports.slice(), seed);
+    }
+
     pub fn snapshot(&self) -> &Arc<Snapshot> {
         &self.snap
     }

@@ -22,7 +22,12 @@ pub struct Timeouts {
     pub tcp_syn: u64,
     /// TCP flow with traffic both ways.
     pub tcp_established: u64,
-    /// TCP flow after a FIN in either direction.
+    /// TCP flow after a FIN in either direction. Long enough to outlast the remote's
+    /// TIME_WAIT (Linux: 60 s): the flow keeps its NAT port reserved, so a new
+    /// connection from another inside host cannot take that port toward the same
+    /// remote while the remote still holds the old connection. Reusing it would meet
+    /// the remote's PAWS check with an unrelated TCP timestamp (per-connection offsets)
+    /// and be dropped until retransmissions time out.
     pub tcp_fin: u64,
     /// TCP flow after a RST.
     pub tcp_rst: u64,
@@ -32,13 +37,14 @@ pub struct Timeouts {
 }
 
 impl Default for Timeouts {
-    /// Cilium's conntrack defaults where they exist (TCP 6 h, SYN 60 s, FIN 10 s); UDP
-    /// 60 s like Cilium's non-TCP default; ICMP 30 s like Linux's nf_conntrack_icmp_timeout.
+    /// Cilium's conntrack defaults where they exist (TCP 6 h, SYN 60 s); FIN 120 s like
+    /// Linux conntrack's TIME_WAIT (see `tcp_fin`); UDP 60 s like Cilium's non-TCP
+    /// default; ICMP 30 s like Linux's nf_conntrack_icmp_timeout.
     fn default() -> Self {
         Timeouts {
             tcp_syn: 60 * SEC,
             tcp_established: 6 * 3600 * SEC,
-            tcp_fin: 10 * SEC,
+            tcp_fin: 120 * SEC,
             tcp_rst: 10 * SEC,
             udp: 60 * SEC,
             icmp: 30 * SEC,

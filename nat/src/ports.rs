@@ -138,6 +138,19 @@ impl PortAllocator {
         }
     }
 
+    /// Start proposing at the port `seed` selects in the slice. A daemon seeds from its
+    /// clock, so a restart (which forgets the flows) does not hand out first the ports
+    /// the previous run used most recently, toward remotes that may still hold them in
+    /// TIME_WAIT.
+    pub fn seeded(slice: PortRange, seed: u64) -> Self {
+        let off = (seed % u64::from(slice.len())) as u32;
+        PortAllocator {
+            slice,
+            // first + off <= last <= u16::MAX because off < len.
+            next: (u32::from(slice.first) + off) as u16,
+        }
+    }
+
     pub fn slice(&self) -> PortRange {
         self.slice
     }
@@ -190,6 +203,16 @@ mod tests {
     }
 
     #[test]
+    fn seeded_allocation_starts_inside_the_slice_and_goes_round() {
+        let r = PortRange::new(65530, 65535).expect("valid");
+        let mut a = PortAllocator::seeded(r, 4);
+        let got: Vec<u16> = (0..7).filter_map(|_| a.allocate(1, |_| false)).collect();
+        assert_eq!(got, [65534, 65535, 65530, 65531, 65532, 65533, 65534]);
+        let mut a = PortAllocator::seeded(r, u64::MAX);
+        assert!(a.allocate(1, |_| false).is_some_and(|p| r.contains(p)));
+    }
+
+    #[test]
     fn too_small_for_workers() {
         let r = PortRange::new(100, 102).expect("valid");
         assert!(r.check_workers(3).is_ok());
@@ -219,8 +242,11 @@ mod tests {
         /// The allocator never hands out a port that is in use, and finds a free one
         /// whenever one exists within its tries.
         #[test]
-        fn allocator_never_returns_a_used_port(used in proptest::collection::hash_set(1000u16..1064, 0..64)) {
-            let mut a = PortAllocator::new(PortRange::new(1000, 1063).expect("valid"));
+        fn allocator_never_returns_a_used_port(
+            used in proptest::collection::hash_set(1000u16..1064, 0..64),
+            seed in any::<u64>(),
+        ) {
+            let mut a = PortAllocator::seeded(PortRange::new(1000, 1063).expect("valid"), seed);
             let mut taken = used.clone();
             while let Some(p) = a.allocate(64, |p| taken.contains(&p)) {
                 prop_assert!(!taken.contains(&p));

@@ -170,6 +170,13 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     }
     let me = Arc::clone(&spec.peers[spec.id as usize]);
     let mut engine = Engine::new(spec.id, spec.flow_capacity, Arc::clone(&spec.snapshot));
+    // A restart forgets the flows; do not start with the ports the last run used first.
+    engine.seed_ports(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; MAX_FRAME];
     let start = Instant::now();

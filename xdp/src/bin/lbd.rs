@@ -75,8 +75,9 @@ struct Args {
     /// Idle timeout of established TCP flows, in seconds.
     #[arg(long, default_value_t = 21_600)]
     timeout_tcp_established: u64,
-    /// Idle timeout after a FIN, in seconds.
-    #[arg(long, default_value_t = 10)]
+    /// Idle timeout after a FIN, in seconds. Keeps the NAT port reserved while the
+    /// remote may hold TIME_WAIT (Linux: 60 s), as conntrack does (120 s).
+    #[arg(long, default_value_t = 120)]
     timeout_tcp_fin: u64,
     /// Idle timeout after a RST, in seconds.
     #[arg(long, default_value_t = 10)]
