@@ -82,13 +82,19 @@ struct MasqRuntime {
     next_check: Instant,
 }
 
-/// Read ip-masq-agent's file. Missing means defaults, as for ip-masq-agent.
+/// The ip-masq-agent file's text; a missing file reads as empty (the defaults), as for
+/// ip-masq-agent.
+fn read_config(path: &std::path::Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
+}
+
+/// Read and parse the ip-masq-agent file.
 fn read_policy(path: &std::path::Path) -> Result<(MasqPolicy, String), String> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("reading {}: {e}", path.display())),
-    };
+    let text = read_config(path)?;
     MasqPolicy::from_yaml(&text)
         .map(|p| (p, text))
         .map_err(|e| format!("{}: {e}", path.display()))
@@ -186,11 +192,11 @@ fn steering_state(table: &ServiceTable, cfg: &DatapathConfig, snap: &Snapshot) -
 }
 
 /// An endpoint as `lbctl nat list` shows it: `addr:port`, or `addr id N` for ICMP echo.
-fn endpoint(addr: [u8; 4], a: u16, b: u16, proto: u8) -> String {
+fn endpoint(addr: [u8; 4], port: u16, proto: u8) -> String {
     if proto == lb::wire::ipv4::PROTO_ICMP {
-        format!("{} id {}", Ipv4Addr::from(addr), a | b)
+        format!("{} id {port}", Ipv4Addr::from(addr))
     } else {
-        format!("{}:{a}", Ipv4Addr::from(addr))
+        format!("{}:{port}", Ipv4Addr::from(addr))
     }
 }
 
@@ -208,13 +214,13 @@ fn translation(f: &Flow, worker: u16, now: u64) -> TranslationView {
     TranslationView {
         kind: kind.into(),
         proto: proto.into(),
-        inside: endpoint(k.src, k.sport, 0, k.proto),
-        outside: endpoint(out.src, out.sport, 0, k.proto),
+        inside: endpoint(k.src, k.sport, k.proto),
+        outside: endpoint(out.src, out.sport, k.proto),
         // An echo's remote has no identifier of its own.
         remote: if k.proto == lb::wire::ipv4::PROTO_ICMP {
             Ipv4Addr::from(out.dst).to_string()
         } else {
-            endpoint(out.dst, out.dport, 0, k.proto)
+            endpoint(out.dst, out.dport, k.proto)
         },
         state: f.state.name().into(),
         idle_s: (now.saturating_sub(f.last_seen) as f64 / 1e9 * 10.0).round() / 10.0,
@@ -772,11 +778,9 @@ impl Daemon {
             return;
         }
         m.next_check = now + MASQ_CONFIG_CHECK;
-        let text = match std::fs::read_to_string(&path) {
+        let text = match read_config(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => {
-                let err = format!("reading {}: {e}", path.display());
+            Err(err) => {
                 if m.config_error.as_ref() != Some(&err) {
                     tracing::error!(error = %err, "ip-masq-agent config unreadable; the last good list stays");
                     m.config_error = Some(err);

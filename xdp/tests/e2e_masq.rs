@@ -337,20 +337,7 @@ fn exhausted_ports_are_counted_and_established_flows_keep_working() {
         return;
     };
     count_pings(&t, "srv");
-    let echo = t
-        .cmd("pod", "python3")
-        .args([
-            "-c",
-            &format!(
-                "import socket,sys\nc=socket.create_connection(('{SRV}',9000),source_address=('{POD_A}',0),timeout=5)\n\
-                 f=c.makefile('rw')\nfor line in sys.stdin:\n    f.write(line); f.flush(); print(f.readline().strip(), flush=True)\n"
-            ),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("echo client");
-    let mut echo = Echo::new(echo);
+    let mut echo = Echo::connect(&t, POD_A, SRV);
     let first = echo.say("?peer");
     assert!(first.starts_with("srv:peer 203.0.113.7:620"), "{first}");
 
@@ -379,7 +366,21 @@ struct Echo {
 }
 
 impl Echo {
-    fn new(mut child: std::process::Child) -> Echo {
+    /// A TCP connection from `src` to `dst`'s echo server (port 9000).
+    fn connect(t: &Topo, src: &str, dst: &str) -> Echo {
+        let mut child = t
+            .cmd("pod", "python3")
+            .args([
+                "-c",
+                &format!(
+                    "import socket,sys\nc=socket.create_connection(('{dst}',9000),source_address=('{src}',0),timeout=5)\n\
+                     f=c.makefile('rw')\nfor line in sys.stdin:\n    f.write(line); f.flush(); print(f.readline().strip(), flush=True)\n"
+                ),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("echo client");
         let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
         Echo { child, out }
     }
@@ -419,20 +420,7 @@ fn a_policy_change_applies_to_new_flows_only() {
         return;
     };
     let config = t.dir().join("ip-masq-agent.yaml");
-    let echo = t
-        .cmd("pod", "python3")
-        .args([
-            "-c",
-            &format!(
-                "import socket,sys\nc=socket.create_connection(('{SRV}',9000),source_address=('{POD_A}',0),timeout=5)\n\
-                 f=c.makefile('rw')\nfor line in sys.stdin:\n    f.write(line); f.flush(); print(f.readline().strip(), flush=True)\n"
-            ),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("echo client");
-    let mut echo = Echo::new(echo);
+    let mut echo = Echo::connect(&t, POD_A, SRV);
     assert!(echo.say("?peer").starts_with("srv:peer 203.0.113.7:"));
     assert_eq!(peer_addr(&http_peer(&t, POD_A, SRV)), EGRESS);
 
