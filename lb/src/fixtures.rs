@@ -57,6 +57,30 @@ pub struct Fixture {
     pub out: Option<Vec<u8>>,
 }
 
+/// Run `fx` through `e` and check the verdict, the output frame (bytes and checksums from
+/// scratch) or that a frame not sent was left untouched. Panics with the fixture's name.
+pub fn check(e: &mut crate::Engine, fx: &Fixture) {
+    let mut frame = fx.frame.clone();
+    let v = e.process(&mut frame);
+    assert_eq!(v, fx.verdict, "{}: verdict", fx.name);
+    match &fx.out {
+        Some(out) => {
+            assert_eq!(&frame, out, "{}: output frame", fx.name);
+            assert_eq!(
+                crate::wire::build::verify(&frame),
+                (true, true),
+                "{}: checksums",
+                fx.name
+            );
+        }
+        None => assert_eq!(
+            frame, fx.frame,
+            "{}: a frame not sent is not modified",
+            fx.name
+        ),
+    }
+}
+
 pub fn frontends() -> [Frontend; 2] {
     [
         Frontend {

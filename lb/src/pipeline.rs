@@ -543,20 +543,38 @@ impl Engine {
         };
         let fwd = rewrite(&k, snat_addr, baddr, port, backend.port, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
-        let flow = Flow {
-            keys: [k, rev_key],
-            rewrite: [fwd, rev],
-            state: if k.proto == PROTO_TCP {
-                FlowState::SynSent
-            } else {
-                FlowState::Udp
-            },
-            last_seen: self.now,
-            generation: snap.generation,
-            kind: FlowKind::Lb {
+        self.open_flow(
+            frame,
+            p,
+            [k, rev_key],
+            [fwd, rev],
+            FlowKind::Lb {
                 frontend: fk,
                 backend: (baddr, backend.port),
             },
+        )
+    }
+
+    /// Insert a new flow under both keys, count it, and send its first packet.
+    fn open_flow(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        keys: [FlowKey; 2],
+        rewrite: [Rewrite; 2],
+        kind: FlowKind,
+    ) -> Result<Verdict, DropReason> {
+        let flow = Flow {
+            keys,
+            rewrite,
+            state: match keys[0].proto {
+                PROTO_TCP => FlowState::SynSent,
+                PROTO_UDP => FlowState::Udp,
+                _ => FlowState::Icmp,
+            },
+            last_seen: self.now,
+            generation: self.snap.generation,
+            kind,
             kept: false,
             packets: [1, 0],
         };
@@ -564,9 +582,12 @@ impl Engine {
             .insert(flow)
             .map_err(|_| DropReason::FlowTableFull)?;
         self.counters.flows_created += 1;
-        apply(frame, p, &fwd);
-        Ok(Verdict::Tx { iface: fwd.iface })
+        apply(frame, p, &rewrite[0]);
+        Ok(Verdict::Tx {
+            iface: rewrite[0].iface,
+        })
     }
+
     /// A packet with no flow and no service: masquerade it, route it untranslated, or
     /// refuse it, as the policy says.
     fn masquerade(
@@ -637,26 +658,7 @@ impl Engine {
         let rev_key = reply(port);
         let fwd = rewrite(&k, egress, k.dst, port, k.dport, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
-        let flow = Flow {
-            keys: [k, rev_key],
-            rewrite: [fwd, rev],
-            state: match k.proto {
-                PROTO_TCP => FlowState::SynSent,
-                PROTO_UDP => FlowState::Udp,
-                _ => FlowState::Icmp,
-            },
-            last_seen: self.now,
-            generation: self.snap.generation,
-            kind: FlowKind::Masq,
-            kept: false,
-            packets: [1, 0],
-        };
-        self.flows
-            .insert(flow)
-            .map_err(|_| DropReason::FlowTableFull)?;
-        self.counters.flows_created += 1;
-        apply(frame, p, &fwd);
-        Ok(Verdict::Tx { iface: fwd.iface })
+        self.open_flow(frame, p, [k, rev_key], [fwd, rev], FlowKind::Masq)
     }
 
     /// Forward untranslated, as a router: next hop from the routing table, TTL − 1.

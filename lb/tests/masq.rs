@@ -52,18 +52,7 @@ fn to_pod(spec: &FrameSpec, pod: [u8; 4], pod_port: u16) -> FrameSpec {
 #[test]
 fn fixture_table() {
     for m in mf::fixtures() {
-        let fx = m.fx;
-        let mut e = engine();
-        let mut frame = fx.frame.clone();
-        let v = e.process(&mut frame);
-        assert_eq!(v, fx.verdict, "{}: verdict", fx.name);
-        match &fx.out {
-            Some(out) => {
-                assert_eq!(&frame, out, "{}: output frame", fx.name);
-                assert_eq!(verify(&frame), (true, true), "{}: checksums", fx.name);
-            }
-            None => assert_eq!(frame, fx.frame, "{}: unmodified", fx.name),
-        }
+        fixtures::check(&mut engine(), &m.fx);
     }
 }
 
