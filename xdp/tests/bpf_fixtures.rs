@@ -122,6 +122,7 @@ fn masq_loaded(policy: nat::MasqPolicy) -> (Steering, SteeringState) {
     (s, state)
 }
 
+/// What the program did with `frame`, read from its return value and counters.
 fn steer_of(s: &mut Steering, frame: &[u8]) -> Steer {
     let before = s.stats();
     let ret = s.test_run(frame).expect("test run");
