@@ -1,7 +1,9 @@
 //! The per-worker flow table: one entry per NATed flow, reachable from both directions.
 //!
 //! Layout: a slab of [`Flow`]s preallocated to capacity, a free list, and one hashbrown
-//! map from [`FlowKey`] (the 5-tuple as it arrives) to `slot << 1 | direction`. Each flow
+//! `HashTable<u32>` index of `slot << 1 | direction` values hashed by [`FlowKey`] (the
+//! 5-tuple as it arrives). The index stores only the 4-byte value: keys are compared
+//! against the slab, so a key is not stored twice (20 bytes less per index entry). Each flow
 //! has two keys, client→VIP (forward) and backend→SNAT (reverse) — for a masqueraded
 //! flow inside host→remote and remote→egress address — so a reply finds its
 //! flow with one lookup. Capacity is fixed at start-up: the map is created with room for
@@ -15,7 +17,8 @@
 //! Invariant: a key is in the map iff the slot it names is live and holds that key.
 
 use crate::wire::checksum::Delta;
-use hashbrown::HashMap;
+use core::hash::BuildHasher;
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 /// A 5-tuple as it appears in a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -90,18 +93,33 @@ pub struct Flow {
     /// A masqueraded flow the current policy would no longer masquerade: the XDP
     /// program's keep map steers its packets to the workers (see the pipeline).
     pub kept: bool,
-    pub packets: [u64; 2],
+    /// Packets per direction (informational; saturates).
+    pub packets: [u32; 2],
 }
 
-/// What created a flow.
+impl Flow {
+    /// A load-balanced flow's service: where its client sent the first packet.
+    pub fn frontend(&self) -> crate::snapshot::FrontendKey {
+        let k = &self.keys[0];
+        crate::snapshot::FrontendKey {
+            addr: k.dst,
+            port: k.dport,
+            proto: k.proto,
+        }
+    }
+
+    /// A load-balanced flow's backend: where its forward rewrite sends packets.
+    pub fn backend(&self) -> ([u8; 4], u16) {
+        (self.rewrite[0].dst, self.rewrite[0].dport)
+    }
+}
+
+/// What created a flow. Nothing more is stored: a load-balanced flow's service and
+/// backend follow from its key and rewrite ([`Flow::frontend`], [`Flow::backend`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlowKind {
-    /// Load balancing: the service and backend, to revalidate after a configuration
-    /// change.
-    Lb {
-        frontend: crate::snapshot::FrontendKey,
-        backend: ([u8; 4], u16),
-    },
+    /// Load balancing: client → VIP, SNAT address → backend.
+    Lb,
     /// Egress masquerading: `keys[0]` is inside host → remote, `keys[1]` remote → egress.
     Masq,
 }
@@ -111,10 +129,31 @@ pub struct TableFull;
 
 #[derive(Debug)]
 pub struct FlowTable {
-    map: HashMap<FlowKey, u32>,
+    /// `slot << 1 | direction`, hashed by the key the slot holds for that direction.
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
     slots: Vec<Option<Flow>>,
     free: Vec<u32>,
     hand: usize,
+}
+
+/// The key an index value names, if its slot is live.
+fn key_at(slots: &[Option<Flow>], v: u32) -> Option<&FlowKey> {
+    slots
+        .get((v >> 1) as usize)?
+        .as_ref()
+        .map(|f| &f.keys[(v & 1) as usize])
+}
+
+fn decode(v: u32) -> (u32, Dir) {
+    (
+        v >> 1,
+        if v & 1 == 0 {
+            Dir::Forward
+        } else {
+            Dir::Reverse
+        },
+    )
 }
 
 impl FlowTable {
@@ -122,7 +161,8 @@ impl FlowTable {
     pub fn with_capacity(capacity: usize) -> FlowTable {
         let capacity = capacity.clamp(1, (u32::MAX >> 1) as usize);
         FlowTable {
-            map: HashMap::with_capacity(capacity * 2),
+            index: HashTable::with_capacity(capacity * 2),
+            hasher: DefaultHashBuilder::default(),
             slots: vec![None; capacity],
             free: (0..capacity as u32).rev().collect(),
             hand: 0,
@@ -144,20 +184,16 @@ impl FlowTable {
     /// The slot and direction a packet with `key` belongs to.
     #[inline]
     pub fn lookup(&self, key: &FlowKey) -> Option<(u32, Dir)> {
-        self.map.get(key).map(|&v| {
-            (
-                v >> 1,
-                if v & 1 == 0 {
-                    Dir::Forward
-                } else {
-                    Dir::Reverse
-                },
-            )
-        })
+        let slots = &self.slots;
+        self.index
+            .find(self.hasher.hash_one(key), |&v| {
+                key_at(slots, v) == Some(key)
+            })
+            .map(|&v| decode(v))
     }
 
     pub fn contains_key(&self, key: &FlowKey) -> bool {
-        self.map.contains_key(key)
+        self.lookup(key).is_some()
     }
 
     pub fn get(&self, slot: u32) -> Option<&Flow> {
@@ -169,26 +205,43 @@ impl FlowTable {
     }
 
     /// Insert a flow under both its keys. The caller has checked that neither key is
-    /// present (the pipeline looks both up first); a present key is replaced.
+    /// present (the pipeline looks both up first); a present key is taken over.
     pub fn insert(&mut self, flow: Flow) -> Result<u32, TableFull> {
         let slot = self.free.pop().ok_or(TableFull)?;
-        self.map.insert(flow.keys[0], slot << 1);
-        self.map.insert(flow.keys[1], slot << 1 | 1);
+        let keys = flow.keys;
         self.slots[slot as usize] = Some(flow);
+        for (d, k) in keys.iter().enumerate() {
+            let h = self.hasher.hash_one(k);
+            let (slots, hasher) = (&self.slots, &self.hasher);
+            let v = slot << 1 | d as u32;
+            if let Ok(old) = self
+                .index
+                .find_entry(h, |&o| o != v && key_at(slots, o) == Some(k))
+            {
+                old.remove();
+            }
+            // Capacity for two keys per slot was reserved, so this never rehashes; the
+            // hasher is still exact (every indexed slot is live).
+            self.index.insert_unique(h, v, |&o| {
+                key_at(slots, o).map_or(0, |k| hasher.hash_one(k))
+            });
+        }
         Ok(slot)
     }
 
     pub fn remove(&mut self, slot: u32) -> Option<Flow> {
-        let flow = self.slots.get_mut(slot as usize)?.take()?;
-        for (d, k) in flow.keys.iter().enumerate() {
-            // Only remove the key if it still names this slot (defensive: keeps the
-            // invariant even if a caller replaced a key).
-            if self.map.get(k) == Some(&(slot << 1 | d as u32)) {
-                self.map.remove(k);
+        let keys = self.slots.get(slot as usize)?.as_ref()?.keys;
+        for (d, k) in keys.iter().enumerate() {
+            let v = slot << 1 | d as u32;
+            // Only the entry naming this slot and direction (another flow may have taken
+            // the key over).
+            if let Ok(e) = self.index.find_entry(self.hasher.hash_one(k), |&o| o == v) {
+                e.remove();
             }
         }
+        let flow = self.slots.get_mut(slot as usize)?.take();
         self.free.push(slot);
-        Some(flow)
+        flow
     }
 
     /// Look at up to `budget` slots from the clock hand and remove flows for which
@@ -221,7 +274,6 @@ impl FlowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::FrontendKey;
     use proptest::prelude::*;
     use std::collections::HashMap as Oracle;
 
@@ -242,14 +294,7 @@ mod tests {
             state: FlowState::SynSent,
             last_seen: t,
             generation: 0,
-            kind: FlowKind::Lb {
-                frontend: FrontendKey {
-                    addr: [0; 4],
-                    port: 0,
-                    proto: 6,
-                },
-                backend: ([0; 4], 0),
-            },
+            kind: FlowKind::Lb,
             kept: false,
             packets: [0; 2],
         }

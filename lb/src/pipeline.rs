@@ -437,7 +437,7 @@ impl Engine {
             };
         }
         f.last_seen = now;
-        f.packets[dir as usize] += 1;
+        f.packets[dir as usize] = f.packets[dir as usize].saturating_add(1);
         let rw = f.rewrite[dir as usize];
         apply(frame, p, &rw);
         Ok(Verdict::Tx { iface: rw.iface })
@@ -452,7 +452,8 @@ impl Engine {
             return Err(DropReason::NoFlow);
         };
         let fwd_to = match f.kind {
-            FlowKind::Lb { frontend, backend } => {
+            FlowKind::Lb => {
+                let (frontend, backend) = (f.frontend(), f.backend());
                 let alive = snap.services.get(&frontend).is_some_and(|s| {
                     s.spec
                         .backends
@@ -543,16 +544,7 @@ impl Engine {
         };
         let fwd = rewrite(&k, snat_addr, baddr, port, backend.port, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
-        self.open_flow(
-            frame,
-            p,
-            [k, rev_key],
-            [fwd, rev],
-            FlowKind::Lb {
-                frontend: fk,
-                backend: (baddr, backend.port),
-            },
-        )
+        self.open_flow(frame, p, [k, rev_key], [fwd, rev], FlowKind::Lb)
     }
 
     /// Insert a new flow under both keys, count it, and send its first packet.

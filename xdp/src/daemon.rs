@@ -209,7 +209,7 @@ fn translation(f: &Flow, worker: u16, now: u64) -> TranslationView {
     };
     let kind = match f.kind {
         FlowKind::Masq => "masquerade",
-        FlowKind::Lb { .. } => "snat",
+        FlowKind::Lb => "snat",
     };
     TranslationView {
         kind: kind.into(),
@@ -225,8 +225,8 @@ fn translation(f: &Flow, worker: u16, now: u64) -> TranslationView {
         state: f.state.name().into(),
         idle_s: (now.saturating_sub(f.last_seen) as f64 / 1e9 * 10.0).round() / 10.0,
         worker,
-        packets_out: f.packets[0],
-        packets_in: f.packets[1],
+        packets_out: u64::from(f.packets[0]),
+        packets_in: u64::from(f.packets[1]),
     }
 }
 
