@@ -94,42 +94,46 @@ impl Maglev {
                 has_backends: false,
             });
         }
-        let perm: Vec<(u64, u64)> = order
+        // u32 arithmetic: M ≤ MAX_TABLE_SIZE < 2^31, so position + skip < 2^32.
+        let m32 = m;
+        let perm: Vec<(u32, u32)> = order
             .iter()
             .map(|&i| {
                 let name = &backends[i].name;
                 let offset = hash_bytes(seed ^ 0x6f66_6673_6574, name) % m64;
                 let skip = hash_bytes(seed ^ 0x0000_736b_6970, name) % (m64 - 1) + 1;
-                (offset, skip)
+                // Both are below M.
+                (offset as u32, skip as u32)
             })
             .collect();
+        let weights: Vec<u32> = order.iter().map(|&i| backends[i].weight).collect();
         // `pos[k]` is permutation_k[next_k], advanced by `+ skip mod M` with a conditional
         // subtraction instead of a division per step (same sequence as the paper's
         // `(offset + j·skip) mod M`, so the table is unchanged).
-        let mut pos: Vec<u64> = perm.iter().map(|&(offset, _)| offset).collect();
+        let mut pos: Vec<u32> = perm.iter().map(|&(offset, _)| offset).collect();
         let mut filled = 0u32;
         'fill: loop {
             for (k, &i) in order.iter().enumerate() {
                 let skip = perm[k].1;
-                for _ in 0..backends[i].weight {
-                    let mut c = pos[k];
+                let mut c = pos[k];
+                for _ in 0..weights[k] {
                     while table[c as usize] != EMPTY {
                         c += skip;
-                        if c >= m64 {
-                            c -= m64;
+                        if c >= m32 {
+                            c -= m32;
                         }
                     }
                     table[c as usize] = i as u16;
                     c += skip;
-                    if c >= m64 {
-                        c -= m64;
+                    if c >= m32 {
+                        c -= m32;
                     }
-                    pos[k] = c;
                     filled += 1;
                     if filled == m {
                         break 'fill;
                     }
                 }
+                pos[k] = c;
             }
         }
         Ok(Maglev {
