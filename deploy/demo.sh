@@ -35,8 +35,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_lbd() {
-  for _ in $(seq 100); do "$LBCTL" status >/dev/null 2>&1 && return 0; sleep 0.1; done
+# start_lbd NS ARGS...: lbd in namespace NS with its socket and log in $RUN; waits until
+# it answers, then shows lbctl status.
+start_lbd() {
+  ip netns exec "$1" "$LBD" "${@:2}" --socket "$RUN/lbd.sock" 2>"$RUN/lbd.log" &
+  pids+=($!); disown
+  export LBCTL_SOCKET=$RUN/lbd.sock
+  for _ in $(seq 100); do
+    if "$LBCTL" status >/dev/null 2>&1; then "$LBCTL" status; return 0; fi
+    sleep 0.1
+  done
   cat "$RUN/lbd.log"; return 1
 }
 
@@ -50,11 +58,7 @@ for i in 1 2 3; do
 done
 
 echo "== starting lbd"
-ip netns exec "$P-lb" "$LBD" --iface lb0 --iface lb1 --socket "$RUN/lbd.sock" 2>"$RUN/lbd.log" &
-pids+=($!); disown
-export LBCTL_SOCKET=$RUN/lbd.sock
-wait_lbd
-"$LBCTL" status
+start_lbd "$P-lb" --iface lb0 --iface lb1
 
 echo
 echo "== lbctl service add $VIP:80/tcp with three backends"
@@ -93,12 +97,8 @@ masqLinkLocal: false
 resyncInterval: 60s
 YAML
   echo "== starting lbd as egress NAT: --masquerade-from 10.244.0.0/16 --ip-masq-config $RUN/ip-masq-agent.yaml"
-  ip netns exec "$M-lb" "$LBD" --iface int0 --iface ext0 --masquerade-from 10.244.0.0/16 \
-    --ip-masq-config "$RUN/ip-masq-agent.yaml" --socket "$RUN/lbd.sock" 2>"$RUN/lbd.log" &
-  pids+=($!); disown
-  export LBCTL_SOCKET=$RUN/lbd.sock
-  wait_lbd
-  "$LBCTL" status
+  start_lbd "$M-lb" --iface int0 --iface ext0 --masquerade-from 10.244.0.0/16 \
+    --ip-masq-config "$RUN/ip-masq-agent.yaml"
   echo
   echo "== lbctl ipmasq list"
   "$LBCTL" ipmasq list

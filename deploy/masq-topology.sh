@@ -20,7 +20,7 @@
 set -euo pipefail
 cmd=${1:?up|down}; P=${2:?prefix}; Q=${3:-2}
 
-ns() { ip netns exec "$1" "${@:2}"; }
+. "$(dirname "$0")/netns-lib.sh"
 
 down() {
   for n in pod lb rt srv far nm; do
@@ -47,12 +47,8 @@ host() {
 up() {
   down
   for n in pod lb rt; do ip netns add "$P-$n"; done
-  ip link add "$P-p0" netns "$P-pod" numtxqueues "$Q" numrxqueues "$Q" type veth \
-    peer name int0 netns "$P-lb" numtxqueues "$Q" numrxqueues "$Q"
-  ns "$P-pod" ip link set "$P-p0" name p0
-  ip link add "$P-e0" netns "$P-lb" numtxqueues "$Q" numrxqueues "$Q" type veth \
-    peer name rt0 netns "$P-rt" numtxqueues "$Q" numrxqueues "$Q"
-  ns "$P-lb" ip link set "$P-e0" name ext0
+  mq_veth "$P-pod" p0 "$P-lb" int0 "$Q"
+  mq_veth "$P-lb" ext0 "$P-rt" rt0 "$Q"
 
   ns "$P-pod" ip addr add 10.244.1.2/24 dev p0
   ns "$P-pod" ip addr add 10.244.1.3/24 dev p0

@@ -16,7 +16,7 @@
 set -euo pipefail
 cmd=${1:?up|down}; P=${2:?prefix}; Q=${3:-2}; NB=${4:-3}
 
-ns() { ip netns exec "$1" "${@:2}"; }
+. "$(dirname "$0")/netns-lib.sh"
 
 down() {
   for n in client lb sw oc $(seq -f 'b%g' 1 9); do
@@ -27,12 +27,8 @@ down() {
 up() {
   down
   for n in client lb sw; do ip netns add "$P-$n"; done
-  ip link add "$P-c0" netns "$P-client" numtxqueues "$Q" numrxqueues "$Q" type veth \
-    peer name lb0 netns "$P-lb" numtxqueues "$Q" numrxqueues "$Q"
-  ns "$P-client" ip link set "$P-c0" name c0
-  ip link add "$P-l1" netns "$P-lb" numtxqueues "$Q" numrxqueues "$Q" type veth \
-    peer name swlb netns "$P-sw" numtxqueues "$Q" numrxqueues "$Q"
-  ns "$P-lb" ip link set "$P-l1" name lb1
+  mq_veth "$P-client" c0 "$P-lb" lb0 "$Q"
+  mq_veth "$P-lb" lb1 "$P-sw" swlb "$Q"
   ns "$P-sw" ip link add br0 type bridge
   ns "$P-sw" ip link set swlb master br0
   for i in $(seq 1 "$NB"); do
