@@ -46,8 +46,14 @@ use crate::wire::{write_u16, EthernetFrame, Ipv4Packet, TcpFlags, L4};
 use nat::PortAllocator;
 use std::sync::Arc;
 
-/// Slots the expiry clock hand visits per batch.
+/// Most slots the expiry clock hand visits per batch.
 pub const EXPIRE_BUDGET: usize = 64;
+/// The clock hand visits every slot once per this period (ns), paced by the clock, not
+/// by the batch rate: a sweep per batch streamed the whole slab through the cache
+/// several times a second and evicted the flow index (measured: the lookup's two cache
+/// misses were 11 % of the worker's core under load). Lookups already treat idle-expired
+/// flows as gone; the sweep only reclaims slots and ports, within timeout + 4 s.
+pub const SWEEP_PERIOD_NS: u64 = 4_000_000_000;
 /// Candidate SNAT ports tried before counting exhaustion.
 pub const MAX_PORT_TRIES: u32 = 128;
 /// Neighbour resolutions a worker can ask for between two drains.
@@ -105,6 +111,10 @@ pub struct Engine {
     flows: FlowTable,
     ports: PortAllocator,
     now: u64,
+    /// Slots the clock hand may visit (earned at capacity per SWEEP_PERIOD_NS), and the
+    /// time up to which they were earned.
+    sweep_credit: u64,
+    sweep_clock: u64,
     pub counters: Counters,
     resolve: [[u8; 4]; RESOLVE_QUEUE],
     resolve_len: usize,
@@ -146,6 +156,8 @@ impl Engine {
             snap,
             flows: FlowTable::with_capacity(flow_capacity),
             now: 0,
+            sweep_credit: 0,
+            sweep_clock: 0,
             counters: Counters::default(),
             resolve: [[0; 4]; RESOLVE_QUEUE],
             resolve_len: 0,
@@ -227,10 +239,20 @@ impl Engine {
 
     /// Start a batch at time `now` (ns, monotonic): advances the expiry clock hand.
     pub fn begin_batch(&mut self, now: u64) {
+        let cap = u128::from(self.flows.capacity() as u64);
+        let period = u128::from(SWEEP_PERIOD_NS);
+        let earned = u128::from(now.saturating_sub(self.sweep_clock)) * cap / period;
+        if earned > 0 {
+            // Advance by the time those slots stand for, so fractions carry over.
+            self.sweep_clock += (earned * period / cap) as u64;
+            self.sweep_credit = (u128::from(self.sweep_credit) + earned).min(cap) as u64;
+        }
+        let budget = self.sweep_credit.min(EXPIRE_BUDGET as u64);
+        self.sweep_credit -= budget;
         self.now = now;
         let t = self.snap.timeouts;
         let (queue, len) = (&mut self.unkept, &mut self.unkept_len);
-        let expired = self.flows.expire_step(EXPIRE_BUDGET, |f| {
+        let expired = self.flows.expire_step(budget as usize, |f| {
             let gone = now.saturating_sub(f.last_seen) > timeout(&t, f.state);
             if gone {
                 push_unkept(queue, len, f);

@@ -136,6 +136,29 @@ fn reply_on_the_wrong_worker_goes_to_its_owner() {
 }
 
 #[test]
+fn sweep_is_paced_by_the_clock_not_the_batches() {
+    let mut e = engine(0);
+    let t = fixtures::config().timeouts;
+    let mut f = syn(40000).build();
+    e.process(&mut f);
+    // Batches every 100 µs each earn 1024 slots * 1e5 / 4e9 = 0.026 slot visits: only
+    // the carried fractions move the hand, which must still come round within a period.
+    let step = 100_000;
+    let mut now = SEC;
+    while e.flows().len() == 1 && now < SEC + t.tcp_syn + lb::pipeline::SWEEP_PERIOD_NS * 2 {
+        now += step;
+        e.begin_batch(now);
+    }
+    assert_eq!(e.flows().len(), 0, "the idle flow was never swept");
+    let after = now - SEC;
+    assert!(after > t.tcp_syn, "swept before its timeout ({after} ns)");
+    assert!(
+        after <= t.tcp_syn + lb::pipeline::SWEEP_PERIOD_NS + step,
+        "swept {after} ns after the SYN, later than timeout + one sweep period"
+    );
+}
+
+#[test]
 fn tcp_states_and_timeouts() {
     let mut e = engine(0);
     let t = fixtures::config().timeouts;
