@@ -21,5 +21,7 @@ echo "== pure crates: unit, property and fixture tests"
 cargo test --workspace --locked --exclude xdp 2>&1 | tee -a "$log"
 echo "== XDP program and end-to-end namespace tests (serial)"
 cargo test -p xdp --locked -- --test-threads=1 2>&1 | tee -a "$log"
+echo "== benchmark harness, smoke mode (every scenario for a few seconds)"
+bench/run.sh --smoke
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"
