@@ -21,13 +21,26 @@ use core::hash::BuildHasher;
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 /// A 5-tuple as it appears in a packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FlowKey {
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+}
+
+/// Two words instead of the derived field-by-field (and length-prefixed array) hashing:
+/// callgrind counted ~29 instructions per lookup for the derived one.
+impl core::hash::Hash for FlowKey {
+    fn hash<H: core::hash::Hasher>(&self, h: &mut H) {
+        let addrs =
+            u64::from(u32::from_ne_bytes(self.src)) | u64::from(u32::from_ne_bytes(self.dst)) << 32;
+        let rest =
+            u64::from(self.sport) | u64::from(self.dport) << 16 | u64::from(self.proto) << 32;
+        h.write_u64(addrs);
+        h.write_u64(rest);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
