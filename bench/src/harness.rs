@@ -36,6 +36,8 @@ const ECHO_PORT: u16 = 7;
 pub enum Scenario {
     /// (d) XDP MAC rewrite + redirect to the backend side: the machine's ceiling.
     XdpRedirect,
+    /// A model of the XDP fast path xlb lacks: hash lookup + SNAT rewrite + redirect.
+    XdpNatModel,
     /// (c) bare MAC-swap forwarder on xlb's AF_XDP I/O layer: the userspace ceiling.
     XskFwd,
     /// (a) lbd, SNAT mode, VIP → 3 backends.
@@ -49,8 +51,9 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::XdpRedirect,
+        Scenario::XdpNatModel,
         Scenario::XskFwd,
         Scenario::XlbSnat,
         Scenario::NftDnat,
@@ -61,6 +64,7 @@ impl Scenario {
     pub fn label(self) -> &'static str {
         match self {
             Scenario::XdpRedirect => "XDP redirect (ceiling)",
+            Scenario::XdpNatModel => "XDP NAT (fast-path model)",
             Scenario::XskFwd => "AF_XDP fwd (bare)",
             Scenario::XlbSnat => "xlb SNAT",
             Scenario::NftDnat => "nftables DNAT+masq",
@@ -414,7 +418,7 @@ fn nft_rules(s: Scenario) -> String {
     }
 }
 
-fn start_sut(bins: &Bins, o: &RunOptions, dir: &Path, s: Scenario) -> Result<Sut> {
+fn start_sut(bins: &Bins, o: &RunOptions, plan: &Plan, dir: &Path, s: Scenario) -> Result<Sut> {
     let srv_mac = mac_of(SRV_NS, "srv0")?;
     let me = bins.me.clone();
     let log = dir.join(format!("{s:?}.log"));
@@ -436,6 +440,30 @@ fn start_sut(bins: &Bins, o: &RunOptions, dir: &Path, s: Scenario) -> Result<Sut
     };
     match s {
         Scenario::XdpRedirect => reference(&["redirect", "--out", "lbout", "--next-hop", &srv_mac]),
+        Scenario::XdpNatModel => {
+            let max = plan.flows.iter().copied().max().unwrap_or(1).to_string();
+            let mut a = vec![
+                "natfast",
+                "--out",
+                "lbout",
+                "--next-hop",
+                &srv_mac,
+                "--flows",
+                &max,
+                "--src",
+                "10.99.0.1",
+                "--dst",
+                VIP,
+                "--snat",
+                "10.20.0.1",
+                "--proto",
+                &o.proto,
+            ];
+            for b in BACKENDS {
+                a.extend(["--backend", b]);
+            }
+            reference(&a)
+        }
         Scenario::XskFwd => {
             let a: Vec<String> = [
                 me.as_str(),
@@ -715,7 +743,7 @@ pub fn run(o: RunOptions) -> Result<()> {
                 &logs.join("sink.log"),
             )?);
             sink.0.ready()?;
-            let sut = start_sut(&bins, &o, &logs, s)?;
+            let sut = start_sut(&bins, &o, &plan, &logs, s)?;
             let dst_mac = mac_of(LB_NS, "lbin")?;
             for &size in &plan.sizes {
                 for &flows in &plan.flows {
