@@ -10,8 +10,10 @@
  *   source address  = src_base + i / ports_per_addr
  *   source port     = sport_base + i % ports_per_addr
  *   destination port = dport_base + i % dst_ports
- * Checksums are derived from the template's (RFC 1624), never from the frame's current
- * contents: the kernel recycles pages without restoring them.
+ * The kernel recycles the pages without restoring them, and whatever the system under
+ * test rewrote in place (a cpumap'd skb NATed by the kernel, an XDP rewrite) comes back:
+ * so the first HDR_LEN bytes are restored from the template (map `tmpl`) on every packet,
+ * and checksums are derived from the template's (RFC 1624), never from the frame.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -41,6 +43,20 @@ struct {
 	__type(value, __u64);
 } seq SEC(".maps");
 
+/* Ethernet + IPv4 + TCP headers fit; the smallest frame (60 bytes) is longer. */
+#define HDR_LEN 56
+
+struct hdr {
+	__u64 w[HDR_LEN / 8];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hdr);
+} tmpl SEC(".maps");
+
 /* ~(~sum + ~old + new) over 16-bit words, old/new given as 32-bit values. */
 static __always_inline __u32 add32(__u32 s, __u32 old, __u32 new)
 {
@@ -67,12 +83,14 @@ int xb_gen(struct xdp_md *ctx)
 	struct iphdr *ip = (void *)(eth + 1);
 	__u32 zero = 0;
 	__u64 *n = bpf_map_lookup_elem(&seq, &zero);
+	struct hdr *t = bpf_map_lookup_elem(&tmpl, &zero);
 	__u32 i, saddr, sport, dport, base_saddr, base_ports, ports, s;
 	__u16 *l4check;
 	__be16 *l4ports;
 
-	if (!n || (void *)(ip + 1) > end)
+	if (!n || !t || data + HDR_LEN > end)
 		return XDP_ABORTED;
+	*(struct hdr *)data = *t;
 	i = (__u32)(*n % nflows);
 	*n += 1;
 	saddr = bpf_htonl(src_base + i / ports_per_addr);

@@ -150,6 +150,13 @@ impl Generator {
         xdp(&mut ebpf, "xb_gen")?
             .load()
             .context("verifying the generator")?;
+        let m = ebpf
+            .map_mut("tmpl")
+            .ok_or_else(|| anyhow!("generator map tmpl missing"))?;
+        let mut tmpl: aya::maps::Array<&mut MapData, [u8; 56]> = aya::maps::Array::try_from(m)?;
+        let mut hdr = [0u8; 56];
+        hdr.copy_from_slice(&template[..56]);
+        tmpl.set(0, hdr, 0)?;
         Ok(Generator { ebpf, template })
     }
 
