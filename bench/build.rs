@@ -4,5 +4,5 @@
 include!("../xdp/build_bpf.rs");
 
 fn main() {
-    compile_bpf(&["gen", "sink", "fwd"], &[]);
+    compile_bpf(&["gen", "sink", "fwd"], &["bpf/csum.h"]);
 }

@@ -21,6 +21,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "csum.h"
+
 volatile const __u32 out_ifindex = 0;
 /* MACs as 48-bit big-endian numbers in the low bits. */
 volatile const __u64 dst_mac = 0;
@@ -101,22 +103,6 @@ struct {
 	__type(key, struct nat_key);
 	__type(value, struct nat_val);
 } nat_flows SEC(".maps");
-
-static __always_inline __u32 add32(__u32 s, __u32 old, __u32 new)
-{
-	s += (~old >> 16) & 0xffff;
-	s += ~old & 0xffff;
-	s += new >> 16;
-	s += new & 0xffff;
-	return s;
-}
-
-static __always_inline __u16 fold(__u32 s)
-{
-	s = (s & 0xffff) + (s >> 16);
-	s = (s & 0xffff) + (s >> 16);
-	return (__u16)~s;
-}
 
 SEC("xdp")
 int xb_natfast(struct xdp_md *ctx)

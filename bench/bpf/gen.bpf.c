@@ -24,6 +24,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "csum.h"
+
 /* Set by the loader (host byte order unless said otherwise). */
 volatile const __u32 out_ifindex = 0;
 volatile const __u32 nflows = 1;
@@ -56,23 +58,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct hdr);
 } tmpl SEC(".maps");
-
-/* ~(~sum + ~old + new) over 16-bit words, old/new given as 32-bit values. */
-static __always_inline __u32 add32(__u32 s, __u32 old, __u32 new)
-{
-	s += (~old >> 16) & 0xffff;
-	s += ~old & 0xffff;
-	s += new >> 16;
-	s += new & 0xffff;
-	return s;
-}
-
-static __always_inline __u16 fold(__u32 s)
-{
-	s = (s & 0xffff) + (s >> 16);
-	s = (s & 0xffff) + (s >> 16);
-	return (__u16)~s;
-}
 
 SEC("xdp")
 int xb_gen(struct xdp_md *ctx)

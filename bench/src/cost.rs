@@ -36,7 +36,8 @@ pub enum Case {
 }
 
 impl Case {
-    pub const ALL: [Case; 5] = [
+    pub const ALL: [Case; 6] = [
+        Case::Copy,
         Case::Parse,
         Case::Hit,
         Case::New,

@@ -193,8 +193,10 @@ pub fn markdown(r: &Results) -> String {
         let _ = write!(head, " {} |", s.label());
         rule.push_str("---:|");
     }
-    head.push_str(" xlb / nft (LB) | xlb / AF_XDP fwd | xlb / nft (egress) |");
-    rule.push_str("---:|---:|---:|");
+    head.push_str(
+        " xlb / nft (LB) | xlb / AF_XDP fwd | xlb / nft (egress) | XDP NAT model / xlb |",
+    );
+    rule.push_str("---:|---:|---:|---:|");
     let _ = writeln!(m, "{head}\n{rule}");
     for &size in &sizes {
         for &f in &flows {
@@ -218,10 +220,11 @@ pub fn markdown(r: &Results) -> String {
             let x = |v: Option<f64>| opt(v, |v| format!("{v:.2}×"));
             let _ = writeln!(
                 m,
-                " {} | {} | {} |",
+                " {} | {} | {} | {} |",
                 x(r.ratio(Scenario::XlbSnat, Scenario::NftDnat, f, size)),
                 x(r.ratio(Scenario::XlbSnat, Scenario::XskFwd, f, size)),
                 x(r.ratio(Scenario::XlbMasq, Scenario::NftMasq, f, size)),
+                x(r.ratio(Scenario::XdpNatModel, Scenario::XlbSnat, f, size)),
             );
         }
     }
