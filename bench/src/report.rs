@@ -527,25 +527,32 @@ pub fn write(r: &Results, dir: &Path, doc: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// The harness's own sanity: every point must have seen traffic, every latency run
-/// answers, every cost be there. A zero means the harness (not the system) is broken.
+/// The harness's own sanity: every point must have moved traffic, latency requests be
+/// answered, every cost be there. Failing these means the harness (or a system under
+/// test) is broken, not slow.
 pub fn check(r: &Results) -> Result<()> {
     let mut bad = Vec::new();
     for p in &r.pps {
-        if p.summary.min <= 0.0 {
+        // Every system here forwards a tenth or more of what the generator offers; a
+        // few per mille means frames are being lost to a mistake, not to load.
+        if p.offered.median <= 0.0 || p.summary.min < p.offered.median * 0.02 {
             bad.push(format!(
-                "{} {} flows {} B: no packets reached the sink",
+                "{} {} flows {} B: {:.0} pps reached the sink of {:.0} offered",
                 p.scenario.label(),
                 p.flows,
-                p.size
+                p.size,
+                p.summary.min,
+                p.offered.median
             ));
         }
     }
     for l in &r.latency {
-        if l.received == 0 {
+        if l.received * 2 < l.sent || l.sent == 0 {
             bad.push(format!(
-                "{}: no latency replies",
-                l.scenario.map_or("?", Scenario::label)
+                "{}: {} of {} latency requests answered",
+                l.scenario.map_or("?", Scenario::label),
+                l.received,
+                l.sent
             ));
         }
     }
@@ -560,5 +567,85 @@ pub fn check(r: &Results) -> Result<()> {
         Ok(())
     } else {
         bail!("the benchmark harness failed:\n  {}", bad.join("\n  "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(received: f64, answered: u64) -> Results {
+        let one = |v: f64| Summary::of(&[v]);
+        Results {
+            meta: Meta {
+                date: String::new(),
+                kernel: String::new(),
+                cpu: String::new(),
+                cpus: 2,
+                command: String::new(),
+                smoke: true,
+                gen_cpu: 0,
+                sut_cpu: 1,
+                proto: "udp".into(),
+                runs: 1,
+                warmup_s: 0.3,
+                seconds: 0.5,
+                latency_rate: 2000,
+            },
+            pps: vec![PpsPoint {
+                scenario: Scenario::XlbSnat,
+                flows: 1000,
+                size: 64,
+                runs: vec![received],
+                summary: one(received),
+                offered: one(1.3e6),
+            }],
+            latency: vec![Latency {
+                scenario: Some(Scenario::XlbSnat),
+                rate: 2000,
+                sent: 2000,
+                received: answered,
+                p50_us: 150.0,
+                p99_us: 400.0,
+                p999_us: 900.0,
+                max_us: 1000.0,
+            }],
+            cost: None,
+        }
+    }
+
+    #[test]
+    fn check_passes_a_working_run_and_names_what_broke() {
+        assert!(check(&results(3.0e5, 1990)).is_ok());
+        let e = check(&results(2.6e3, 1990))
+            .expect_err("a point that lost 99.8 %")
+            .to_string();
+        assert!(e.contains("xlb SNAT 1000 flows 64 B"), "{e}");
+        let e = check(&results(3.0e5, 10))
+            .expect_err("10 of 2000 answered")
+            .to_string();
+        assert!(e.contains("10 of 2000 latency requests"), "{e}");
+    }
+
+    #[test]
+    fn markdown_has_the_ratios_and_the_targets() {
+        let mut r = results(3.0e5, 1990);
+        r.pps.push(PpsPoint {
+            scenario: Scenario::NftDnat,
+            flows: 1000,
+            size: 64,
+            runs: vec![1.5e5],
+            summary: Summary::of(&[1.5e5]),
+            offered: Summary::of(&[1.2e6]),
+        });
+        let m = markdown(&r);
+        assert!(
+            m.contains("| 1000 | 64 B | 0.300 (0.300–0.300) | 0.150 (0.150–0.150) | 2.00× |"),
+            "{m}"
+        );
+        assert!(
+            m.contains("| xlb SNAT ≥ 3× nftables (1 k flows, 64 B) | 2.00× | no |"),
+            "{m}"
+        );
     }
 }
