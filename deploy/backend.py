@@ -40,17 +40,21 @@ def http_server(name, port):
         allow_reuse_address = True
         request_queue_size = 256
 
-    S(("0.0.0.0", port), H).serve_forever()
+    return S(("0.0.0.0", port), H).serve_forever
 
 
 def udp_server(name, port):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", port))
-    while True:
-        data, peer = s.recvfrom(65535)
-        if data == b"?peer":
-            data = f"peer {peer[0]}:{peer[1]}".encode()
-        s.sendto(name.encode() + b":" + data, peer)
+
+    def serve():
+        while True:
+            data, peer = s.recvfrom(65535)
+            if data == b"?peer":
+                data = f"peer {peer[0]}:{peer[1]}".encode()
+            s.sendto(name.encode() + b":" + data, peer)
+
+    return serve
 
 
 def tcp_echo(name, port):
@@ -67,7 +71,7 @@ def tcp_echo(name, port):
         daemon_threads = True
         allow_reuse_address = True
 
-    S(("0.0.0.0", port), H).serve_forever()
+    return S(("0.0.0.0", port), H).serve_forever
 
 
 def main():
@@ -80,9 +84,12 @@ def main():
     threads = []
     for fn, port in ((http_server, a.http), (udp_server, a.udp), (tcp_echo, a.tcp_echo)):
         if port:
-            t = threading.Thread(target=fn, args=(a.name, port), daemon=True)
-            t.start()
+            # Bound (and listening) here, before "ready": whoever waits for it can send.
+            serve = fn(a.name, port)
+            t = threading.Thread(target=serve, daemon=True)
             threads.append(t)
+    for t in threads:
+        t.start()
     print("ready", flush=True)
     for t in threads:
         t.join()

@@ -35,6 +35,19 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# start_server NS NAME ARGS...: deploy/backend.py NAME in namespace NS; returns once it
+# listens (it prints "ready" after binding), so no request races its start.
+start_server() {
+  local ready=$RUN/$2.ready
+  ip netns exec "$1" python3 deploy/backend.py "$2" "${@:3}" >"$ready" 2>/dev/null &
+  pids+=($!); disown
+  for _ in $(seq 100); do
+    grep -q ready "$ready" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "server $2 in $1 did not start" >&2; return 1
+}
+
 # start_lbd NS ARGS...: lbd in namespace NS with its socket and log in $RUN; waits until
 # it answers, then shows lbctl status.
 start_lbd() {
@@ -52,10 +65,7 @@ lb_demo() {
 echo "== topology: $P-client → $P-lb (lb0 | lb1, 2 queues each) → $P-sw bridge → $P-b1..b3"
 deploy/topology.sh up "$P" 2 3
 mkdir -p "$RUN"
-for i in 1 2 3; do
-  ip netns exec "$P-b$i" python3 deploy/backend.py "b$i" --http 8080 >/dev/null 2>&1 &
-  pids+=($!); disown
-done
+for i in 1 2 3; do start_server "$P-b$i" "b$i" --http 8080; done
 
 echo "== starting lbd"
 start_lbd "$P-lb" --iface lb0 --iface lb1
@@ -85,10 +95,7 @@ masq_demo() {
   echo "== topology: $M-pod (10.244.1.2, 10.244.1.3) → $M-lb (int0 | ext0 203.0.113.7) → $M-rt → $M-srv 20.0.0.10, $M-nm 10.50.0.10"
   deploy/masq-topology.sh up "$M" 2
   mkdir -p "$RUN"
-  for n in srv far nm; do
-    ip netns exec "$M-$n" python3 deploy/backend.py "$n" --http 8080 --udp 5353 >/dev/null 2>&1 &
-    pids+=($!); disown
-  done
+  for n in srv far nm; do start_server "$M-$n" "$n" --http 8080 --udp 5353; done
   cat > "$RUN/ip-masq-agent.yaml" <<'YAML'
 # ip-masq-agent's ConfigMap content, as an operator would reuse it.
 nonMasqueradeCIDRs:

@@ -3,7 +3,7 @@
 # machine (run as root). Idempotent: does nothing when everything is present.
 set -euo pipefail
 pkgs=(clang llvm libbpf-dev libxdp-dev libelf-dev zlib1g-dev pkg-config make m4 libclang-dev
-      iproute2 ethtool nftables curl python3 iputils-ping iperf3 procps valgrind
+      iproute2 ethtool nftables curl python3 iputils-ping iperf3 procps valgrind hping3
       fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -59,12 +59,33 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Does it change lbd's configuration (and so is logged with who asked, and answered
+    /// once per request id)?
+    pub fn is_change(&self) -> bool {
+        matches!(
+            self,
+            Request::ServiceAdd { .. }
+                | Request::ServiceRemove { .. }
+                | Request::BackendAdd { .. }
+                | Request::BackendRemove { .. }
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestEnvelope {
     pub version: u32,
+    /// Chosen by the client; a change sent again with the same id is not applied again
+    /// (the first answer is repeated), so a client that timed out can retry safely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     #[serde(flatten)]
     pub request: Request,
 }
+
+/// Longest request id.
+pub const MAX_ID: usize = 128;
 
 /// Machine-readable error classes; `message` says what to fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +98,8 @@ pub enum ErrorKind {
     Invalid,
     /// The datapath could not apply a valid request (nothing was changed).
     Datapath,
+    /// lbd is at its limit of control connections; try again.
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +205,9 @@ pub struct MasqStatusView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResponseEnvelope {
     pub version: u32,
+    /// The request's id, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     #[serde(flatten)]
     pub outcome: Outcome,
 }
@@ -197,12 +223,14 @@ impl ResponseEnvelope {
     pub fn ok(result: Reply) -> Self {
         ResponseEnvelope {
             version: VERSION,
+            id: None,
             outcome: Outcome::Ok { result },
         }
     }
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
         ResponseEnvelope {
             version: VERSION,
+            id: None,
             outcome: Outcome::Error {
                 error: ErrorBody {
                     kind,
@@ -222,6 +250,10 @@ pub struct BackendView {
     pub state: String,
     /// Share of the Maglev table, in percent.
     pub share: f64,
+    /// Its next hop's MAC: "resolved", "resolving" (asked the kernel; first packets wait
+    /// up to 1 s for it), or "no route".
+    #[serde(default)]
+    pub next_hop: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,6 +297,10 @@ pub struct StatusView {
     /// None when masquerading is off.
     #[serde(default)]
     pub masquerading: Option<MasqStatusView>,
+    /// Rx queues of served interfaces that no worker serves: frames that would go to
+    /// a worker arriving there are dropped (`no_xsk_dropped`), never passed untranslated.
+    #[serde(default)]
+    pub unserved_queues: Vec<String>,
     /// Drops by reason, summed over workers (nonzero only).
     #[serde(default)]
     pub drops: BTreeMap<String, u64>,
@@ -287,6 +323,9 @@ pub struct WorkerStats {
     /// ICMP errors translated back to the inside host.
     #[serde(default)]
     pub icmp_errors: u64,
+    /// Not-yet-established flows evicted for new ones while the table was full.
+    #[serde(default)]
+    pub flows_evicted: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -306,6 +345,7 @@ impl WorkerStats {
             held: c.held,
             routed: c.routed,
             icmp_errors: c.icmp_errors,
+            flows_evicted: c.flows_evicted,
             drops: lb::DropReason::ALL
                 .iter()
                 .filter(|r| c.drops[**r as usize] > 0)
@@ -315,9 +355,23 @@ impl WorkerStats {
     }
 }
 
+/// The kernel's drop counters of one AF_XDP socket (`XDP_STATISTICS`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketStats {
+    pub worker: u16,
+    pub iface: String,
+    pub queue: u32,
+    /// rx_dropped, rx_invalid_descs, tx_invalid_descs, rx_ring_full,
+    /// rx_fill_ring_empty_descs, tx_ring_empty_descs.
+    pub kernel: BTreeMap<String, u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsView {
     pub workers: Vec<WorkerStats>,
+    /// Every AF_XDP socket's kernel drop counters: losses before a worker sees a frame.
+    #[serde(default)]
+    pub sockets: Vec<SocketStats>,
     /// The XDP program's counters, summed over CPUs.
     pub xdp: BTreeMap<String, u64>,
 }
@@ -368,9 +422,73 @@ mod as_strings {
 
 /// Parse one request line: the version is checked before the body, so a future
 /// client's unknown request type gets `unsupported_version`, not a parse error.
-pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
+/// A parsed request line: the request and the client's id for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub id: Option<String>,
+    pub request: Request,
+}
+
+/// Reject JSON that names a key twice in one object: serde (and most parsers) keep the
+/// last silently, so `{"port":80,"port":8080}` would mean whatever the parser chose.
+fn no_duplicate_keys(line: &[u8]) -> Result<(), String> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    struct Check;
+    impl<'de> DeserializeSeed<'de> for Check {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(Check)
+        }
+    }
+    impl<'de> Visitor<'de> for Check {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+            while a.next_element_seed(Check)?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+            let mut seen: Vec<String> = Vec::new();
+            while let Some(k) = a.next_key::<String>()? {
+                if seen.contains(&k) {
+                    return Err(serde::de::Error::custom(format!("duplicate key \"{k}\"")));
+                }
+                a.next_value_seed(Check)?;
+                seen.push(k);
+            }
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(line);
+    Check.deserialize(&mut de).map_err(|e| e.to_string())
+}
+
+pub fn parse_request(line: &[u8]) -> Result<Parsed, ErrorBody> {
     let mut v: serde_json::Value = serde_json::from_slice(line)
         .map_err(|e| ErrorBody::new(ErrorKind::BadRequest, format!("request is not JSON: {e}")))?;
+    no_duplicate_keys(line).map_err(|e| ErrorBody::new(ErrorKind::BadRequest, e))?;
     match v.get("version").and_then(|x| x.as_u64()) {
         Some(n) if n == u64::from(VERSION) => {}
         Some(n) => {
@@ -388,11 +506,25 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
     }
     // The envelope's own field goes; what remains must be exactly one request (serde's
     // `flatten` would silently accept unknown fields, so the envelope is not used here).
+    let mut id = None;
     if let Some(o) = v.as_object_mut() {
         o.remove("version");
+        match o.remove("id") {
+            None => {}
+            Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID => {
+                id = Some(s)
+            }
+            Some(_) => {
+                return Err(ErrorBody::new(
+                    ErrorKind::BadRequest,
+                    format!("\"id\" must be a string of 1 to {MAX_ID} bytes"),
+                ))
+            }
+        }
     }
-    serde_json::from_value::<Request>(v)
-        .map_err(|e| ErrorBody::new(ErrorKind::BadRequest, format!("bad request: {e}")))
+    let request = serde_json::from_value::<Request>(v)
+        .map_err(|e| ErrorBody::new(ErrorKind::BadRequest, format!("bad request: {e}")))?;
+    Ok(Parsed { id, request })
 }
 
 #[cfg(test)]
@@ -403,6 +535,7 @@ mod tests {
     fn request_wire_form() {
         let r = RequestEnvelope {
             version: 1,
+            id: None,
             request: Request::ServiceAdd {
                 frontend: "10.0.0.10:80/tcp".parse().expect("fe"),
                 backends: vec!["10.1.0.2:8080@2".parse().expect("be")],
@@ -413,7 +546,41 @@ mod tests {
             s,
             r#"{"version":1,"type":"service_add","frontend":"10.0.0.10:80/tcp","backends":["10.1.0.2:8080@2"]}"#
         );
-        assert_eq!(parse_request(s.as_bytes()), Ok(r.request));
+        assert_eq!(
+            parse_request(s.as_bytes()).map(|p| p.request),
+            Ok(r.request)
+        );
+        let with_id = r#"{"version":1,"id":"a-1","type":"status"}"#;
+        assert_eq!(
+            parse_request(with_id.as_bytes()),
+            Ok(Parsed {
+                id: Some("a-1".into()),
+                request: Request::Status {}
+            })
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_and_bad_ids_are_refused() {
+        for (line, needle) in [
+            (
+                r#"{"version":1,"type":"backend_remove","frontend":"10.0.0.10:80/tcp","address":"10.1.0.2","port":80,"port":8080}"#,
+                "duplicate key \"port\"",
+            ),
+            (
+                r#"{"version":1,"version":1,"type":"status"}"#,
+                "duplicate key \"version\"",
+            ),
+            (r#"{"version":1,"id":7,"type":"status"}"#, "\"id\" must be"),
+            (r#"{"version":1,"id":"","type":"status"}"#, "\"id\" must be"),
+        ] {
+            let e = parse_request(line.as_bytes()).expect_err(line);
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{line}");
+            assert!(e.message.contains(needle), "{line}: {}", e.message);
+        }
+        // Nested objects are checked too; the same key in two objects is fine.
+        assert!(no_duplicate_keys(br#"{"a":{"b":1,"b":2}}"#).is_err());
+        assert!(no_duplicate_keys(br#"{"a":{"b":1},"c":{"b":2},"d":[{"b":1}]}"#).is_ok());
     }
 
     #[test]

@@ -62,6 +62,22 @@ drop_reasons! {
     Oversize = 15 => "oversize",
     /// No free UMEM frame to take a handed-off frame (I/O layer).
     NoFreeFrame = 16 => "no_free_frame",
+    /// A TCP flag combination no valid TCP sends (SYN+FIN, SYN+RST, null, FIN without
+    /// ACK, ...; see `TcpFlags::is_valid`): scans and attacks, never a flow.
+    InvalidTcpFlags = 17 => "invalid_tcp_flags",
+    /// A source no router accepts (0/8, 127/8, multicast, 240/4 and broadcast, as the
+    /// kernel's martian rules), or a source that is one of our VIPs.
+    MartianSource = 18 => "martian_source",
+    /// IPv4 header checksum does not verify (RFC 1812 §5.2.2: a router drops it).
+    BadIpChecksum = 19 => "bad_ip_checksum",
+    /// The UDP length field disagrees with the IPv4 payload length.
+    LengthMismatch = 20 => "length_mismatch",
+    /// An 802.1Q-tagged frame: xlb serves untagged ports (the XDP program leaves tagged
+    /// frames to the kernel's VLAN devices); defensive.
+    VlanTagged = 21 => "vlan_tagged",
+    /// The destination MAC is not one of xlb's interfaces (a broadcast, multicast or
+    /// another host's frame: a router does not forward those); defensive, XDP drops them.
+    ForeignMac = 22 => "foreign_mac",
 }
 
 /// One worker's counters.
@@ -82,6 +98,9 @@ pub struct Counters {
     pub routed: u64,
     /// ICMP errors about a NATed flow, translated back to its inside host.
     pub icmp_errors: u64,
+    /// Not-yet-established flows evicted to make room for a new flow when the table was
+    /// full (conntrack's early drop).
+    pub flows_evicted: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -107,6 +126,7 @@ impl Counters {
             self.held,
             self.routed,
             self.icmp_errors,
+            self.flows_evicted,
         ]);
         a[SCALARS..].copy_from_slice(&self.drops);
         a
@@ -125,11 +145,12 @@ impl Counters {
             held: a[6],
             routed: a[7],
             icmp_errors: a[8],
+            flows_evicted: a[9],
             drops,
         }
     }
 }
 
-const SCALARS: usize = 9;
+const SCALARS: usize = 10;
 /// Length of [`Counters::to_array`].
 pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

@@ -232,6 +232,9 @@ pub fn fixtures() -> Vec<Fixture> {
     truncated.truncate(14 + 20 + 10);
     // Keep the IP total length consistent with the cut so only the TCP header is short.
     truncated[16..18].copy_from_slice(&30u16.to_be_bytes());
+    crate::wire::Ipv4Packet::new_checked(&mut truncated[14..])
+        .expect("an IPv4 header")
+        .fill_checksum();
     let mut bad_doff = syn.build();
     bad_doff[14 + 20 + 12] = 0x40;
     let mut bad_ihl = syn.build();
@@ -246,9 +249,27 @@ pub fn fixtures() -> Vec<Fixture> {
     arp.extend_from_slice(&VIP);
     let mut ipv6 = syn.build();
     ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let mut bad_ip_sum = syn.build();
+    bad_ip_sum[14 + 10] ^= 0x40;
+    let mut udp_len_long = udp.build();
+    udp_len_long[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&200u16.to_be_bytes());
+    let mut udp_len_short = udp.build();
+    udp_len_short[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&9u16.to_be_bytes());
+    let flags = |flags: u8| FrameSpec {
+        flags,
+        ..client_syn()
+    };
+    let from = |src: [u8; 4]| FrameSpec {
+        src,
+        ..client_syn()
+    };
+    let to_mac = |dst_mac: [u8; 6]| FrameSpec {
+        dst_mac,
+        ..client_syn()
+    };
     let tx = Verdict::Tx { iface: 0 };
     let drop = Verdict::Drop;
-    vec![
+    let mut rows = vec![
         Fixture {
             name: "tcp syn to vip",
             frame: syn.build(),
@@ -271,11 +292,13 @@ pub fn fixtures() -> Vec<Fixture> {
             out: Some(to_backend(&opts, 8080)),
         },
         Fixture {
+            // xlb serves untagged ports: the kernel's VLAN devices own tagged frames,
+            // and a worker never forwards a tag onto a port that does not carry it.
             name: "tcp syn behind vlan tag",
             frame: vlan.build(),
-            steer: Steer::Frontend,
-            verdict: tx,
-            out: Some(to_backend(&vlan, 8080)),
+            steer: Steer::Pass,
+            verdict: drop(DropReason::VlanTagged),
+            out: None,
         },
         Fixture {
             name: "1400-byte tcp segment opening a flow",
@@ -461,5 +484,71 @@ pub fn fixtures() -> Vec<Fixture> {
             verdict: drop(DropReason::NotForUs),
             out: None,
         },
-    ]
+        Fixture {
+            name: "bad ipv4 header checksum",
+            frame: bad_ip_sum,
+            steer: Steer::Frontend,
+            verdict: drop(DropReason::BadIpChecksum),
+            out: None,
+        },
+        Fixture {
+            name: "udp length beyond the datagram",
+            frame: udp_len_long,
+            steer: Steer::Drop,
+            verdict: drop(DropReason::LengthMismatch),
+            out: None,
+        },
+        Fixture {
+            name: "udp length short of the datagram",
+            frame: udp_len_short,
+            steer: Steer::Drop,
+            verdict: drop(DropReason::LengthMismatch),
+            out: None,
+        },
+    ];
+    for (name, f) in [
+        ("syn+fin", TcpFlags::SYN | TcpFlags::FIN),
+        ("syn+rst", TcpFlags::SYN | TcpFlags::RST),
+        ("null flags", 0),
+        ("fin without ack", TcpFlags::FIN),
+        ("xmas", TcpFlags::FIN | TcpFlags::PSH | TcpFlags::URG),
+    ] {
+        rows.push(Fixture {
+            name,
+            frame: flags(f).build(),
+            steer: Steer::Frontend,
+            verdict: drop(DropReason::InvalidTcpFlags),
+            out: None,
+        });
+    }
+    for (name, src) in [
+        ("source 127.0.0.1", [127, 0, 0, 1]),
+        ("source 0.0.0.0", [0, 0, 0, 0]),
+        ("source 255.255.255.255", [255, 255, 255, 255]),
+        ("source multicast", [224, 0, 0, 5]),
+        ("source 240/4", [240, 1, 2, 3]),
+        ("source is the vip", VIP),
+    ] {
+        rows.push(Fixture {
+            name,
+            frame: from(src).build(),
+            steer: Steer::Drop,
+            verdict: drop(DropReason::MartianSource),
+            out: None,
+        });
+    }
+    for (name, mac) in [
+        ("destination mac of another host", [0x02, 0, 0, 0, 0, 0x99]),
+        ("broadcast destination mac", [0xff; 6]),
+        ("multicast destination mac", [0x01, 0x00, 0x5e, 0, 0, 1]),
+    ] {
+        rows.push(Fixture {
+            name,
+            frame: to_mac(mac).build(),
+            steer: Steer::Drop,
+            verdict: drop(DropReason::ForeignMac),
+            out: None,
+        });
+    }
+    rows
 }

@@ -71,9 +71,17 @@ pub struct Rewrite {
 }
 
 /// TCP-aware flow state; UDP flows stay in `Udp`.
+///
+/// A TCP flow is established only by the handshake in the order TCP requires (RFC 9293
+/// §3.5): the client's SYN opens it (`SynSent`), the server's SYN+ACK answers
+/// (`SynRecv`), the client's ACK completes it (`Established`). A reply alone is not
+/// enough: a backend answers a spoofed SYN too, and a flow that counted that as
+/// established would hold its slot for the established timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlowState {
     SynSent,
+    /// The server's SYN+ACK was seen; waiting for the client's ACK.
+    SynRecv,
     Established,
     Fin,
     Rst,
@@ -85,6 +93,7 @@ impl FlowState {
     pub fn name(self) -> &'static str {
         match self {
             FlowState::SynSent => "syn_sent",
+            FlowState::SynRecv => "syn_recv",
             FlowState::Established => "established",
             FlowState::Fin => "fin",
             FlowState::Rst => "rst",
@@ -106,6 +115,10 @@ pub struct Flow {
     /// A masqueraded flow the current policy would no longer masquerade: the XDP
     /// program's keep map steers its packets to the workers (see the pipeline).
     pub kept: bool,
+    /// The flow proved both ends real (conntrack's ASSURED): a TCP handshake completed,
+    /// or a UDP/ICMP reply came back. Only flows not assured are evicted when the table
+    /// is full.
+    pub assured: bool,
     /// Packets per direction (informational; saturates).
     pub packets: [u32; 2],
 }
@@ -140,6 +153,17 @@ pub enum FlowKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableFull;
 
+/// The memory for a flow table of this capacity could not be allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cannot allocate a flow table for {capacity} flows (about {} MiB)", capacity.saturating_mul(FLOW_BYTES) >> 20)]
+pub struct AllocError {
+    pub capacity: usize,
+}
+
+/// Bytes per flow of capacity: a slot, a free-list entry and two index entries with
+/// hashbrown's load factor (measured: see docs/benchmarks.md).
+pub const FLOW_BYTES: usize = core::mem::size_of::<Option<Flow>>() + 4 + 2 * 4 * 8 / 7 + 2;
+
 #[derive(Debug)]
 pub struct FlowTable {
     /// `slot << 1 | direction`, hashed by the key the slot holds for that direction.
@@ -148,6 +172,8 @@ pub struct FlowTable {
     slots: Vec<Option<Flow>>,
     free: Vec<u32>,
     hand: usize,
+    /// Where the next eviction scan starts.
+    evict_hand: usize,
 }
 
 /// The key an index value names, if its slot is live.
@@ -171,15 +197,37 @@ fn decode(v: u32) -> (u32, Dir) {
 
 impl FlowTable {
     /// A table for at most `capacity` flows (2 × capacity keys). Allocates everything now.
+    /// Panics if the memory cannot be had; see [`FlowTable::try_with_capacity`].
     pub fn with_capacity(capacity: usize) -> FlowTable {
+        FlowTable::try_with_capacity(capacity).expect("memory for the flow table")
+    }
+
+    /// As [`FlowTable::with_capacity`], but a failed allocation is an error (so a daemon
+    /// can refuse to start instead of aborting). `capacity` is clamped to 1..=2³¹−1.
+    pub fn try_with_capacity(capacity: usize) -> Result<FlowTable, AllocError> {
         let capacity = capacity.clamp(1, (u32::MAX >> 1) as usize);
-        FlowTable {
-            index: HashTable::with_capacity(capacity * 2),
-            hasher: DefaultHashBuilder::default(),
-            slots: vec![None; capacity],
-            free: (0..capacity as u32).rev().collect(),
+        let hasher = DefaultHashBuilder::default();
+        let mut index = HashTable::new();
+        index
+            .try_reserve(capacity * 2, |_: &u32| 0)
+            .map_err(|_| AllocError { capacity })?;
+        let mut slots = Vec::new();
+        slots
+            .try_reserve_exact(capacity)
+            .map_err(|_| AllocError { capacity })?;
+        slots.resize(capacity, None);
+        let mut free = Vec::new();
+        free.try_reserve_exact(capacity)
+            .map_err(|_| AllocError { capacity })?;
+        free.extend((0..capacity as u32).rev());
+        Ok(FlowTable {
+            index,
+            hasher,
+            slots,
+            free,
             hand: 0,
-        }
+            evict_hand: 0,
+        })
     }
 
     pub fn capacity(&self) -> usize {
@@ -273,6 +321,29 @@ impl FlowTable {
         removed
     }
 
+    /// Early drop (after conntrack's `early_drop`): look at up to `scan` slots from the
+    /// eviction hand and remove the least recently seen flow for which `evictable` says
+    /// yes. Bounded work per call, no allocation; `None` if none of those slots held one.
+    /// The hand moves on, so repeated calls under a flood walk the whole table.
+    pub fn evict_oldest(
+        &mut self,
+        scan: usize,
+        mut evictable: impl FnMut(&Flow) -> bool,
+    ) -> Option<Flow> {
+        let n = self.slots.len();
+        let mut best: Option<(u32, u64)> = None;
+        for _ in 0..scan.min(n) {
+            let slot = self.evict_hand;
+            self.evict_hand = if slot + 1 == n { 0 } else { slot + 1 };
+            if let Some(f) = self.slots[slot].as_ref() {
+                if evictable(f) && best.is_none_or(|(_, seen)| f.last_seen < seen) {
+                    best = Some((slot as u32, f.last_seen));
+                }
+            }
+        }
+        best.and_then(|(slot, _)| self.remove(slot))
+    }
+
     /// All live flows (for `lbctl` listings; not for the hot path).
     pub fn iter(&self) -> impl Iterator<Item = &Flow> {
         self.slots.iter().filter_map(Option::as_ref)
@@ -309,8 +380,42 @@ mod tests {
             generation: 0,
             kind: FlowKind::Lb,
             kept: false,
+            assured: false,
             packets: [0; 2],
         }
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_evictable_in_the_window() {
+        let mut t = FlowTable::with_capacity(8);
+        for n in 0..8u16 {
+            let mut f = flow(n, 100 - u64::from(n));
+            f.assured = n == 7; // the oldest is assured: never evicted
+            t.insert(f).expect("room");
+        }
+        let gone = t.evict_oldest(8, |f| !f.assured).expect("one evicted");
+        assert_eq!(gone.keys[0], key(6, false), "oldest not-assured flow");
+        assert_eq!(t.len(), 7);
+        assert!(t.lookup(&key(6, false)).is_none() && t.lookup(&key(6, true)).is_none());
+        // Nothing evictable: nothing removed.
+        assert!(t.evict_oldest(8, |_| false).is_none());
+        assert_eq!(t.len(), 7);
+        // A window of 2 only sees 2 slots, and the hand moves on.
+        let mut t = FlowTable::with_capacity(4);
+        for n in 0..4u16 {
+            t.insert(flow(n, u64::from(n))).expect("room");
+        }
+        let a = t.evict_oldest(2, |_| true).expect("evicted");
+        let b = t.evict_oldest(2, |_| true).expect("evicted");
+        assert_ne!(a.keys[0], b.keys[0]);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn an_impossible_table_is_an_error_not_an_abort() {
+        let e = FlowTable::try_with_capacity(usize::MAX).expect_err("2^31 flows do not fit");
+        assert!(e.to_string().contains("cannot allocate"), "{e}");
+        assert!(FlowTable::try_with_capacity(10).is_ok());
     }
 
     #[test]

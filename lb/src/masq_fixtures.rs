@@ -47,6 +47,14 @@ pub enum Side {
     External,
 }
 
+/// The MAC of the interface on `side`: where frames arriving there are addressed.
+pub fn mac_of(side: Side) -> [u8; 6] {
+    match side {
+        Side::Internal => INT_MAC,
+        Side::External => EXT_MAC,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MasqFixture {
     pub on: Side,

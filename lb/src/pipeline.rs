@@ -55,6 +55,9 @@ pub const EXPIRE_BUDGET: usize = 64;
 /// and ports, within timeout + 4 s. (The flow index's cache misses under load did not
 /// go away with it: they come from the index's size; see docs/benchmarks.md.)
 pub const SWEEP_PERIOD_NS: u64 = 4_000_000_000;
+/// Slots an early-drop scan looks at when the table is full (conntrack scans 8 hash
+/// entries): bounded work per new flow under a flood.
+pub const EVICT_SCAN: usize = 16;
 /// Candidate SNAT ports tried before counting exhaustion.
 pub const MAX_PORT_TRIES: u32 = 128;
 /// Neighbour resolutions a worker can ask for between two drains.
@@ -130,7 +133,7 @@ pub struct Engine {
 
 fn timeout(t: &Timeouts, s: FlowState) -> u64 {
     match s {
-        FlowState::SynSent => t.tcp_syn,
+        FlowState::SynSent | FlowState::SynRecv => t.tcp_syn,
         FlowState::Established => t.tcp_established,
         FlowState::Fin => t.tcp_fin,
         FlowState::Rst => t.tcp_rst,
@@ -147,15 +150,26 @@ fn push_unkept(queue: &mut [FlowKey; UNKEEP_QUEUE], len: &mut usize, f: &Flow) {
 }
 
 impl Engine {
-    /// A worker's engine. `flow_capacity` flows are allocated now.
+    /// A worker's engine. `flow_capacity` flows are allocated now (panics if they cannot
+    /// be; see [`Engine::try_new`]).
     pub fn new(worker: u16, flow_capacity: usize, snap: Arc<Snapshot>) -> Engine {
+        Engine::try_new(worker, flow_capacity, snap).expect("memory for the flow table")
+    }
+
+    /// A worker's engine, or an error if its flow table cannot be allocated.
+    pub fn try_new(
+        worker: u16,
+        flow_capacity: usize,
+        snap: Arc<Snapshot>,
+    ) -> Result<Engine, crate::flow::AllocError> {
+        let flows = FlowTable::try_with_capacity(flow_capacity)?;
         let slice = snap.snat.ports.slice(worker, snap.workers.max(1));
         let masq_version = snap.masq.as_ref().map(|m| m.version);
-        Engine {
+        Ok(Engine {
             worker,
             ports: PortAllocator::new(slice),
             snap,
-            flows: FlowTable::with_capacity(flow_capacity),
+            flows,
             now: 0,
             sweep_credit: 0,
             sweep_clock: 0,
@@ -166,7 +180,7 @@ impl Engine {
             kept_new: Vec::new(),
             unkept: [FlowKey::default(); UNKEEP_QUEUE],
             unkept_len: 0,
-        }
+        })
     }
 
     pub fn worker(&self) -> u16 {
@@ -289,11 +303,17 @@ impl Engine {
 
     fn parse(frame: &[u8]) -> Result<Parsed, DropReason> {
         let eth = EthernetFrame::new_checked(frame).map_err(|_| DropReason::Malformed)?;
+        if eth.is_tagged() {
+            return Err(DropReason::VlanTagged);
+        }
         if eth.ethertype() != ETHERTYPE_IPV4 {
             return Err(DropReason::NotIpv4);
         }
         let l3 = eth.payload_offset();
         let ip = Ipv4Packet::new_checked(&frame[l3..]).map_err(|_| DropReason::Malformed)?;
+        if !ip.checksum_ok() {
+            return Err(DropReason::BadIpChecksum);
+        }
         if ip.is_fragment() {
             return Err(DropReason::Fragment);
         }
@@ -307,6 +327,12 @@ impl Engine {
         let l4 = l3 + ip.header_len();
         let l4_end = l3 + ip.total_len();
         let seg = L4::new_checked(&frame[l4..l4_end], proto).map_err(|_| DropReason::Malformed)?;
+        if seg.udp_len().is_some_and(|n| usize::from(n) != l4_end - l4) {
+            return Err(DropReason::LengthMismatch);
+        }
+        if proto == PROTO_TCP && !seg.tcp_flags().is_valid() {
+            return Err(DropReason::InvalidTcpFlags);
+        }
         let mut key = FlowKey {
             src: ip.src(),
             dst: ip.dst(),
@@ -370,6 +396,7 @@ impl Engine {
                 return self.forward(frame, slot, dir, &p);
             }
         }
+        self.check_new(frame, &p)?;
         // A reply to a NAT address and port with no flow here: its owner has it, or
         // nobody does.
         if let Some(owner) = self.nat_port_owner(p.key.dst, p.key.dport) {
@@ -392,6 +419,21 @@ impl Engine {
             Some(m) => self.masquerade(frame, &p, &m),
             None => Err(DropReason::NotForUs),
         }
+    }
+
+    /// What a router checks before it forwards a packet, for packets that would open a
+    /// flow (the XDP program checks the same before steering; this is the second line,
+    /// and it keeps them out of the flow table): the frame is addressed to one of our
+    /// interfaces, and its source is not martian (RFC 1812 §5.3.7, as the kernel's
+    /// `ip_route_input_slow` rules) nor one of our VIPs.
+    fn check_new(&self, frame: &[u8], p: &Parsed) -> Result<(), DropReason> {
+        if !self.snap.net.ifaces.iter().any(|i| frame[0..6] == i.mac) {
+            return Err(DropReason::ForeignMac);
+        }
+        if is_martian(p.key.src) || self.snap.vips.contains(&p.key.src) {
+            return Err(DropReason::MartianSource);
+        }
+        Ok(())
     }
 
     /// The worker owning `port` when `addr:port` is one of our NAT endpoints (the SNAT
@@ -449,15 +491,27 @@ impl Engine {
         let now = self.now;
         let f = self.flows.get_mut(slot).ok_or(DropReason::NoFlow)?;
         if p.key.proto == PROTO_TCP {
-            f.state = if p.flags.rst() {
+            let fl = p.flags;
+            // The handshake in TCP's order (see FlowState): the server's SYN+ACK, then
+            // the client's ACK. Any reply alone proves nothing (a backend answers
+            // spoofed SYNs too).
+            let completes =
+                f.state == FlowState::SynRecv && dir == Dir::Forward && fl.ack() && !fl.syn();
+            f.assured |= completes;
+            f.state = if fl.rst() {
                 FlowState::Rst
-            } else if p.flags.fin() && f.state != FlowState::Rst {
+            } else if fl.fin() && f.state != FlowState::Rst {
                 FlowState::Fin
-            } else if dir == Dir::Reverse && f.state == FlowState::SynSent {
+            } else if completes {
                 FlowState::Established
+            } else if f.state == FlowState::SynSent && dir == Dir::Reverse && fl.syn() && fl.ack() {
+                FlowState::SynRecv
             } else {
                 f.state
             };
+        } else if dir == Dir::Reverse {
+            // A UDP or ICMP answer: the far end is real.
+            f.assured = true;
         }
         f.last_seen = now;
         f.packets[dir as usize] = f.packets[dir as usize].saturating_add(1);
@@ -531,9 +585,6 @@ impl Engine {
         if k.proto == PROTO_TCP && !p.flags.is_opening_syn() {
             return Err(DropReason::NoFlow);
         }
-        if self.flows.len() >= self.flows.capacity() {
-            return Err(DropReason::FlowTableFull);
-        }
         let h = flow_hash(snap.hash_seed, k.src, k.dst, k.sport, k.dport, k.proto);
         let backend = svc
             .maglev
@@ -591,8 +642,10 @@ impl Engine {
             generation: self.snap.generation,
             kind,
             kept: false,
+            assured: false,
             packets: [1, 0],
         };
+        self.make_room()?;
         self.flows
             .insert(flow)
             .map_err(|_| DropReason::FlowTableFull)?;
@@ -601,6 +654,29 @@ impl Engine {
         Ok(Verdict::Tx {
             iface: rewrite[0].iface,
         })
+    }
+
+    /// Room for one more flow: when the table is full, evict the least recently seen
+    /// flow that is idle-expired or not assured among [`EVICT_SCAN`] slots (conntrack's
+    /// early drop), so a flood of spoofed SYNs or one-way datagrams cannot lock new
+    /// clients out; flows that proved both ends real are never evicted.
+    fn make_room(&mut self) -> Result<(), DropReason> {
+        if self.flows.len() < self.flows.capacity() {
+            return Ok(());
+        }
+        let (now, t) = (self.now, self.snap.timeouts);
+        let idle = |f: &Flow| now.saturating_sub(f.last_seen) > timeout(&t, f.state);
+        let f = self
+            .flows
+            .evict_oldest(EVICT_SCAN, |f| !f.assured || idle(f))
+            .ok_or(DropReason::FlowTableFull)?;
+        if idle(&f) {
+            self.counters.flows_expired += 1;
+        } else {
+            self.counters.flows_evicted += 1;
+        }
+        push_unkept(&mut self.unkept, &mut self.unkept_len, &f);
+        Ok(())
     }
 
     /// A packet with no flow and no service: masquerade it, route it untranslated, or
@@ -651,9 +727,6 @@ impl Engine {
         egress: [u8; 4],
     ) -> Result<Verdict, DropReason> {
         let k = p.key;
-        if self.flows.len() >= self.flows.capacity() {
-            return Err(DropReason::FlowTableFull);
-        }
         let fwd_hop = self.hop(k.dst)?;
         let rev_hop = self.hop(k.src)?;
         // The reply key for a candidate port. For an echo request (id, 0) it is (0, id'):
@@ -781,6 +854,13 @@ impl Engine {
         self.counters.icmp_errors += 1;
         Ok(Verdict::Tx { iface: rw.iface })
     }
+}
+
+/// A source address no router accepts: "this network" (0/8), loopback (127/8),
+/// multicast (224/4) and the reserved 240/4 with the limited broadcast (RFC 1812
+/// §5.3.7, RFC 6890).
+fn is_martian(a: [u8; 4]) -> bool {
+    a[0] == 0 || a[0] == 127 || a[0] >= 224
 }
 
 /// The four 16-bit words of an address pair.

@@ -9,7 +9,7 @@
 use crate::maglev::{Maglev, MaglevBackend, MaglevError};
 use crate::netview::NetView;
 use crate::service::{BackendSpec, Frontend, ServiceSpec, ServiceTable};
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use nat::PortRange;
 use std::sync::Arc;
 
@@ -106,6 +106,8 @@ pub struct Snapshot {
     /// Increases with every snapshot; flows remember the one they were resolved under.
     pub generation: u64,
     pub services: HashMap<FrontendKey, Arc<ServiceState>>,
+    /// Every frontend address: a packet from one of them is spoofed (martian).
+    pub vips: Arc<HashSet<[u8; 4]>>,
     pub snat: SnatConfig,
     pub net: Arc<NetView>,
     pub timeouts: Timeouts,
@@ -161,8 +163,10 @@ impl Snapshot {
             };
             services.insert(key, state);
         }
+        let vips = Arc::new(services.keys().map(|k| k.addr).collect());
         Ok(Snapshot {
             generation,
+            vips,
             services,
             snat: cfg.snat,
             net,
@@ -178,6 +182,7 @@ impl Snapshot {
         Snapshot {
             generation,
             services: self.services.clone(),
+            vips: Arc::clone(&self.vips),
             snat: self.snat,
             net,
             timeouts: self.timeouts,

@@ -86,7 +86,12 @@ fn tcp_round_trip_tracks_state() {
     assert_eq!(v, TX_INT);
     assert_eq!(f, to_pod(&synack, POD_B, 40001).build());
     let flow = e.flows().iter().next().expect("one flow");
-    assert_eq!(flow.state, FlowState::Established);
+    assert_eq!(
+        flow.state,
+        FlowState::SynRecv,
+        "the reply alone does not establish"
+    );
+    assert!(!flow.assured);
     let ack = FrameSpec {
         flags: TcpFlags::ACK,
         payload: b"GET / HTTP/1.1\r\n".to_vec(),
@@ -96,6 +101,13 @@ fn tcp_round_trip_tracks_state() {
     assert_eq!(v, TX_EXT);
     assert_eq!(f, masqueraded(&ack, FIRST_PORT).build());
     assert_eq!(verify(&f), (true, true));
+    let flow = e.flows().iter().next().expect("one flow");
+    assert_eq!(
+        flow.state,
+        FlowState::Established,
+        "the pod's ACK completes it"
+    );
+    assert!(flow.assured);
 }
 
 #[test]

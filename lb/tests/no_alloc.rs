@@ -79,6 +79,7 @@ fn process_allocates_nothing() {
         })
         .collect();
     let foreign = FrameSpec {
+        dst_mac: LB_MAC,
         src: BACKEND,
         dst: SNAT,
         sport: 8080,

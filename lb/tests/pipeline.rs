@@ -87,7 +87,16 @@ fn reply_is_translated_back_to_the_client() {
     .build();
     assert_eq!(reply, expected);
     let flow = e.flows().iter().next().expect("one flow");
+    assert_eq!(
+        flow.state,
+        FlowState::SynRecv,
+        "a reply alone does not establish"
+    );
+    let mut ack = seg(40000, TcpFlags::ACK);
+    assert_eq!(e.process(&mut ack), Verdict::Tx { iface: 0 });
+    let flow = e.flows().iter().next().expect("one flow");
     assert_eq!(flow.state, FlowState::Established);
+    assert!(flow.assured);
 }
 
 #[test]
@@ -120,6 +129,7 @@ fn reply_on_the_wrong_worker_goes_to_its_owner() {
         "worker 1 allocates from its own slice, got {port}"
     );
     let reply = FrameSpec {
+        dst_mac: LB_MAC,
         src: BACKEND,
         dst: SNAT,
         sport: 8080,
@@ -176,15 +186,22 @@ fn tcp_states_and_timeouts() {
     e.process(&mut f);
     let port = sport(&f);
     let mut r = FrameSpec {
+        dst_mac: LB_MAC,
         src: BACKEND,
         dst: SNAT,
         sport: 8080,
         dport: port,
-        flags: TcpFlags::ACK,
+        flags: TcpFlags::SYN | TcpFlags::ACK,
         ..FrameSpec::default()
     }
     .build();
-    e.process(&mut r);
+    assert_eq!(e.process(&mut r), Verdict::Tx { iface: 0 });
+    let mut ack = seg(40001, TcpFlags::ACK);
+    assert_eq!(e.process(&mut ack), Verdict::Tx { iface: 0 });
+    assert_eq!(
+        e.flows().iter().next().map(|f| f.state),
+        Some(FlowState::Established)
+    );
     now += t.tcp_syn + 1;
     e.begin_batch(now);
     let mut ack = seg(40001, TcpFlags::ACK);
@@ -301,18 +318,119 @@ fn unresolved_neighbour_is_requested_not_guessed() {
     assert_eq!(e.counters.held, 1);
 }
 
+/// Complete the handshake of the client connection from `cport` (its SYN already sent
+/// from SNAT port `port`): the backend's SYN+ACK, then the client's ACK.
+fn handshake(e: &mut Engine, cport: u16, port: u16) {
+    let mut synack = FrameSpec {
+        dst_mac: LB_MAC,
+        src: BACKEND,
+        dst: SNAT,
+        sport: 8080,
+        dport: port,
+        flags: TcpFlags::SYN | TcpFlags::ACK,
+        ..FrameSpec::default()
+    }
+    .build();
+    assert_eq!(e.process(&mut synack), Verdict::Tx { iface: 0 });
+    let mut ack = seg(cport, TcpFlags::ACK);
+    assert_eq!(e.process(&mut ack), Verdict::Tx { iface: 0 });
+}
+
 #[test]
-fn full_table_refuses_and_keeps_existing_flows() {
+fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
+    let mut e = Engine::new(0, 4, Arc::new(fixtures::snapshot()));
+    let mut now = SEC;
+    e.begin_batch(now);
+    // Two established connections and two half-open ones (SYN seen, and SYN+ACK seen).
+    for p in [1000, 1001] {
+        let mut f = syn(p).build();
+        assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+        handshake(&mut e, p, sport(&f));
+    }
+    let mut f = syn(1002).build();
+    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+    let mut synack = FrameSpec {
+        dst_mac: LB_MAC,
+        src: BACKEND,
+        dst: SNAT,
+        sport: 8080,
+        dport: sport(&f),
+        flags: TcpFlags::SYN | TcpFlags::ACK,
+        ..FrameSpec::default()
+    }
+    .build();
+    assert_eq!(e.process(&mut synack), Verdict::Tx { iface: 0 });
+    now += SEC;
+    e.begin_batch(now);
+    let mut f = syn(1003).build();
+    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+    // Full. A flood of new SYNs (a spoofed-source attack looks like this) evicts the
+    // half-open flows, oldest first, and never an established one.
+    for p in 2000..2100 {
+        now += 1000;
+        e.begin_batch(now);
+        let mut f = syn(p).build();
+        assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 }, "port {p}");
+    }
+    assert_eq!(e.counters.flows_evicted, 100);
+    assert_eq!(e.counters.drops[DropReason::FlowTableFull as usize], 0);
+    assert_eq!(e.flows().len(), 4);
+    for p in [1000, 1001] {
+        let mut f = seg(p, TcpFlags::ACK);
+        assert_eq!(
+            e.process(&mut f),
+            Verdict::Tx { iface: 0 },
+            "established {p}"
+        );
+    }
+    for p in [1002, 1003, 2000, 2097] {
+        let mut f = seg(p, TcpFlags::ACK);
+        assert_eq!(
+            e.process(&mut f),
+            Verdict::Drop(DropReason::NoFlow),
+            "evicted {p}"
+        );
+    }
+    // A table of established flows only refuses (counted) and keeps them all.
     let mut e = Engine::new(0, 2, Arc::new(fixtures::snapshot()));
     e.begin_batch(SEC);
     for p in [1000, 1001] {
         let mut f = syn(p).build();
         assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+        handshake(&mut e, p, sport(&f));
     }
     let mut f = syn(1002).build();
     assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::FlowTableFull));
+    assert_eq!(e.counters.flows_evicted, 0);
     let mut f = seg(1000, TcpFlags::ACK);
     assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+}
+
+#[test]
+fn a_reply_alone_does_not_establish_and_half_open_flows_keep_the_short_timeout() {
+    let mut e = engine(0);
+    let t = fixtures::snapshot().timeouts;
+    let mut f = syn(40000).build();
+    e.process(&mut f);
+    // The backend answers a (possibly spoofed) SYN; the client never ACKs.
+    let mut synack = FrameSpec {
+        dst_mac: LB_MAC,
+        src: BACKEND,
+        dst: SNAT,
+        sport: 8080,
+        dport: sport(&f),
+        flags: TcpFlags::SYN | TcpFlags::ACK,
+        ..FrameSpec::default()
+    }
+    .build();
+    e.process(&mut synack);
+    let flow = *e.flows().iter().next().expect("flow");
+    assert_eq!(flow.state, FlowState::SynRecv);
+    assert!(!flow.assured);
+    // Gone after the SYN timeout, not the established one.
+    e.begin_batch(SEC + t.tcp_syn + 1);
+    let mut ack = seg(40000, TcpFlags::ACK);
+    assert_eq!(e.process(&mut ack), Verdict::Drop(DropReason::NoFlow));
 }
 
 #[test]

@@ -21,11 +21,19 @@
  * Everything else passes, so ARP, ssh, BGP and the host's own traffic keep working.
  * Frames that are ours but carry TTL <= 1 pass too: the kernel sends ICMP time exceeded.
  * Fragments to a VIP or SNAT address are dropped (counted): SNAT needs ports, which
- * non-first fragments lack.
+ * non-first fragments lack. 802.1Q-tagged frames pass: xlb serves untagged ports, and
+ * the kernel's VLAN devices (or its drop) own tagged ones.
+ *
+ * Before a frame goes to a worker it gets a router's checks (RFC 1812 §5.2.2, §5.3.7):
+ * addressed to the interface's MAC, a source that is neither martian nor one of our
+ * VIPs, IPv4 and UDP lengths that agree with the frame. A failure is a counted drop.
  *
  * One program serves every interface lbd owns, so the XSKMAP is keyed by
- * slot(ingress ifindex) * XLB_MAX_QUEUES + rx queue. If no XSK is bound there,
- * bpf_redirect_map falls back to XDP_PASS (counted).
+ * slot(ingress ifindex) * XLB_MAX_QUEUES + rx queue. If no XSK is bound there (a queue
+ * lbd does not serve, or lbd starting or stopping), the frame is dropped and counted,
+ * never passed: what is steered must be translated, and the kernel would route a
+ * masquerade source's packet with the pod address (or answer for a VIP it does not
+ * serve). Only frames the workers would take are affected; the host's traffic passes.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -53,11 +61,6 @@ struct icmphdr {
 #define ICMP_TIME_EXCEEDED 11
 #define ICMP_PARAMETERPROB 12
 
-struct vlan_hdr {
-	__be16 tci;
-	__be16 encapsulated_proto;
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
 	__uint(max_entries, XLB_MAX_QUEUES * XLB_MAX_IFACES);
@@ -65,12 +68,12 @@ struct {
 	__type(value, __u32);
 } xsks SEC(".maps");
 
-/* ifindex -> slot of the interface among lbd's interfaces. */
+/* ifindex -> lbd's interface (slot, flags, MAC). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, XLB_MAX_IFACES);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, struct xlb_iface);
 } iface_slots SEC(".maps");
 
 struct {
@@ -156,20 +159,58 @@ static __always_inline int drop(__u32 stat)
 	return XDP_DROP;
 }
 
-static __always_inline int to_worker(struct xdp_md *ctx, __u32 stat)
+/* A source no router accepts (RFC 1812 §5.3.7, RFC 6890): 0/8, 127/8, multicast,
+ * 240/4 and the limited broadcast. */
+static __always_inline int martian(__be32 saddr)
 {
+	__u8 first = bpf_ntohl(saddr) >> 24;
+
+	return first == 0 || first == 127 || first >= 224;
+}
+
+/* The router's checks for a frame about to go to a worker: 0 if it may, else the stat
+ * it is dropped under. */
+static __always_inline __u32 unfit(struct ethhdr *eth, struct iphdr *ip, void *end,
+				   struct xlb_iface *ifc)
+{
+	__u16 tot = bpf_ntohs(ip->tot_len);
+
+	for (int i = 0; i < ETH_ALEN; i++)
+		if (eth->h_dest[i] != ifc->mac[i])
+			return XLB_STAT_FOREIGN_MAC;
+	if (martian(ip->saddr) || bpf_map_lookup_elem(&vips, &ip->saddr))
+		return XLB_STAT_MARTIAN;
+	if ((void *)ip + tot > end || tot < ip->ihl * 4)
+		return XLB_STAT_LENGTH;
+	if (ip->protocol == IPPROTO_UDP && !(ip->frag_off & bpf_htons(0x1fff))) {
+		struct udphdr *uh = (void *)ip + ip->ihl * 4;
+
+		if ((void *)(uh + 1) > end || bpf_ntohs(uh->len) != tot - ip->ihl * 4)
+			return XLB_STAT_LENGTH;
+	}
+	return 0;
+}
+
+static __always_inline int to_worker(struct xdp_md *ctx, struct iphdr *ip, __u32 stat)
+{
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = (void *)(long)ctx->data;
 	__u32 ifindex = ctx->ingress_ifindex;
-	__u32 *slot, key;
+	struct xlb_iface *ifc;
+	__u32 key, bad;
 	long ret;
 
+	ifc = bpf_map_lookup_elem(&iface_slots, &ifindex);
+	if (!ifc || (void *)(eth + 1) > end)
+		return drop(XLB_STAT_NO_XSK);
+	bad = unfit(eth, ip, end, ifc);
+	if (bad)
+		return drop(bad);
 	count(stat);
-	slot = bpf_map_lookup_elem(&iface_slots, &ifindex);
-	if (!slot || ctx->rx_queue_index >= XLB_MAX_QUEUES) {
-		count(XLB_STAT_NO_XSK);
-		return XDP_PASS;
-	}
-	key = (*slot & XLB_IFACE_SLOT_MASK) * XLB_MAX_QUEUES + ctx->rx_queue_index;
-	ret = bpf_redirect_map(&xsks, key, XDP_PASS);
+	if (ctx->rx_queue_index >= XLB_MAX_QUEUES)
+		return drop(XLB_STAT_NO_XSK);
+	key = ifc->slot * XLB_MAX_QUEUES + ctx->rx_queue_index;
+	ret = bpf_redirect_map(&xsks, key, XDP_DROP);
 	if (ret != XDP_REDIRECT)
 		count(XLB_STAT_NO_XSK);
 	return ret;
@@ -243,7 +284,7 @@ static __always_inline int masq_out(struct xdp_md *ctx, struct iphdr *ip, void *
 			return pass(XLB_STAT_PASS);
 		if (ip->ttl <= 1)
 			return pass(XLB_STAT_TTL);
-		return to_worker(ctx, XLB_STAT_MASQ_KEEP);
+		return to_worker(ctx, ip, XLB_STAT_MASQ_KEEP);
 	}
 	if (is_frag)
 		return drop(XLB_STAT_FRAGMENT);
@@ -251,7 +292,7 @@ static __always_inline int masq_out(struct xdp_md *ctx, struct iphdr *ip, void *
 		return drop(XLB_STAT_MASQ_DROP);
 	if (ip->ttl <= 1)
 		return pass(XLB_STAT_TTL);
-	return to_worker(ctx, XLB_STAT_MASQ);
+	return to_worker(ctx, ip, XLB_STAT_MASQ);
 }
 
 /* (e): an ICMP error to a NAT address: does it quote a packet of a NATed flow? */
@@ -299,7 +340,7 @@ static __always_inline int icmp_error_in(struct xdp_md *ctx, struct iphdr *ip,
 		return pass(XLB_STAT_PASS);
 	if (ip->ttl <= 1)
 		return pass(XLB_STAT_TTL);
-	return to_worker(ctx, XLB_STAT_ICMP_ERROR);
+	return to_worker(ctx, ip, XLB_STAT_ICMP_ERROR);
 }
 
 SEC("xdp")
@@ -312,7 +353,7 @@ int xlb_steer(struct xdp_md *ctx)
 	struct xlb_snat_range *range;
 	struct iphdr *ip;
 	__be16 h_proto, sport, dport;
-	__u32 *slot;
+	struct xlb_iface *ifc;
 	__be32 daddr;
 	void *l3, *l4;
 	int is_frag, ports_ok;
@@ -322,14 +363,8 @@ int xlb_steer(struct xdp_md *ctx)
 		return pass(XLB_STAT_MALFORMED);
 	h_proto = eth->h_proto;
 	l3 = eth + 1;
-	if (h_proto == bpf_htons(ETH_P_8021Q)) {
-		struct vlan_hdr *vh = l3;
-
-		if ((void *)(vh + 1) > end)
-			return pass(XLB_STAT_MALFORMED);
-		h_proto = vh->encapsulated_proto;
-		l3 = vh + 1;
-	}
+	if (h_proto == bpf_htons(ETH_P_8021Q) || h_proto == bpf_htons(ETH_P_8021AD))
+		return pass(XLB_STAT_VLAN);
 	if (h_proto != bpf_htons(ETH_P_IP))
 		return pass(XLB_STAT_NOT_IPV4);
 
@@ -355,13 +390,13 @@ int xlb_steer(struct xdp_md *ctx)
 		if (bpf_map_lookup_elem(&frontends, &fe)) {
 			if (ip->ttl <= 1)
 				return pass(XLB_STAT_TTL);
-			return to_worker(ctx, XLB_STAT_FRONTEND);
+			return to_worker(ctx, ip, XLB_STAT_FRONTEND);
 		}
 	}
 
 	/* (c) masquerade sources on the cluster side. */
-	slot = bpf_map_lookup_elem(&iface_slots, &ifindex);
-	if (slot && (*slot & XLB_IFACE_INTERNAL)) {
+	ifc = bpf_map_lookup_elem(&iface_slots, &ifindex);
+	if (ifc && (ifc->flags & XLB_IFACE_INTERNAL)) {
 		struct xlb_lpm_key sk = { .prefixlen = 32, .addr = ip->saddr };
 
 		if (bpf_map_lookup_elem(&masq_src, &sk))
@@ -397,7 +432,7 @@ int xlb_steer(struct xdp_md *ctx)
 		    in_range(range, ih->id)) {
 			if (ip->ttl <= 1)
 				return pass(XLB_STAT_TTL);
-			return to_worker(ctx, XLB_STAT_REPLY);
+			return to_worker(ctx, ip, XLB_STAT_REPLY);
 		}
 		return pass(XLB_STAT_PASS);
 	}
@@ -416,7 +451,7 @@ int xlb_steer(struct xdp_md *ctx)
 		    bpf_map_lookup_elem(&backends, &be)) {
 			if (ip->ttl <= 1)
 				return pass(XLB_STAT_TTL);
-			return to_worker(ctx, XLB_STAT_REPLY);
+			return to_worker(ctx, ip, XLB_STAT_REPLY);
 		}
 	}
 	return pass(XLB_STAT_PASS);

@@ -18,10 +18,17 @@
 #define XLB_MAX_MASQ_SKIP 16384
 #define XLB_MAX_MASQ_KEEP 65536
 
-/* iface_slots value: the slot in the low 16 bits, and this flag on interfaces where
- * masquerade sources arrive (the cluster-facing side). */
-#define XLB_IFACE_SLOT_MASK 0xffffu
-#define XLB_IFACE_INTERNAL (1u << 16)
+/* One of lbd's interfaces (iface_slots value): its slot among lbd's interfaces (the
+ * XSKMAP row), flags, and its MAC (a frame for the workers must be addressed to it). */
+struct xlb_iface {
+	__u32 slot;
+	__u32 flags;
+	__u8 mac[6];
+	__u8 pad[2];
+};
+
+/* xlb_iface.flags: masquerade sources arrive here (the cluster-facing side). */
+#define XLB_IFACE_INTERNAL (1u << 0)
 
 /* A frontend (VIP:port/proto) or a backend (addr:port/proto), network byte order. */
 struct xlb_endpoint {
@@ -68,7 +75,7 @@ enum xlb_stat {
 	XLB_STAT_RX = 0,		/* every frame the program saw */
 	XLB_STAT_FRONTEND = 1,		/* to a frontend: sent to the XSK */
 	XLB_STAT_REPLY = 2,		/* reply to a NATed flow: sent to the XSK */
-	XLB_STAT_NO_XSK = 3,		/* meant for an XSK, none on this queue: passed */
+	XLB_STAT_NO_XSK = 3,		/* meant for an XSK, none on this queue: dropped */
 	XLB_STAT_PASS = 4,		/* not ours: left to the kernel */
 	XLB_STAT_NOT_IPV4 = 5,		/* ARP, IPv6, ...: left to the kernel */
 	XLB_STAT_MALFORMED = 6,		/* truncated/invalid headers: left to the kernel */
@@ -78,7 +85,17 @@ enum xlb_stat {
 	XLB_STAT_MASQ_KEEP = 10,	/* a kept flow (policy changed under it): sent to the XSK */
 	XLB_STAT_MASQ_DROP = 11,	/* from a masquerade source, untranslatable: dropped */
 	XLB_STAT_ICMP_ERROR = 12,	/* ICMP error about a NATed flow: sent to the XSK */
-	XLB_STAT_MAX = 13,
+	XLB_STAT_MARTIAN = 13,		/* for the workers, martian source or a VIP: dropped */
+	XLB_STAT_FOREIGN_MAC = 14,	/* for the workers, not to the interface's MAC: dropped */
+	XLB_STAT_VLAN = 15,		/* 802.1Q-tagged: left to the kernel's VLAN devices */
+	XLB_STAT_LENGTH = 16,		/* for the workers, IPv4/UDP lengths disagree: dropped */
+	XLB_STAT_MAX = 17,
 };
+
+_Static_assert(sizeof(struct xlb_iface) == 16, "xlb_iface: see xdp/src/abi.rs");
+_Static_assert(__builtin_offsetof(struct xlb_iface, mac) == 8, "xlb_iface.mac");
+_Static_assert(sizeof(struct xlb_flow_key) == 16, "xlb_flow_key: see xdp/src/abi.rs");
+_Static_assert(sizeof(struct xlb_endpoint) == 8, "xlb_endpoint: see xdp/src/abi.rs");
+_Static_assert(sizeof(struct xlb_snat_range) == 8, "xlb_snat_range: see xdp/src/abi.rs");
 
 #endif

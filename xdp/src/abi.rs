@@ -34,8 +34,21 @@ pub struct SnatRange {
 
 /// `XLB_SNAT_ANY_SOURCE`.
 pub const SNAT_ANY_SOURCE: u32 = 1;
-/// `XLB_IFACE_INTERNAL`: flag in `iface_slots` values.
-pub const IFACE_INTERNAL: u32 = 1 << 16;
+/// `struct xlb_iface`: one of lbd's interfaces as the program sees it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Iface {
+    /// Its position among lbd's interfaces (the XSKMAP row).
+    pub slot: u32,
+    /// `IFACE_INTERNAL` where masquerade sources arrive.
+    pub flags: u32,
+    /// Frames for the workers must be addressed to it.
+    pub mac: [u8; 6],
+    pub pad: [u8; 2],
+}
+
+/// `XLB_IFACE_INTERNAL`: flag in `Iface::flags`.
+pub const IFACE_INTERNAL: u32 = 1;
 
 /// `struct xlb_flow_key`: a 5-tuple, network byte order.
 #[repr(C)]
@@ -65,6 +78,8 @@ impl From<&lb::flow::FlowKey> for FlowKey {
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
 const _: () = assert!(core::mem::size_of::<SnatRange>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Iface>() == 16);
+const _: () = assert!(core::mem::offset_of!(Iface, mac) == 8);
 
 /// `enum xlb_stat`: indices of the steering program's per-CPU counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,10 +98,14 @@ pub enum Stat {
     MasqKeep = 10,
     MasqDrop = 11,
     IcmpError = 12,
+    Martian = 13,
+    ForeignMac = 14,
+    Vlan = 15,
+    Length = 16,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 13] = [
+    pub const ALL: [Stat; 17] = [
         Stat::Rx,
         Stat::Frontend,
         Stat::Reply,
@@ -100,15 +119,19 @@ impl Stat {
         Stat::MasqKeep,
         Stat::MasqDrop,
         Stat::IcmpError,
+        Stat::Martian,
+        Stat::ForeignMac,
+        Stat::Vlan,
+        Stat::Length,
     ];
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 17;
 
     pub fn name(self) -> &'static str {
         match self {
             Stat::Rx => "rx",
             Stat::Frontend => "to_worker_frontend",
             Stat::Reply => "to_worker_reply",
-            Stat::NoXsk => "no_xsk_passed",
+            Stat::NoXsk => "no_xsk_dropped",
             Stat::Pass => "passed",
             Stat::NotIpv4 => "not_ipv4_passed",
             Stat::Malformed => "malformed_passed",
@@ -118,6 +141,10 @@ impl Stat {
             Stat::MasqKeep => "to_worker_masquerade_kept",
             Stat::MasqDrop => "masquerade_untranslatable_dropped",
             Stat::IcmpError => "to_worker_icmp_error",
+            Stat::Martian => "martian_source_dropped",
+            Stat::ForeignMac => "foreign_mac_dropped",
+            Stat::Vlan => "vlan_tagged_passed",
+            Stat::Length => "length_mismatch_dropped",
         }
     }
 }

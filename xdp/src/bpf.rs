@@ -11,7 +11,7 @@
 //! therefore steers a subset of both the old and the new configuration. A failed insert
 //! (a full map) rolls back what the call added and reports which map and key failed.
 
-use crate::abi::{Endpoint, FlowKey, SnatRange, Stat, IFACE_INTERNAL, SNAT_ANY_SOURCE};
+use crate::abi::{Endpoint, FlowKey, Iface, SnatRange, Stat, IFACE_INTERNAL, SNAT_ANY_SOURCE};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray, XskMap};
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
@@ -217,7 +217,7 @@ pub struct Steering {
     backends: HashMap<MapData, Endpoint, u32>,
     snat: HashMap<MapData, [u8; 4], SnatRange>,
     xsks: XskMap<MapData>,
-    iface_slots: HashMap<MapData, u32, u32>,
+    iface_slots: HashMap<MapData, u32, Iface>,
     masq_src: LpmTrie<MapData, [u8; 4], u32>,
     masq_skip: LpmTrie<MapData, [u8; 4], u32>,
     masq_keep: HashMap<MapData, FlowKey, u32>,
@@ -301,14 +301,21 @@ impl Steering {
     }
 
     /// Number the interface `ifindex` as `slot` (its position in lbd's interface list);
-    /// `internal`: masquerade sources arrive on it.
+    /// `internal`: masquerade sources arrive on it; `mac`: its address (frames for the
+    /// workers must be sent to it).
     pub fn set_iface_slot(
         &mut self,
         ifindex: u32,
         slot: u32,
         internal: bool,
+        mac: [u8; 6],
     ) -> Result<(), BpfError> {
-        let v = slot | if internal { IFACE_INTERNAL } else { 0 };
+        let v = Iface {
+            slot,
+            flags: if internal { IFACE_INTERNAL } else { 0 },
+            mac,
+            pad: [0; 2],
+        };
         self.iface_slots
             .insert(ifindex, v, 0)
             .map_err(|source| BpfError::Insert {

@@ -25,10 +25,10 @@ use crate::worker::WorkerRequest;
 use crate::worker::{self, WorkerShared, WorkerSpec, HANDOFF_RING_BYTES};
 use control::proto::{
     BackendView, CheckView, ErrorKind, InterfaceView, IpmasqRule, IpmasqView, MasqStatusView,
-    NatView, Reply, Request, ResponseEnvelope, ServiceView, StatsView, StatusView, TranslationView,
-    WorkerStats, WorkerView,
+    NatView, Outcome, Reply, Request, ResponseEnvelope, ServiceView, SocketStats, StatsView,
+    StatusView, TranslationView, WorkerStats, WorkerView,
 };
-use control::server::Handler;
+use control::server::{Handler, Peer};
 use crossbeam_channel::{Receiver, Sender};
 use lb::flow::{Flow, FlowKey, FlowKind};
 use lb::netview::{NetView, NextHopError};
@@ -157,6 +157,12 @@ pub struct Daemon {
     resolving: HashMap<[u8; 4], Instant>,
     next_refresh: Instant,
     stop: Arc<AtomicBool>,
+    /// `iface:queue` pairs no worker serves.
+    unserved: Vec<String>,
+    /// The node's own IPv4 addresses (at start).
+    local: Vec<Ipv4Addr>,
+    /// Why lbd must stop (an interface vanished); read by `lbd` after the loop ends.
+    fatal: Option<String>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -180,6 +186,24 @@ fn rx_queues(iface: &str) -> Result<u32, DaemonError> {
         .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
         .count();
     Ok(n.max(1) as u32)
+}
+
+/// Why `a` cannot be one end of translated traffic (a SNAT, egress or backend address),
+/// if it cannot.
+pub fn unusable_source(a: Ipv4Addr) -> Option<&'static str> {
+    if a.is_unspecified() {
+        Some("0.0.0.0 is not a host's address")
+    } else if a.is_broadcast() {
+        Some("the limited broadcast address is not a host's")
+    } else if a.is_multicast() {
+        Some("a multicast address is not a host's")
+    } else if a.is_loopback() {
+        Some("a loopback address never leaves the host")
+    } else if a.octets()[0] >= 240 {
+        Some("240.0.0.0/4 is reserved")
+    } else {
+        None
+    }
 }
 
 /// What the XDP maps must hold for `table` and the masquerading state of `snap`.
@@ -236,6 +260,21 @@ impl Daemon {
         if dc.ifaces.is_empty() || dc.ifaces.len() > MAX_IFACES {
             return Err(DaemonError::Config(format!(
                 "give 1 to {MAX_IFACES} interfaces with --iface"
+            )));
+        }
+        let available = core_affinity::get_core_ids().unwrap_or_default();
+        if let Some(c) = dc
+            .cores
+            .iter()
+            .find(|c| !available.iter().any(|a| a.id == **c))
+        {
+            return Err(DaemonError::Config(format!(
+                "--cores: core {c} does not exist (this machine has cores {})",
+                available
+                    .iter()
+                    .map(|a| a.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
             )));
         }
         let mut nl = Netlink::open()?;
@@ -317,6 +356,17 @@ impl Daemon {
             (Some(snat_addr), "--snat-addr"),
             (egress_addr, "--egress-addr"),
         ] {
+            if let Some(why) = addr.and_then(unusable_source) {
+                return Err(DaemonError::Config(format!(
+                    "{flag} {}: {why}",
+                    addr.unwrap_or(Ipv4Addr::UNSPECIFIED)
+                )));
+            }
+        }
+        for (addr, flag) in [
+            (Some(snat_addr), "--snat-addr"),
+            (egress_addr, "--egress-addr"),
+        ] {
             let Some(addr) = addr.filter(|a| local.contains(a)) else {
                 continue;
             };
@@ -332,8 +382,11 @@ impl Daemon {
             }
         }
         let mut queues = u32::MAX;
+        let mut per_iface = Vec::new();
         for i in &dc.ifaces {
-            queues = queues.min(rx_queues(i)?);
+            let n = rx_queues(i)?;
+            per_iface.push((i.clone(), n));
+            queues = queues.min(n);
         }
         if let Some(q) = dc.queues {
             if q == 0 || q > queues {
@@ -344,6 +397,22 @@ impl Daemon {
             queues = q;
         }
         let queues = queues.min(MAX_QUEUES);
+        // A queue without a worker cannot translate: the XDP program drops (and counts)
+        // what it would steer there. Say so loudly: the fix is the NIC's channel count.
+        let unserved: Vec<String> = per_iface
+            .iter()
+            .flat_map(|(i, n)| (queues..*n).map(move |q| format!("{i}:{q}")))
+            .collect();
+        for (i, n) in per_iface.iter().filter(|(_, n)| *n > queues) {
+            tracing::warn!(
+                iface = %i,
+                rx_queues = n,
+                served = queues,
+                "rx queues {queues}..{n} of {i} have no worker: service and masquerade traffic RSS puts there is \
+                 DROPPED (counted as no_xsk_dropped), never passed untranslated. Serve every queue \
+                 (--queues {n}) or reduce the NIC's channels (ethtool -L {i} combined {queues})"
+            );
+        }
         let workers = queues as u16;
         dc.snat_ports
             .check_workers(workers)
@@ -377,7 +446,7 @@ impl Daemon {
             let internal = masq
                 .as_ref()
                 .is_some_and(|m| dc.ifaces.len() == 1 || iface.name != m.egress_iface);
-            steering.set_iface_slot(iface.ifindex, slot as u32, internal)?;
+            steering.set_iface_slot(iface.ifindex, slot as u32, internal, iface.mac)?;
         }
         steering.add_new(&steering_state(&table, &cfg, &snap))?;
         for i in &dc.ifaces {
@@ -402,7 +471,7 @@ impl Daemon {
         let mut polls = Vec::new();
         let mut shared = Vec::new();
         for _ in 0..n {
-            let (poll, s) = worker::shared_state()
+            let (poll, s) = worker::shared_state(dc.ifaces.len())
                 .map_err(|e| DaemonError::Config(format!("creating poll: {e}")))?;
             polls.push(poll);
             shared.push(s);
@@ -449,9 +518,20 @@ impl Daemon {
                 stop: Arc::clone(&stop),
             };
             let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+            let supervised = (Arc::clone(&shared[id]), Arc::clone(&stop));
             let t = std::thread::Builder::new()
                 .name(format!("xlb-worker-{id}"))
-                .spawn(move || worker::run(spec, ready_tx))
+                .spawn(move || {
+                    // No queue is ever silently dead: a worker that panics stops lbd
+                    // (with an error its supervisor sees) instead of black-holing its
+                    // queue while the rest keeps running.
+                    let run = std::panic::AssertUnwindSafe(|| worker::run(spec, ready_tx));
+                    if std::panic::catch_unwind(run).is_err() {
+                        let (me, stop) = supervised;
+                        me.failed.store(true, Ordering::SeqCst);
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                })
                 .map_err(|e| DaemonError::Worker {
                     worker: id as u16,
                     queue,
@@ -500,6 +580,9 @@ impl Daemon {
             resolving: HashMap::new(),
             next_refresh: Instant::now() + REFRESH,
             stop,
+            unserved,
+            local,
+            fatal: None,
         })
     }
 
@@ -518,12 +601,55 @@ impl Daemon {
         self.snap.generation + 1
     }
 
+    /// What the service table cannot know: addresses of this node. A backend that is a
+    /// VIP, the SNAT or egress address or another address of this node would loop or
+    /// be answered by the node itself; a frontend on a NAT address inside the NAT port
+    /// range would take replies of translated flows.
+    fn check_addresses(&self, op: &Op) -> Result<(), String> {
+        let snat = Ipv4Addr::from(self.cfg.snat.addr);
+        let egress = self.snap.masq.as_ref().map(|m| m.rules.egress);
+        let ours = |a: Ipv4Addr| a == snat || Some(a) == egress || self.local.contains(&a);
+        let backends: Vec<Ipv4Addr> = match op {
+            Op::AddService { backends, .. } => backends.iter().map(|b| b.addr).collect(),
+            Op::AddBackend { backend, .. } => vec![backend.addr],
+            _ => Vec::new(),
+        };
+        if let Op::AddService { frontend, .. } = op {
+            if (frontend.addr == snat || Some(frontend.addr) == egress)
+                && self.cfg.snat.ports.contains(frontend.port)
+            {
+                return Err(format!(
+                    "frontend {frontend} is inside the NAT port range {} of {}: it would take replies of translated flows",
+                    self.cfg.snat.ports, frontend.addr
+                ));
+            }
+        }
+        for b in backends {
+            if self.snap.vips.contains(&b.octets())
+                || matches!(op, Op::AddService { frontend, .. } if frontend.addr == b)
+            {
+                return Err(format!(
+                    "backend {b} is a VIP: traffic would loop through xlb"
+                ));
+            }
+            if ours(b) {
+                return Err(format!(
+                    "backend {b} is an address of this node (SNAT, egress or local): xlb forwards to other hosts"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Validate `op` whole, then apply it to the maps and workers in the safe order.
     fn apply(&mut self, op: Op) -> ResponseEnvelope {
         let next = match self.table.apply(&op) {
             Ok(t) => t,
             Err(e) => return ResponseEnvelope::error(ErrorKind::Invalid, e.to_string()),
         };
+        if let Err(e) = self.check_addresses(&op) {
+            return ResponseEnvelope::error(ErrorKind::Invalid, e);
+        }
         let snap = match Snapshot::build(
             self.next_generation(),
             &self.cfg,
@@ -575,27 +701,26 @@ impl Daemon {
         ResponseEnvelope::ok(Reply::Done { message: msg })
     }
 
-    /// Ask the kernel to resolve the next hops of `addrs` and wait briefly for answers,
-    /// so a new backend's first packet finds its MAC.
+    /// Ask the kernel to resolve the next hops of `addrs` and re-read the neighbour table
+    /// soon, without waiting: the control thread never blocks on the network. Until the
+    /// answer is in, the backend shows as "resolving" and a worker holds its first
+    /// frames (up to 1 s, like the kernel's unresolved queue).
     fn prime(&mut self, addrs: Vec<[u8; 4]>) {
         let mut asked = false;
         for a in &addrs {
             asked |= self.request_resolution(*a, true);
         }
-        if !asked {
-            return;
+        if asked {
+            self.next_refresh = self.next_refresh.min(Instant::now() + RESOLVE_RECHECK);
         }
-        for _ in 0..25 {
-            std::thread::sleep(Duration::from_millis(20));
-            self.refresh_net();
-            if addrs.iter().all(|a| {
-                !matches!(
-                    self.snap.net.next_hop(*a),
-                    Err(NextHopError::Unresolved { .. })
-                )
-            }) {
-                return;
-            }
+    }
+
+    /// "resolved", "resolving" or "no route", for `lbctl service list`.
+    fn next_hop_state(&self, addr: [u8; 4]) -> &'static str {
+        match self.snap.net.next_hop(addr) {
+            Ok(_) => "resolved",
+            Err(NextHopError::Unresolved { .. }) => "resolving",
+            Err(_) => "no route",
         }
     }
 
@@ -668,6 +793,7 @@ impl Daemon {
                             "drained".into()
                         },
                         share: (n as f64 * 1000.0 / total as f64).round() / 10.0,
+                        next_hop: self.next_hop_state(b.addr.octets()).into(),
                     })
                     .collect(),
             });
@@ -736,6 +862,7 @@ impl Daemon {
                     config_error: rt.config_error.clone(),
                     kept_flows: self.steering.kept(),
                 }),
+            unserved_queues: self.unserved.clone(),
             drops: {
                 let mut d = BTreeMap::new();
                 for w in &self.workers {
@@ -763,7 +890,32 @@ impl Daemon {
             .iter()
             .map(|s| (s.name().to_string(), xs[*s as usize]))
             .collect();
-        Reply::Stats(StatsView { workers, xdp })
+        let sockets = self
+            .workers
+            .iter()
+            .flat_map(|w| {
+                w.shared
+                    .xsk_stats()
+                    .into_iter()
+                    .zip(&self.ifaces)
+                    .map(|(st, iface)| SocketStats {
+                        worker: w.id,
+                        iface: iface.clone(),
+                        queue: w.queue,
+                        kernel: crate::sys::XSK_STAT_NAMES
+                            .iter()
+                            .map(|n| n.to_string())
+                            .zip(st)
+                            .collect(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Reply::Stats(StatsView {
+            workers,
+            sockets,
+            xdp,
+        })
     }
 
     /// Re-read the ip-masq-agent file if it is time; apply a changed, valid policy.
@@ -976,7 +1128,71 @@ impl Daemon {
 }
 
 impl Handler for Daemon {
-    fn handle(&mut self, req: Request) -> ResponseEnvelope {
+    fn handle(&mut self, req: Request, peer: Peer) -> ResponseEnvelope {
+        if !req.is_change() {
+            return self.answer(req);
+        }
+        let what = format!("{req:?}");
+        let resp = self.answer(req);
+        // Every change is logged with who asked (SO_PEERCRED) and what came of it.
+        match &resp.outcome {
+            Outcome::Ok { result } => {
+                let msg = match result {
+                    Reply::Done { message } => message.as_str(),
+                    _ => "done",
+                };
+                tracing::info!(%peer, request = %what, "change applied: {msg}");
+            }
+            Outcome::Error { error } => {
+                tracing::info!(%peer, request = %what, "change refused: {}", error.message)
+            }
+        }
+        resp
+    }
+
+    fn tick(&mut self) {
+        self.tick_inner();
+    }
+}
+
+impl Daemon {
+    /// Why lbd has to stop, if it has: a worker panicked, or an interface vanished (lbd
+    /// exits with it, nonzero).
+    pub fn fatal(&self) -> Option<String> {
+        let failed = self
+            .workers
+            .iter()
+            .find(|w| w.shared.failed.load(Ordering::SeqCst))
+            .map(|w| format!("worker {} (queue {}) panicked", w.id, w.queue));
+        failed.or_else(|| self.fatal.clone())
+    }
+
+    /// An interface lbd serves is gone or was replaced (a different ifindex under its
+    /// name): its XDP program and sockets went with it. lbd does not re-attach by itself;
+    /// it stops with a clear error so its supervisor restarts it on the new interface.
+    fn check_interfaces(&mut self) {
+        for i in &self.snap.net.ifaces {
+            let path = format!("/sys/class/net/{}/ifindex", i.name);
+            let now = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            if now != Some(i.ifindex) {
+                let why = match now {
+                    None => format!("interface {} disappeared", i.name),
+                    Some(n) => format!(
+                        "interface {} was replaced (ifindex {} → {n})",
+                        i.name, i.ifindex
+                    ),
+                };
+                tracing::error!("{why}: its XDP program and sockets are gone; lbd stops (restart it to serve the interface again)");
+                self.fatal = Some(why);
+                self.stop.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    fn answer(&mut self, req: Request) -> ResponseEnvelope {
         match req {
             Request::ServiceAdd { frontend, backends } => {
                 self.apply(Op::AddService { frontend, backends })
@@ -1006,7 +1222,7 @@ impl Handler for Daemon {
         }
     }
 
-    fn tick(&mut self) {
+    fn tick_inner(&mut self) {
         let mut asked = false;
         while let Ok(addr) = self.resolve_rx.try_recv() {
             asked |= self.request_resolution(addr, false);
@@ -1020,6 +1236,7 @@ impl Handler for Daemon {
             self.next_refresh = self.next_refresh.min(now + RESOLVE_RECHECK);
         }
         if now >= self.next_refresh {
+            self.check_interfaces();
             self.refresh_net();
             self.next_refresh = now + REFRESH;
             self.resolving

@@ -29,6 +29,8 @@ unsafe impl aya::Pod for crate::abi::Endpoint {}
 unsafe impl aya::Pod for crate::abi::SnatRange {}
 // SAFETY: as above (`FlowKey` spells its padding out as a zeroed field).
 unsafe impl aya::Pod for crate::abi::FlowKey {}
+// SAFETY: as above (`Iface` spells its padding out as a zeroed field).
+unsafe impl aya::Pod for crate::abi::Iface {}
 
 /// Lift RLIMIT_MEMLOCK so UMEMs and BPF maps can be locked (kernels before 5.11 charge
 /// BPF maps to it; UMEMs count against it unless the process has CAP_IPC_LOCK). Callers
@@ -45,6 +47,38 @@ pub fn raise_memlock_limit() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Raise the soft limit on open files to the hard limit (control connections, sockets,
+/// netlink and BPF maps all take descriptors; a default soft limit of 1024 would let
+/// idle clients lock operators out). Returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit struct we own for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads a valid, initialised rlimit struct we own for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Counters in one socket's `XDP_STATISTICS` (see [`WorkerIo::kernel_stats`]).
+pub const XSK_STATS: usize = 6;
+/// Their names, in order.
+pub const XSK_STAT_NAMES: [&str; XSK_STATS] = [
+    "rx_dropped",
+    "rx_invalid_descs",
+    "tx_invalid_descs",
+    "rx_ring_full",
+    "rx_fill_ring_empty_descs",
+    "tx_ring_empty_descs",
+];
 
 /// `SOL_XDP` and `XDP_MAX_TX_SKB_BUDGET` (linux/if_xdp.h, Linux 6.17+).
 const SOL_XDP: libc::c_int = 283;
@@ -254,6 +288,24 @@ impl WorkerIo {
 
     pub fn ports(&self) -> usize {
         self.ports.len()
+    }
+
+    /// The kernel's drop counters of each socket (`XDP_STATISTICS`, in port order):
+    /// rx_dropped, rx_invalid_descs, tx_invalid_descs, rx_ring_full,
+    /// rx_fill_ring_empty_descs, tx_ring_empty_descs. A socket whose query fails reads
+    /// as zeros. One getsockopt per socket: call it about once a second, not per batch.
+    pub fn kernel_stats(&self) -> impl Iterator<Item = [u64; XSK_STATS]> + '_ {
+        self.ports.iter().map(|p| match p.rx.fd().xdp_statistics() {
+            Ok(s) => [
+                s.rx_dropped(),
+                s.rx_invalid_descs(),
+                s.tx_invalid_descs(),
+                s.rx_ring_full(),
+                s.rx_fill_ring_empty_descs(),
+                s.tx_ring_empty_descs(),
+            ],
+            Err(_) => [0; XSK_STATS],
+        })
     }
 
     /// Completion rings → free; then top up every fill ring from free, in one produce per
@@ -499,17 +551,5 @@ impl WorkerIo {
     /// any are outstanding.
     pub fn tx_in_flight(&self) -> u32 {
         self.ports.iter().map(|p| p.in_tx).sum()
-    }
-
-    /// Kernel-side drop statistics of port `port` (rx_dropped, rx_ring_full,
-    /// fill_ring_empty, tx_invalid).
-    pub fn kernel_stats(&self, port: usize) -> Option<[u64; 4]> {
-        let s = self.ports.get(port)?.rx.fd().xdp_statistics().ok()?;
-        Some([
-            s.rx_dropped(),
-            s.rx_ring_full(),
-            s.rx_fill_ring_empty_descs(),
-            s.tx_invalid_descs(),
-        ])
     }
 }

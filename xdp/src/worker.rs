@@ -16,7 +16,7 @@
 //! an idle lbd does not burn the cores the rest of the node needs. Spinning longer buys
 //! latency (a parked worker pays a wake-up per packet) with CPU time.
 
-use crate::sys::{IoConfig, WorkerIo};
+use crate::sys::{IoConfig, WorkerIo, XSK_STATS};
 use crossbeam_channel::{Receiver, Sender};
 use lb::counters::{Counters, COUNTER_SLOTS};
 use lb::{DropReason, Engine, Snapshot, Verdict};
@@ -37,18 +37,33 @@ pub const HANDOFF_RING_BYTES: usize = 512 * 1024;
 const MAX_FRAME: usize = 2048;
 /// How long a frame waits for its neighbour (the kernel's default probe time is 1 s).
 const HOLD_NS: u64 = 1_000_000_000;
+/// How often the sockets' kernel drop counters are read and published.
+const KERNEL_STATS_NS: u64 = 1_000_000_000;
 
 /// What a worker shares with the control thread: counters (written by the worker only,
 /// read by anyone), its flow count, and the park flag and waker.
 #[derive(Debug)]
 pub struct WorkerShared {
     pub counters: [AtomicU64; COUNTER_SLOTS],
+    /// The kernel's drop counters of each of the worker's sockets (one per served
+    /// interface, in `--iface` order), refreshed about once a second.
+    pub xsk: Vec<[AtomicU64; XSK_STATS]>,
     pub flows: AtomicU64,
     pub parked: AtomicBool,
+    /// The worker thread panicked (set by the daemon's supervisor; lbd then stops).
+    pub failed: AtomicBool,
     pub waker: Waker,
 }
 
 impl WorkerShared {
+    /// The sockets' kernel counters, in interface order.
+    pub fn xsk_stats(&self) -> Vec<[u64; XSK_STATS]> {
+        self.xsk
+            .iter()
+            .map(|a| std::array::from_fn(|i| a[i].load(Ordering::Relaxed)))
+            .collect()
+    }
+
     pub fn counters(&self) -> Counters {
         let mut a = [0u64; COUNTER_SLOTS];
         for (d, s) in a.iter_mut().zip(&self.counters) {
@@ -119,17 +134,21 @@ impl std::fmt::Debug for WorkerSpec {
 
 pub const WAKER: Token = Token(usize::MAX);
 
-/// Create a worker's poll instance and shared state (the waker must be registered with
-/// the poll the worker will park on).
-pub fn shared_state() -> std::io::Result<(Poll, Arc<WorkerShared>)> {
+/// Create a worker's poll instance and shared state for `sockets` sockets (the waker must
+/// be registered with the poll the worker will park on).
+pub fn shared_state(sockets: usize) -> std::io::Result<(Poll, Arc<WorkerShared>)> {
     let poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKER)?;
     Ok((
         poll,
         Arc::new(WorkerShared {
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            xsk: (0..sockets)
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
             flows: AtomicU64::new(0),
             parked: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             waker,
         }),
     ))
@@ -147,6 +166,16 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             );
         }
     }
+    // The flow table first: lbd says "ready" only when every worker has its memory, and
+    // a table that does not fit is a start-up error, not an abort later.
+    let mut engine = match Engine::try_new(spec.id, spec.flow_capacity, Arc::clone(&spec.snapshot))
+    {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = ready.send(Err(format!("{e}; lower --flows-per-worker")));
+            return;
+        }
+    };
     let mut io = match WorkerIo::new(&spec.ifaces, spec.queue, spec.io) {
         Ok(io) => io,
         Err(e) => {
@@ -169,7 +198,6 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         return;
     }
     let me = Arc::clone(&spec.peers[spec.id as usize]);
-    let mut engine = Engine::new(spec.id, spec.flow_capacity, Arc::clone(&spec.snapshot));
     // A restart forgets the flows; do not start with the ports the last run used first.
     engine.seed_ports(
         std::time::SystemTime::now()
@@ -182,6 +210,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     let start = Instant::now();
     let mut last_work = 0u64;
     let mut wake_peer = vec![false; spec.peers.len()];
+    let mut next_kernel_stats = 0u64;
     while !spec.stop.load(Ordering::Relaxed) {
         let mut fresh = false;
         while let Ok(s) = spec.snapshots.try_recv() {
@@ -272,6 +301,14 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             let _ = spec.unkept.try_send(k);
         }
         publish(&me, &engine);
+        if now >= next_kernel_stats {
+            next_kernel_stats = now + KERNEL_STATS_NS;
+            for (slot, st) in me.xsk.iter().zip(io.kernel_stats()) {
+                for (a, v) in slot.iter().zip(st) {
+                    a.store(v, Ordering::Relaxed);
+                }
+            }
+        }
         if work > 0 || io.backlog() > 0 || io.tx_in_flight() > 0 {
             last_work = now;
         } else if now.saturating_sub(last_work) >= spec.busy_poll_ns {

@@ -361,6 +361,25 @@ fn lbctl_errors_are_clear_and_change_nothing() {
             "must be a unicast address",
         ),
         (&["service", "add", "10.96.0.11:80"], "VIP:PORT/tcp"),
+        (&["backend", "add", SVC, "10.96.0.10:8080"], "is a VIP"),
+        (
+            &["service", "add", "10.96.0.12:80/tcp", "-b", "10.96.0.12:80"],
+            "is a VIP",
+        ),
+        (
+            &["backend", "add", SVC, "10.1.0.1:8080"],
+            "address of this node",
+        ),
+        (
+            &[
+                "service",
+                "add",
+                "10.1.0.1:62000/tcp",
+                "-b",
+                "10.1.0.11:8080",
+            ],
+            "inside the NAT port range",
+        ),
         (
             &[
                 "service",

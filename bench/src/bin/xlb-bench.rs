@@ -316,10 +316,20 @@ fn xsk_fwd(input: &str, out: &str, next_hop: [u8; 6], cpu: usize, busy: bool) ->
             poll.poll(&mut events, Some(Duration::from_millis(20)))?;
         }
     }
+    let kernel: Vec<String> = io
+        .kernel_stats()
+        .next()
+        .map(|st| {
+            xdp::sys::XSK_STAT_NAMES
+                .iter()
+                .zip(st)
+                .map(|(n, v)| format!("{n} {v}"))
+                .collect()
+        })
+        .unwrap_or_default();
     eprintln!(
-        "xsk-fwd: {dropped} frames dropped for a full TX ring; kernel [rx_dropped, \
-         rx_ring_full, fill_ring_empty, tx_invalid]: {:?}",
-        io.kernel_stats(0)
+        "xsk-fwd: {dropped} frames dropped for a full TX ring; kernel: {}",
+        kernel.join(", ")
     );
     Ok(())
 }

@@ -1,8 +1,31 @@
 //! `lbctl`: the operator's CLI for lbd. One request per invocation; a table (default) or
-//! the protocol's JSON (`-o json`) on stdout; errors on stderr with a nonzero exit.
+//! the protocol's JSON (`-o json`) on stdout; errors on stderr with a nonzero exit:
+//! 1 lbd refused the request (nothing changed), 2 lbd could not be reached or its answer
+//! read, 3 lbd did not answer in time (a change may still be applied: retry with the
+//! printed `--request-id` to apply it at most once). A closed stdout (`lbctl … | head`)
+//! ends lbctl quietly.
+
+use std::io::Write;
+
+/// `println!` that ends lbctl quietly when stdout is closed (a pager or `head` quit).
+macro_rules! out {
+    ($($t:tt)*) => {
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            stdout_failed(e)
+        }
+    };
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("lbctl: writing to stdout: {e}");
+    std::process::exit(2);
+}
 
 use clap::{Parser, Subcommand, ValueEnum};
-use control::client::Client;
+use control::client::{Client, ClientError};
 use control::proto::{
     CheckView, IpmasqView, NatView, Outcome, Reply, Request, ServiceView, StatsView, StatusView,
 };
@@ -21,6 +44,13 @@ struct Cli {
     /// lbd's control socket.
     #[arg(long, global = true, env = "LBCTL_SOCKET", default_value = control::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Seconds to wait for lbd's answer.
+    #[arg(long, global = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
+    /// Id of a change request (default: a fresh one). lbd applies a change at most once
+    /// per id, so retrying a timed-out change with the id it printed is safe.
+    #[arg(long, global = true)]
+    request_id: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -188,12 +218,24 @@ fn main() -> ExitCode {
             cmd: NatCmd::List { output, limit },
         } => (Request::NatList { limit: Some(limit) }, output),
     };
-    let resp = Client::connect(&cli.socket).and_then(|mut c| c.call(&req));
+    let id = cli.request_id.clone().unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("lbctl-{}-{nanos}", std::process::id())
+    });
+    let timeout = std::time::Duration::from_secs(cli.timeout);
+    let resp = Client::connect_with_timeout(&cli.socket, timeout)
+        .and_then(|mut c| c.call_with_id(&req, req.is_change().then_some(id.as_str())));
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lbctl: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(match e {
+                ClientError::TimedOut { .. } | ClientError::ReadTimedOut(_) => 3,
+                _ => 2,
+            });
         }
     };
     match resp.outcome {
@@ -204,7 +246,7 @@ fn main() -> ExitCode {
         Outcome::Ok { result } => {
             if format == Format::Json {
                 match serde_json::to_string_pretty(&result) {
-                    Ok(s) => println!("{s}"),
+                    Ok(s) => out!("{s}"),
                     Err(e) => {
                         eprintln!("lbctl: {e}");
                         return ExitCode::from(1);
@@ -220,7 +262,7 @@ fn main() -> ExitCode {
 
 fn print_table(r: &Reply) {
     match r {
-        Reply::Done { message } => println!("{message}"),
+        Reply::Done { message } => out!("{message}"),
         Reply::Services { services } => print_services(services),
         Reply::Status(s) => print_status(s),
         Reply::Stats(s) => print_stats(s),
@@ -231,7 +273,7 @@ fn print_table(r: &Reply) {
 }
 
 fn print_ipmasq(v: &IpmasqView) {
-    println!(
+    out!(
         "Masquerade from {} to {}{}",
         v.masquerade_from.join(", "),
         v.egress_address,
@@ -241,56 +283,80 @@ fn print_ipmasq(v: &IpmasqView) {
         }
     );
     if let Some(e) = &v.config_error {
-        println!("Config error (last good list in effect): {e}");
+        out!("Config error (last good list in effect): {e}");
     }
-    println!("masqLinkLocal: {}", v.masq_link_local);
-    println!("{:<20} SOURCE", "NON-MASQUERADE CIDR");
+    out!("masqLinkLocal: {}", v.masq_link_local);
+    out!("{:<20} SOURCE", "NON-MASQUERADE CIDR");
     for r in &v.non_masquerade {
-        println!("{:<20} {}", r.cidr, r.source);
+        out!("{:<20} {}", r.cidr, r.source);
     }
     for r in &v.always_kept {
-        println!("{:<20} {} (always)", r.cidr, r.source);
+        out!("{:<20} {} (always)", r.cidr, r.source);
     }
 }
 
 fn print_check(c: &CheckView) {
-    println!("{}", c.decision);
+    out!("{}", c.decision);
 }
 
 fn print_nat(n: &NatView) {
     if n.translations.is_empty() {
-        println!("no translations");
+        out!("no translations");
         return;
     }
-    println!(
+    out!(
         "{:<10} {:<5} {:<21} {:<21} {:<21} {:<12} {:>8} {:>6}",
-        "KIND", "PROTO", "INSIDE", "OUTSIDE", "REMOTE", "STATE", "IDLE", "WORKER"
+        "KIND",
+        "PROTO",
+        "INSIDE",
+        "OUTSIDE",
+        "REMOTE",
+        "STATE",
+        "IDLE",
+        "WORKER"
     );
     for t in &n.translations {
-        println!(
+        out!(
             "{:<10} {:<5} {:<21} {:<21} {:<21} {:<12} {:>7.1}s {:>6}",
-            t.kind, t.proto, t.inside, t.outside, t.remote, t.state, t.idle_s, t.worker
+            t.kind,
+            t.proto,
+            t.inside,
+            t.outside,
+            t.remote,
+            t.state,
+            t.idle_s,
+            t.worker
         );
     }
     if n.truncated {
-        println!("(truncated: raise --limit)");
+        out!("(truncated: raise --limit)");
     }
 }
 
 fn print_services(services: &[ServiceView]) {
     if services.is_empty() {
-        println!("no services");
+        out!("no services");
         return;
     }
-    println!(
-        "{:<4} {:<22} {:<5} {:<22} {:>6} {:<8} {:>7}",
-        "ID", "FRONTEND", "MODE", "BACKEND", "WEIGHT", "STATE", "SHARE"
+    out!(
+        "{:<4} {:<22} {:<5} {:<22} {:>6} {:<8} {:>7}  {}",
+        "ID",
+        "FRONTEND",
+        "MODE",
+        "BACKEND",
+        "WEIGHT",
+        "STATE",
+        "SHARE",
+        "NEXT HOP"
     );
     for s in services {
         if s.backends.is_empty() {
-            println!(
+            out!(
                 "{:<4} {:<22} {:<5} {:<22}",
-                s.id, s.frontend, s.mode, "(none)"
+                s.id,
+                s.frontend,
+                s.mode,
+                "(none)"
             );
         }
         for (i, b) in s.backends.iter().enumerate() {
@@ -299,37 +365,41 @@ fn print_services(services: &[ServiceView]) {
             } else {
                 (String::new(), "", "")
             };
-            println!(
-                "{:<4} {:<22} {:<5} {:<22} {:>6} {:<8} {:>6.1}%",
+            out!(
+                "{:<4} {:<22} {:<5} {:<22} {:>6} {:<8} {:>6.1}%  {}",
                 id,
                 fe,
                 mode,
                 format!("{}:{}", b.address, b.port),
                 b.weight,
                 b.state,
-                b.share
+                b.share,
+                b.next_hop
             );
         }
     }
 }
 
 fn print_status(s: &StatusView) {
-    println!("xlb {}", s.version);
+    out!("xlb {}", s.version);
     for i in &s.interfaces {
-        println!(
+        out!(
             "Interface:   {} (ifindex {}, {}), XDP {}",
-            i.name, i.ifindex, i.mac, i.xdp_mode
+            i.name,
+            i.ifindex,
+            i.mac,
+            i.xdp_mode
         );
     }
-    println!("SNAT:        {} ports {}", s.snat_address, s.snat_ports);
+    out!("SNAT:        {} ports {}", s.snat_address, s.snat_ports);
     match &s.masquerading {
         Some(m) => {
-            println!(
+            out!(
                 "Masquerading: AF_XDP [{}] egress {}, IPv4: enabled",
                 m.egress_interfaces.join(", "),
                 m.egress_address
             );
-            println!(
+            out!(
                 "             from {}; {} non-masquerade rule(s) from {}; {} kept flow(s)",
                 m.masquerade_from.join(", "),
                 m.non_masquerade_rules,
@@ -337,36 +407,53 @@ fn print_status(s: &StatusView) {
                 m.kept_flows
             );
             if let Some(e) = &m.config_error {
-                println!("             config error (last good list in effect): {e}");
+                out!("             config error (last good list in effect): {e}");
             }
         }
-        None => println!("Masquerading: disabled"),
+        None => out!("Masquerading: disabled"),
     }
-    println!("Services:    {}", s.services);
-    println!("Flows:       {}", s.flows);
-    println!(
+    out!("Services:    {}", s.services);
+    out!("Flows:       {}", s.flows);
+    out!(
         "Kernel view: {} routes, {} neighbours",
-        s.routes, s.neighbours
+        s.routes,
+        s.neighbours
     );
-    println!(
+    out!(
         "{:<7} {:<6} {:<5} {:<12} {:>8} {:>10}",
-        "WORKER", "QUEUE", "CORE", "SNAT PORTS", "FLOWS", "CAPACITY"
+        "WORKER",
+        "QUEUE",
+        "CORE",
+        "SNAT PORTS",
+        "FLOWS",
+        "CAPACITY"
     );
     for w in &s.workers {
         let core = w.core.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
-        println!(
+        out!(
             "{:<7} {:<6} {:<5} {:<12} {:>8} {:>10}",
-            w.id, w.queue, core, w.snat_ports, w.flows, w.flow_capacity
+            w.id,
+            w.queue,
+            core,
+            w.snat_ports,
+            w.flows,
+            w.flow_capacity
         );
     }
     for (reason, n) in &s.drops {
-        println!("Dropped:     {reason:<22} {n:>10}");
+        out!("Dropped:     {reason:<22} {n:>10}");
+    }
+    if !s.unserved_queues.is_empty() {
+        out!(
+            "WARNING:     unserved rx queues (their frames for xlb are dropped): {}",
+            s.unserved_queues.join(", ")
+        );
     }
 }
 
 fn print_stats(s: &StatsView) {
-    println!(
-        "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10}",
+    out!(
+        "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10}",
         "WORKER",
         "RX",
         "TX",
@@ -374,6 +461,7 @@ fn print_stats(s: &StatsView) {
         "HANDOFF_IN",
         "FLOWS_NEW",
         "FLOWS_END",
+        "EVICTED",
         "HELD",
         "ROUTED",
         "ICMP_ERR",
@@ -381,8 +469,8 @@ fn print_stats(s: &StatsView) {
     );
     for w in &s.workers {
         let drops: u64 = w.drops.values().sum();
-        println!(
-            "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10}",
+        out!(
+            "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10}",
             w.id,
             w.rx,
             w.tx,
@@ -390,6 +478,7 @@ fn print_stats(s: &StatsView) {
             w.handoff_in,
             w.flows_created,
             w.flows_expired,
+            w.flows_evicted,
             w.held,
             w.routed,
             w.icmp_errors,
@@ -398,11 +487,30 @@ fn print_stats(s: &StatsView) {
     }
     for w in &s.workers {
         for (reason, n) in &w.drops {
-            println!("  worker {} drop {:<22} {:>10}", w.id, reason, n);
+            out!("  worker {} drop {:<22} {:>10}", w.id, reason, n);
         }
     }
-    println!("XDP program:");
+    for sk in &s.sockets {
+        let lost: Vec<String> = sk
+            .kernel
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        out!(
+            "  worker {} socket {} queue {}: {}",
+            sk.worker,
+            sk.iface,
+            sk.queue,
+            if lost.is_empty() {
+                "no kernel drops".to_string()
+            } else {
+                lost.join(", ")
+            }
+        );
+    }
+    out!("XDP program:");
     for (k, v) in &s.xdp {
-        println!("  {k:<34} {v:>12}");
+        out!("  {k:<34} {v:>12}");
     }
 }

@@ -1,7 +1,8 @@
 //! Ethernet II with at most one 802.1Q tag (IEEE 802.1Q §9.6).
 //!
-//! The datapath keeps a VLAN tag as it found it: xlb rewrites MACs and the IP payload,
-//! never the tag, so a one-armed node on a trunk answers on the VLAN it was reached on.
+//! The view reads one tag so that tools and tests can see behind it; the datapath serves
+//! untagged ports only and drops tagged frames (the XDP program leaves them to the
+//! kernel's VLAN devices), so a tag is never forwarded onto a port that does not carry it.
 
 use super::WireError;
 
@@ -48,6 +49,11 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
             payload_offset,
             ethertype,
         })
+    }
+
+    /// True when an 802.1Q tag follows the MAC addresses.
+    pub fn is_tagged(&self) -> bool {
+        self.payload_offset == field::VLAN_HEADER_LEN
     }
 
     /// The ethertype after at most one VLAN tag.

@@ -94,6 +94,14 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         &self.buf.as_ref()[self.header_len()..self.total_len()]
     }
 
+    /// The header checksum verifies: the one's-complement sum of the header, checksum
+    /// included, is all ones (RFC 1071).
+    pub fn checksum_ok(&self) -> bool {
+        super::checksum::fold(super::checksum::sum(
+            &self.buf.as_ref()[..self.header_len()],
+        )) == 0xffff
+    }
+
     /// The header checksum recomputed from scratch (for tests and frame builders):
     /// removing the stored word from the sum is adding its complement.
     pub fn compute_checksum(&self) -> u16 {

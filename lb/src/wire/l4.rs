@@ -16,6 +16,7 @@ mod field {
     pub const TCP_MIN_LEN: usize = 20;
     pub const UDP_CHECKSUM: usize = 6;
     pub const UDP_LEN: usize = 8;
+    pub const UDP_LEN_FIELD: usize = 4;
     pub const ICMP_MIN_LEN: usize = 8;
 }
 
@@ -27,7 +28,11 @@ impl TcpFlags {
     pub const FIN: u8 = 0x01;
     pub const SYN: u8 = 0x02;
     pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
     pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
 
     pub fn syn(self) -> bool {
         self.0 & Self::SYN != 0
@@ -44,6 +49,29 @@ impl TcpFlags {
     /// A connection-opening SYN (no ACK): the only segment that may create a flow.
     pub fn is_opening_syn(self) -> bool {
         self.syn() && !self.ack()
+    }
+
+    /// A combination some valid TCP sends (Linux conntrack's `tcp_valid_flags`, with
+    /// PSH, ECE and CWR ignored): SYN (+URG), SYN+ACK, RST, RST+ACK, FIN+ACK (+URG),
+    /// ACK (+URG). SYN+FIN, SYN+RST, no flags ("null"), FIN without
+    /// ACK (FIN and Xmas scans) are never sent by a TCP (RFC 9293 §3.10.7: after the
+    /// SYN every segment carries ACK), only by scanners and attackers.
+    pub fn is_valid(self) -> bool {
+        const S: u8 = TcpFlags::SYN;
+        const A: u8 = TcpFlags::ACK;
+        const U: u8 = TcpFlags::URG;
+        const F: u8 = TcpFlags::FIN;
+        const R: u8 = TcpFlags::RST;
+        const SU: u8 = S | U;
+        const SA: u8 = S | A;
+        const RA: u8 = R | A;
+        const FA: u8 = F | A;
+        const FAU: u8 = F | A | U;
+        const AU: u8 = A | U;
+        matches!(
+            self.0 & !(Self::PSH | Self::ECE | Self::CWR),
+            S | SU | SA | R | RA | FA | FAU | A | AU
+        )
     }
 }
 
@@ -100,6 +128,11 @@ impl<T: AsRef<[u8]>> L4<T> {
         read_u16(self.buf.as_ref(), field::DST_PORT)
     }
 
+    /// The UDP length field (header and data); `None` for other protocols.
+    pub fn udp_len(&self) -> Option<u16> {
+        (self.proto == PROTO_UDP).then(|| read_u16(self.buf.as_ref(), field::UDP_LEN_FIELD))
+    }
+
     /// TCP flags; empty for other protocols.
     pub fn tcp_flags(&self) -> TcpFlags {
         if self.proto == PROTO_TCP {
@@ -139,6 +172,20 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> L4<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn valid_flag_combinations_are_conntracks() {
+        let valid: Vec<u8> = (0..=255u8).filter(|&f| TcpFlags(f).is_valid()).collect();
+        // 9 combinations × 8 settings of PSH/ECE/CWR, which are ignored.
+        assert_eq!(valid.len(), 9 * 8);
+        for ok in [0x02, 0x12, 0x10, 0x18, 0x11, 0x04, 0x14, 0xc2, 0x1c] {
+            assert!(TcpFlags(ok).is_valid(), "{ok:#04x}");
+        }
+        // SYN+FIN, SYN+RST, null, FIN alone, Xmas (FIN|PSH|URG), RST+FIN+ACK.
+        for bad in [0x03, 0x06, 0x00, 0x01, 0x29, 0x15, 0x07] {
+            assert!(!TcpFlags(bad).is_valid(), "{bad:#04x}");
+        }
+    }
 
     #[test]
     fn tcp_header_checks() {

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use control::server::{serve, ControlSocket};
+use control::server::{serve, ControlSocket, SocketOptions};
 use lb::Timeouts;
 use nat::PortRange;
 use std::net::Ipv4Addr;
@@ -16,6 +16,37 @@ use xdp::daemon::{Daemon, DaemonConfig, MasqOptions};
 use xdp::sys::IoConfig;
 
 const SEC: u64 = 1_000_000_000;
+/// Longest idle timeout a flag takes (30 days): longer is a configuration mistake, and
+/// seconds × 10⁹ must fit the datapath's nanosecond clock.
+const MAX_TIMEOUT_S: u64 = 30 * 24 * 3600;
+/// Most flows per worker (2²⁴ ≈ 16.7 M, about 2.4 GiB a worker).
+const MAX_FLOWS_PER_WORKER: u64 = 1 << 24;
+
+fn timeout_s(s: &str) -> Result<u64, String> {
+    let v: u64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v == 0 || v > MAX_TIMEOUT_S {
+        return Err(format!("{v} s is outside 1..={MAX_TIMEOUT_S} (30 days)"));
+    }
+    Ok(v)
+}
+
+fn ring_size(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if !v.is_power_of_two() || !(64..=16384).contains(&v) {
+        return Err(format!("{v} is not a power of two in 64..=16384"));
+    }
+    Ok(v)
+}
+
+fn mode(s: &str) -> Result<u32, String> {
+    let v = u32::from_str_radix(s, 8).map_err(|e| format!("{s}: not an octal mode: {e}"))?;
+    if v > 0o777 || v & 0o600 != 0o600 {
+        return Err(format!(
+            "{s}: give permission bits up to 777 that let the owner read and write (e.g. 660)"
+        ));
+    }
+    Ok(v)
+}
 
 #[derive(Parser)]
 #[command(
@@ -54,48 +85,56 @@ struct Args {
     /// Cluster nodes' CIDR: never masqueraded (they reach pod addresses directly).
     #[arg(long = "cluster-nodes", requires = "masquerade_from")]
     cluster_nodes: Vec<nat::Cidr>,
-    /// Control socket.
+    /// Control socket. An existing file there is replaced only if it is a socket nobody
+    /// answers on (a crashed lbd's); anything else is refused.
     #[arg(long, default_value = control::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Workers (= rx queues served) [default: all queues of the interfaces].
+    /// Group owning the control socket (name or number): its members may use lbctl.
     #[arg(long)]
+    socket_group: Option<String>,
+    /// Permission bits of the control socket, in octal.
+    #[arg(long, default_value = "660", value_parser = mode)]
+    socket_mode: u32,
+    /// Workers (= rx queues served) [default: all queues of the interfaces]. Frames
+    /// for xlb arriving on a queue no worker serves are dropped (and counted).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     queues: Option<u32>,
     /// Cores to pin workers to, round-robin [default: all].
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
     /// Flow table capacity of each worker (memory is allocated at start).
-    #[arg(long, default_value_t = 262_144)]
-    flows_per_worker: usize,
+    #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(u64).range(1..=MAX_FLOWS_PER_WORKER))]
+    flows_per_worker: u64,
     /// Maglev table size (a prime).
     #[arg(long, default_value_t = lb::maglev::DEFAULT_TABLE_SIZE)]
     maglev_size: u32,
     /// Idle timeout of TCP flows that saw only a SYN, in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = timeout_s)]
     timeout_tcp_syn: u64,
     /// Idle timeout of established TCP flows, in seconds.
-    #[arg(long, default_value_t = 21_600)]
+    #[arg(long, default_value_t = 21_600, value_parser = timeout_s)]
     timeout_tcp_established: u64,
     /// Idle timeout after a FIN, in seconds. Keeps the NAT port reserved while the
     /// remote may hold TIME_WAIT (Linux: 60 s), as conntrack does (120 s).
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = timeout_s)]
     timeout_tcp_fin: u64,
     /// Idle timeout after a RST, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = timeout_s)]
     timeout_tcp_rst: u64,
     /// Idle timeout of UDP flows, in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = timeout_s)]
     timeout_udp: u64,
     /// Idle timeout of ICMP echo flows (masquerading), in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = timeout_s)]
     timeout_icmp: u64,
     /// Microseconds a worker keeps polling its rings without work before it sleeps in
     /// poll(). Only for workers on dedicated, isolated cores: a spinning worker starves
     /// the softirqs and processes that share its core (measured: 30-130 req/s instead
     /// of ~1000 on a 2-core node with clients and servers alongside).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     busy_poll_us: u64,
     /// AF_XDP ring size (fill, completion, rx, tx), a power of two.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = ring_size)]
     ring_size: u32,
     /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
@@ -122,7 +161,7 @@ fn main() -> anyhow::Result<()> {
         snat_ports: a.snat_ports,
         queues: a.queues,
         cores: a.cores,
-        flows_per_worker: a.flows_per_worker,
+        flows_per_worker: a.flows_per_worker as usize,
         maglev_size: a.maglev_size,
         timeouts: Timeouts {
             tcp_syn: a.timeout_tcp_syn * SEC,
@@ -145,11 +184,25 @@ fn main() -> anyhow::Result<()> {
             cluster_nodes: a.cluster_nodes,
         }),
     };
-    let mut sock = ControlSocket::bind(&a.socket).context("binding the control socket")?;
+    match xdp::sys::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
+    let opts = SocketOptions {
+        mode: a.socket_mode,
+        group: a.socket_group,
+    };
+    let mut sock = ControlSocket::bind(&a.socket, &opts).context("binding the control socket")?;
+    // A failure from here on drops `sock`, which removes the socket it created.
     let mut daemon = Daemon::start(cfg, Arc::clone(&stop)).context("starting lbd")?;
     tracing::info!(socket = %sock.path().display(), "lbd ready");
     let served = serve(&mut sock, &mut daemon, &stop, Duration::from_millis(50));
+    let fatal = daemon.fatal();
     daemon.shutdown();
     tracing::info!("lbd stopped");
-    served.context("control socket")
+    served.context("control socket")?;
+    match fatal {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }

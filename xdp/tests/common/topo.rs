@@ -151,8 +151,11 @@ impl Topo {
         for i in ifaces {
             cmd.args(["--iface", i]);
         }
+        if !extra.contains(&"--flows-per-worker") {
+            cmd.args(["--flows-per-worker", "16384"]);
+        }
         let child = cmd
-            .args(["--flows-per-worker", "16384", "--socket"])
+            .arg("--socket")
             .arg(&self.socket)
             .args(extra)
             .stdout(Stdio::null())
@@ -279,9 +282,11 @@ impl Topo {
 impl Drop for Topo {
     fn drop(&mut self) {
         if let Some(mut c) = self.lbd.take() {
-            let _ = Command::new("kill")
-                .args(["-INT", &c.id().to_string()])
-                .status();
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = Command::new("kill")
+                    .args(["-INT", &c.id().to_string()])
+                    .status();
+            }
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
