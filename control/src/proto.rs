@@ -326,6 +326,10 @@ pub struct WorkerStats {
     /// Not-yet-established flows evicted for new ones while the table was full.
     #[serde(default)]
     pub flows_evicted: u64,
+    /// Frames handed to the next worker to look for their flow (packets that moved
+    /// queues); also in `handoff_out`.
+    #[serde(default)]
+    pub flow_probes: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -346,6 +350,7 @@ impl WorkerStats {
             routed: c.routed,
             icmp_errors: c.icmp_errors,
             flows_evicted: c.flows_evicted,
+            flow_probes: c.flow_probes,
             drops: lb::DropReason::ALL
                 .iter()
                 .filter(|r| c.drops[**r as usize] > 0)

@@ -101,6 +101,9 @@ pub struct Counters {
     /// Not-yet-established flows evicted to make room for a new flow when the table was
     /// full (conntrack's early drop).
     pub flows_evicted: u64,
+    /// Frames handed to the next worker to look for their flow there (their packets
+    /// moved queues); also counted in `handoff_out`.
+    pub flow_probes: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -127,6 +130,7 @@ impl Counters {
             self.routed,
             self.icmp_errors,
             self.flows_evicted,
+            self.flow_probes,
         ]);
         a[SCALARS..].copy_from_slice(&self.drops);
         a
@@ -146,11 +150,12 @@ impl Counters {
             routed: a[7],
             icmp_errors: a[8],
             flows_evicted: a[9],
+            flow_probes: a[10],
             drops,
         }
     }
 }
 
-const SCALARS: usize = 10;
+const SCALARS: usize = 11;
 /// Length of [`Counters::to_array`].
 pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

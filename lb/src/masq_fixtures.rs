@@ -306,13 +306,13 @@ pub fn fixtures() -> Vec<MasqFixture> {
         ),
         m(
             Internal,
-            "pod tcp ack without flow",
+            "pod tcp ack without flow: worker 1 may have it",
             FrameSpec {
                 flags: TcpFlags::ACK,
                 ..tcp.clone()
             },
             Steer::Masq,
-            drop(DropReason::NoFlow),
+            Verdict::Probe(1),
             None,
         ),
         m(

@@ -29,7 +29,11 @@
 //!
 //! Flow ownership: the worker that sees a flow's first packet owns it and allocates its
 //! SNAT port from its own slice of the port range; a reply that arrives on another
-//! worker's queue is recognised by its destination port and handed to the owner.
+//! worker's queue is recognised by its destination port and handed to the owner. A
+//! packet that cannot open a flow (a mid-stream TCP segment, an ICMP error) and finds
+//! none here may belong to a flow whose packets moved queues (an RSS change, a link
+//! flap): it is handed along the workers in turn ([`Verdict::Probe`]) until one has the
+//! flow or every worker has looked, and only then counted as `no_flow`.
 //! Flows resolved under an older snapshot are revalidated on their next packet: a removed
 //! backend ends the flow, a changed neighbour updates the MACs, nothing else moves.
 
@@ -75,6 +79,10 @@ pub enum Verdict {
     },
     /// Hand the unmodified frame to worker `n`, which owns its flow.
     ToWorker(u16),
+    /// Hand the unmodified frame to worker `n` to look for its flow there (it found none
+    /// here and cannot open one); the I/O layer passes the hop count on, see
+    /// [`Engine::process_probe`].
+    Probe(u16),
     /// Keep the unmodified frame and process it again after the next snapshot: a next
     /// hop's MAC is unknown and resolution was requested (the kernel's unresolved queue,
     /// `unres_qlen`, does the same). The I/O layer bounds how many and how long.
@@ -129,6 +137,8 @@ pub struct Engine {
     kept_new: Vec<FlowKey>,
     unkept: [FlowKey; UNKEEP_QUEUE],
     unkept_len: usize,
+    /// Workers the frame being processed has already visited looking for its flow.
+    hops: u8,
 }
 
 fn timeout(t: &Timeouts, s: FlowState) -> u64 {
@@ -180,6 +190,7 @@ impl Engine {
             kept_new: Vec::new(),
             unkept: [FlowKey::default(); UNKEEP_QUEUE],
             unkept_len: 0,
+            hops: 0,
         })
     }
 
@@ -285,6 +296,13 @@ impl Engine {
 
     /// Process one frame in place.
     pub fn process(&mut self, frame: &mut [u8]) -> Verdict {
+        self.process_probe(frame, 0)
+    }
+
+    /// Process a frame that `hops` other workers have already looked for its flow in
+    /// (after [`Verdict::Probe`]); a frame from an RX ring has 0.
+    pub fn process_probe(&mut self, frame: &mut [u8], hops: u8) -> Verdict {
+        self.hops = hops;
         self.counters.rx += 1;
         let v = match self.process_inner(frame) {
             Ok(v) => v,
@@ -295,6 +313,10 @@ impl Engine {
         match v {
             Verdict::Tx { .. } => self.counters.tx += 1,
             Verdict::ToWorker(_) => self.counters.handoff_out += 1,
+            Verdict::Probe(_) => {
+                self.counters.handoff_out += 1;
+                self.counters.flow_probes += 1;
+            }
             Verdict::Hold => self.counters.held += 1,
             Verdict::Drop(r) => self.counters.drop(r),
         }
@@ -419,6 +441,13 @@ impl Engine {
             Some(m) => self.masquerade(frame, &p, &m),
             None => Err(DropReason::NotForUs),
         }
+    }
+
+    /// A packet that found no flow here and cannot open one: the next worker to look in,
+    /// unless every worker has looked (then it has no flow).
+    fn probe_next(&self) -> Option<Verdict> {
+        let n = self.snap.workers.max(1);
+        (u16::from(self.hops) + 1 < n).then(|| Verdict::Probe((self.worker + 1) % n))
     }
 
     /// What a router checks before it forwards a packet, for packets that would open a
@@ -583,7 +612,7 @@ impl Engine {
         // Only a SYN opens a TCP flow: a mid-stream segment would reach the backend from a
         // new SNAT port, which the backend can only reset.
         if k.proto == PROTO_TCP && !p.flags.is_opening_syn() {
-            return Err(DropReason::NoFlow);
+            return self.probe_next().ok_or(DropReason::NoFlow);
         }
         let h = flow_hash(snap.hash_seed, k.src, k.dst, k.sport, k.dport, k.proto);
         let backend = svc
@@ -695,6 +724,9 @@ impl Engine {
                     return Err(DropReason::NoFlow);
                 }
                 if k.proto == PROTO_TCP && !p.flags.is_opening_syn() {
+                    if let Some(v) = self.probe_next() {
+                        return Ok(v);
+                    }
                     // A connection the previous policy left to the kernel unmasqueraded
                     // continues that way; any other mid-stream segment has lost its flow.
                     let was_kept = m
@@ -782,7 +814,8 @@ impl Engine {
         let Some((slot, dir)) = self.flows.lookup(&rk) else {
             return match self.nat_port_owner(rk.dst, rk.dport) {
                 Some(owner) if owner != self.worker => Ok(Verdict::ToWorker(owner)),
-                _ => Err(DropReason::NoFlow),
+                Some(_) => Err(DropReason::NoFlow),
+                None => self.probe_next().ok_or(DropReason::NoFlow),
             };
         };
         if self

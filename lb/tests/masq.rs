@@ -319,7 +319,11 @@ fn connections_the_old_policy_left_alone_continue_unmasqueraded() {
         flags: TcpFlags::ACK,
         ..from_pod(POD_A, PRIVATE, PROTO_TCP, 40000, 3306)
     };
-    let (v, f) = run(&mut e, &mid);
+    let (v, _) = run(&mut e, &mid);
+    assert_eq!(v, Verdict::Probe(1), "another worker may own it");
+    // The last worker in the chain (every worker has looked) routes it.
+    let mut f = mid.build();
+    let v = e.process_probe(&mut f, 1);
     assert_eq!(v, TX_EXT);
     assert_eq!(
         &f[26..30],
@@ -334,7 +338,13 @@ fn connections_the_old_policy_left_alone_continue_unmasqueraded() {
         flags: TcpFlags::ACK,
         ..from_pod(POD_A, REMOTE, PROTO_TCP, 40002, 443)
     };
-    assert_eq!(run(&mut e, &lost).0, Verdict::Drop(DropReason::NoFlow));
+    assert_eq!(run(&mut e, &lost).0, Verdict::Probe(1));
+    let mut f = lost.build();
+    assert_eq!(
+        e.process_probe(&mut f, 1),
+        Verdict::Drop(DropReason::NoFlow),
+        "refused once every worker has looked"
+    );
 }
 
 #[test]

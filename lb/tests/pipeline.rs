@@ -221,7 +221,7 @@ fn tcp_states_and_timeouts() {
     let mut late = seg(40001, TcpFlags::ACK);
     assert_eq!(
         e.process(&mut late),
-        Verdict::Drop(DropReason::NoFlow),
+        Verdict::Probe(1), // gone here; worker 1 is asked before it is a no_flow
         "closed flow is gone after the FIN timeout"
     );
 }
@@ -337,6 +337,39 @@ fn handshake(e: &mut Engine, cport: u16, port: u16) {
 }
 
 #[test]
+fn a_flow_whose_packets_moved_queues_is_found_by_probing() {
+    // The connection opened on worker 1's queue; after an RSS change its client's
+    // segments arrive on worker 0's.
+    let mut owner = engine(1);
+    let mut f = syn(40000).build();
+    assert_eq!(owner.process(&mut f), Verdict::Tx { iface: 0 });
+    let port = sport(&f);
+    let mut other = engine(0);
+    let ack = seg(40000, TcpFlags::ACK);
+    let mut a = ack.clone();
+    assert_eq!(other.process(&mut a), Verdict::Probe(1));
+    assert_eq!(a, ack, "a probed frame is untouched");
+    assert_eq!(other.counters.flow_probes, 1);
+    assert_eq!(owner.process_probe(&mut a, 1), Verdict::Tx { iface: 0 });
+    assert_eq!(sport(&a), port, "the owner's translation");
+    // A segment nobody has: the last worker in the chain counts it.
+    let mut stray = seg(40999, TcpFlags::ACK);
+    assert_eq!(other.process(&mut stray), Verdict::Probe(1));
+    assert_eq!(
+        owner.process_probe(&mut stray, 1),
+        Verdict::Drop(DropReason::NoFlow)
+    );
+    // With one worker there is nobody to ask.
+    let mut cfg = fixtures::config();
+    cfg.workers = 1;
+    let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(fixtures::net()), None)
+        .expect("build");
+    let mut alone = Engine::new(0, 16, Arc::new(s));
+    let mut stray = seg(40999, TcpFlags::ACK);
+    assert_eq!(alone.process(&mut stray), Verdict::Drop(DropReason::NoFlow));
+}
+
+#[test]
 fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
     let mut e = Engine::new(0, 4, Arc::new(fixtures::snapshot()));
     let mut now = SEC;
@@ -387,7 +420,7 @@ fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
         let mut f = seg(p, TcpFlags::ACK);
         assert_eq!(
             e.process(&mut f),
-            Verdict::Drop(DropReason::NoFlow),
+            Verdict::Probe(1), // gone here; worker 1 is asked
             "evicted {p}"
         );
     }
@@ -430,7 +463,11 @@ fn a_reply_alone_does_not_establish_and_half_open_flows_keep_the_short_timeout()
     // Gone after the SYN timeout, not the established one.
     e.begin_batch(SEC + t.tcp_syn + 1);
     let mut ack = seg(40000, TcpFlags::ACK);
-    assert_eq!(e.process(&mut ack), Verdict::Drop(DropReason::NoFlow));
+    assert_eq!(
+        e.process(&mut ack),
+        Verdict::Probe(1),
+        "gone: worker 1 is asked"
+    );
 }
 
 #[test]

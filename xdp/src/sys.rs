@@ -166,6 +166,8 @@ struct Slot {
     /// For a frame that was held before: when it must be given up (kept across holds,
     /// so re-holding never extends a frame's wait).
     deadline: Option<u64>,
+    /// Workers that looked for this frame's flow before it came here (hand-off probes).
+    hops: u8,
 }
 
 impl Slot {
@@ -174,6 +176,7 @@ impl Slot {
             desc,
             done: false,
             deadline: None,
+            hops: 0,
         }
     }
 }
@@ -185,7 +188,7 @@ pub struct WorkerIo {
     free: Vec<FrameDesc>,
     batch: Vec<Slot>,
     /// Frames awaiting a neighbour, with the time (ns) after which they are dropped.
-    held: Vec<(FrameDesc, u64)>,
+    held: Vec<(FrameDesc, u64, u8)>,
     scratch: Vec<FrameDesc>,
     cfg: IoConfig,
 }
@@ -371,8 +374,9 @@ impl WorkerIo {
     }
 
     /// Copy `bytes` into a free frame appended to the batch (a frame handed over by
-    /// another worker). False if no frame is free or the bytes do not fit.
-    pub fn inject(&mut self, bytes: &[u8]) -> bool {
+    /// another worker, after `hops` workers looked for its flow). False if no frame is
+    /// free or the bytes do not fit.
+    pub fn inject(&mut self, bytes: &[u8], hops: u8) -> bool {
         if bytes.len() > self.cfg.frame_size as usize - 256 {
             return false;
         }
@@ -387,12 +391,20 @@ impl WorkerIo {
             self.free.push(desc);
             return false;
         }
-        self.batch.push(Slot::new(desc));
+        self.batch.push(Slot {
+            hops,
+            ..Slot::new(desc)
+        });
         true
     }
 
     pub fn batch_len(&self) -> usize {
         self.batch.len()
+    }
+
+    /// How many workers looked for batch frame `i`'s flow before it came here.
+    pub fn hops(&self, i: usize) -> u8 {
+        self.batch.get(i).map_or(0, |s| s.hops)
     }
 
     /// The bytes of batch frame `i` (empty if `i` is out of range).
@@ -457,7 +469,7 @@ impl WorkerIo {
         slot.done = true;
         if self.held.len() < MAX_HELD {
             self.held
-                .push((slot.desc, slot.deadline.unwrap_or(deadline)));
+                .push((slot.desc, slot.deadline.unwrap_or(deadline), slot.hops));
             true
         } else {
             self.free.push(slot.desc);
@@ -468,11 +480,12 @@ impl WorkerIo {
     /// Put every held frame back into the batch, to be processed again. Returns how many.
     pub fn requeue_held(&mut self) -> usize {
         let n = self.held.len();
-        for (desc, deadline) in self.held.drain(..) {
+        for (desc, deadline, hops) in self.held.drain(..) {
             self.batch.push(Slot {
                 desc,
                 done: false,
                 deadline: Some(deadline),
+                hops,
             });
         }
         n
@@ -482,7 +495,7 @@ impl WorkerIo {
     pub fn expire_held(&mut self, now: u64) -> usize {
         let before = self.held.len();
         let free = &mut self.free;
-        self.held.retain(|(desc, deadline)| {
+        self.held.retain(|(desc, deadline, _)| {
             if *deadline < now {
                 free.push(*desc);
                 false

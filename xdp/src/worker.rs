@@ -9,7 +9,10 @@
 //!
 //! Hand-off: an XSK receives only its own queue's frames, so a reply that lands on
 //! another worker's queue is copied into that worker's SPSC ring (ringbuf; one ring per
-//! ordered pair of workers; frames are length-prefixed) and processed there.
+//! ordered pair of workers; each frame is prefixed with its length and the number of
+//! workers that already looked for its flow) and processed there. A frame that found no
+//! flow and cannot open one goes round the workers the same way (`Verdict::Probe`), so a
+//! flow whose packets moved queues keeps working.
 //!
 //! Idle: after `busy_poll_ns` without work a worker parks in poll() on its sockets and its
 //! mio waker (other workers and the control thread wake it when they give it work), so
@@ -254,7 +257,8 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             work += drain_ring(ring, &mut io, &mut engine.counters, &mut buf);
         }
         for i in 0..io.batch_len() {
-            let v = engine.process(io.frame(i));
+            let hops = io.hops(i);
+            let v = engine.process_probe(io.frame(i), hops);
             match v {
                 Verdict::Tx { iface } => {
                     if !io.send(i, usize::from(iface)) {
@@ -262,14 +266,20 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         engine.counters.drop(DropReason::TxRingFull);
                     }
                 }
-                Verdict::ToWorker(w) => {
+                Verdict::ToWorker(w) | Verdict::Probe(w) => {
+                    // The owner needs no hop count; a probe carries one more.
                     let w = usize::from(w);
+                    let hops = if matches!(v, Verdict::Probe(_)) {
+                        hops.saturating_add(1)
+                    } else {
+                        0
+                    };
                     let frame = io.frame(i);
                     let pushed = spec
                         .out
                         .get_mut(w)
                         .and_then(Option::as_mut)
-                        .is_some_and(|p| push_frame(p, frame));
+                        .is_some_and(|p| push_frame(p, frame, hops));
                     if pushed {
                         wake_peer[w] = true;
                     } else {
@@ -336,12 +346,16 @@ fn publish(me: &WorkerShared, engine: &Engine) {
         .store(engine.flows().len() as u64, Ordering::Relaxed);
 }
 
-/// Length-prefixed copy into a peer's ring; false if it does not fit.
-fn push_frame(p: &mut HeapProd<u8>, frame: &[u8]) -> bool {
-    if frame.len() > MAX_FRAME || p.vacant_len() < frame.len() + 2 {
+/// Bytes before each frame in a hand-off ring: its length (u16) and its hop count.
+const RING_HEADER: usize = 3;
+
+/// Copy into a peer's ring behind its length and hop count; false if it does not fit.
+fn push_frame(p: &mut HeapProd<u8>, frame: &[u8], hops: u8) -> bool {
+    if frame.len() > MAX_FRAME || p.vacant_len() < frame.len() + RING_HEADER {
         return false;
     }
-    p.push_slice(&(frame.len() as u16).to_be_bytes());
+    let [a, b] = (frame.len() as u16).to_be_bytes();
+    p.push_slice(&[a, b, hops]);
     p.push_slice(frame);
     true
 }
@@ -354,14 +368,15 @@ fn drain_ring(
     buf: &mut [u8; MAX_FRAME],
 ) -> usize {
     let mut n = 0;
-    while n < 64 && ring.occupied_len() >= 2 {
-        let mut len = [0u8; 2];
-        ring.peek_slice(&mut len);
-        let len = usize::from(u16::from_be_bytes(len));
-        if ring.occupied_len() < len + 2 {
+    while n < 64 && ring.occupied_len() >= RING_HEADER {
+        let mut head = [0u8; RING_HEADER];
+        ring.peek_slice(&mut head);
+        let len = usize::from(u16::from_be_bytes([head[0], head[1]]));
+        let hops = head[2];
+        if ring.occupied_len() < len + RING_HEADER {
             break; // the producer has not finished this frame yet
         }
-        ring.skip(2);
+        ring.skip(RING_HEADER);
         c.handoff_in += 1;
         n += 1;
         if len > MAX_FRAME {
@@ -371,7 +386,7 @@ fn drain_ring(
             continue;
         }
         let got = ring.pop_slice(&mut buf[..len]);
-        if !io.inject(&buf[..got]) {
+        if !io.inject(&buf[..got], hops) {
             c.drop(DropReason::NoFreeFrame);
         }
     }

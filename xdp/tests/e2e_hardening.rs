@@ -468,3 +468,68 @@ fn lbd_stops_with_a_clear_error_when_its_interface_vanishes() {
         t.lbd_log()
     );
 }
+
+#[test]
+fn connections_survive_their_packets_moving_to_another_queue() {
+    let Some(t) = Topo::start("rss", 2, 1) else {
+        return;
+    };
+    t.lbctl(&[
+        "service",
+        "add",
+        "10.96.0.10:9000/tcp",
+        "-b",
+        "10.1.0.11:9000",
+    ]);
+    // Eight connections: the client's veth spreads them over both queues (by flow hash).
+    let mut conns: Vec<_> = (0..8).map(|_| long_lived(&t)).collect();
+    let mut readers: Vec<_> = conns
+        .iter_mut()
+        .map(|c| BufReader::new(c.stdout.take().expect("stdout")).lines())
+        .collect();
+    for r in &mut readers {
+        assert_eq!(
+            r.next().and_then(Result::ok).as_deref(),
+            Some("b1:hello"),
+            "{}",
+            t.lbd_log()
+        );
+    }
+    let nat = t.lbctl_json(&["nat", "list"]);
+    let on_worker_1 = nat["translations"]
+        .as_array()
+        .expect("translations")
+        .iter()
+        .filter(|f| f["worker"] == 1)
+        .count();
+    assert!(
+        on_worker_1 > 0,
+        "some connections opened on queue 1 (8 connections, {on_worker_1} there): {nat}"
+    );
+    // An RSS change: from now on every client segment arrives on queue 0, whichever
+    // worker owns its connection.
+    assert!(t
+        .cmd("client", "ethtool")
+        .args(["-L", "c0", "tx", "1"])
+        .status()
+        .expect("ethtool")
+        .success());
+    for (i, (c, r)) in conns.iter_mut().zip(&mut readers).enumerate() {
+        writeln!(c.stdin.as_mut().expect("stdin"), "moved {i}").expect("write");
+        assert_eq!(
+            r.next().and_then(Result::ok).as_deref(),
+            Some(format!("b1:moved {i}").as_str()),
+            "connection {i} after the queue change\n{}",
+            t.lbd_log()
+        );
+    }
+    assert!(
+        t.worker_sum("flow_probes") > 0,
+        "segments of worker 1's connections arrived on worker 0 and were probed"
+    );
+    assert_eq!(t.worker_drop("no_flow"), 0);
+    for mut c in conns {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
