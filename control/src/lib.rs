@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod fuzzing;
 pub mod proto;
 pub mod server;
 

@@ -10,6 +10,7 @@
 pub mod counters;
 pub mod fixtures;
 pub mod flow;
+pub mod fuzzing;
 pub mod hash;
 pub mod maglev;
 pub mod masq_fixtures;

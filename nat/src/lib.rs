@@ -9,6 +9,7 @@
 //! owner ([`PortRange::owner`]).
 #![forbid(unsafe_code)]
 
+pub mod fuzzing;
 pub mod ipmasq;
 pub mod ports;
 pub mod prefix;

@@ -1,0 +1,5 @@
+//! `lb::fuzzing::frames` under libFuzzer: the same harness and invariants as the bounded run in
+//! `cargo test` (`lb/tests/fuzz.rs`), for long coverage-guided runs.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| lb::fuzzing::frames(data));

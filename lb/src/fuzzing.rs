@@ -1,0 +1,113 @@
+//! Fuzz harness for the engine: arbitrary frame sequences against the fixture
+//! configurations, with the invariants every verdict must keep. One function serves the
+//! bounded run under `cargo test` (bolero, `lb/tests/fuzz.rs`) and long runs with
+//! cargo-fuzz (`lb/fuzz`), so both check the same thing.
+//!
+//! The seed corpus is the fixture tables themselves ([`crate::fixtures`] and
+//! [`crate::masq_fixtures`]): the input's bytes pick a seed frame, mutate, truncate or
+//! replace it, pick the worker (and the hop count of a handed-over frame) and advance
+//! the clock. So every run starts from frames the datapath is known to handle and walks
+//! away from them, through flows that exist (the engines keep their tables across the
+//! sequence).
+//!
+//! Invariants checked on every frame (a violation panics, which is what fuzzers find):
+//! - `process` never panics;
+//! - a frame not sent is not modified (it may be handed over, held and retried);
+//! - a hand-off names another, existing worker;
+//! - a sent frame carries a valid IPv4 header checksum, and a valid L4 checksum whenever
+//!   the frame came in with one (the incremental updates of RFC 1624 are exact);
+//! - a table never holds more flows than its capacity.
+
+use crate::wire::build::verify;
+use crate::{fixtures, masq_fixtures, Engine, Snapshot, Verdict};
+use nat::fuzzing::Bytes;
+use std::sync::Arc;
+
+/// Flows per engine: small, so eviction and exhaustion are reached.
+const CAPACITY: usize = 32;
+
+/// Run the frame sequence `data` describes through two workers.
+pub fn frames(data: &[u8]) {
+    let mut b = Bytes::new(data);
+    let (snap, seeds): (Snapshot, Vec<Vec<u8>>) = if b.u8() & 1 == 0 {
+        (
+            fixtures::snapshot(),
+            fixtures::fixtures().into_iter().map(|f| f.frame).collect(),
+        )
+    } else {
+        (
+            masq_fixtures::snapshot(),
+            masq_fixtures::fixtures()
+                .into_iter()
+                .map(|m| m.fx.frame)
+                .collect(),
+        )
+    };
+    let snap = Arc::new(snap);
+    let workers = snap.workers;
+    let mut engines: Vec<Engine> = (0..workers)
+        .map(|w| Engine::new(w, CAPACITY, Arc::clone(&snap)))
+        .collect();
+    let mut now = 1_000_000_000u64;
+    for e in &mut engines {
+        e.begin_batch(now);
+    }
+    let mut steps = 0;
+    while b.more() && steps < 256 {
+        steps += 1;
+        let kind = b.u8() % 5;
+        if kind == 0 {
+            // Time passes: up to ~65 s, so timeouts and the sweep are reached.
+            now += u64::from(b.u16()) * 1_000_000;
+            for e in &mut engines {
+                e.begin_batch(now);
+            }
+            continue;
+        }
+        let mut frame = seeds[usize::from(b.u8()) % seeds.len()].clone();
+        match kind {
+            1 => {}
+            2 => {
+                for _ in 0..(b.u8() % 8) {
+                    let at = usize::from(b.u16()) % frame.len().max(1);
+                    let v = b.u8();
+                    if let Some(x) = frame.get_mut(at) {
+                        *x = v;
+                    }
+                }
+            }
+            3 => frame.truncate(usize::from(b.u16()) % (frame.len() + 1)),
+            _ => {
+                let n = usize::from(b.u8());
+                frame = b.take(n).to_vec();
+            }
+        }
+        let w = usize::from(b.u8()) % engines.len();
+        let hops = b.u8() % 2;
+        check_one(&mut engines[w], &mut frame, hops, workers);
+    }
+}
+
+fn check_one(e: &mut Engine, frame: &mut [u8], hops: u8, workers: u16) {
+    let before = frame.to_vec();
+    let (_, l4_was_ok) = verify(&before);
+    let v = e.process_probe(frame, hops);
+    match v {
+        Verdict::Tx { .. } => {
+            let (ip_ok, l4_ok) = verify(frame);
+            assert!(ip_ok, "sent with a bad IPv4 header checksum: {before:02x?}");
+            assert!(
+                l4_ok || !l4_was_ok,
+                "a valid L4 checksum went bad: {before:02x?} → {frame:02x?}"
+            );
+        }
+        Verdict::ToWorker(n) | Verdict::Probe(n) => {
+            assert!(n < workers && n != e.worker(), "hand-off to {n}");
+            assert_eq!(frame, &before[..], "a handed-over frame is untouched");
+        }
+        Verdict::Hold | Verdict::Drop(_) => {
+            assert_eq!(frame, &before[..], "a frame not sent is untouched");
+        }
+    }
+    assert!(e.flows().len() <= e.flows().capacity());
+}
