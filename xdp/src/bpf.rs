@@ -41,6 +41,8 @@ pub enum BpfError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("{0} already has an XDP program attached (another lbd serving it?); `ip link show {0}` shows it")]
+    Busy(String),
     #[error("attaching XDP to {iface}: {source} (native mode needs driver support; veth has it)")]
     Attach {
         iface: String,
@@ -243,6 +245,21 @@ where
     T::try_from(m).map_err(|source| BpfError::Map { map: name, source })
 }
 
+/// The OS error code somewhere in `e`'s chain of causes.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(code) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        cur = err.source();
+    }
+    None
+}
+
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, BpfError> {
     let p = ebpf.program_mut("xlb_steer").ok_or(BpfError::Program(
         "xlb_steer",
@@ -282,6 +299,11 @@ impl Steering {
         let prog = program(&mut self.ebpf)?;
         let mode = match prog.attach(iface, XdpMode::Driver) {
             Ok(_) => "native",
+            // Another program (another lbd) holds the interface: generic mode would fail
+            // the same way, so say what is wrong instead of "falling back".
+            Err(e) if os_error(&e).is_some_and(|c| c == libc::EBUSY || c == libc::EEXIST) => {
+                return Err(BpfError::Busy(iface.to_string()));
+            }
             Err(e) => {
                 tracing::warn!(iface, error = %e, "native XDP attach failed; falling back to generic (slow) mode");
                 prog.attach(iface, XdpMode::Skb)

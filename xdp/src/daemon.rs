@@ -206,6 +206,33 @@ pub fn unusable_source(a: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
+/// Whether a socket of this node (this network namespace) would take `addr:port`:
+/// a listening TCP socket, or an unconnected UDP one, on that address or the wildcard
+/// (IPv6 dual-stack sockets included). Unreadable tables count as no.
+fn local_listener(addr: Ipv4Addr, port: u16, proto: lb::service::Proto) -> bool {
+    use procfs::net::{TcpState, UdpState};
+    use std::net::{IpAddr, SocketAddr};
+    let takes = |a: SocketAddr| {
+        a.port() == port
+            && match a.ip() {
+                IpAddr::V4(v4) => v4.is_unspecified() || v4 == addr,
+                IpAddr::V6(v6) => v6.is_unspecified() || v6.to_ipv4_mapped() == Some(addr),
+            }
+    };
+    match proto {
+        lb::service::Proto::Tcp => [procfs::net::tcp(), procfs::net::tcp6()]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.state == TcpState::Listen && takes(e.local_address)),
+        lb::service::Proto::Udp => [procfs::net::udp(), procfs::net::udp6()]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.state == UdpState::Close && takes(e.local_address)),
+    }
+}
+
 /// What the XDP maps must hold for `table` and the masquerading state of `snap`.
 fn steering_state(table: &ServiceTable, cfg: &DatapathConfig, snap: &Snapshot) -> SteeringState {
     let s = SteeringState::new(table, cfg.snat.addr, cfg.snat.ports);
@@ -621,6 +648,13 @@ impl Daemon {
                 return Err(format!(
                     "frontend {frontend} is inside the NAT port range {} of {}: it would take replies of translated flows",
                     self.cfg.snat.ports, frontend.addr
+                ));
+            }
+            if ours(frontend.addr) && local_listener(frontend.addr, frontend.port, frontend.proto) {
+                return Err(format!(
+                    "frontend {frontend}: a process on this node listens on that port ({}:{}); xlb would take its traffic. \
+                     Use a VIP, or another port",
+                    frontend.addr, frontend.port
                 ));
             }
         }

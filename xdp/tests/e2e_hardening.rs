@@ -429,6 +429,55 @@ fn the_control_thread_never_waits_for_the_network_and_retries_are_idempotent() {
         "{}",
         t.lbd_log()
     );
+    // A frontend on the node's own address may not take a port a local process
+    // listens on (ssh, BGP, ...).
+    let mut listener = t
+        .cmd("lb", "python3")
+        .args([
+            "-c",
+            "import socket,time\ns=socket.socket(socket.AF_INET6)\n\
+             s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n\
+             s.bind(('::',2222)); s.listen(); print('ready',flush=True); time.sleep(60)",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("listener");
+    let mut ready = String::new();
+    BufReader::new(listener.stdout.take().expect("stdout"))
+        .read_line(&mut ready)
+        .expect("ready");
+    let o = t.try_lbctl(&[
+        "service",
+        "add",
+        "10.0.0.1:2222/tcp",
+        "-b",
+        "10.1.0.11:8080",
+    ]);
+    let _ = listener.kill();
+    let _ = listener.wait();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("listens on that port"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A second lbd on the same interface says what is wrong and leaves the first alone.
+    let o = t
+        .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
+        .args(["--iface", "lb0", "--socket"])
+        .arg(t.dir().join("second.sock"))
+        .output()
+        .expect("second lbd");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("already has an XDP program attached"),
+        "{err}"
+    );
+    assert!(!err.contains("falling back"), "{err}");
+    let st = t.lbctl_json(&["status"]);
+    assert_eq!(
+        st["interfaces"][0]["xdp_mode"], "native",
+        "the first lbd keeps its interface: {st}"
+    );
     // A closed stdout (lbctl … | head) ends lbctl quietly.
     let mut c = Command::new(&lbctl)
         .arg("--socket")
