@@ -18,35 +18,17 @@ M=xmasq
 RUN=/tmp/xlb-demo
 VIP=10.96.0.10
 
+. deploy/netns-lib.sh
 pids=()
 cleanup() {
   set +e
-  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null; done
-  for _ in $(seq 20); do
-    alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-    ((alive)) || break; sleep 0.1
-  done
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
-  pids=()
+  stop_pids
   deploy/topology.sh down "$P"
   deploy/masq-topology.sh down "$M"
   rm -rf "$RUN"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# start_server NS NAME ARGS...: deploy/backend.py NAME in namespace NS; returns once it
-# listens (it prints "ready" after binding), so no request races its start.
-start_server() {
-  local ready=$RUN/$2.ready
-  ip netns exec "$1" python3 deploy/backend.py "$2" "${@:3}" >"$ready" 2>/dev/null &
-  pids+=($!); disown
-  for _ in $(seq 100); do
-    grep -q ready "$ready" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "server $2 in $1 did not start" >&2; return 1
-}
 
 # start_lbd NS ARGS...: lbd in namespace NS with its socket and log in $RUN; waits until
 # it answers, then shows lbctl status.

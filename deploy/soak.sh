@@ -28,12 +28,11 @@ M=xsmq
 RUN=/tmp/xlb-soak
 VIP=10.96.0.10
 
+. deploy/netns-lib.sh
 pids=()
 cleanup() {
   set +e
-  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null; done
-  sleep 1
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
+  stop_pids
   deploy/topology.sh down "$P"
   deploy/masq-topology.sh down "$M"
 }
@@ -47,12 +46,6 @@ LBD=$PWD/target/release/lbd
 LBCTL=$PWD/target/release/lbctl
 rm -rf "$RUN"; mkdir -p "$RUN"
 
-start_server() { # NS NAME ARGS...: returns once it listens
-  ip netns exec "$1" python3 deploy/backend.py "$2" "${@:3}" >"$RUN/$2.ready" 2>/dev/null &
-  pids+=($!); disown
-  for _ in $(seq 100); do grep -q ready "$RUN/$2.ready" 2>/dev/null && return 0; sleep 0.1; done
-  echo "server $2 did not start" >&2; return 1
-}
 start_lbd() { # NS SOCKET LOG ARGS...
   ip netns exec "$1" "$LBD" "${@:4}" --socket "$2" 2>"$3" &
   pids+=($!); disown

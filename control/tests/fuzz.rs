@@ -1,26 +1,12 @@
-//! The fuzz harness (`control::fuzzing::request_line`) under `cargo test`: a bounded run with bolero's
-//! random engine, in CI on every change. Long runs use cargo-fuzz on the same function
-//! (`control/fuzz`, see docs/fuzzing.md). `BOLERO_RANDOM_TEST_TIME_MS` and
-//! `BOLERO_RANDOM_SEED` change the budget and reproduce a failure.
-
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+//! The fuzz harness (`control::fuzzing::request_line`) under `cargo test`: a bounded run in CI on every
+//! change (`nat::fuzzing::run`). Long runs use cargo-fuzz on the same function
+//! (`control/fuzz`, see docs/fuzzing.md).
 
 #[test]
 fn fuzz_control() {
-    static RUNS: AtomicU64 = AtomicU64::new(0);
-    let budget = std::env::var("BOLERO_RANDOM_TEST_TIME_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(Duration::from_secs(5), Duration::from_millis);
-    bolero::check!()
-        .with_test_time(budget)
-        .with_max_len(4096)
-        .for_each(|data: &[u8]| {
-            RUNS.fetch_add(1, Ordering::Relaxed);
-            control::fuzzing::request_line(data);
-        });
-    let runs = RUNS.load(Ordering::Relaxed);
-    eprintln!("fuzz_control: {runs} control request lines without a finding in {budget:?}");
-    assert!(runs > 100, "the fuzzer ran ({runs} inputs)");
+    nat::fuzzing::run(
+        "fuzz_control",
+        "control request lines",
+        control::fuzzing::request_line,
+    );
 }

@@ -185,16 +185,7 @@ fn tcp_states_and_timeouts() {
     let mut f = syn(40001).build();
     e.process(&mut f);
     let port = sport(&f);
-    let mut r = FrameSpec {
-        dst_mac: LB_MAC,
-        src: BACKEND,
-        dst: SNAT,
-        sport: 8080,
-        dport: port,
-        flags: TcpFlags::SYN | TcpFlags::ACK,
-        ..FrameSpec::default()
-    }
-    .build();
+    let mut r = synack(port);
     assert_eq!(e.process(&mut r), Verdict::Tx { iface: 0 });
     let mut ack = seg(40001, TcpFlags::ACK);
     assert_eq!(e.process(&mut ack), Verdict::Tx { iface: 0 });
@@ -318,10 +309,9 @@ fn unresolved_neighbour_is_requested_not_guessed() {
     assert_eq!(e.counters.held, 1);
 }
 
-/// Complete the handshake of the client connection from `cport` (its SYN already sent
-/// from SNAT port `port`): the backend's SYN+ACK, then the client's ACK.
-fn handshake(e: &mut Engine, cport: u16, port: u16) {
-    let mut synack = FrameSpec {
+/// The backend's SYN+ACK to SNAT port `port`.
+fn synack(port: u16) -> Vec<u8> {
+    FrameSpec {
         dst_mac: LB_MAC,
         src: BACKEND,
         dst: SNAT,
@@ -330,8 +320,14 @@ fn handshake(e: &mut Engine, cport: u16, port: u16) {
         flags: TcpFlags::SYN | TcpFlags::ACK,
         ..FrameSpec::default()
     }
-    .build();
-    assert_eq!(e.process(&mut synack), Verdict::Tx { iface: 0 });
+    .build()
+}
+
+/// Complete the handshake of the client connection from `cport` (its SYN already sent
+/// from SNAT port `port`): the backend's SYN+ACK, then the client's ACK.
+fn handshake(e: &mut Engine, cport: u16, port: u16) {
+    let mut sa = synack(port);
+    assert_eq!(e.process(&mut sa), Verdict::Tx { iface: 0 });
     let mut ack = seg(cport, TcpFlags::ACK);
     assert_eq!(e.process(&mut ack), Verdict::Tx { iface: 0 });
 }
@@ -382,17 +378,8 @@ fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
     }
     let mut f = syn(1002).build();
     assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
-    let mut synack = FrameSpec {
-        dst_mac: LB_MAC,
-        src: BACKEND,
-        dst: SNAT,
-        sport: 8080,
-        dport: sport(&f),
-        flags: TcpFlags::SYN | TcpFlags::ACK,
-        ..FrameSpec::default()
-    }
-    .build();
-    assert_eq!(e.process(&mut synack), Verdict::Tx { iface: 0 });
+    let mut sa = synack(sport(&f));
+    assert_eq!(e.process(&mut sa), Verdict::Tx { iface: 0 });
     now += SEC;
     e.begin_batch(now);
     let mut f = syn(1003).build();
@@ -446,17 +433,8 @@ fn a_reply_alone_does_not_establish_and_half_open_flows_keep_the_short_timeout()
     let mut f = syn(40000).build();
     e.process(&mut f);
     // The backend answers a (possibly spoofed) SYN; the client never ACKs.
-    let mut synack = FrameSpec {
-        dst_mac: LB_MAC,
-        src: BACKEND,
-        dst: SNAT,
-        sport: 8080,
-        dport: sport(&f),
-        flags: TcpFlags::SYN | TcpFlags::ACK,
-        ..FrameSpec::default()
-    }
-    .build();
-    e.process(&mut synack);
+    let mut sa = synack(sport(&f));
+    e.process(&mut sa);
     let flow = *e.flows().iter().next().expect("flow");
     assert_eq!(flow.state, FlowState::SynRecv);
     assert!(!flow.assured);

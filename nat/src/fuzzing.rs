@@ -52,6 +52,30 @@ impl<'a> Bytes<'a> {
     }
 }
 
+/// A bounded run of `harness` under `cargo test` with bolero's random engine: 5 s, or
+/// `BOLERO_RANDOM_TEST_TIME_MS`; `BOLERO_RANDOM_SEED` reproduces a failure. Prints how
+/// many inputs (`what`) ran without a finding, and checks the fuzzer really ran.
+#[cfg(feature = "fuzz-runner")]
+pub fn run(target: &str, what: &str, harness: fn(&[u8])) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    use std::time::Duration;
+    let budget = std::env::var("BOLERO_RANDOM_TEST_TIME_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(5), Duration::from_millis);
+    let runs = AtomicU64::new(0);
+    bolero::check!()
+        .with_test_time(budget)
+        .with_max_len(4096)
+        .for_each(|data: &[u8]| {
+            runs.fetch_add(1, Relaxed);
+            harness(data);
+        });
+    let runs = runs.into_inner();
+    eprintln!("{target}: {runs} {what} without a finding in {budget:?}");
+    assert!(runs > 100, "{target}: the fuzzer ran ({runs} inputs)");
+}
+
 /// Tokens a text mutation splices in: the syntax of JSON and YAML and the values that
 /// sit at the edges of their ranges.
 const TOKENS: &[&str] = &[

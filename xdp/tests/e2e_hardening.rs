@@ -10,43 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SVC: &str = "10.96.0.10:80/tcp";
-
-/// Load `rules` (an nftables script) in namespace `ns`.
-fn nft(t: &Topo, ns: &str, rules: &str) {
-    let mut c = t
-        .cmd(ns, "nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("nft");
-    c.stdin
-        .take()
-        .expect("stdin")
-        .write_all(rules.as_bytes())
-        .expect("rules");
-    assert!(c.wait().expect("nft").success(), "nft rules load");
-}
-
-/// The packet count of the nftables counter commented `name` in table inet xlbtest.
-fn nft_counter(t: &Topo, ns: &str, name: &str) -> u64 {
-    let o = t
-        .cmd(ns, "nft")
-        .args(["-j", "list", "table", "inet", "xlbtest"])
-        .output()
-        .expect("nft");
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("nft json");
-    for item in v["nftables"].as_array().expect("nftables") {
-        let r = &item["rule"];
-        if r["comment"].as_str() == Some(name) {
-            for e in r["expr"].as_array().expect("expr") {
-                if let Some(p) = e["counter"]["packets"].as_u64() {
-                    return p;
-                }
-            }
-        }
-    }
-    panic!("no counter {name} in {ns}");
-}
+/// The TCP echo service (deploy/backend.py --tcp-echo 9000 on b1).
+const ECHO_SVC: &str = "10.96.0.10:9000/tcp";
 
 #[test]
 fn masquerade_traffic_on_an_unserved_queue_is_dropped_never_leaked() {
@@ -59,8 +24,7 @@ fn masquerade_traffic_on_an_unserved_queue_is_dropped_never_leaked() {
         &["int0", "ext0"],
         &["--masquerade-from", "10.244.0.0/16", "--queues", "1"],
     );
-    nft(
-        &t,
+    t.nft(
         "srv",
         "table inet xlbtest {\n chain input {\n  type filter hook input priority 0;\n  \
          ip saddr 10.244.0.0/16 udp dport 5353 counter comment \"pod\"\n  \
@@ -79,8 +43,8 @@ fn masquerade_traffic_on_an_unserved_queue_is_dropped_never_leaked() {
          print(ans)",
     );
     let answered: u64 = out.trim().parse().expect("count");
-    let leaked = nft_counter(&t, "srv", "pod");
-    let translated = nft_counter(&t, "srv", "egress");
+    let leaked = t.nft_counter("srv", "pod");
+    let translated = t.nft_counter("srv", "egress");
     let dropped = t.xdp_stat("no_xsk_dropped");
     assert_eq!(
         leaked,
@@ -144,13 +108,7 @@ fn a_spoofed_syn_flood_does_not_lock_out_real_clients() {
     // 64 flows a worker: the flood below is 20 times the table.
     t.start_lbd(&["--flows-per-worker", "64"]);
     t.lbctl(&["service", "add", SVC, "-b", "10.1.0.11:8080"]);
-    t.lbctl(&[
-        "service",
-        "add",
-        "10.96.0.10:9000/tcp",
-        "-b",
-        "10.1.0.11:9000",
-    ]);
+    t.lbctl(&["service", "add", ECHO_SVC, "-b", "10.1.0.11:9000"]);
     let mut held = long_lived(&t);
     let mut lines = BufReader::new(held.stdout.take().expect("stdout")).lines();
     let first = lines.next().and_then(Result::ok).unwrap_or_default();
@@ -523,13 +481,7 @@ fn connections_survive_their_packets_moving_to_another_queue() {
     let Some(t) = Topo::start("rss", 2, 1) else {
         return;
     };
-    t.lbctl(&[
-        "service",
-        "add",
-        "10.96.0.10:9000/tcp",
-        "-b",
-        "10.1.0.11:9000",
-    ]);
+    t.lbctl(&["service", "add", ECHO_SVC, "-b", "10.1.0.11:9000"]);
     // Eight connections: the client's veth spreads them over both queues (by flow hash).
     let mut conns: Vec<_> = (0..8).map(|_| long_lived(&t)).collect();
     let mut readers: Vec<_> = conns

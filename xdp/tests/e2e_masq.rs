@@ -68,46 +68,15 @@ fn peer_port(answer: &str) -> u16 {
         .unwrap_or(0)
 }
 
-/// Count ICMP echo requests by source in namespace `ns` (nftables counters).
+/// Count ICMP echo requests (and UDP to 5353) by source in namespace `ns`.
 fn count_pings(t: &Topo, ns: &str) {
-    let rules = "table inet xlbtest {\n chain input {\n  type filter hook input priority 0;\n  \
-                 ip saddr 203.0.113.7 icmp type echo-request counter comment \"egress\"\n  \
-                 ip saddr 10.244.0.0/16 icmp type echo-request counter comment \"pod\"\n  \
-                 ip saddr 10.244.0.0/16 udp dport 5353 counter comment \"pod-udp\"\n }\n}\n";
-    let mut c = t
-        .cmd(ns, "nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft");
-    use std::io::Write;
-    c.stdin
-        .take()
-        .expect("stdin")
-        .write_all(rules.as_bytes())
-        .expect("rules");
-    assert!(c.wait().expect("nft").success(), "nft rules load");
-}
-
-/// The packet count of the counter commented `name` in namespace `ns`.
-fn nft_counter(t: &Topo, ns: &str, name: &str) -> u64 {
-    let o = t
-        .cmd(ns, "nft")
-        .args(["-j", "list", "table", "inet", "xlbtest"])
-        .output()
-        .expect("nft");
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("nft json");
-    for item in v["nftables"].as_array().expect("nftables") {
-        let r = &item["rule"];
-        if r["comment"].as_str() == Some(name) {
-            for e in r["expr"].as_array().expect("expr") {
-                if let Some(p) = e["counter"]["packets"].as_u64() {
-                    return p;
-                }
-            }
-        }
-    }
-    panic!("no counter {name} in {ns}");
+    t.nft(
+        ns,
+        "table inet xlbtest {\n chain input {\n  type filter hook input priority 0;\n  \
+         ip saddr 203.0.113.7 icmp type echo-request counter comment \"egress\"\n  \
+         ip saddr 10.244.0.0/16 icmp type echo-request counter comment \"pod\"\n  \
+         ip saddr 10.244.0.0/16 udp dport 5353 counter comment \"pod-udp\"\n }\n}\n",
+    );
 }
 
 fn ping(t: &Topo, src: &str, dst: &str) -> bool {
@@ -152,10 +121,10 @@ fn servers_see_the_egress_address_unless_the_policy_keeps_the_pod_address() {
     );
     assert!(ping(&t, POD_B, SRV));
     assert!(ping(&t, POD_A, NM), "ping to the non-masquerade server");
-    assert!(nft_counter(&t, "srv", "egress") >= 6);
-    assert_eq!(nft_counter(&t, "srv", "pod"), 0, "no pod address leaked");
-    assert!(nft_counter(&t, "nm", "pod") >= 3);
-    assert_eq!(nft_counter(&t, "nm", "egress"), 0);
+    assert!(t.nft_counter("srv", "egress") >= 6);
+    assert_eq!(t.nft_counter("srv", "pod"), 0, "no pod address leaked");
+    assert!(t.nft_counter("nm", "pod") >= 3);
+    assert_eq!(t.nft_counter("nm", "egress"), 0);
 
     // The operator's view.
     let check = t.lbctl(&["ipmasq", "check", POD_A, SRV]);
@@ -349,7 +318,7 @@ fn exhausted_ports_are_counted_and_established_flows_keep_working() {
     let status = t.lbctl(&["status"]);
     assert!(status.contains("ports_exhausted"), "{status}");
     assert_eq!(
-        nft_counter(&t, "srv", "pod-udp"),
+        t.nft_counter("srv", "pod-udp"),
         0,
         "nothing left untranslated"
     );

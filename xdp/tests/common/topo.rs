@@ -239,6 +239,40 @@ impl Topo {
             .unwrap_or(0)
     }
 
+    /// Load an nftables script in namespace `ns` (tests count packets with it).
+    pub fn nft(&self, ns: &str, rules: &str) {
+        let mut c = self
+            .cmd(ns, "nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        std::io::Write::write_all(&mut c.stdin.take().expect("stdin"), rules.as_bytes())
+            .expect("rules");
+        assert!(c.wait().expect("nft").success(), "nft rules load");
+    }
+
+    /// The packet count of the counter commented `name` in table inet xlbtest of `ns`.
+    pub fn nft_counter(&self, ns: &str, name: &str) -> u64 {
+        let o = self
+            .cmd(ns, "nft")
+            .args(["-j", "list", "table", "inet", "xlbtest"])
+            .output()
+            .expect("nft");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("nft json");
+        for item in v["nftables"].as_array().expect("nftables") {
+            let r = &item["rule"];
+            if r["comment"].as_str() == Some(name) {
+                for e in r["expr"].as_array().expect("expr") {
+                    if let Some(p) = e["counter"]["packets"].as_u64() {
+                        return p;
+                    }
+                }
+            }
+        }
+        panic!("no counter {name} in {ns}");
+    }
+
     /// Run a python3 program in the client namespace; return stdout (asserting success).
     pub fn client_py(&self, code: &str) -> String {
         self.py("client", code)
