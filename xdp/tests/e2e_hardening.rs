@@ -482,8 +482,9 @@ fn connections_survive_their_packets_moving_to_another_queue() {
         return;
     };
     t.lbctl(&["service", "add", ECHO_SVC, "-b", "10.1.0.11:9000"]);
-    // Eight connections: the client's veth spreads them over both queues (by flow hash).
-    let mut conns: Vec<_> = (0..8).map(|_| long_lived(&t)).collect();
+    // Sixteen connections: the client's veth spreads them over both queues by flow hash
+    // (all on one queue: 1 in 65536).
+    let mut conns: Vec<_> = (0..16).map(|_| long_lived(&t)).collect();
     let mut readers: Vec<_> = conns
         .iter_mut()
         .map(|c| BufReader::new(c.stdout.take().expect("stdout")).lines())
@@ -505,7 +506,7 @@ fn connections_survive_their_packets_moving_to_another_queue() {
         .count();
     assert!(
         on_worker_1 > 0,
-        "some connections opened on queue 1 (8 connections, {on_worker_1} there): {nat}"
+        "some connections opened on queue 1 (16 connections, {on_worker_1} there): {nat}"
     );
     // An RSS change: from now on every client segment arrives on queue 0, whichever
     // worker owns its connection.
