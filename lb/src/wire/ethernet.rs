@@ -30,6 +30,7 @@ pub struct EthernetFrame<T: AsRef<[u8]>> {
 }
 
 impl<T: AsRef<[u8]>> EthernetFrame<T> {
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, WireError> {
         let b = buf.as_ref();
         if b.len() < field::HEADER_LEN {
@@ -51,35 +52,42 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
         })
     }
 
+    #[inline]
     /// True when an 802.1Q tag follows the MAC addresses.
     pub fn is_tagged(&self) -> bool {
         self.payload_offset == field::VLAN_HEADER_LEN
     }
 
+    #[inline]
     /// The ethertype after at most one VLAN tag.
     pub fn ethertype(&self) -> u16 {
         self.ethertype
     }
 
+    #[inline]
     /// Where the L3 header starts (14, or 18 behind a VLAN tag).
     pub fn payload_offset(&self) -> usize {
         self.payload_offset
     }
 
+    #[inline]
     pub fn dst(&self) -> [u8; 6] {
         mac(&self.buf.as_ref()[field::DST])
     }
 
+    #[inline]
     pub fn src(&self) -> [u8; 6] {
         mac(&self.buf.as_ref()[field::SRC])
     }
 
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buf
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> EthernetFrame<T> {
+    #[inline]
     pub fn set_macs(&mut self, src: [u8; 6], dst: [u8; 6]) {
         let b = self.buf.as_mut();
         b[field::DST].copy_from_slice(&dst);

@@ -34,23 +34,29 @@ impl TcpFlags {
     pub const ECE: u8 = 0x40;
     pub const CWR: u8 = 0x80;
 
+    #[inline]
     pub fn syn(self) -> bool {
         self.0 & Self::SYN != 0
     }
+    #[inline]
     pub fn ack(self) -> bool {
         self.0 & Self::ACK != 0
     }
+    #[inline]
     pub fn fin(self) -> bool {
         self.0 & Self::FIN != 0
     }
+    #[inline]
     pub fn rst(self) -> bool {
         self.0 & Self::RST != 0
     }
+    #[inline]
     /// A connection-opening SYN (no ACK): the only segment that may create a flow.
     pub fn is_opening_syn(self) -> bool {
         self.syn() && !self.ack()
     }
 
+    #[inline]
     /// A combination some valid TCP sends (Linux conntrack's `tcp_valid_flags`, with
     /// PSH, ECE and CWR ignored): SYN (+URG), SYN+ACK, RST, RST+ACK, FIN+ACK (+URG),
     /// ACK (+URG). SYN+FIN, SYN+RST, no flags ("null"), FIN without
@@ -84,6 +90,7 @@ pub struct L4<T: AsRef<[u8]>> {
 }
 
 impl<T: AsRef<[u8]>> L4<T> {
+    #[inline(always)]
     pub fn new_checked(buf: T, proto: u8) -> Result<Self, WireError> {
         let b = buf.as_ref();
         match proto {
@@ -114,25 +121,30 @@ impl<T: AsRef<[u8]>> L4<T> {
         Ok(L4 { buf, proto })
     }
 
+    #[inline]
     pub fn has_ports(&self) -> bool {
         self.proto == PROTO_TCP || self.proto == PROTO_UDP
     }
 
+    #[inline]
     /// Source port (TCP/UDP); for ICMP the type and code word.
     pub fn src_port(&self) -> u16 {
         read_u16(self.buf.as_ref(), field::SRC_PORT)
     }
 
+    #[inline]
     /// Destination port (TCP/UDP); for ICMP the checksum word.
     pub fn dst_port(&self) -> u16 {
         read_u16(self.buf.as_ref(), field::DST_PORT)
     }
 
+    #[inline]
     /// The UDP length field (header and data); `None` for other protocols.
     pub fn udp_len(&self) -> Option<u16> {
         (self.proto == PROTO_UDP).then(|| read_u16(self.buf.as_ref(), field::UDP_LEN_FIELD))
     }
 
+    #[inline]
     /// TCP flags; empty for other protocols.
     pub fn tcp_flags(&self) -> TcpFlags {
         if self.proto == PROTO_TCP {
@@ -142,6 +154,7 @@ impl<T: AsRef<[u8]>> L4<T> {
         }
     }
 
+    #[inline]
     /// Offset of the checksum field for this protocol.
     pub fn checksum_offset(&self) -> usize {
         match self.proto {
@@ -151,18 +164,21 @@ impl<T: AsRef<[u8]>> L4<T> {
         }
     }
 
+    #[inline]
     pub fn checksum(&self) -> u16 {
         read_u16(self.buf.as_ref(), self.checksum_offset())
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> L4<T> {
+    #[inline]
     pub fn set_ports(&mut self, src: u16, dst: u16) {
         let b = self.buf.as_mut();
         write_u16(b, field::SRC_PORT, src);
         write_u16(b, field::DST_PORT, dst);
     }
 
+    #[inline]
     pub fn set_checksum(&mut self, c: u16) {
         let at = self.checksum_offset();
         write_u16(self.buf.as_mut(), at, c);
