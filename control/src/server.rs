@@ -196,26 +196,27 @@ struct Conn {
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 
-/// Changes already answered, by request id (bounded, oldest forgotten first).
+/// Changes already answered, by request id, with the request they answered (bounded,
+/// oldest forgotten first).
 #[derive(Default)]
 struct Answered {
-    by_id: HashMap<String, ResponseEnvelope>,
+    by_id: HashMap<String, (Request, ResponseEnvelope)>,
     order: VecDeque<String>,
 }
 
 impl Answered {
-    fn get(&self, id: &str) -> Option<&ResponseEnvelope> {
+    fn get(&self, id: &str) -> Option<&(Request, ResponseEnvelope)> {
         self.by_id.get(id)
     }
 
-    fn put(&mut self, id: String, resp: ResponseEnvelope) {
+    fn put(&mut self, id: String, req: Request, resp: ResponseEnvelope) {
         if self.order.len() >= REMEMBERED_IDS {
             if let Some(old) = self.order.pop_front() {
                 self.by_id.remove(&old);
             }
         }
         self.order.push_back(id.clone());
-        self.by_id.insert(id, resp);
+        self.by_id.insert(id, (req, resp));
     }
 }
 
@@ -382,17 +383,25 @@ fn answer(
         }
     };
     let change = p.request.is_change();
-    if let Some(prev) =
+    if let Some((req, prev)) =
         p.id.as_deref()
             .filter(|_| change)
             .and_then(|id| answered.get(id))
     {
-        return prev.clone();
+        if *req == p.request {
+            return prev.clone();
+        }
+        let mut e = ResponseEnvelope::error(
+            ErrorKind::BadRequest,
+            "this request id was used for another change; a retry must repeat the request as it was",
+        );
+        e.id = p.id;
+        return e;
     }
-    let mut resp = handler.handle(p.request, peer);
+    let mut resp = handler.handle(p.request.clone(), peer);
     resp.id = p.id.clone();
     if let (true, Some(id)) = (change, p.id) {
-        answered.put(id, resp.clone());
+        answered.put(id, p.request, resp.clone());
     }
     resp
 }
@@ -641,6 +650,13 @@ mod tests {
                 s.write_all(b"\n").expect("w");
                 out.push(read_line(&mut s));
             }
+            // The same id for another change is refused, not answered with the first.
+            s.write_all(
+                br#"{"version":1,"id":"r1","type":"service_remove","frontend":"10.0.0.11:80/tcp"}"#,
+            )
+            .expect("w");
+            s.write_all(b"\n").expect("w");
+            out.push(read_line(&mut s));
             // Reads are answered afresh even with an id.
             for _ in 0..2 {
                 s.write_all(b"{\"version\":1,\"id\":\"r2\",\"type\":\"status\"}\n")
@@ -655,8 +671,9 @@ mod tests {
             "{}",
             lines[0]
         );
+        assert!(lines[2].contains("used for another change"), "{}", lines[2]);
         assert!(
-            lines[2].contains("#2") && lines[3].contains("#3"),
+            lines[3].contains("#2") && lines[4].contains("#3"),
             "{lines:?}"
         );
         assert_eq!(seen, 3);
