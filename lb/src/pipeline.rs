@@ -414,7 +414,7 @@ impl Engine {
             return self.icmp_error(frame, &p, il3, il4, inner);
         }
         if let Some((slot, dir)) = self.flows.lookup(&p.key) {
-            if self.still_valid(slot, dir, &p) {
+            if self.still_valid(slot, dir, &p) && (self.hops == 0 || !self.closing(slot)) {
                 return self.forward(frame, slot, dir, &p);
             }
         }
@@ -487,6 +487,18 @@ impl Engine {
 
     /// False (after removing it) when the flow found for this packet has idled out, or is
     /// a closed TCP flow whose 5-tuple a new SYN reuses.
+    /// A flow after FIN or RST. A probed packet (one that found no flow on its own
+    /// worker) never joins one: with the 5-tuple reused by a new connection whose SYN
+    /// went to another worker (clients reuse ports quickly; a new socket's queue is
+    /// random), the lingering old flow would translate the new connection's packets
+    /// with the old mapping. A connection that moves queues while closing loses its last
+    /// segments instead, which its ends retransmit and time out.
+    fn closing(&self, slot: u32) -> bool {
+        self.flows
+            .get(slot)
+            .is_some_and(|f| matches!(f.state, FlowState::Fin | FlowState::Rst))
+    }
+
     fn still_valid(&mut self, slot: u32, dir: Dir, p: &Parsed) -> bool {
         let Some(f) = self.flows.get(slot) else {
             return false;

@@ -348,6 +348,21 @@ fn a_flow_whose_packets_moved_queues_is_found_by_probing() {
     assert_eq!(other.counters.flow_probes, 1);
     assert_eq!(owner.process_probe(&mut a, 1), Verdict::Tx { iface: 0 });
     assert_eq!(sport(&a), port, "the owner's translation");
+    // A probe never joins a closing flow: after FIN its 5-tuple may belong to a new
+    // connection whose SYN went to another worker.
+    let mut fin = seg(40000, TcpFlags::FIN | TcpFlags::ACK);
+    assert_eq!(owner.process(&mut fin), Verdict::Tx { iface: 0 });
+    let mut late = seg(40000, TcpFlags::ACK);
+    assert_eq!(
+        owner.process_probe(&mut late, 1),
+        Verdict::Drop(DropReason::NoFlow)
+    );
+    let mut direct = seg(40000, TcpFlags::ACK);
+    assert_eq!(
+        owner.process(&mut direct),
+        Verdict::Tx { iface: 0 },
+        "its own queue's segments still reach it"
+    );
     // A segment nobody has: the last worker in the chain counts it.
     let mut stray = seg(40999, TcpFlags::ACK);
     assert_eq!(other.process(&mut stray), Verdict::Probe(1));
