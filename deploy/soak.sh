@@ -12,13 +12,12 @@
 #  masquerading: pods make new-connection HTTP requests and hold 8 long-lived TCP echo
 #    connections to a public server; every 5 s the ip-masq-agent file adds or removes
 #    that server's network from nonMasqueradeCIDRs.
-# Passes when: no request to the stable service failed; every long-lived connection
-# whose backend was never removed (b1) and every masqueraded long-lived connection
-# survived the whole run; each lbd's resident memory at the end is within 5 % (or
-# 4 MiB) of what it was after the first fifth of the run.
-# Reported, not judged: requests to the churned service that were in flight when their
-# backend was removed, and pod requests that reused a source port across a policy change
-# while the old connection's mapping still lingered (a handful in 10^5; see the verdict).
+# Passes when: no request to the stable service and no pod request failed; every
+# long-lived connection whose backend was never removed (b1) and every masqueraded
+# long-lived connection survived the whole run; each lbd's resident memory at the end is
+# within 5 % (or 4 MiB) of what it was after the first fifth of the run.
+# Requests to the churned service may fail when their backend is removed mid-request:
+# they are counted and reported, not judged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $EUID -ne 0 ]]; then echo "run as root (namespaces, XDP)" >&2; exit 1; fi
@@ -138,14 +137,7 @@ s, c, p = load("stable"), load("churned"), load("pod_http")
 check(s["fail"] == 0 and s["ok"] > 0, f"stable service: {s['ok']} requests, {s['fail']} failed {s['errors'][:3]}")
 print(f"     churned service: {c['ok']} requests, {c['fail']} failed (backend removed mid-request; "
       f"{removals} removals), answers {c['bodies']}")
-check(p["ok"] > 0, f"pods through the NAT: {p['ok']} requests, sources seen {p['bodies']}")
-# Known, not judged here: a pod reuses a source port within seconds (its side closes with
-# RST, so no TIME_WAIT), and when the policy flipped in between, the new connection may be
-# routed untranslated while the old one's mapping still lingers after its FIN; a segment
-# of the new connection that meets the lingering flow leaves with the old mapping and the
-# server resets it. Reopening a closed mapping for a new SYN is NAT behaviour work
-# (conntrack's TIME_WAIT reuse), outside this soak's criteria.
-print(f"     pod requests failed: {p['fail']} of {p['ok'] + p['fail']} {p['errors'][:3]}")
+check(p["fail"] == 0 and p["ok"] > 0, f"pods through the NAT: {p['ok']} requests, {p['fail']} failed, sources seen {p['bodies']} {p['errors'][:3]}")
 h = load("held")["conns"]
 b1 = [x for x in h if x["backend"] == "b1"]
 check(len(b1) > 0 and all(x["failed"] is None for x in b1),

@@ -330,6 +330,9 @@ pub struct WorkerStats {
     /// queues); also in `handoff_out`.
     #[serde(default)]
     pub flow_probes: u64,
+    /// Closed TCP flows reopened by a new SYN on their 5-tuple.
+    #[serde(default)]
+    pub flows_reopened: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -351,6 +354,7 @@ impl WorkerStats {
             icmp_errors: c.icmp_errors,
             flows_evicted: c.flows_evicted,
             flow_probes: c.flow_probes,
+            flows_reopened: c.flows_reopened,
             drops: lb::DropReason::ALL
                 .iter()
                 .filter(|r| c.drops[**r as usize] > 0)

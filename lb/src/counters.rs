@@ -104,6 +104,8 @@ pub struct Counters {
     /// Frames handed to the next worker to look for their flow there (their packets
     /// moved queues); also counted in `handoff_out`.
     pub flow_probes: u64,
+    /// Closed TCP flows reopened by a new SYN on their 5-tuple (with their translation).
+    pub flows_reopened: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -131,6 +133,7 @@ impl Counters {
             self.icmp_errors,
             self.flows_evicted,
             self.flow_probes,
+            self.flows_reopened,
         ]);
         a[SCALARS..].copy_from_slice(&self.drops);
         a
@@ -151,11 +154,12 @@ impl Counters {
             icmp_errors: a[8],
             flows_evicted: a[9],
             flow_probes: a[10],
+            flows_reopened: a[11],
             drops,
         }
     }
 }
 
-const SCALARS: usize = 11;
+const SCALARS: usize = 12;
 /// Length of [`Counters::to_array`].
 pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

@@ -59,6 +59,11 @@ pub const EXPIRE_BUDGET: usize = 64;
 /// and ports, within timeout + 4 s. (The flow index's cache misses under load did not
 /// go away with it: they come from the index's size; see docs/benchmarks.md.)
 pub const SWEEP_PERIOD_NS: u64 = 4_000_000_000;
+/// How far (in sequence space, either way) a forward segment may be from where a closing
+/// TCP flow's client left off and still be taken as that connection's (retransmitted
+/// data, its FIN, the last ACK). A new connection on the same 5-tuple starts at a random
+/// ISN: it falls inside by chance once in 2¹¹.
+pub const CLOSING_SEQ_WINDOW: u32 = 1 << 20;
 /// Slots an early-drop scan looks at when the table is full (conntrack scans 8 hash
 /// entries): bounded work per new flow under a flood.
 pub const EVICT_SCAN: usize = 16;
@@ -113,6 +118,8 @@ struct Parsed {
     l4_end: usize,
     key: FlowKey,
     flags: TcpFlags,
+    /// TCP: the sequence number just past the segment.
+    seq_end: u32,
     kind: Kind,
 }
 
@@ -404,6 +411,7 @@ impl Engine {
             l4_end,
             key,
             flags: seg.tcp_flags(),
+            seq_end: seg.tcp_seq_end(),
             kind,
         })
     }
@@ -414,7 +422,7 @@ impl Engine {
             return self.icmp_error(frame, &p, il3, il4, inner);
         }
         if let Some((slot, dir)) = self.flows.lookup(&p.key) {
-            if self.still_valid(slot, dir, &p) && (self.hops == 0 || !self.closing(slot)) {
+            if self.still_valid(slot, dir, &p) && self.belongs(slot, dir, &p) {
                 return self.forward(frame, slot, dir, &p);
             }
         }
@@ -487,26 +495,53 @@ impl Engine {
 
     /// False (after removing it) when the flow found for this packet has idled out, or is
     /// a closed TCP flow whose 5-tuple a new SYN reuses.
-    /// A flow after FIN or RST. A probed packet (one that found no flow on its own
-    /// worker) never joins one: with the 5-tuple reused by a new connection whose SYN
-    /// went to another worker (clients reuse ports quickly; a new socket's queue is
-    /// random), the lingering old flow would translate the new connection's packets
-    /// with the old mapping. A connection that moves queues while closing loses its last
-    /// segments instead, which its ends retransmit and time out.
-    fn closing(&self, slot: u32) -> bool {
-        self.flows
-            .get(slot)
-            .is_some_and(|f| matches!(f.state, FlowState::Fin | FlowState::Rst))
-    }
-
-    fn still_valid(&mut self, slot: u32, dir: Dir, p: &Parsed) -> bool {
+    /// Does this packet belong to the flow its 5-tuple found? Not when the flow is a
+    /// closing TCP connection (after FIN or RST) and the forward segment is far in
+    /// sequence space from where that connection's client left off: clients reuse source
+    /// ports within seconds, a new socket's queue (so its worker) is random, and the old
+    /// flow lingers 120 s. Taking the new connection's segments would send them with the
+    /// old mapping and have the far end reset it. Such a packet goes on as a miss: to
+    /// the worker holding the new connection's flow (probing), or as an untranslated
+    /// route when the policy keeps it.
+    fn belongs(&self, slot: u32, dir: Dir, p: &Parsed) -> bool {
         let Some(f) = self.flows.get(slot) else {
             return false;
         };
-        let idle = self.now.saturating_sub(f.last_seen) > timeout(&self.snap.timeouts, f.state);
+        if dir == Dir::Reverse
+            || p.key.proto != PROTO_TCP
+            || !matches!(f.state, FlowState::Fin | FlowState::Rst)
+        {
+            return true;
+        }
+        p.seq_end
+            .wrapping_sub(f.fwd_seq)
+            .wrapping_add(CLOSING_SEQ_WINDOW)
+            <= 2 * CLOSING_SEQ_WINDOW
+    }
+
+    ///
+    /// A new SYN on a closed flow's 5-tuple (clients reuse source ports within seconds)
+    /// reopens the flow with its translation, as conntrack reopens a TIME_WAIT entry:
+    /// the far end may still hold TIME_WAIT for that mapping, and it accepts the new
+    /// SYN there (same client, newer timestamps). Retiring the flow instead would free
+    /// its NAT port for an unrelated connection, whose SYN the far end's TIME_WAIT
+    /// answers with a challenge ACK (PAWS): the client resets and retries. A kept
+    /// masqueraded flow is not reopened: the current policy decides the new connection.
+    fn still_valid(&mut self, slot: u32, dir: Dir, p: &Parsed) -> bool {
+        let now = self.now;
+        let Some(f) = self.flows.get_mut(slot) else {
+            return false;
+        };
+        let idle = now.saturating_sub(f.last_seen) > timeout(&self.snap.timeouts, f.state);
         let reused = dir == Dir::Forward
             && p.flags.is_opening_syn()
             && matches!(f.state, FlowState::Fin | FlowState::Rst);
+        if reused && !idle && !f.kept {
+            f.state = FlowState::SynSent;
+            f.assured = false;
+            self.counters.flows_reopened += 1;
+            return true;
+        }
         if idle || reused {
             self.remove_flow(slot);
             self.counters.flows_expired += 1;
@@ -553,6 +588,9 @@ impl Engine {
         } else if dir == Dir::Reverse {
             // A UDP or ICMP answer: the far end is real.
             f.assured = true;
+        }
+        if dir == Dir::Forward {
+            f.fwd_seq = p.seq_end;
         }
         f.last_seen = now;
         f.packets[dir as usize] = f.packets[dir as usize].saturating_add(1);
@@ -684,6 +722,7 @@ impl Engine {
             kind,
             kept: false,
             assured: false,
+            fwd_seq: p.seq_end,
             packets: [1, 0],
         };
         self.make_room()?;

@@ -47,6 +47,16 @@ fn seg(sport: u16, flags: u8) -> Vec<u8> {
     .build()
 }
 
+/// A client segment with `flags` and sequence number `seq`.
+fn seg_at(sport: u16, flags: u8, seq: u32) -> Vec<u8> {
+    FrameSpec {
+        flags,
+        seq,
+        ..syn(sport)
+    }
+    .build()
+}
+
 /// The port the forward frame was sent from.
 fn sport(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[34], frame[35]])
@@ -348,20 +358,25 @@ fn a_flow_whose_packets_moved_queues_is_found_by_probing() {
     assert_eq!(other.counters.flow_probes, 1);
     assert_eq!(owner.process_probe(&mut a, 1), Verdict::Tx { iface: 0 });
     assert_eq!(sport(&a), port, "the owner's translation");
-    // A probe never joins a closing flow: after FIN its 5-tuple may belong to a new
-    // connection whose SYN went to another worker.
-    let mut fin = seg(40000, TcpFlags::FIN | TcpFlags::ACK);
+    // After FIN the 5-tuple may already belong to a new connection (its SYN went to
+    // another worker): a closing flow takes only segments near where its client left off.
+    let mut fin = seg_at(40000, TcpFlags::FIN | TcpFlags::ACK, 1000);
     assert_eq!(owner.process(&mut fin), Verdict::Tx { iface: 0 });
-    let mut late = seg(40000, TcpFlags::ACK);
+    let mut last_ack = seg_at(40000, TcpFlags::ACK, 1001);
     assert_eq!(
-        owner.process_probe(&mut late, 1),
-        Verdict::Drop(DropReason::NoFlow)
-    );
-    let mut direct = seg(40000, TcpFlags::ACK);
-    assert_eq!(
-        owner.process(&mut direct),
+        owner.process_probe(&mut last_ack, 1),
         Verdict::Tx { iface: 0 },
-        "its own queue's segments still reach it"
+        "the old connection's last ACK, even probed"
+    );
+    let mut reused = seg_at(40000, TcpFlags::ACK, 3_000_000_000);
+    assert_eq!(
+        owner.process(&mut reused),
+        Verdict::Probe(0),
+        "a new connection's segment is not the closing flow's: asked elsewhere"
+    );
+    assert_eq!(
+        owner.process_probe(&mut reused, 1),
+        Verdict::Drop(DropReason::NoFlow)
     );
     // A segment nobody has: the last worker in the chain counts it.
     let mut stray = seg(40999, TcpFlags::ACK);
@@ -378,6 +393,32 @@ fn a_flow_whose_packets_moved_queues_is_found_by_probing() {
     let mut alone = Engine::new(0, 16, Arc::new(s));
     let mut stray = seg(40999, TcpFlags::ACK);
     assert_eq!(alone.process(&mut stray), Verdict::Drop(DropReason::NoFlow));
+}
+
+#[test]
+fn a_new_syn_on_a_closed_flow_reopens_it_with_its_mapping() {
+    let mut e = engine(0);
+    let mut f = syn(40000).build();
+    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+    let port = sport(&f);
+    handshake(&mut e, 40000, port);
+    let mut fin = seg(40000, TcpFlags::FIN | TcpFlags::ACK);
+    e.process(&mut fin);
+    assert_eq!(
+        e.flows().iter().next().map(|f| f.state),
+        Some(FlowState::Fin)
+    );
+    // The client reuses its port: the backend may still hold TIME_WAIT for snat:port,
+    // and accepts the new SYN there only on the same mapping (conntrack does the same).
+    let mut again = syn(40000).build();
+    assert_eq!(e.process(&mut again), Verdict::Tx { iface: 0 });
+    assert_eq!(sport(&again), port, "the same SNAT port");
+    assert_eq!(e.flows().len(), 1);
+    assert_eq!(e.counters.flows_reopened, 1);
+    let flow = *e.flows().iter().next().expect("flow");
+    assert_eq!(flow.state, FlowState::SynSent);
+    assert!(!flow.assured, "proven again only by its own handshake");
+    assert_eq!(e.counters.flows_created, 1);
 }
 
 #[test]

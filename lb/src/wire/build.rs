@@ -17,6 +17,8 @@ pub struct FrameSpec {
     pub dport: u16,
     /// TCP flags (ignored for UDP).
     pub flags: u8,
+    /// TCP sequence number.
+    pub seq: u32,
     pub payload: Vec<u8>,
     /// Extra IPv4 option bytes (a multiple of 4).
     pub ip_options: Vec<u8>,
@@ -42,6 +44,7 @@ impl Default for FrameSpec {
             sport: 40000,
             dport: 80,
             flags: super::TcpFlags::SYN,
+            seq: 1,
             payload: Vec::new(),
             ip_options: Vec::new(),
             frag: 0x4000, // DF
@@ -88,9 +91,8 @@ impl FrameSpec {
             PROTO_TCP => {
                 h.extend_from_slice(&self.sport.to_be_bytes());
                 h.extend_from_slice(&self.dport.to_be_bytes());
-                h.extend_from_slice(&[
-                    0, 0, 0, 1, 0, 0, 0, 0, 0x50, self.flags, 0xff, 0xff, 0, 0, 0, 0,
-                ]);
+                h.extend_from_slice(&self.seq.to_be_bytes());
+                h.extend_from_slice(&[0, 0, 0, 0, 0x50, self.flags, 0xff, 0xff, 0, 0, 0, 0]);
             }
             PROTO_UDP => {
                 h.extend_from_slice(&self.sport.to_be_bytes());
