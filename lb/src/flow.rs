@@ -119,8 +119,8 @@ pub struct Flow {
     /// or a UDP/ICMP reply came back. Only flows not assured are evicted when the table
     /// is full.
     pub assured: bool,
-    /// TCP: the sequence number just past the last forward segment. Once the flow is
-    /// closing, a forward segment far from it belongs to a new connection that reused
+    /// TCP: where the client's sequence space stood when the flow began to close (after
+    /// FIN or RST); a forward segment far from it belongs to a new connection that reused
     /// the 5-tuple, not to this one (see the pipeline).
     pub fwd_seq: u32,
     /// Packets per direction (informational; saturates).

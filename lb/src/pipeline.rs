@@ -60,9 +60,9 @@ pub const EXPIRE_BUDGET: usize = 64;
 /// go away with it: they come from the index's size; see docs/benchmarks.md.)
 pub const SWEEP_PERIOD_NS: u64 = 4_000_000_000;
 /// How far (in sequence space, either way) a forward segment may be from where a closing
-/// TCP flow's client left off and still be taken as that connection's (retransmitted
-/// data, its FIN, the last ACK). A new connection on the same 5-tuple starts at a random
-/// ISN: it falls inside by chance once in 2¹¹.
+/// TCP flow's client stood when the connection began to close and still be taken as that
+/// connection's (retransmitted data, its FIN, the last ACK). A new connection on the same
+/// 5-tuple starts at a random ISN: it falls inside by chance once in 2¹¹.
 pub const CLOSING_SEQ_WINDOW: u32 = 1 << 20;
 /// Slots an early-drop scan looks at when the table is full (conntrack scans 8 hash
 /// entries): bounded work per new flow under a flood.
@@ -118,8 +118,6 @@ struct Parsed {
     l4_end: usize,
     key: FlowKey,
     flags: TcpFlags,
-    /// TCP: the sequence number just past the segment.
-    seq_end: u32,
     kind: Kind,
 }
 
@@ -411,7 +409,6 @@ impl Engine {
             l4_end,
             key,
             flags: seg.tcp_flags(),
-            seq_end: seg.tcp_seq_end(),
             kind,
         })
     }
@@ -422,7 +419,7 @@ impl Engine {
             return self.icmp_error(frame, &p, il3, il4, inner);
         }
         if let Some((slot, dir)) = self.flows.lookup(&p.key) {
-            if self.still_valid(slot, dir, &p) && self.belongs(slot, dir, &p) {
+            if self.still_valid(frame, slot, dir, &p) {
                 return self.forward(frame, slot, dir, &p);
             }
         }
@@ -493,50 +490,37 @@ impl Engine {
         )
     }
 
-    /// False (after removing it) when the flow found for this packet has idled out, or is
-    /// a closed TCP flow whose 5-tuple a new SYN reuses.
-    /// Does this packet belong to the flow its 5-tuple found? Not when the flow is a
-    /// closing TCP connection (after FIN or RST) and the forward segment is far in
-    /// sequence space from where that connection's client left off: clients reuse source
-    /// ports within seconds, a new socket's queue (so its worker) is random, and the old
-    /// flow lingers 120 s. Taking the new connection's segments would send them with the
-    /// old mapping and have the far end reset it. Such a packet goes on as a miss: to
-    /// the worker holding the new connection's flow (probing), or as an untranslated
-    /// route when the policy keeps it.
-    fn belongs(&self, slot: u32, dir: Dir, p: &Parsed) -> bool {
-        let Some(f) = self.flows.get(slot) else {
-            return false;
-        };
-        if dir == Dir::Reverse
-            || p.key.proto != PROTO_TCP
-            || !matches!(f.state, FlowState::Fin | FlowState::Rst)
-        {
-            return true;
-        }
-        p.seq_end
-            .wrapping_sub(f.fwd_seq)
-            .wrapping_add(CLOSING_SEQ_WINDOW)
-            <= 2 * CLOSING_SEQ_WINDOW
-    }
-
-    ///
-    /// A new SYN on a closed flow's 5-tuple (clients reuse source ports within seconds)
-    /// reopens the flow with its translation, as conntrack reopens a TIME_WAIT entry:
-    /// the far end may still hold TIME_WAIT for that mapping, and it accepts the new
-    /// SYN there (same client, newer timestamps). Retiring the flow instead would free
-    /// its NAT port for an unrelated connection, whose SYN the far end's TIME_WAIT
-    /// answers with a challenge ACK (PAWS): the client resets and retries. A kept
-    /// masqueraded flow is not reopened: the current policy decides the new connection.
-    fn still_valid(&mut self, slot: u32, dir: Dir, p: &Parsed) -> bool {
+    /// Does the flow found for this packet take it? Not when it has idled out (it is
+    /// removed), and not when it is a closed TCP flow (after FIN or RST) whose 5-tuple a
+    /// new connection reuses — clients reuse source ports within seconds, a new socket's
+    /// queue (so its worker) is random, and a closed flow lingers 120 s:
+    /// - a new SYN reopens the flow with its translation, as conntrack reopens a
+    ///   TIME_WAIT entry: the far end may still hold TIME_WAIT for that mapping and
+    ///   accepts the new SYN there (same client, newer timestamps). Retiring the flow
+    ///   would free its NAT port for an unrelated connection, whose SYN that TIME_WAIT
+    ///   answers with a challenge ACK (PAWS): the client resets and retries. A kept
+    ///   masqueraded flow is removed instead: the current policy decides the new one.
+    /// - any other forward segment far (in sequence space) from where the client stood
+    ///   when the connection closed belongs to a new connection whose flow is elsewhere:
+    ///   it goes on as a miss (to the other workers, or routed when the policy keeps it)
+    ///   instead of leaving with the old mapping. The flow stays.
+    fn still_valid(&mut self, frame: &[u8], slot: u32, dir: Dir, p: &Parsed) -> bool {
         let now = self.now;
         let Some(f) = self.flows.get_mut(slot) else {
             return false;
         };
         let idle = now.saturating_sub(f.last_seen) > timeout(&self.snap.timeouts, f.state);
-        let reused = dir == Dir::Forward
-            && p.flags.is_opening_syn()
+        let reused = !idle
+            && dir == Dir::Forward
+            && p.key.proto == PROTO_TCP
             && matches!(f.state, FlowState::Fin | FlowState::Rst);
-        if reused && !idle && !f.kept {
+        if reused && !p.flags.is_opening_syn() {
+            return tcp_word(frame, p, TCP_SEQ)
+                .wrapping_sub(f.fwd_seq)
+                .wrapping_add(CLOSING_SEQ_WINDOW)
+                <= 2 * CLOSING_SEQ_WINDOW;
+        }
+        if reused && !f.kept {
             f.state = FlowState::SynSent;
             f.assured = false;
             self.counters.flows_reopened += 1;
@@ -574,6 +558,7 @@ impl Engine {
             let completes =
                 f.state == FlowState::SynRecv && dir == Dir::Forward && fl.ack() && !fl.syn();
             f.assured |= completes;
+            let was_closing = matches!(f.state, FlowState::Fin | FlowState::Rst);
             f.state = if fl.rst() {
                 FlowState::Rst
             } else if fl.fin() && f.state != FlowState::Rst {
@@ -585,12 +570,18 @@ impl Engine {
             } else {
                 f.state
             };
+            if !was_closing && matches!(f.state, FlowState::Fin | FlowState::Rst) {
+                // Where the client's sequence space stands as the connection closes (see
+                // `belongs`): its own segment's sequence number, or what the server
+                // acknowledges.
+                f.fwd_seq = match dir {
+                    Dir::Forward => tcp_word(frame, p, TCP_SEQ),
+                    Dir::Reverse => tcp_word(frame, p, TCP_ACK),
+                };
+            }
         } else if dir == Dir::Reverse {
             // A UDP or ICMP answer: the far end is real.
             f.assured = true;
-        }
-        if dir == Dir::Forward {
-            f.fwd_seq = p.seq_end;
         }
         f.last_seen = now;
         f.packets[dir as usize] = f.packets[dir as usize].saturating_add(1);
@@ -722,7 +713,7 @@ impl Engine {
             kind,
             kept: false,
             assured: false,
-            fwd_seq: p.seq_end,
+            fwd_seq: 0,
             packets: [1, 0],
         };
         self.make_room()?;
@@ -938,6 +929,17 @@ impl Engine {
         self.counters.icmp_errors += 1;
         Ok(Verdict::Tx { iface: rw.iface })
     }
+}
+
+/// Offsets of the sequence and acknowledgment numbers in a TCP header (RFC 9293 §3.1).
+const TCP_SEQ: usize = 4;
+const TCP_ACK: usize = 8;
+
+/// A 32-bit word of a TCP header. Read only where needed (a flow closing, a segment
+/// meeting a closing flow), not in parse; `parse` validated the 20-byte TCP header.
+fn tcp_word(frame: &[u8], p: &Parsed, at: usize) -> u32 {
+    let t = &frame[p.l4 + at..p.l4 + at + 4];
+    u32::from_be_bytes([t[0], t[1], t[2], t[3]])
 }
 
 /// A source address no router accepts: "this network" (0/8), loopback (127/8),

@@ -10,7 +10,6 @@ use super::{read_u16, write_u16, WireError};
 mod field {
     pub const SRC_PORT: usize = 0;
     pub const DST_PORT: usize = 2;
-    pub const TCP_SEQ: usize = 4;
     pub const TCP_DATA_OFF: usize = 12;
     pub const TCP_FLAGS: usize = 13;
     pub const TCP_CHECKSUM: usize = 16;
@@ -143,26 +142,6 @@ impl<T: AsRef<[u8]>> L4<T> {
     /// The UDP length field (header and data); `None` for other protocols.
     pub fn udp_len(&self) -> Option<u16> {
         (self.proto == PROTO_UDP).then(|| read_u16(self.buf.as_ref(), field::UDP_LEN_FIELD))
-    }
-
-    /// The sequence number just past this TCP segment (its sequence number plus data
-    /// length, plus one for SYN and for FIN: RFC 9293 §3.4); 0 for other protocols.
-    #[inline]
-    pub fn tcp_seq_end(&self) -> u32 {
-        if self.proto != PROTO_TCP {
-            return 0;
-        }
-        let b = self.buf.as_ref();
-        let seq = u32::from_be_bytes([
-            b[field::TCP_SEQ],
-            b[field::TCP_SEQ + 1],
-            b[field::TCP_SEQ + 2],
-            b[field::TCP_SEQ + 3],
-        ]);
-        let data = b.len() - usize::from(b[field::TCP_DATA_OFF] >> 4) * 4;
-        let flags = self.tcp_flags();
-        seq.wrapping_add(data as u32)
-            .wrapping_add(u32::from(flags.syn()) + u32::from(flags.fin()))
     }
 
     #[inline]
