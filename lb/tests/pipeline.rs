@@ -421,6 +421,13 @@ fn a_new_syn_on_a_closed_flow_reopens_it_with_its_mapping() {
     assert_eq!(e.counters.flows_created, 1);
 }
 
+/// Open the client connection from `cport` and complete its handshake.
+fn establish(e: &mut Engine, cport: u16) {
+    let mut f = syn(cport).build();
+    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+    handshake(e, cport, sport(&f));
+}
+
 #[test]
 fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
     let mut e = Engine::new(0, 4, Arc::new(fixtures::snapshot()));
@@ -428,9 +435,7 @@ fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
     e.begin_batch(now);
     // Two established connections and two half-open ones (SYN seen, and SYN+ACK seen).
     for p in [1000, 1001] {
-        let mut f = syn(p).build();
-        assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
-        handshake(&mut e, p, sport(&f));
+        establish(&mut e, p);
     }
     let mut f = syn(1002).build();
     assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
@@ -471,9 +476,7 @@ fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
     let mut e = Engine::new(0, 2, Arc::new(fixtures::snapshot()));
     e.begin_batch(SEC);
     for p in [1000, 1001] {
-        let mut f = syn(p).build();
-        assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
-        handshake(&mut e, p, sport(&f));
+        establish(&mut e, p);
     }
     let mut f = syn(1002).build();
     assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::FlowTableFull));
