@@ -7,8 +7,9 @@
 //! has two keys, client→VIP (forward) and backend→SNAT (reverse) — for a masqueraded
 //! flow inside host→remote and remote→egress address — so a reply finds its
 //! flow with one lookup. Capacity is fixed at start-up: the map is created with room for
-//! two keys per slot, so inserts never allocate; a full table refuses new flows (the
-//! pipeline counts that) and never evicts established ones.
+//! two keys per slot, so inserts never allocate. When it is full the pipeline makes room
+//! with [`FlowTable::evict_oldest`] (a bounded scan for flows that are not assured) or
+//! refuses the new flow; established (assured) flows are never evicted.
 //!
 //! Expiry is amortised: [`FlowTable::expire_step`] looks at a bounded number of slots
 //! (a clock hand), and a lookup that finds an idle-expired flow treats it as gone. There
