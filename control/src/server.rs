@@ -221,6 +221,7 @@ impl Answered {
 }
 
 /// A log line at most once per [`LOG_EVERY`], with how many events it stands for.
+#[derive(Default)]
 struct RateLimited {
     last: Option<Instant>,
     suppressed: u64,
@@ -266,14 +267,8 @@ pub fn serve(
     let mut answered = Answered::default();
     let mut next_token = 2usize;
     let mut last_tick = Instant::now();
-    let mut refused = RateLimited {
-        last: None,
-        suppressed: 0,
-    };
-    let mut accept_failed = RateLimited {
-        last: None,
-        suppressed: 0,
-    };
+    let mut refused = RateLimited::default();
+    let mut accept_failed = RateLimited::default();
     while !stop.load(Ordering::Relaxed) {
         let wait = tick.saturating_sub(last_tick.elapsed());
         match poll.poll(&mut events, Some(wait)) {

@@ -572,7 +572,7 @@ impl Engine {
             };
             if !was_closing && matches!(f.state, FlowState::Fin | FlowState::Rst) {
                 // Where the client's sequence space stands as the connection closes (see
-                // `belongs`): its own segment's sequence number, or what the server
+                // `still_valid`): its own segment's sequence number, or what the server
                 // acknowledges.
                 f.fwd_seq = match dir {
                     Dir::Forward => tcp_word(frame, p, TCP_SEQ),
@@ -944,7 +944,8 @@ fn tcp_word(frame: &[u8], p: &Parsed, at: usize) -> u32 {
 
 /// A source address no router accepts: "this network" (0/8), loopback (127/8),
 /// multicast (224/4) and the reserved 240/4 with the limited broadcast (RFC 1812
-/// §5.3.7, RFC 6890).
+/// §5.3.7, RFC 6890). The XDP program's `martian()` (xdp/bpf/xlb.bpf.c) applies the same
+/// rule; the fixture rows "source …" check both.
 fn is_martian(a: [u8; 4]) -> bool {
     a[0] == 0 || a[0] == 127 || a[0] >= 224
 }

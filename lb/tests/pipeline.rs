@@ -319,6 +319,13 @@ fn unresolved_neighbour_is_requested_not_guessed() {
     assert_eq!(e.counters.held, 1);
 }
 
+/// Send the client's SYN from `cport`; the SNAT port it went out from.
+fn open(e: &mut Engine, cport: u16) -> u16 {
+    let mut f = syn(cport).build();
+    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+    sport(&f)
+}
+
 /// The backend's SYN+ACK to SNAT port `port`.
 fn synack(port: u16) -> Vec<u8> {
     FrameSpec {
@@ -347,9 +354,7 @@ fn a_flow_whose_packets_moved_queues_is_found_by_probing() {
     // The connection opened on worker 1's queue; after an RSS change its client's
     // segments arrive on worker 0's.
     let mut owner = engine(1);
-    let mut f = syn(40000).build();
-    assert_eq!(owner.process(&mut f), Verdict::Tx { iface: 0 });
-    let port = sport(&f);
+    let port = open(&mut owner, 40000);
     let mut other = engine(0);
     let ack = seg(40000, TcpFlags::ACK);
     let mut a = ack.clone();
@@ -398,9 +403,7 @@ fn a_flow_whose_packets_moved_queues_is_found_by_probing() {
 #[test]
 fn a_new_syn_on_a_closed_flow_reopens_it_with_its_mapping() {
     let mut e = engine(0);
-    let mut f = syn(40000).build();
-    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
-    let port = sport(&f);
+    let port = open(&mut e, 40000);
     handshake(&mut e, 40000, port);
     let mut fin = seg(40000, TcpFlags::FIN | TcpFlags::ACK);
     e.process(&mut fin);
@@ -423,9 +426,8 @@ fn a_new_syn_on_a_closed_flow_reopens_it_with_its_mapping() {
 
 /// Open the client connection from `cport` and complete its handshake.
 fn establish(e: &mut Engine, cport: u16) {
-    let mut f = syn(cport).build();
-    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
-    handshake(e, cport, sport(&f));
+    let port = open(e, cport);
+    handshake(e, cport, port);
 }
 
 #[test]
