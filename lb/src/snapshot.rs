@@ -22,8 +22,8 @@ pub struct Timeouts {
     pub tcp_syn: u64,
     /// TCP flow with traffic both ways.
     pub tcp_established: u64,
-    /// TCP flow after a FIN in either direction. Long enough to outlast the remote's
-    /// TIME_WAIT (Linux: 60 s): the flow keeps its NAT port reserved, so a new
+    /// TCP flow after a FIN in either direction. Longer than the remote's TIME_WAIT
+    /// (Linux: 60 s, RFC 9293: 2 MSL = 4 min): the flow keeps its NAT port reserved, so a new
     /// connection from another inside host cannot take that port toward the same
     /// remote while the remote still holds the old connection. Reusing it would meet
     /// the remote's PAWS check with an unrelated TCP timestamp (per-connection offsets)
@@ -37,20 +37,26 @@ pub struct Timeouts {
 }
 
 impl Default for Timeouts {
-    /// Cilium's conntrack defaults where they exist (TCP 6 h, SYN 60 s); FIN 120 s like
-    /// Linux conntrack's TIME_WAIT (see `tcp_fin`); UDP 60 s like Cilium's non-TCP
-    /// default; ICMP 30 s like Linux's nf_conntrack_icmp_timeout.
+    /// The NAT RFCs' minimums (see docs/nat-behaviour.md): established TCP 6 h (RFC 5382
+    /// REQ-5: at least 2 h 4 min), every transitory TCP state (SYN seen, closing, reset)
+    /// 4 min (REQ-5 and RFC 7857 §2.2), UDP 300 s (RFC 4787 REQ-5: at least 120 s, 300 s
+    /// recommended), ICMP query 60 s (RFC 5508 REQ-1). Longer transitory timers do not
+    /// reopen the spoofed-SYN exhaustion: a full table evicts flows that are not assured
+    /// first (see the pipeline).
     fn default() -> Self {
         Timeouts {
-            tcp_syn: 60 * SEC,
+            tcp_syn: TRANSITORY,
             tcp_established: 6 * 3600 * SEC,
-            tcp_fin: 120 * SEC,
-            tcp_rst: 10 * SEC,
-            udp: 60 * SEC,
-            icmp: 30 * SEC,
+            tcp_fin: TRANSITORY,
+            tcp_rst: TRANSITORY,
+            udp: 300 * SEC,
+            icmp: 60 * SEC,
         }
     }
 }
+
+/// RFC 5382's transitory connection idle-timeout minimum (4 minutes).
+const TRANSITORY: u64 = 240 * SEC;
 
 /// A frontend as the datapath keys it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

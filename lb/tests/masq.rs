@@ -397,3 +397,71 @@ fn load_balanced_flows_get_their_icmp_errors_too() {
     assert_eq!(f, expect.build());
     assert_eq!(verify(&f), (true, true));
 }
+
+/// The default timers meet the NAT RFCs' minimums, proven through the engine: an idle
+/// UDP mapping still takes the remote's answer after 130 s and 300 s (RFC 4787 REQ-5:
+/// at least 120 s, 300 s recommended), an ICMP query mapping after 60 s (RFC 5508
+/// REQ-1), a closing TCP connection after 4 min (RFC 5382 REQ-5, transitory); and each
+/// is gone once idle past its timer (the answer then has no flow).
+#[test]
+fn default_timers_meet_the_rfc_minimums() {
+    let t = lb::Timeouts::default();
+    assert!(t.tcp_established >= (2 * 3600 + 4 * 60) * SEC);
+    // (protocol, idle time that must be survived, pod port)
+    let cases = [
+        (PROTO_UDP, 130, 40000),
+        (PROTO_UDP, 300, 40001),
+        (PROTO_ICMP, 60, 7),
+        (PROTO_TCP, 240, 40002),
+    ];
+    for (proto, idle, pod_port) in cases {
+        let mut e = engine();
+        let out = from_pod(POD_A, REMOTE, proto, pod_port, 53);
+        let (v, sent) = run(&mut e, &out);
+        assert_eq!(v, TX_EXT);
+        let port = u16::from_be_bytes([sent[34], sent[35]]);
+        let port = if proto == PROTO_ICMP {
+            u16::from_be_bytes([sent[38], sent[39]])
+        } else {
+            port
+        };
+        let mut back = answer(&masqueraded(&out, port));
+        if proto == PROTO_TCP {
+            // Established, then closed by the pod: the transitory (closing) timer runs.
+            assert_eq!(run(&mut e, &back).0, TX_INT);
+            let ack = FrameSpec {
+                flags: TcpFlags::ACK,
+                ..out.clone()
+            };
+            assert_eq!(run(&mut e, &ack).0, TX_EXT);
+            let fin = FrameSpec {
+                flags: TcpFlags::FIN | TcpFlags::ACK,
+                ..out.clone()
+            };
+            assert_eq!(run(&mut e, &fin).0, TX_EXT);
+            back.flags = TcpFlags::ACK;
+        }
+        e.begin_batch(SEC + idle * SEC);
+        let (v, f) = run(&mut e, &back);
+        assert_eq!(v, TX_INT, "proto {proto}: mapping alive after {idle} s idle");
+        let mut expect = to_pod(&back, POD_A, pod_port);
+        if proto == PROTO_ICMP {
+            // An echo reply carries the identifier where the builder keeps sport.
+            (expect.sport, expect.dport) = (pod_port, back.dport);
+        }
+        assert_eq!(f, expect.build());
+        // Idle past the timer (from the answer just translated): gone.
+        let limit = match proto {
+            PROTO_UDP => t.udp,
+            PROTO_ICMP => t.icmp,
+            _ => t.tcp_fin,
+        };
+        e.begin_batch(SEC + idle * SEC + limit + 1);
+        let (v, _) = run(&mut e, &back);
+        assert_eq!(
+            v,
+            Verdict::Drop(DropReason::NoFlow),
+            "proto {proto}: mapping gone after its timer"
+        );
+    }
+}

@@ -16,6 +16,11 @@ use xdp::daemon::{Daemon, DaemonConfig, MasqOptions};
 use xdp::sys::IoConfig;
 
 const SEC: u64 = 1_000_000_000;
+
+/// A default timeout (ns) as the flag's seconds.
+fn secs(ns: u64) -> u64 {
+    ns / SEC
+}
 /// Longest idle timeout a flag takes (30 days): longer is a configuration mistake, and
 /// seconds × 10⁹ must fit the datapath's nanosecond clock.
 const MAX_TIMEOUT_S: u64 = 30 * 24 * 3600;
@@ -108,24 +113,26 @@ struct Args {
     /// Maglev table size (a prime).
     #[arg(long, default_value_t = lb::maglev::DEFAULT_TABLE_SIZE)]
     maglev_size: u32,
-    /// Idle timeout of TCP flows that saw only a SYN, in seconds.
-    #[arg(long, default_value_t = 60, value_parser = timeout_s)]
+    /// Idle timeout of TCP flows whose handshake has not completed, in seconds (RFC
+    /// 5382: at least 4 min).
+    #[arg(long, default_value_t = secs(Timeouts::default().tcp_syn), value_parser = timeout_s)]
     timeout_tcp_syn: u64,
-    /// Idle timeout of established TCP flows, in seconds.
-    #[arg(long, default_value_t = 21_600, value_parser = timeout_s)]
+    /// Idle timeout of established TCP flows, in seconds (RFC 5382: at least 2 h 4 min).
+    #[arg(long, default_value_t = secs(Timeouts::default().tcp_established), value_parser = timeout_s)]
     timeout_tcp_established: u64,
     /// Idle timeout after a FIN, in seconds. Keeps the NAT port reserved while the
-    /// remote may hold TIME_WAIT (Linux: 60 s), as conntrack does (120 s).
-    #[arg(long, default_value_t = 120, value_parser = timeout_s)]
+    /// remote may hold TIME_WAIT (RFC 5382: at least 4 min).
+    #[arg(long, default_value_t = secs(Timeouts::default().tcp_fin), value_parser = timeout_s)]
     timeout_tcp_fin: u64,
-    /// Idle timeout after a RST, in seconds.
-    #[arg(long, default_value_t = 10, value_parser = timeout_s)]
+    /// Idle timeout after a RST, in seconds (RFC 7857: 4 min, as TIME_WAIT).
+    #[arg(long, default_value_t = secs(Timeouts::default().tcp_rst), value_parser = timeout_s)]
     timeout_tcp_rst: u64,
-    /// Idle timeout of UDP flows, in seconds.
-    #[arg(long, default_value_t = 60, value_parser = timeout_s)]
+    /// Idle timeout of UDP flows, in seconds (RFC 4787: at least 120 s, 300 s
+    /// recommended).
+    #[arg(long, default_value_t = secs(Timeouts::default().udp), value_parser = timeout_s)]
     timeout_udp: u64,
-    /// Idle timeout of ICMP echo flows (masquerading), in seconds.
-    #[arg(long, default_value_t = 30, value_parser = timeout_s)]
+    /// Idle timeout of ICMP echo flows, in seconds (RFC 5508: at least 60 s).
+    #[arg(long, default_value_t = secs(Timeouts::default().icmp), value_parser = timeout_s)]
     timeout_icmp: u64,
     /// Microseconds a worker keeps polling its rings without work before it sleeps in
     /// poll(). Only for workers on dedicated, isolated cores: a spinning worker starves
