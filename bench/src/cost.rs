@@ -79,7 +79,7 @@ fn lb_engine(capacity: usize) -> Result<Engine> {
     // One worker owning ports 1024-65535 toward the fixture's single backend.
     let mut cfg = fixtures::config();
     cfg.workers = 1;
-    cfg.snat.ports = nat::PortRange::new(1024, 65535)?;
+    cfg.snat = lb::snapshot::SnatConfig::single(fixtures::SNAT, nat::PortRange::new(1024, 65535)?);
     let snap = lb::Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(fixtures::net()), None)?;
     let mut e = Engine::new(0, capacity, Arc::new(snap));
     e.begin_batch(1);
@@ -126,8 +126,10 @@ impl Setup {
                 engine = Engine::new(0, 100_000, Arc::new(snapshot_with_ports(1024, 65535)));
                 engine.begin_batch(1);
                 let mut v = Vec::new();
+                // Ports 4 apart from 1024: each pod port's home is worker 0 (ports go
+                // to the snapshot's two workers in pairs).
                 for p in 0..1000 {
-                    let f = from_pod(POD_A, REMOTE, 17, 1024 + p, 53).build();
+                    let f = from_pod(POD_A, REMOTE, 17, 1024 + 4 * p, 53).build();
                     must_tx(engine.process(&mut f.clone()), "masquerade")?;
                     v.push(f);
                 }

@@ -278,9 +278,17 @@ pub struct WorkerView {
     pub id: u16,
     pub queue: u32,
     pub core: Option<usize>,
-    pub snat_ports: String,
+    /// Inside endpoints with a NAT mapping on this worker (it owns their outside ports).
+    pub mappings: u64,
     pub flows: u64,
     pub flow_capacity: u64,
+}
+
+/// One address of the SNAT pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnatAddrView {
+    pub address: Ipv4Addr,
+    pub ports: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,8 +296,13 @@ pub struct StatusView {
     pub version: String,
     pub interfaces: Vec<InterfaceView>,
     pub workers: Vec<WorkerView>,
-    pub snat_address: Ipv4Addr,
+    /// The load balancer's SNAT addresses (a client's flows all use the one its address
+    /// hashes to).
+    pub snat_pool: Vec<SnatAddrView>,
+    /// `--snat-ports`: the egress address's ports (and a host-used SNAT address's).
     pub snat_ports: String,
+    /// How NAT ports are dealt to workers.
+    pub port_ownership: String,
     pub services: usize,
     pub flows: u64,
     pub neighbours: usize,

@@ -5,8 +5,8 @@
 //!
 //! The configuration is fixed: VIP 10.0.0.10 with 80/tcp and 53/udp, one backend each
 //! (10.1.0.2:8080 and 10.1.0.2:5353, so the expected output frames need no Maglev
-//! arithmetic), SNAT address 10.1.0.1 with ports 61000–65535 over two workers (worker 0
-//! owns 61000–63267, worker 1 owns 63268–65535), one interface `lb0` (one-armed).
+//! arithmetic), SNAT address 10.1.0.1 with ports 61000–65535 over two workers (dealt in
+//! pairs: worker 0 owns 61000–61001, 61004–61005, …, worker 1 61002–61003, …), one interface `lb0` (one-armed).
 //! Expected output frames are built from scratch with full checksums, so comparing bytes
 //! also checks the incremental checksum updates.
 
@@ -155,10 +155,10 @@ pub fn net() -> NetView {
 
 pub fn config() -> DatapathConfig {
     DatapathConfig {
-        snat: SnatConfig {
-            addr: SNAT,
-            ports: nat::PortRange::new(SNAT_PORTS.0, SNAT_PORTS.1).expect("valid range"),
-        },
+        snat: SnatConfig::single(
+            SNAT,
+            nat::PortRange::new(SNAT_PORTS.0, SNAT_PORTS.1).expect("valid range"),
+        ),
         timeouts: Timeouts::default(),
         maglev_size: 251,
         hash_seed: 0,
@@ -180,14 +180,22 @@ fn client_syn() -> FrameSpec {
     }
 }
 
-/// `spec` as worker 0's first flow sends it to the backend (SNAT port 61000, TTL − 1).
+/// The SNAT port a client port maps to when it is free (port preservation within the
+/// fixture range, parity kept).
+pub fn mapped(client_port: u16) -> u16 {
+    nat::PortRange::new(SNAT_PORTS.0, SNAT_PORTS.1)
+        .expect("valid range")
+        .preferred(client_port)
+}
+
+/// `spec` as its flow sends it to the backend (its mapped port, TTL − 1).
 fn to_backend(spec: &FrameSpec, bport: u16) -> Vec<u8> {
     FrameSpec {
         src_mac: LB_MAC,
         dst_mac: BACKEND_MAC,
         src: SNAT,
         dst: BACKEND,
-        sport: 61000,
+        sport: mapped(spec.sport),
         dport: bport,
         ttl: spec.ttl - 1,
         ..spec.clone()
@@ -354,7 +362,7 @@ pub fn fixtures() -> Vec<Fixture> {
         },
         Fixture {
             name: "reply owned by worker 1",
-            frame: backend_reply(64000).build(),
+            frame: backend_reply(64002).build(),
             steer: Steer::Reply,
             verdict: Verdict::ToWorker(1),
             out: None,

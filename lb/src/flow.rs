@@ -120,6 +120,9 @@ pub struct Flow {
     /// or a UDP/ICMP reply came back. Only flows not assured are evicted when the table
     /// is full.
     pub assured: bool,
+    /// The flow counts toward its inside endpoint's mapping (`nat::Mappings`), which it
+    /// releases when it goes.
+    pub mapped: bool,
     /// TCP: where the client's sequence space stood when the flow began to close (after
     /// FIN or RST); a forward segment far from it belongs to a new connection that reused
     /// the 5-tuple, not to this one (see the pipeline).
@@ -386,6 +389,7 @@ mod tests {
             kind: FlowKind::Lb,
             kept: false,
             assured: false,
+            mapped: false,
             fwd_seq: 0,
             packets: [0; 2],
         }

@@ -4,7 +4,8 @@
 //! Topology: pods 10.244.1.2 and 10.244.1.3 behind `int0` (the LB node is 10.244.1.1
 //! there), the egress interface `ext0` with 203.0.113.7 and a default route via the
 //! router 203.0.113.1. Masquerade sources 10.244.0.0/16; the default ip-masq-agent list;
-//! NAT ports 61000–65535 over two workers (worker 0 owns 61000–63267).
+//! NAT ports 61000–65535 over two workers (ports go to them in pairs: worker 0 owns
+//! 61000–61001, 61004–61005, …).
 //!
 //! `steer` is what the XDP program does with the frame arriving on the interface named by
 //! `on`; `verdict` is what worker 0 of a fresh engine does with it.
@@ -37,8 +38,18 @@ pub const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 0xaa];
 pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x02];
 pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 0x01];
 /// Worker 0's first port, and the first port of worker 1.
-pub const FIRST_PORT: u16 = 61000;
-pub const WORKER1_PORT: u16 = 63268;
+/// The fixture snapshot's NAT ports.
+pub const PORTS: (u16, u16) = (61000, 65535);
+/// A port worker 1 owns (ports go to workers in pairs: 63270 / 2 is odd).
+pub const WORKER1_PORT: u16 = 63270;
+
+/// The outside port an inside port maps to when it is free (port preservation within
+/// the fixture range, parity kept).
+pub fn mapped(inside: u16) -> u16 {
+    nat::PortRange::new(PORTS.0, PORTS.1)
+        .expect("valid range")
+        .preferred(inside)
+}
 
 /// Which interface a fixture frame arrives on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,10 +128,10 @@ pub fn rules(policy: nat::MasqPolicy) -> nat::Masquerade {
 
 pub fn config(first: u16, last: u16) -> DatapathConfig {
     DatapathConfig {
-        snat: SnatConfig {
-            addr: EGRESS,
-            ports: nat::PortRange::new(first, last).expect("valid range"),
-        },
+        snat: SnatConfig::single(
+            EGRESS,
+            nat::PortRange::new(first, last).expect("valid range"),
+        ),
         timeouts: Timeouts::default(),
         maglev_size: 251,
         hash_seed: 0,
@@ -149,7 +160,7 @@ pub fn snapshot_with_ports(first: u16, last: u16) -> Snapshot {
 }
 
 pub fn snapshot() -> Snapshot {
-    snapshot_with_ports(61000, 65535)
+    snapshot_with_ports(PORTS.0, PORTS.1)
 }
 
 /// A pod's packet as it reaches int0.
@@ -234,8 +245,8 @@ pub fn fixtures() -> Vec<MasqFixture> {
     let drop = Verdict::Drop;
     let udp = from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53);
     let tcp = from_pod(POD_B, REMOTE, PROTO_TCP, 40001, 443);
-    let ping = from_pod(POD_A, REMOTE, PROTO_ICMP, 7, 1);
-    let udp_out = masqueraded(&udp, FIRST_PORT);
+    let ping = from_pod(POD_A, REMOTE, PROTO_ICMP, 8, 1);
+    let udp_out = masqueraded(&udp, mapped(udp.sport));
     let reply_w1 = FrameSpec {
         dport: WORKER1_PORT,
         ..answer(&udp_out)
@@ -294,7 +305,7 @@ pub fn fixtures() -> Vec<MasqFixture> {
             tcp.clone(),
             Steer::Masq,
             tx_ext,
-            Some(masqueraded(&tcp, FIRST_PORT)),
+            Some(masqueraded(&tcp, mapped(tcp.sport))),
         ),
         m(
             Internal,
@@ -302,7 +313,7 @@ pub fn fixtures() -> Vec<MasqFixture> {
             ping.clone(),
             Steer::Masq,
             tx_ext,
-            Some(masqueraded(&ping, FIRST_PORT)),
+            Some(masqueraded(&ping, mapped(ping.sport))),
         ),
         m(
             Internal,

@@ -27,9 +27,15 @@
 //! the kernel stack, so everything the kernel should see (ARP, TTL ≤ 1, the host's own
 //! traffic) is left to it by the XDP program before a frame reaches a worker.
 //!
-//! Flow ownership: the worker that sees a flow's first packet owns it and allocates its
-//! SNAT port from its own slice of the port range; a reply that arrives on another
-//! worker's queue is recognised by its destination port and handed to the owner. A
+//! Flow ownership: every NAT port has an owning worker ([`nat::port_owner`]), and a flow
+//! lives on the worker owning its outside port. An inside endpoint (client or pod
+//! address, port, protocol) has a *home*: the owner of the port it would keep
+//! ([`nat::PortRange::preferred`]). Its packets that find no flow go home first
+//! ([`Verdict::ToWorker`]), and home opens its flows, so all flows of one inside endpoint
+//! share one mapping table: the endpoint keeps its port (port preservation) and one
+//! outside port toward every remote (endpoint-independent mapping, RFC 4787 REQ-1). A
+//! reply that arrives on another worker's queue is recognised by its destination port and
+//! handed to the owner. A
 //! packet that cannot open a flow (a mid-stream TCP segment, an ICMP error) and finds
 //! none here may belong to a flow whose packets moved queues (an RSS change, a link
 //! flap): it is handed along the workers in turn ([`Verdict::Probe`]) until one has the
@@ -47,7 +53,7 @@ use crate::wire::ethernet::ETHERTYPE_IPV4;
 use crate::wire::icmp::{self, Quoted};
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use crate::wire::{write_u16, EthernetFrame, Ipv4Packet, TcpFlags, L4};
-use nat::PortAllocator;
+use nat::{port_owner, MapKey, Mappings, PortRange};
 use std::sync::Arc;
 
 /// Most slots the expiry clock hand visits per batch.
@@ -126,7 +132,8 @@ pub struct Engine {
     worker: u16,
     snap: Arc<Snapshot>,
     flows: FlowTable,
-    ports: PortAllocator,
+    /// Endpoint-independent mappings of the flows here (see `nat::mapping`).
+    mappings: Mappings,
     now: u64,
     /// Slots the clock hand may visit (earned at capacity per SWEEP_PERIOD_NS), and the
     /// time up to which they were earned.
@@ -144,6 +151,9 @@ pub struct Engine {
     unkept_len: usize,
     /// Workers the frame being processed has already visited looking for its flow.
     hops: u8,
+    /// Where the next port search starts after the preferred port (see
+    /// `nat::PortRange::candidates`); moves on with every search.
+    salt: u32,
 }
 
 fn timeout(t: &Timeouts, s: FlowState) -> u64 {
@@ -157,7 +167,12 @@ fn timeout(t: &Timeouts, s: FlowState) -> u64 {
     }
 }
 
-fn push_unkept(queue: &mut [FlowKey; UNKEEP_QUEUE], len: &mut usize, f: &Flow) {
+/// What a flow leaving the table takes with it: its count in its mapping, and (a kept
+/// masqueraded flow) its keep entry, reported.
+fn gone(queue: &mut [FlowKey; UNKEEP_QUEUE], len: &mut usize, mappings: &mut Mappings, f: &Flow) {
+    if f.mapped {
+        mappings.release(&map_key(f));
+    }
     if f.kept && *len < UNKEEP_QUEUE {
         queue[*len] = f.keys[0];
         *len += 1;
@@ -178,11 +193,14 @@ impl Engine {
         snap: Arc<Snapshot>,
     ) -> Result<Engine, crate::flow::AllocError> {
         let flows = FlowTable::try_with_capacity(flow_capacity)?;
-        let slice = snap.snat.ports.slice(worker, snap.workers.max(1));
+        let mappings =
+            Mappings::try_with_capacity(flow_capacity).map_err(|_| crate::flow::AllocError {
+                capacity: flow_capacity,
+            })?;
         let masq_version = snap.masq.as_ref().map(|m| m.version);
         Ok(Engine {
             worker,
-            ports: PortAllocator::new(slice),
+            mappings,
             snap,
             flows,
             now: 0,
@@ -196,17 +214,12 @@ impl Engine {
             unkept: [FlowKey::default(); UNKEEP_QUEUE],
             unkept_len: 0,
             hops: 0,
+            salt: u32::from(worker).wrapping_mul(0x9E37_79B9),
         })
     }
 
     pub fn worker(&self) -> u16 {
         self.worker
-    }
-
-    /// Start port allocation at a position `seed` selects (see
-    /// [`nat::PortAllocator::seeded`]); call before the first packet.
-    pub fn seed_ports(&mut self, seed: u64) {
-        self.ports = PortAllocator::seeded(self.ports.slice(), seed);
     }
 
     pub fn snapshot(&self) -> &Arc<Snapshot> {
@@ -256,7 +269,12 @@ impl Engine {
 
     fn remove_flow(&mut self, slot: u32) {
         if let Some(f) = self.flows.remove(slot) {
-            push_unkept(&mut self.unkept, &mut self.unkept_len, &f);
+            gone(
+                &mut self.unkept,
+                &mut self.unkept_len,
+                &mut self.mappings,
+                &f,
+            );
         }
     }
 
@@ -264,8 +282,9 @@ impl Engine {
         &self.flows
     }
 
-    pub fn port_slice(&self) -> nat::PortRange {
-        self.ports.slice()
+    /// Inside endpoints with a mapping on this worker.
+    pub fn mappings(&self) -> usize {
+        self.mappings.len()
     }
 
     /// Start a batch at time `now` (ns, monotonic): advances the expiry clock hand.
@@ -282,13 +301,13 @@ impl Engine {
         self.sweep_credit -= budget;
         self.now = now;
         let t = self.snap.timeouts;
-        let (queue, len) = (&mut self.unkept, &mut self.unkept_len);
+        let (queue, len, maps) = (&mut self.unkept, &mut self.unkept_len, &mut self.mappings);
         let expired = self.flows.expire_step(budget as usize, |f| {
-            let gone = now.saturating_sub(f.last_seen) > timeout(&t, f.state);
-            if gone {
-                push_unkept(queue, len, f);
+            let idle = now.saturating_sub(f.last_seen) > timeout(&t, f.state);
+            if idle {
+                gone(queue, len, maps, f);
             }
-            gone
+            idle
         });
         self.counters.flows_expired += expired as u64;
     }
@@ -470,24 +489,52 @@ impl Engine {
         Ok(())
     }
 
-    /// The worker owning `port` when `addr:port` is one of our NAT endpoints (the SNAT
-    /// address or the egress address, inside the NAT port range).
+    /// The worker owning `port` when `addr:port` is one of our NAT endpoints (a SNAT
+    /// pool address or the egress address, inside its port range).
     fn nat_port_owner(&self, addr: [u8; 4], port: u16) -> Option<u16> {
-        let snat = self.snap.snat;
-        let ours = addr == snat.addr
-            || self
-                .snap
+        let snat = &self.snap.snat;
+        let range = snat.range_of(addr).or_else(|| {
+            self.snap
                 .masq
                 .as_ref()
-                .is_some_and(|m| m.rules.egress.octets() == addr);
-        if !ours || !snat.ports.contains(port) {
-            return None;
+                .filter(|m| m.rules.egress.octets() == addr)
+                .map(|_| snat.ports)
+        })?;
+        range
+            .contains(port)
+            .then(|| port_owner(port, self.snap.workers))
+    }
+
+    /// The home of an inside endpoint whose port is `port`, when it is another worker and
+    /// the frame has not been handed on yet: its packets go there (see the module doc).
+    /// A frame that was handed on is served here, with this worker's own ports, so two
+    /// snapshots that disagree cannot bounce it.
+    fn go_home(&self, range: PortRange, port: u16) -> Option<Verdict> {
+        let home = port_owner(range.preferred(port), self.snap.workers);
+        (home != self.worker && self.hops == 0).then_some(Verdict::ToWorker(home))
+    }
+
+    /// The outside port for a new flow of `key`'s inside endpoint, to a remote where
+    /// `free(port)` says whether the reply tuple is unused: the endpoint's mapping when
+    /// it has one (endpoint-independent mapping), else its own port when this worker
+    /// owns it (port preservation), else another of this worker's ports of the same
+    /// parity and class.
+    fn map_port(
+        &mut self,
+        key: &MapKey,
+        range: PortRange,
+        free: impl Fn(&FlowTable, u16) -> bool,
+    ) -> Result<u16, DropReason> {
+        if let Some(port) = self.mappings.port(key).filter(|&p| free(&self.flows, p)) {
+            return Ok(port);
         }
-        Some(
-            snat.ports
-                .owner(port, self.snap.workers)
-                .unwrap_or(self.worker),
-        )
+        self.salt = self.salt.wrapping_add(0x9E37_79B9);
+        let flows = &self.flows;
+        range
+            .candidates(key.port, self.worker, self.snap.workers, self.salt)
+            .take(MAX_PORT_TRIES as usize)
+            .find(|&p| free(flows, p))
+            .ok_or(DropReason::PortsExhausted)
     }
 
     /// Does the flow found for this packet take it? Not when it has idled out (it is
@@ -650,6 +697,10 @@ impl Engine {
         let k = p.key;
         let snap = Arc::clone(&self.snap);
         let svc = snap.services.get(&fk).ok_or(DropReason::NotForUs)?;
+        let nat = snap.snat.pick(k.src).ok_or(DropReason::NotForUs)?;
+        if let Some(v) = self.go_home(nat.ports, k.sport) {
+            return Ok(v);
+        }
         // Only a SYN opens a TCP flow: a mid-stream segment would reach the backend from a
         // new SNAT port, which the backend can only reset.
         if k.proto == PROTO_TCP && !p.flags.is_opening_syn() {
@@ -665,28 +716,22 @@ impl Engine {
         let baddr = backend.addr.octets();
         let fwd_hop = self.hop(baddr)?;
         let rev_hop = self.hop(k.src)?;
-        let snat_addr = snap.snat.addr;
-        let flows = &self.flows;
-        let port = self
-            .ports
-            .allocate(MAX_PORT_TRIES, |port| {
-                flows.contains_key(&FlowKey {
-                    src: baddr,
-                    dst: snat_addr,
-                    sport: backend.port,
-                    dport: port,
-                    proto: k.proto,
-                })
-            })
-            .ok_or(DropReason::PortsExhausted)?;
-        let rev_key = FlowKey {
+        let reply = |port: u16| FlowKey {
             src: baddr,
-            dst: snat_addr,
+            dst: nat.addr,
             sport: backend.port,
             dport: port,
             proto: k.proto,
         };
-        let fwd = rewrite(&k, snat_addr, baddr, port, backend.port, fwd_hop);
+        let mk = MapKey {
+            inside: k.src,
+            port: k.sport,
+            proto: k.proto,
+            outside: nat.addr,
+        };
+        let port = self.map_port(&mk, nat.ports, |f, port| !f.contains_key(&reply(port)))?;
+        let rev_key = reply(port);
+        let fwd = rewrite(&k, nat.addr, baddr, port, backend.port, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
         self.open_flow(frame, p, [k, rev_key], [fwd, rev], FlowKind::Lb)
     }
@@ -700,7 +745,7 @@ impl Engine {
         rewrite: [Rewrite; 2],
         kind: FlowKind,
     ) -> Result<Verdict, DropReason> {
-        let flow = Flow {
+        let mut flow = Flow {
             keys,
             rewrite,
             state: match keys[0].proto {
@@ -713,13 +758,18 @@ impl Engine {
             kind,
             kept: false,
             assured: false,
+            mapped: false,
             fwd_seq: 0,
             packets: [1, 0],
         };
         self.make_room()?;
-        self.flows
-            .insert(flow)
-            .map_err(|_| DropReason::FlowTableFull)?;
+        flow.mapped = self.mappings.acquire(map_key(&flow), rewrite[0].sport);
+        if self.flows.insert(flow).is_err() {
+            if flow.mapped {
+                self.mappings.release(&map_key(&flow));
+            }
+            return Err(DropReason::FlowTableFull);
+        }
         self.counters.flows_created += 1;
         apply(frame, p, &rewrite[0]);
         Ok(Verdict::Tx {
@@ -746,7 +796,12 @@ impl Engine {
         } else {
             self.counters.flows_evicted += 1;
         }
-        push_unkept(&mut self.unkept, &mut self.unkept_len, &f);
+        gone(
+            &mut self.unkept,
+            &mut self.unkept_len,
+            &mut self.mappings,
+            &f,
+        );
         Ok(())
     }
 
@@ -759,7 +814,23 @@ impl Engine {
         m: &MasqState,
     ) -> Result<Verdict, DropReason> {
         let k = p.key;
-        match m.rules.decide(k.src.into(), k.dst.into()) {
+        let decision = m.rules.decide(k.src.into(), k.dst.into());
+        let mine = !matches!(
+            decision,
+            nat::Decision::NotMasqueradeSource
+                | nat::Decision::Node {
+                    kind: nat::NodeRule::ThisNode | nat::NodeRule::Multicast,
+                    ..
+                }
+        );
+        // A masquerade source's packet without a flow here may belong to one at its home,
+        // a flow the policy now keeps included: it goes there before anything is decided.
+        if mine && p.kind != Kind::EchoReply {
+            if let Some(v) = self.go_home(self.snap.snat.ports, k.sport) {
+                return Ok(v);
+            }
+        }
+        match decision {
             nat::Decision::NotMasqueradeSource => Err(DropReason::NotForUs),
             nat::Decision::Masquerade { to } => {
                 if p.kind == Kind::EchoReply {
@@ -812,11 +883,14 @@ impl Engine {
             dport: port,
             proto: k.proto,
         };
-        let flows = &self.flows;
-        let port = self
-            .ports
-            .allocate(MAX_PORT_TRIES, |port| flows.contains_key(&reply(port)))
-            .ok_or(DropReason::PortsExhausted)?;
+        let mk = MapKey {
+            inside: k.src,
+            port: k.sport,
+            proto: k.proto,
+            outside: egress,
+        };
+        let range = self.snap.snat.ports;
+        let port = self.map_port(&mk, range, |f, port| !f.contains_key(&reply(port)))?;
         let rev_key = reply(port);
         let fwd = rewrite(&k, egress, k.dst, port, k.dport, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
@@ -928,6 +1002,17 @@ impl Engine {
         decrement_ttl(ip, d.plus(TTL_DECREMENT));
         self.counters.icmp_errors += 1;
         Ok(Verdict::Tx { iface: rw.iface })
+    }
+}
+
+/// The mapping a flow's forward direction uses: inside endpoint and outside address.
+fn map_key(f: &Flow) -> MapKey {
+    let k = &f.keys[0];
+    MapKey {
+        inside: k.src,
+        port: k.sport,
+        proto: k.proto,
+        outside: f.rewrite[0].src,
     }
 }
 

@@ -88,10 +88,45 @@ impl ServiceState {
     }
 }
 
+/// One NAT address and the ports xlb may use on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SnatConfig {
+pub struct NatAddr {
     pub addr: [u8; 4],
     pub ports: PortRange,
+}
+
+/// The load balancer's SNAT addresses and the masquerading address's ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnatConfig {
+    /// SNAT addresses for traffic to backends (a pool, never empty). All flows of one
+    /// client address leave from the same one (RFC 4787 REQ-2, "paired" pooling).
+    pub pool: Arc<[NatAddr]>,
+    /// Ports of the egress (masquerading) address: a host address, so a range the host's
+    /// own sockets do not use.
+    pub ports: PortRange,
+}
+
+impl SnatConfig {
+    /// A pool of one address with `ports`, also the masquerading address's ports.
+    pub fn single(addr: [u8; 4], ports: PortRange) -> SnatConfig {
+        SnatConfig {
+            pool: Arc::from([NatAddr { addr, ports }]),
+            ports,
+        }
+    }
+
+    /// The pool address the flows of `client` leave from: a fixed hash of the address,
+    /// the same on every worker and across restarts.
+    pub fn pick(&self, client: [u8; 4]) -> Option<NatAddr> {
+        let n = self.pool.len();
+        let h = u32::from_be_bytes(client).wrapping_mul(0x9E37_79B1) >> 8;
+        self.pool.get(h as usize % n.max(1)).copied()
+    }
+
+    /// The ports of pool address `addr`, if it is one.
+    pub fn range_of(&self, addr: [u8; 4]) -> Option<PortRange> {
+        self.pool.iter().find(|a| a.addr == addr).map(|a| a.ports)
+    }
 }
 
 /// Egress masquerading as the workers apply it.
@@ -124,7 +159,7 @@ pub struct Snapshot {
 }
 
 /// Datapath settings fixed at start-up.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DatapathConfig {
     pub snat: SnatConfig,
     pub timeouts: Timeouts,
@@ -174,7 +209,7 @@ impl Snapshot {
             generation,
             vips,
             services,
-            snat: cfg.snat,
+            snat: cfg.snat.clone(),
             net,
             timeouts: cfg.timeouts,
             hash_seed: cfg.hash_seed,
@@ -189,7 +224,7 @@ impl Snapshot {
             generation,
             services: self.services.clone(),
             vips: Arc::clone(&self.vips),
-            snat: self.snat,
+            snat: self.snat.clone(),
             net,
             timeouts: self.timeouts,
             hash_seed: self.hash_seed,

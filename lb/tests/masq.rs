@@ -5,8 +5,8 @@
 use lb::fixtures;
 use lb::flow::FlowState;
 use lb::masq_fixtures::{
-    self as mf, answer, from_pod, icmp_error, masqueraded, EGRESS, FIRST_PORT, INT_MAC, POD_A,
-    POD_B, POD_MAC, PRIVATE, REMOTE, ROUTER,
+    self as mf, answer, from_pod, icmp_error, masqueraded, EGRESS, INT_MAC, POD_A, POD_B, POD_MAC,
+    PRIVATE, REMOTE, ROUTER,
 };
 use lb::snapshot::MasqState;
 use lb::wire::build::{ip_packet, verify, FrameSpec};
@@ -62,7 +62,7 @@ fn udp_round_trip_restores_the_pod_tuple() {
     let out = from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53);
     let (v, f) = run(&mut e, &out);
     assert_eq!(v, TX_EXT);
-    let sent = masqueraded(&out, FIRST_PORT);
+    let sent = masqueraded(&out, mf::mapped(40000));
     assert_eq!(f, sent.build());
     let back = answer(&sent);
     let (v, f) = run(&mut e, &back);
@@ -81,7 +81,7 @@ fn tcp_round_trip_tracks_state() {
     let syn = from_pod(POD_B, REMOTE, PROTO_TCP, 40001, 443);
     let (v, _) = run(&mut e, &syn);
     assert_eq!(v, TX_EXT);
-    let synack = answer(&masqueraded(&syn, FIRST_PORT));
+    let synack = answer(&masqueraded(&syn, mf::mapped(40001)));
     let (v, f) = run(&mut e, &synack);
     assert_eq!(v, TX_INT);
     assert_eq!(f, to_pod(&synack, POD_B, 40001).build());
@@ -99,7 +99,7 @@ fn tcp_round_trip_tracks_state() {
     };
     let (v, f) = run(&mut e, &ack);
     assert_eq!(v, TX_EXT);
-    assert_eq!(f, masqueraded(&ack, FIRST_PORT).build());
+    assert_eq!(f, masqueraded(&ack, mf::mapped(40001)).build());
     assert_eq!(verify(&f), (true, true));
     let flow = e.flows().iter().next().expect("one flow");
     assert_eq!(
@@ -113,10 +113,10 @@ fn tcp_round_trip_tracks_state() {
 #[test]
 fn ping_translates_the_identifier() {
     let mut e = engine();
-    let req = from_pod(POD_A, REMOTE, PROTO_ICMP, 7, 1);
+    let req = from_pod(POD_A, REMOTE, PROTO_ICMP, 8, 1);
     let (v, f) = run(&mut e, &req);
     assert_eq!(v, TX_EXT);
-    let sent = masqueraded(&req, FIRST_PORT);
+    let sent = masqueraded(&req, mf::mapped(8));
     assert_eq!(f, sent.build());
     assert_eq!(verify(&f), (true, true));
     let reply = answer(&sent);
@@ -126,19 +126,23 @@ fn ping_translates_the_identifier() {
         src_mac: INT_MAC,
         dst_mac: POD_MAC,
         dst: POD_A,
-        sport: 7,
+        sport: 8,
         ttl: reply.ttl - 1,
         ..reply.clone()
     };
     assert_eq!(f, expect.build());
     assert_eq!(verify(&f), (true, true));
     // A second pod using the same identifier gets another outside identifier.
-    let (_, f) = run(&mut e, &from_pod(POD_B, REMOTE, PROTO_ICMP, 7, 1));
+    let (_, f) = run(&mut e, &from_pod(POD_B, REMOTE, PROTO_ICMP, 8, 1));
     let other = FrameSpec {
         src: POD_B,
         ..req.clone()
     };
-    assert_eq!(f, masqueraded(&other, FIRST_PORT + 1).build());
+    // Another identifier of worker 0's, of the same parity.
+    let id = u16::from_be_bytes([f[38], f[39]]);
+    assert_ne!(id, mf::mapped(8));
+    assert_eq!((id & 1, nat::port_owner(id, 2)), (0, 0));
+    assert_eq!(f, masqueraded(&other, id).build());
     assert_eq!(
         e.flows().iter().next().map(|f| f.state),
         Some(FlowState::Icmp)
@@ -189,9 +193,9 @@ fn icmp_errors_reach_the_pod_translated() {
     };
     let ping = from_pod(POD_A, REMOTE, PROTO_ICMP, 9, 3);
     for (spec, port) in [
-        (&udp, FIRST_PORT),
-        (&tcp, FIRST_PORT + 1),
-        (&ping, FIRST_PORT + 2),
+        (&udp, mf::mapped(40000)),
+        (&tcp, mf::mapped(40001)),
+        (&ping, mf::mapped(9)),
     ] {
         let (v, _) = run(&mut e, spec);
         assert_eq!(v, TX_EXT);
@@ -214,7 +218,7 @@ fn icmp_errors_reach_the_pod_translated() {
 #[test]
 fn icmp_error_without_flow_is_dropped() {
     let mut e = engine();
-    let sent = masqueraded(&from_pod(POD_A, REMOTE, PROTO_UDP, 1, 2), FIRST_PORT).build();
+    let sent = masqueraded(&from_pod(POD_A, REMOTE, PROTO_UDP, 1, 2), mf::mapped(1)).build();
     let err = icmp_error(ROUTER, EGRESS, icmp::TIME_EXCEEDED, 0, 0, &sent);
     assert_eq!(run(&mut e, &err).0, Verdict::Drop(DropReason::NoFlow));
     let mut short = err.clone();
@@ -224,28 +228,32 @@ fn icmp_error_without_flow_is_dropped() {
 
 #[test]
 fn ports_are_reused_per_remote_and_exhaustion_is_counted() {
-    // Two workers share 61000-61007: worker 0 has four ports.
+    // Two workers share 61000-61007 in pairs: worker 0 owns 61000, 61001, 61004 and
+    // 61005.
     let mut e = engine_on(mf::snapshot_with_ports(61000, 61007));
-    for sport in 0..4 {
-        let (v, f) = run(
-            &mut e,
-            &from_pod(POD_A, REMOTE, PROTO_UDP, 30000 + sport, 53),
-        );
+    // Even inside ports whose preferred ports (61000 + port mod 8) are worker 0's: the
+    // even ports first, then (parity is only recommended) the odd ones.
+    let mut got = Vec::new();
+    for sport in [30000, 30004, 30008, 30012] {
+        let (v, f) = run(&mut e, &from_pod(POD_A, REMOTE, PROTO_UDP, sport, 53));
         assert_eq!(v, TX_EXT);
-        assert_eq!(&f[34..36], &(61000 + sport).to_be_bytes());
+        got.push(u16::from_be_bytes([f[34], f[35]]));
     }
-    let fifth = from_pod(POD_A, REMOTE, PROTO_UDP, 30004, 53);
+    assert_eq!(&got[..2], &[61000, 61004]);
+    got[2..].sort();
+    assert_eq!(&got[2..], &[61001, 61005]);
+    let fifth = from_pod(POD_A, REMOTE, PROTO_UDP, 30016, 53);
     assert_eq!(
         run(&mut e, &fifth).0,
         Verdict::Drop(DropReason::PortsExhausted)
     );
-    // Another remote port: every outside port is free again toward it.
-    for sport in 0..4 {
-        let (v, _) = run(
-            &mut e,
-            &from_pod(POD_A, REMOTE, PROTO_UDP, 30000 + sport, 54),
-        );
+    // Another remote port: the mapped endpoints keep their outside ports toward it
+    // (endpoint-independent mapping).
+    for (i, sport) in [30000, 30004, 30008, 30012].into_iter().enumerate() {
+        let (v, f) = run(&mut e, &from_pod(POD_A, REMOTE, PROTO_UDP, sport, 54));
         assert_eq!(v, TX_EXT);
+        let port = u16::from_be_bytes([f[34], f[35]]);
+        assert!(got.contains(&port) && (i >= 2 || port == got[i]));
     }
     assert_eq!(e.counters.drops[DropReason::PortsExhausted as usize], 1);
     // Established flows still work.
@@ -288,7 +296,7 @@ fn a_new_non_masquerade_cidr_changes_new_flows_only() {
     // The established flow keeps its translation.
     let (v, f) = run(&mut e, &old);
     assert_eq!(v, TX_EXT);
-    assert_eq!(f, masqueraded(&old, FIRST_PORT).build());
+    assert_eq!(f, masqueraded(&old, mf::mapped(40000)).build());
     // A new flow to the same remote leaves with the pod's address.
     let new = from_pod(POD_A, REMOTE, PROTO_UDP, 40001, 53);
     let (v, f) = run(&mut e, &new);
@@ -334,9 +342,10 @@ fn connections_the_old_policy_left_alone_continue_unmasqueraded() {
     let (_, f) = run(&mut e, &from_pod(POD_A, PRIVATE, PROTO_TCP, 40001, 3306));
     assert_eq!(&f[26..30], &EGRESS);
     // Elsewhere a mid-stream segment without flow is still refused.
+    // (40004's home is worker 0 too: 40004 maps to 64716, a port of worker 0.)
     let lost = FrameSpec {
         flags: TcpFlags::ACK,
-        ..from_pod(POD_A, REMOTE, PROTO_TCP, 40002, 443)
+        ..from_pod(POD_A, REMOTE, PROTO_TCP, 40004, 443)
     };
     assert_eq!(run(&mut e, &lost).0, Verdict::Probe(1));
     let mut f = lost.build();
@@ -407,12 +416,12 @@ fn load_balanced_flows_get_their_icmp_errors_too() {
 fn default_timers_meet_the_rfc_minimums() {
     let t = lb::Timeouts::default();
     assert!(t.tcp_established >= (2 * 3600 + 4 * 60) * SEC);
-    // (protocol, idle time that must be survived, pod port)
+    // (protocol, idle time that must be survived, pod port whose home is worker 0)
     let cases = [
         (PROTO_UDP, 130, 40000),
         (PROTO_UDP, 300, 40001),
-        (PROTO_ICMP, 60, 7),
-        (PROTO_TCP, 240, 40002),
+        (PROTO_ICMP, 60, 8),
+        (PROTO_TCP, 240, 40004),
     ];
     for (proto, idle, pod_port) in cases {
         let mut e = engine();
@@ -443,7 +452,10 @@ fn default_timers_meet_the_rfc_minimums() {
         }
         e.begin_batch(SEC + idle * SEC);
         let (v, f) = run(&mut e, &back);
-        assert_eq!(v, TX_INT, "proto {proto}: mapping alive after {idle} s idle");
+        assert_eq!(
+            v, TX_INT,
+            "proto {proto}: mapping alive after {idle} s idle"
+        );
         let mut expect = to_pod(&back, POD_A, pod_port);
         if proto == PROTO_ICMP {
             // An echo reply carries the identifier where the builder keeps sport.
@@ -464,4 +476,84 @@ fn default_timers_meet_the_rfc_minimums() {
             "proto {proto}: mapping gone after its timer"
         );
     }
+}
+
+/// RFC 4787 REQ-1 / RFC 5382 REQ-1 and port preservation: one inside socket keeps one
+/// outside port toward every remote (a STUN client's view), its own port when the range
+/// holds it; a second pod with the same port gets another port toward the same remote
+/// only (same parity); the mapping goes with the last flow.
+#[test]
+fn endpoint_independent_mapping_and_port_preservation() {
+    let mut e = engine_on(mf::snapshot_with_ports(1024, 65535));
+    let sport = 40000; // its home is worker 0: 40000 / 2 is even
+    let other_remote = [20, 0, 0, 11];
+    for (dst, dport) in [(REMOTE, 3478), (REMOTE, 3479), (other_remote, 3478)] {
+        let (v, f) = run(&mut e, &from_pod(POD_A, dst, PROTO_UDP, sport, dport));
+        assert_eq!(v, TX_EXT);
+        assert_eq!(&f[26..30], &EGRESS);
+        assert_eq!(&f[34..36], &sport.to_be_bytes(), "to {dst:?}:{dport}");
+    }
+    assert_eq!(e.mappings(), 1);
+    // POD_B from the same port: REMOTE:3478 already sees EGRESS:40000 (POD_A's), so
+    // another even port of worker 0; toward a fresh remote it keeps that mapping.
+    let (_, f) = run(&mut e, &from_pod(POD_B, REMOTE, PROTO_UDP, sport, 3478));
+    let b_port = u16::from_be_bytes([f[34], f[35]]);
+    assert_ne!(b_port, sport);
+    assert_eq!((b_port & 1, nat::port_owner(b_port, 2)), (0, 0));
+    let (_, f) = run(
+        &mut e,
+        &from_pod(POD_B, [20, 0, 0, 12], PROTO_UDP, sport, 9),
+    );
+    assert_eq!(&f[34..36], &b_port.to_be_bytes());
+    assert_eq!(e.mappings(), 2);
+    // Replies to either mapping reach the right pod.
+    let back = answer(&masqueraded(
+        &from_pod(POD_B, REMOTE, PROTO_UDP, sport, 3478),
+        b_port,
+    ));
+    let (v, f) = run(&mut e, &back);
+    assert_eq!(v, TX_INT);
+    assert_eq!(&f[30..34], &POD_B);
+    // Everything idles out: the mappings go with their flows.
+    for _ in 0..100 {
+        e.begin_batch(SEC * 10_000);
+    }
+    assert_eq!((e.flows().len(), e.mappings()), (0, 0));
+}
+
+/// A pod's packets go to its home worker (the owner of the port it would keep) before
+/// any flow is opened, so all its flows share one mapping table.
+#[test]
+fn a_new_flow_goes_to_its_home_worker() {
+    let mut w1 = Engine::new(1, 64, Arc::new(mf::snapshot()));
+    w1.begin_batch(SEC);
+    let out = from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53); // home: worker 0
+    let mut f = out.build();
+    assert_eq!(w1.process(&mut f), Verdict::ToWorker(0));
+    assert_eq!(f, out.build(), "handed on untouched");
+    // Handed on once already (snapshots disagreeing): served here, from its own ports.
+    let (v, f) = {
+        let mut f = out.build();
+        (w1.process_probe(&mut f, 1), f)
+    };
+    assert_eq!(v, TX_EXT);
+    let port = u16::from_be_bytes([f[34], f[35]]);
+    assert_eq!(nat::port_owner(port, 2), 1);
+}
+
+/// A flow the policy now keeps lives at its pod's home worker: its packets arriving on
+/// another worker go there, not out untranslated (the policy would route them so).
+#[test]
+fn a_kept_flows_packets_go_home_first() {
+    let snap = mf::snapshot();
+    let kept = with_policy(&snap, "nonMasqueradeCIDRs: [20.0.0.0/24]\n", 2);
+    let mut w1 = Engine::new(1, 64, kept);
+    w1.begin_batch(SEC);
+    let out = from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53); // home: worker 0
+    let mut f = out.build();
+    assert_eq!(w1.process(&mut f), Verdict::ToWorker(0));
+    // Handed on already: the policy decides (routed with the pod's address).
+    let mut f = out.build();
+    assert_eq!(w1.process_probe(&mut f, 1), TX_EXT);
+    assert_eq!(&f[26..30], &POD_A);
 }

@@ -56,7 +56,8 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn process_allocates_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut e = Engine::new(0, 4096, Arc::new(fixtures::snapshot()));
-    // Frames are built before watching (the builder allocates).
+    // Frames are built before watching (the builder allocates). Client ports 4 apart:
+    // each keeps a port of worker 0 (ports go to workers in pairs).
     let syns: Vec<Vec<u8>> = (0..1000u16)
         .map(|p| {
             FrameSpec {
@@ -64,7 +65,7 @@ fn process_allocates_nothing() {
                 dst_mac: LB_MAC,
                 src: CLIENT,
                 dst: VIP,
-                sport: 10_000 + p,
+                sport: 10_000 + 4 * p,
                 ..FrameSpec::default()
             }
             .build()
@@ -83,7 +84,7 @@ fn process_allocates_nothing() {
         src: BACKEND,
         dst: SNAT,
         sport: 8080,
-        dport: 65000,
+        dport: 65002, // worker 1's
         flags: TcpFlags::ACK,
         ..FrameSpec::default()
     }
@@ -128,9 +129,11 @@ fn masquerading_allocates_nothing() {
     use lb::wire::ipv4::{PROTO_ICMP, PROTO_UDP};
     let mut e = Engine::new(0, 4096, Arc::new(mf::snapshot()));
     let mut frames: Vec<Vec<u8>> = Vec::new();
+    // Inside ports 4 apart from 20000: each maps to its own port of worker 0.
     for i in 0..500u16 {
-        let out = from_pod(mf::POD_A, mf::REMOTE, PROTO_UDP, 20_000 + i, 53);
-        let sent = masqueraded(&out, mf::FIRST_PORT + i);
+        let sport = 20_000 + 4 * i;
+        let out = from_pod(mf::POD_A, mf::REMOTE, PROTO_UDP, sport, 53);
+        let sent = masqueraded(&out, mf::mapped(sport));
         frames.push(out.build());
         frames.push(answer(&sent).build());
         frames.push(
@@ -146,9 +149,9 @@ fn masquerading_allocates_nothing() {
         );
     }
     for i in 0..100u16 {
-        let ping = from_pod(mf::POD_B, mf::REMOTE, PROTO_ICMP, i, 1);
+        let ping = from_pod(mf::POD_B, mf::REMOTE, PROTO_ICMP, 4 * i, 1);
         frames.push(ping.build());
-        frames.push(answer(&masqueraded(&ping, mf::FIRST_PORT + 500 + i)).build());
+        frames.push(answer(&masqueraded(&ping, mf::mapped(4 * i))).build());
     }
     // Routed untranslated (non-masquerade destination).
     frames.push(from_pod(mf::POD_A, mf::PRIVATE, PROTO_UDP, 1, 2).build());

@@ -14,6 +14,22 @@ use std::sync::Arc;
 
 const SEC: u64 = 1_000_000_000;
 
+/// The fixture snapshot with one worker: home of every client port.
+fn one_worker() -> Arc<Snapshot> {
+    let mut cfg = fixtures::config();
+    cfg.workers = 1;
+    Arc::new(
+        Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(fixtures::net()), None)
+            .expect("build"),
+    )
+}
+
+/// The `i`-th client port whose home is worker `w` of the fixture's two: 40000 maps to
+/// 64712, a port of worker 0; ports 4 apart map 4 apart (ports go to workers in pairs).
+fn cport(w: u16, i: u16) -> u16 {
+    40000 + 2 * w + 4 * i
+}
+
 fn engine(worker: u16) -> Engine {
     let mut e = Engine::new(worker, 1024, Arc::new(fixtures::snapshot()));
     e.begin_batch(SEC);
@@ -129,14 +145,16 @@ fn same_flow_keeps_its_port_and_backend() {
 
 #[test]
 fn reply_on_the_wrong_worker_goes_to_its_owner() {
-    // Worker 1 creates the flow (its ports are 63268–65535); the reply lands on worker 0.
+    // Worker 1 creates the flow (the client port's home); the reply lands on worker 0.
     let mut owner = engine(1);
-    let mut f = syn(40000).build();
+    let mut f = syn(cport(1, 0)).build();
     assert_eq!(owner.process(&mut f), Verdict::Tx { iface: 0 });
     let port = sport(&f);
-    assert!(
-        port >= 63268,
-        "worker 1 allocates from its own slice, got {port}"
+    assert_eq!(port, fixtures::mapped(cport(1, 0)));
+    assert_eq!(
+        nat::port_owner(port, 2),
+        1,
+        "worker 1 maps to its own ports"
     );
     let reply = FrameSpec {
         dst_mac: LB_MAC,
@@ -229,7 +247,9 @@ fn tcp_states_and_timeouts() {
 
 #[test]
 fn removed_backend_ends_its_flows_and_others_survive() {
-    let cfg = fixtures::config();
+    let mut cfg = fixtures::config();
+    cfg.workers = 1; // every client port's home
+
     let fe = fixtures::frontends()[0];
     let two = fixtures::table()
         .apply(&Op::AddBackend {
@@ -351,29 +371,29 @@ fn handshake(e: &mut Engine, cport: u16, port: u16) {
 
 #[test]
 fn a_flow_whose_packets_moved_queues_is_found_by_probing() {
-    // The connection opened on worker 1's queue; after an RSS change its client's
-    // segments arrive on worker 0's.
+    // The connection opened on worker 1 (its client port's home); after an RSS change
+    // its client's segments arrive on worker 0's queue, which sends them home first.
+    let c = cport(1, 0);
     let mut owner = engine(1);
-    let port = open(&mut owner, 40000);
+    let port = open(&mut owner, c);
     let mut other = engine(0);
-    let ack = seg(40000, TcpFlags::ACK);
+    let ack = seg(c, TcpFlags::ACK);
     let mut a = ack.clone();
-    assert_eq!(other.process(&mut a), Verdict::Probe(1));
-    assert_eq!(a, ack, "a probed frame is untouched");
-    assert_eq!(other.counters.flow_probes, 1);
+    assert_eq!(other.process(&mut a), Verdict::ToWorker(1));
+    assert_eq!(a, ack, "a handed-off frame is untouched");
     assert_eq!(owner.process_probe(&mut a, 1), Verdict::Tx { iface: 0 });
     assert_eq!(sport(&a), port, "the owner's translation");
     // After FIN the 5-tuple may already belong to a new connection (its SYN went to
     // another worker): a closing flow takes only segments near where its client left off.
-    let mut fin = seg_at(40000, TcpFlags::FIN | TcpFlags::ACK, 1000);
+    let mut fin = seg_at(c, TcpFlags::FIN | TcpFlags::ACK, 1000);
     assert_eq!(owner.process(&mut fin), Verdict::Tx { iface: 0 });
-    let mut last_ack = seg_at(40000, TcpFlags::ACK, 1001);
+    let mut last_ack = seg_at(c, TcpFlags::ACK, 1001);
     assert_eq!(
         owner.process_probe(&mut last_ack, 1),
         Verdict::Tx { iface: 0 },
-        "the old connection's last ACK, even probed"
+        "the old connection's last ACK, even handed on"
     );
-    let mut reused = seg_at(40000, TcpFlags::ACK, 3_000_000_000);
+    let mut reused = seg_at(c, TcpFlags::ACK, 3_000_000_000);
     assert_eq!(
         owner.process(&mut reused),
         Verdict::Probe(0),
@@ -383,9 +403,11 @@ fn a_flow_whose_packets_moved_queues_is_found_by_probing() {
         owner.process_probe(&mut reused, 1),
         Verdict::Drop(DropReason::NoFlow)
     );
-    // A segment nobody has: the last worker in the chain counts it.
-    let mut stray = seg(40999, TcpFlags::ACK);
+    // A segment nobody has (its home is worker 0): probed, and the last worker in the
+    // chain counts it.
+    let mut stray = seg(cport(0, 3), TcpFlags::ACK);
     assert_eq!(other.process(&mut stray), Verdict::Probe(1));
+    assert_eq!(other.counters.flow_probes, 1);
     assert_eq!(
         owner.process_probe(&mut stray, 1),
         Verdict::Drop(DropReason::NoFlow)
@@ -432,7 +454,7 @@ fn establish(e: &mut Engine, cport: u16) {
 
 #[test]
 fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
-    let mut e = Engine::new(0, 4, Arc::new(fixtures::snapshot()));
+    let mut e = Engine::new(0, 4, one_worker());
     let mut now = SEC;
     e.begin_batch(now);
     // Two established connections and two half-open ones (SYN seen, and SYN+ACK seen).
@@ -470,12 +492,12 @@ fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
         let mut f = seg(p, TcpFlags::ACK);
         assert_eq!(
             e.process(&mut f),
-            Verdict::Probe(1), // gone here; worker 1 is asked
+            Verdict::Drop(DropReason::NoFlow), // gone (the only worker)
             "evicted {p}"
         );
     }
     // A table of established flows only refuses (counted) and keeps them all.
-    let mut e = Engine::new(0, 2, Arc::new(fixtures::snapshot()));
+    let mut e = Engine::new(0, 2, one_worker());
     e.begin_batch(SEC);
     for p in [1000, 1001] {
         establish(&mut e, p);
@@ -512,14 +534,20 @@ fn a_reply_alone_does_not_establish_and_half_open_flows_keep_the_short_timeout()
 #[test]
 fn tiny_port_range_is_exhausted_and_counted() {
     let mut cfg = fixtures::config();
-    cfg.snat.ports = nat::PortRange::new(61000, 61003).expect("range"); // 2 ports per worker
+    // Worker 0 owns 61000 and 61001.
+    cfg.snat = lb::snapshot::SnatConfig::single(
+        fixtures::SNAT,
+        nat::PortRange::new(61000, 61003).expect("range"),
+    );
     let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(fixtures::net()), None)
         .expect("build");
     let mut e = Engine::new(0, 64, Arc::new(s));
     e.begin_batch(SEC);
     let mut ok = 0;
+    // Even client ports whose home is worker 0 (each prefers 61000): one gets it, one
+    // gets 61001 (parity is only recommended), the rest find nothing.
     for p in 0..5 {
-        let mut f = syn(2000 + p).build();
+        let mut f = syn(2000 + 4 * p).build();
         if e.process(&mut f) == (Verdict::Tx { iface: 0 }) {
             ok += 1;
         }
@@ -577,7 +605,9 @@ proptest! {
         let mut net = fixtures::net();
         net = NetView::new(net.ifaces.clone(), net.routes().to_vec(),
             [(fixtures::IFINDEX, src, CLIENT_MAC), (fixtures::IFINDEX, BACKEND, fixtures::BACKEND_MAC)]);
-        let s = Snapshot::build(1, &fixtures::config(), &fixtures::table(), Arc::new(net), None).expect("build");
+        let mut cfg = fixtures::config();
+        cfg.workers = 1; // every client port's home
+        let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(net), None).expect("build");
         let mut e = Engine::new(0, 16, Arc::new(s));
         let spec = FrameSpec { src, sport, ttl, payload, proto: if udp { PROTO_UDP } else { 6 }, dport: if udp { 53 } else { 80 }, ..syn(0) };
         let mut f = spec.build();

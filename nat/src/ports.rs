@@ -1,13 +1,18 @@
-//! SNAT port ranges: parsing, per-worker slices, allocation.
+//! NAT port ranges: parsing, which worker owns a port, and the candidates for a mapping.
 //!
-//! A slice is a contiguous run of ports; the split gives every worker `len / n` ports and
-//! the first `len % n` workers one more, so [`PortRange::owner`] is pure arithmetic and
-//! agrees with [`PortRange::slice`] by construction (property-tested below).
+//! Ownership: ports are dealt out to the workers in pairs, round-robin over the whole
+//! port space ([`port_owner`]): `2k` and `2k+1` belong to worker `k mod n`. It is pure
+//! arithmetic, the same for every address and range, and gives every worker ports of
+//! both parities everywhere in the space, so a worker can keep an inside port's parity
+//! and class (RFC 4787 REQ-3, REQ-4) without asking anyone. A mapping lives on the
+//! worker owning its outside port, which is how a reply landing on another queue finds
+//! its flow.
 //!
-//! Allocation follows Linux conntrack's idea (nf_nat_l4proto_unique_tuple): a port is not
-//! reserved globally but per remote endpoint, so the allocator only proposes candidates
-//! and the caller checks whether the reply tuple `(remote, snat_addr:port)` is in use.
-//! Capacity therefore grows with the number of distinct remotes.
+//! Allocation follows Linux conntrack (nf_nat_l4proto_unique_tuple): the inside port is
+//! kept when free ([`PortRange::preferred`]), and a port is not reserved globally but per
+//! remote endpoint, so [`PortRange::candidates`] only proposes ports and the caller checks
+//! whether the reply tuple `(remote, addr:port)` is in use. Capacity therefore grows with
+//! the number of distinct remotes.
 
 use core::fmt;
 use core::str::FromStr;
@@ -28,7 +33,7 @@ pub enum PortRangeError {
     Empty { first: u16, last: u16 },
     #[error("port range {first}-{last} includes port 0")]
     Zero { first: u16, last: u16 },
-    #[error("port range {range} has {len} ports, fewer than the {workers} workers that need a slice each")]
+    #[error("port range {range} has {len} ports: too few for {workers} workers to own ports of both parities each (ports go to workers in pairs, round-robin)")]
     TooSmall {
         range: PortRange,
         len: u32,
@@ -59,9 +64,11 @@ impl PortRange {
         (self.first..=self.last).contains(&port)
     }
 
-    /// Check that the range can give each of `workers` a nonempty slice.
+    /// Check that every one of `workers` owns ports of both parities in the range (so
+    /// each can keep an inside port's parity).
     pub fn check_workers(&self, workers: u16) -> Result<(), PortRangeError> {
-        if workers == 0 || self.len() < u32::from(workers) {
+        let both = |w| (0..2).all(|b| Progression::new(*self, w, workers, b).is_some());
+        if workers == 0 || !(0..workers).all(both) {
             return Err(PortRangeError::TooSmall {
                 range: *self,
                 len: self.len(),
@@ -71,33 +78,158 @@ impl PortRange {
         Ok(())
     }
 
-    /// The slice of worker `w` out of `n`. Requires `check_workers(n)` to have passed.
-    pub fn slice(&self, w: u16, n: u16) -> PortRange {
-        let (base, extra) = (self.len() / u32::from(n), self.len() % u32::from(n));
-        let w32 = u32::from(w);
-        let start = u32::from(self.first) + w32 * base + w32.min(extra);
-        let size = base + u32::from(w32 < extra);
-        // start + size - 1 <= last <= u16::MAX by the split's arithmetic.
-        PortRange {
-            first: start as u16,
-            last: (start + size - 1) as u16,
+    /// The port an inside port maps to when it is free: the inside port itself when the
+    /// range holds it (port preservation), else a port of the range in the inside port's
+    /// class (0–1023 or 1024–65535) and of its parity, as far as the range allows.
+    pub fn preferred(&self, inside: u16) -> u16 {
+        let sub = self.class_of(inside);
+        if sub.contains(inside) {
+            return inside;
+        }
+        let off = u32::from(inside) % sub.len();
+        // first + off <= last because off < len.
+        let p = (u32::from(sub.first) + off) as u16;
+        match (p & 1 == inside & 1, p < sub.last) {
+            (true, _) => p,
+            (false, true) => p + 1,
+            (false, false) => p.saturating_sub(1).max(sub.first),
         }
     }
 
-    /// Which of `n` workers owns `port`, if it lies in the range.
-    pub fn owner(&self, port: u16, n: u16) -> Option<u16> {
-        if !self.contains(port) || n == 0 {
+    /// The part of the range in `port`'s class (0–1023 or 1024–65535), or the whole
+    /// range when it has no port of that class.
+    fn class_of(&self, port: u16) -> PortRange {
+        let (lo, hi) = if port < 1024 {
+            (1, 1023)
+        } else {
+            (1024, u16::MAX)
+        };
+        let (first, last) = (self.first.max(lo), self.last.min(hi));
+        if first <= last {
+            PortRange { first, last }
+        } else {
+            *self
+        }
+    }
+
+    /// The ports worker `w` of `n` may map `inside` to, best first: the preferred port
+    /// when `w` owns it; then `w`'s other ports of the same parity in the same class
+    /// (else in the range); then, parity being only RECOMMENDED (RFC 4787 REQ-4) and
+    /// capacity mattering more, `w`'s ports of the other parity. After the preferred
+    /// port each group is walked from the position `salt` selects, so that successive
+    /// allocations scatter instead of piling up behind one another (conntrack restarts
+    /// at random offsets for the same reason).
+    pub fn candidates(&self, inside: u16, w: u16, n: u16, salt: u32) -> Candidates {
+        let parity = inside & 1;
+        let class = self.class_of(inside);
+        let same =
+            Progression::new(class, w, n, parity).or_else(|| Progression::new(*self, w, n, parity));
+        let other = Progression::new(*self, w, n, parity ^ 1);
+        let pref = self.preferred(inside);
+        let owned = port_owner(pref, n) == w && same.is_some_and(|t| t.holds(pref));
+        Candidates {
+            pref: owned.then_some(pref),
+            pref_given: false,
+            tiers: [same, other],
+            tier: 0,
+            taken: 0,
+            salt,
+        }
+    }
+}
+
+/// Which of `workers` owns `port` (see the module doc): `(port / 2) mod workers`.
+pub fn port_owner(port: u16, workers: u16) -> u16 {
+    (port >> 1) % workers.max(1)
+}
+
+/// The ports `base + stride·j` for `j` in `lo..=hi`: one worker's ports of one parity in
+/// one range.
+#[derive(Debug, Clone, Copy)]
+struct Progression {
+    base: u32,
+    stride: u32,
+    lo: u32,
+    hi: u32,
+}
+
+impl Progression {
+    fn new(r: PortRange, w: u16, n: u16, parity: u16) -> Option<Progression> {
+        let (base, stride) = (
+            2 * u32::from(w) + u32::from(parity),
+            2 * u32::from(n.max(1)),
+        );
+        let (first, last) = (u32::from(r.first), u32::from(r.last));
+        if last < base {
             return None;
         }
-        let (base, extra) = (self.len() / u32::from(n), self.len() % u32::from(n));
-        let off = u32::from(port - self.first);
-        let boundary = extra * (base + 1);
-        let w = if off < boundary {
-            off / (base + 1)
-        } else {
-            extra + (off - boundary) / base.max(1)
-        };
-        Some(w as u16)
+        let lo = first.saturating_sub(base).div_ceil(stride);
+        let hi = (last - base) / stride;
+        (lo <= hi).then_some(Progression {
+            base,
+            stride,
+            lo,
+            hi,
+        })
+    }
+
+    fn len(&self) -> u32 {
+        self.hi - self.lo + 1
+    }
+
+    fn holds(&self, port: u16) -> bool {
+        let p = u32::from(port);
+        p >= self.base
+            && (p - self.base).is_multiple_of(self.stride)
+            && (self.lo..=self.hi).contains(&((p - self.base) / self.stride))
+    }
+
+    /// The `i`-th port from the one `salt` selects (wrapping).
+    fn nth_from(&self, salt: u32, i: u32) -> u16 {
+        let j = self.lo + (salt % self.len() + i) % self.len();
+        // base + stride·hi <= last <= u16::MAX by construction.
+        (self.base + self.stride * j) as u16
+    }
+}
+
+/// The candidate ports of one mapping (see [`PortRange::candidates`]).
+#[derive(Debug, Clone)]
+pub struct Candidates {
+    /// The preferred port, when the worker owns it: proposed first, skipped later.
+    pref: Option<u16>,
+    pref_given: bool,
+    tiers: [Option<Progression>; 2],
+    tier: usize,
+    taken: u32,
+    salt: u32,
+}
+
+impl Iterator for Candidates {
+    type Item = u16;
+    fn next(&mut self) -> Option<u16> {
+        if !self.pref_given {
+            self.pref_given = true;
+            if self.pref.is_some() {
+                return self.pref;
+            }
+        }
+        while let Some(t) = self.tiers.get(self.tier).copied() {
+            match t {
+                Some(t) if self.taken < t.len() => {
+                    self.taken += 1;
+                    let p = t.nth_from(self.salt, self.taken - 1);
+                    // The preferred port came first already.
+                    if Some(p) != self.pref {
+                        return Some(p);
+                    }
+                }
+                _ => {
+                    self.tier += 1;
+                    self.taken = 0;
+                }
+            }
+        }
+        None
     }
 }
 
@@ -122,54 +254,65 @@ impl FromStr for PortRange {
     }
 }
 
-/// Proposes ports from one worker's slice, round-robin from where it last succeeded, so
-/// that recently freed ports are the last to be reused (TIME_WAIT on the backend side).
-#[derive(Debug, Clone)]
-pub struct PortAllocator {
-    slice: PortRange,
-    next: u16,
+/// Most addresses in the SNAT pool (the XDP program's `snat_addrs` map holds these and
+/// the egress address).
+pub const MAX_POOL: usize = 15;
+
+/// One `--snat-addr` argument: an address or an inclusive range of addresses (a pool),
+/// optionally with the ports to use on them: `192.0.2.10`, `192.0.2.10-192.0.2.13`,
+/// `192.0.2.10:1024-65535`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatAddrSpec {
+    pub first: std::net::Ipv4Addr,
+    pub last: std::net::Ipv4Addr,
+    pub ports: Option<PortRange>,
 }
 
-impl PortAllocator {
-    pub fn new(slice: PortRange) -> Self {
-        PortAllocator {
-            slice,
-            next: slice.first,
-        }
-    }
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NatAddrError {
+    #[error("{0:?} is not ADDR, ADDR-ADDR or either with :FIRST-LAST ports (e.g. 192.0.2.10-192.0.2.13:1024-65535)")]
+    Syntax(String),
+    #[error("{0}: the first address is above the last")]
+    Empty(String),
+    #[error("{0}: more than {MAX_POOL} addresses")]
+    TooMany(String),
+    #[error("{0}: {1}")]
+    Ports(String, PortRangeError),
+}
 
-    /// Start proposing at the port `seed` selects in the slice. A daemon seeds from its
-    /// clock, so a restart (which forgets the flows) does not hand out first the ports
-    /// the previous run used most recently, toward remotes that may still hold them in
-    /// TIME_WAIT.
-    pub fn seeded(slice: PortRange, seed: u64) -> Self {
-        let off = (seed % u64::from(slice.len())) as u32;
-        PortAllocator {
-            slice,
-            // first + off <= last <= u16::MAX because off < len.
-            next: (u32::from(slice.first) + off) as u16,
-        }
+impl NatAddrSpec {
+    pub fn addrs(&self) -> impl Iterator<Item = std::net::Ipv4Addr> {
+        (u32::from(self.first)..=u32::from(self.last)).map(std::net::Ipv4Addr::from)
     }
+}
 
-    pub fn slice(&self) -> PortRange {
-        self.slice
-    }
-
-    /// The first port (trying at most `max_tries`) for which `in_use` says no.
-    pub fn allocate(&mut self, max_tries: u32, mut in_use: impl FnMut(u16) -> bool) -> Option<u16> {
-        let tries = max_tries.min(self.slice.len());
-        for _ in 0..tries {
-            let p = self.next;
-            self.next = if p >= self.slice.last {
-                self.slice.first
-            } else {
-                p + 1
-            };
-            if !in_use(p) {
-                return Some(p);
-            }
+impl FromStr for NatAddrSpec {
+    type Err = NatAddrError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || NatAddrError::Syntax(s.to_string());
+        let (addrs, ports) = match s.split_once(':') {
+            Some((a, p)) => (
+                a,
+                Some(
+                    p.parse::<PortRange>()
+                        .map_err(|e| NatAddrError::Ports(s.to_string(), e))?,
+                ),
+            ),
+            None => (s, None),
+        };
+        let (first, last) = match addrs.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (addrs, addrs),
+        };
+        let first: std::net::Ipv4Addr = first.trim().parse().map_err(|_| syntax())?;
+        let last: std::net::Ipv4Addr = last.trim().parse().map_err(|_| syntax())?;
+        if first > last {
+            return Err(NatAddrError::Empty(s.to_string()));
         }
-        None
+        if u32::from(last) - u32::from(first) >= MAX_POOL as u32 {
+            return Err(NatAddrError::TooMany(s.to_string()));
+        }
+        Ok(NatAddrSpec { first, last, ports })
     }
 }
 
@@ -203,56 +346,100 @@ mod tests {
     }
 
     #[test]
-    fn seeded_allocation_starts_inside_the_slice_and_goes_round() {
-        let r = PortRange::new(65530, 65535).expect("valid");
-        let mut a = PortAllocator::seeded(r, 4);
-        let got: Vec<u16> = (0..7).filter_map(|_| a.allocate(1, |_| false)).collect();
-        assert_eq!(got, [65534, 65535, 65530, 65531, 65532, 65533, 65534]);
-        let mut a = PortAllocator::seeded(r, u64::MAX);
-        assert!(a.allocate(1, |_| false).is_some_and(|p| r.contains(p)));
+    fn nat_address_specs() {
+        let a: NatAddrSpec = "192.0.2.10".parse().expect("one address");
+        assert_eq!((a.addrs().count(), a.ports), (1, None));
+        let a: NatAddrSpec = "192.0.2.10-192.0.2.13:1024-65535".parse().expect("a pool");
+        assert_eq!(a.addrs().count(), 4);
+        assert_eq!(a.ports, Some(PortRange::new(1024, 65535).expect("valid")));
+        assert!(matches!(
+            "192.0.2.13-192.0.2.10".parse::<NatAddrSpec>(),
+            Err(NatAddrError::Empty(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0-10.0.1.0".parse::<NatAddrSpec>(),
+            Err(NatAddrError::TooMany(_))
+        ));
+        assert!(matches!(
+            "192.0.2.10:0-9".parse::<NatAddrSpec>(),
+            Err(NatAddrError::Ports(..))
+        ));
+        assert!(matches!(
+            "example".parse::<NatAddrSpec>(),
+            Err(NatAddrError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn preservation_keeps_the_port_else_its_class_and_parity() {
+        let r = PortRange::new(1024, 65535).expect("valid");
+        assert_eq!(r.preferred(40000), 40000);
+        assert_eq!(r.preferred(500) & 1, 0, "no low port in range: parity kept");
+        let r = PortRange::new(61000, 65535).expect("valid");
+        for inside in [500u16, 40000, 40001, 61000, 65535] {
+            let p = r.preferred(inside);
+            assert!(r.contains(p));
+            assert_eq!(p & 1, inside & 1, "{inside} -> {p}");
+        }
+        let r = PortRange::new(600, 2000).expect("valid");
+        assert!(r.preferred(500) < 1024, "class 0-1023 kept");
+        assert!(r.preferred(5000) >= 1024, "class 1024-65535 kept");
     }
 
     #[test]
     fn too_small_for_workers() {
-        let r = PortRange::new(100, 102).expect("valid");
-        assert!(r.check_workers(3).is_ok());
-        assert!(r.check_workers(4).is_err());
+        // Pairs (100,101) and (102,103) go to workers 0 and 1 of 2.
+        let r = PortRange::new(100, 103).expect("valid");
+        assert!(r.check_workers(2).is_ok());
+        assert!(r.check_workers(3).is_err());
         assert!(r.check_workers(0).is_err());
+        assert!(PortRange::new(101, 103)
+            .expect("valid")
+            .check_workers(2)
+            .is_err());
     }
 
     proptest! {
-        /// Slices never overlap, cover the range exactly, and `owner` agrees with them.
+        /// A worker's candidates are exactly its ports in the range, each once: the
+        /// preferred port first when the worker owns it, then those of the inside
+        /// port's parity (its class first), then the others.
         #[test]
-        fn slices_partition_the_range(first in 1u16..=65535, len in 1u32..5000, n in 1u16..=16) {
+        fn candidates_are_the_workers_own_ports(
+            first in 1u16..=65535, len in 1u32..3000, n in 1u16..=8, inside in 1u16..=65535,
+            salt in any::<u32>(),
+        ) {
             let last = (u32::from(first) + len - 1).min(65535) as u16;
             let r = PortRange::new(first, last).expect("valid");
             prop_assume!(r.check_workers(n).is_ok());
-            let mut seen = HashSet::new();
+            let pref = r.preferred(inside);
+            prop_assert!(r.contains(pref));
+            if r.contains(inside) {
+                prop_assert_eq!(pref, inside);
+            }
+            let parity = inside & 1;
             for w in 0..n {
-                let s = r.slice(w, n);
-                prop_assert!(s.first <= s.last);
-                for p in s.first..=s.last {
-                    prop_assert!(seen.insert(p), "port {} in two slices", p);
-                    prop_assert_eq!(r.owner(p, n), Some(w));
+                let got: Vec<u16> = r.candidates(inside, w, n, salt).collect();
+                let set: HashSet<u16> = got.iter().copied().collect();
+                prop_assert_eq!(set.len(), got.len(), "a port proposed twice");
+                let class = r.class_of(inside);
+                let same_in_class = |p: &u16| class.contains(*p) && *p & 1 == parity;
+                let mine: HashSet<u16> =
+                    (r.first..=r.last).filter(|&p| port_owner(p, n) == w).collect();
+                let has_class = mine.iter().any(same_in_class);
+                // Without a port of its class and parity, the class is not kept.
+                let want: HashSet<u16> = if has_class {
+                    mine.iter().copied().filter(|p| class.contains(*p) || *p & 1 != parity).collect()
+                } else {
+                    mine.clone()
+                };
+                prop_assert_eq!(&set, &want);
+                if port_owner(pref, n) == w && pref & 1 == parity {
+                    prop_assert_eq!(got[0], pref);
                 }
+                // Same parity before the other parity.
+                let first_other = got.iter().position(|p| p & 1 != parity).unwrap_or(got.len());
+                prop_assert!(got[first_other..].iter().all(|p| p & 1 != parity));
             }
-            prop_assert_eq!(seen.len() as u32, r.len());
-        }
-
-        /// The allocator never hands out a port that is in use, and finds a free one
-        /// whenever one exists within its tries.
-        #[test]
-        fn allocator_never_returns_a_used_port(
-            used in proptest::collection::hash_set(1000u16..1064, 0..64),
-            seed in any::<u64>(),
-        ) {
-            let mut a = PortAllocator::seeded(PortRange::new(1000, 1063).expect("valid"), seed);
-            let mut taken = used.clone();
-            while let Some(p) = a.allocate(64, |p| taken.contains(&p)) {
-                prop_assert!(!taken.contains(&p));
-                taken.insert(p);
-            }
-            prop_assert_eq!(taken.len(), 64);
         }
     }
 }

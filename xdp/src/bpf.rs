@@ -89,7 +89,7 @@ impl Ord for Endpoint {
 }
 
 impl SteeringState {
-    pub fn new(table: &ServiceTable, snat_addr: [u8; 4], ports: nat::PortRange) -> SteeringState {
+    pub fn new(table: &ServiceTable, pool: &[lb::snapshot::NatAddr]) -> SteeringState {
         let mut s = SteeringState::default();
         for svc in table.services() {
             let f = svc.frontend;
@@ -103,14 +103,16 @@ impl SteeringState {
                     .or_default() += 1;
             }
         }
-        s.snat.insert(
-            snat_addr,
-            SnatRange {
-                first: ports.first,
-                last: ports.last,
-                flags: 0,
-            },
-        );
+        for p in pool {
+            s.snat.insert(
+                p.addr,
+                SnatRange {
+                    first: p.ports.first,
+                    last: p.ports.last,
+                    flags: 0,
+                },
+            );
+        }
         s
     }
 

@@ -33,7 +33,7 @@ use crossbeam_channel::{Receiver, Sender};
 use lb::flow::{Flow, FlowKey, FlowKind};
 use lb::netview::{NetView, NextHopError};
 use lb::service::{Op, ServiceTable};
-use lb::snapshot::{DatapathConfig, MasqState, SnatConfig};
+use lb::snapshot::{DatapathConfig, MasqState, NatAddr, SnatConfig};
 use lb::{Snapshot, Timeouts};
 use nat::{Cidr, MasqPolicy, PortRange};
 use ringbuf::traits::Split;
@@ -103,7 +103,8 @@ fn read_policy(path: &std::path::Path) -> Result<(MasqPolicy, String), String> {
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub ifaces: Vec<String>,
-    pub snat_addr: Option<Ipv4Addr>,
+    /// SNAT pool (`--snat-addr`); empty: the last interface's primary address.
+    pub snat_addrs: Vec<nat::NatAddrSpec>,
     pub snat_ports: PortRange,
     pub queues: Option<u32>,
     pub cores: Vec<usize>,
@@ -135,7 +136,6 @@ struct WorkerHandle {
     id: u16,
     queue: u32,
     core: Option<usize>,
-    slice: PortRange,
     snapshots: Sender<Arc<Snapshot>>,
     requests: Sender<WorkerRequest>,
     shared: Arc<WorkerShared>,
@@ -206,6 +206,78 @@ pub fn unusable_source(a: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
+/// Ports a dedicated SNAT address (one the host does not use for its own traffic) gets
+/// unless `--snat-addr` says otherwise: all of them, so an inside port of either class
+/// (below 1024 or not) can be kept.
+pub const DEDICATED_PORTS: PortRange = PortRange {
+    first: 1,
+    last: u16::MAX,
+};
+
+/// Whether the host uses `a` for its own traffic: the primary address of a served
+/// interface (what the kernel picks as source there).
+fn host_used(net: &lb::netview::NetView, a: Ipv4Addr) -> bool {
+    net.ifaces.iter().any(|i| i.addr == Some(a.octets()))
+}
+
+/// The SNAT pool from `--snat-addr`: each address with its ports (given, else
+/// `--snat-ports` on a host-used address, else [`DEDICATED_PORTS`]); without the flag,
+/// the last interface's primary address with `--snat-ports`.
+fn snat_pool(
+    dc: &DaemonConfig,
+    net: &lb::netview::NetView,
+    local: &[Ipv4Addr],
+) -> Result<Vec<NatAddr>, DaemonError> {
+    let mut pool: Vec<NatAddr> = Vec::new();
+    if dc.snat_addrs.is_empty() {
+        let a = net.ifaces.last().and_then(|i| i.addr).ok_or_else(|| {
+            DaemonError::Config(format!(
+                "interface {} has no IPv4 address to use for SNAT; pass --snat-addr",
+                dc.ifaces.last().map(String::as_str).unwrap_or("?")
+            ))
+        })?;
+        pool.push(NatAddr {
+            addr: a,
+            ports: dc.snat_ports,
+        });
+    }
+    for spec in &dc.snat_addrs {
+        for a in spec.addrs() {
+            let bad = |why: String| DaemonError::Config(format!("--snat-addr {a}: {why}"));
+            if let Some(why) = unusable_source(a) {
+                return Err(bad(why.into()));
+            }
+            if pool.iter().any(|p| p.addr == a.octets()) {
+                return Err(bad("given twice".into()));
+            }
+            if !local.contains(&a) {
+                return Err(bad(format!(
+                    "not an address of this node, so nobody answers ARP for it and the backends' replies \
+                     never arrive; add it (e.g. ip addr add {a}/32 dev {})",
+                    dc.ifaces.last().map(String::as_str).unwrap_or("IFACE")
+                )));
+            }
+            let host = host_used(net, a);
+            let ports = spec
+                .ports
+                .unwrap_or(if host { dc.snat_ports } else { DEDICATED_PORTS });
+            tracing::info!(addr = %a, %ports, dedicated = !host, "SNAT address");
+            pool.push(NatAddr {
+                addr: a.octets(),
+                ports,
+            });
+        }
+    }
+    if pool.len() > nat::MAX_POOL {
+        return Err(DaemonError::Config(format!(
+            "--snat-addr: {} addresses, at most {} are supported",
+            pool.len(),
+            nat::MAX_POOL
+        )));
+    }
+    Ok(pool)
+}
+
 /// Whether a socket of this node (this network namespace) would take `addr:port`:
 /// a listening TCP socket, or an unconnected UDP one, on that address or the wildcard
 /// (IPv6 dual-stack sockets included). Unreadable tables count as no.
@@ -235,7 +307,7 @@ fn local_listener(addr: Ipv4Addr, port: u16, proto: lb::service::Proto) -> bool 
 
 /// What the XDP maps must hold for `table` and the masquerading state of `snap`.
 fn steering_state(table: &ServiceTable, cfg: &DatapathConfig, snap: &Snapshot) -> SteeringState {
-    let s = SteeringState::new(table, cfg.snat.addr, cfg.snat.ports);
+    let s = SteeringState::new(table, &cfg.snat.pool);
     match &snap.masq {
         Some(m) => s.with_masq(&m.rules, cfg.snat.ports),
         None => s,
@@ -306,21 +378,8 @@ impl Daemon {
         }
         let mut nl = Netlink::open()?;
         let net = nl.dump(&dc.ifaces)?;
-        let snat_addr = match dc.snat_addr {
-            Some(a) => a,
-            None => net
-                .ifaces
-                .last()
-                .and_then(|i| i.addr)
-                .map(Ipv4Addr::from)
-                .ok_or_else(|| {
-                    DaemonError::Config(format!(
-                        "interface {} has no IPv4 address to use for SNAT; pass --snat-addr",
-                        dc.ifaces.last().map(String::as_str).unwrap_or("?")
-                    ))
-                })?,
-        };
         let local = nl.ipv4_addrs(None)?;
+        let pool = snat_pool(&dc, &net, &local)?;
         let mut masq = None;
         let mut masq_state = None;
         if let Some(o) = &dc.masq {
@@ -379,31 +438,33 @@ impl Daemon {
             });
         }
         let egress_addr = masq_state.as_ref().map(|m| m.rules.egress);
-        for (addr, flag) in [
-            (Some(snat_addr), "--snat-addr"),
-            (egress_addr, "--egress-addr"),
-        ] {
-            if let Some(why) = addr.and_then(unusable_source) {
-                return Err(DaemonError::Config(format!(
-                    "{flag} {}: {why}",
-                    addr.unwrap_or(Ipv4Addr::UNSPECIFIED)
-                )));
+        if let Some(e) = egress_addr {
+            if let Some(why) = unusable_source(e) {
+                return Err(DaemonError::Config(format!("--egress-addr {e}: {why}")));
+            }
+            if let Some(p) = pool.iter().find(|p| p.addr == e.octets()) {
+                if p.ports != dc.snat_ports {
+                    return Err(DaemonError::Config(format!(
+                        "{e} is both the egress address and a SNAT address with other ports ({}): masquerading \
+                         uses --snat-ports ({}) on it; give it those",
+                        p.ports, dc.snat_ports
+                    )));
+                }
             }
         }
-        for (addr, flag) in [
-            (Some(snat_addr), "--snat-addr"),
-            (egress_addr, "--egress-addr"),
-        ] {
-            let Some(addr) = addr.filter(|a| local.contains(a)) else {
-                continue;
-            };
+        // The host's own addresses share ports with its sockets.
+        let host_ranges = pool
+            .iter()
+            .map(|p| (Ipv4Addr::from(p.addr), p.ports, "--snat-addr"))
+            .chain(egress_addr.map(|e| (e, dc.snat_ports, "--egress-addr")))
+            .filter(|(a, _, _)| host_used(&net, *a));
+        for (addr, ports, flag) in host_ranges {
             if let Some((lo, hi)) = local_port_range() {
-                if dc.snat_ports.first <= hi && lo <= dc.snat_ports.last {
+                if ports.first <= hi && lo <= ports.last {
                     return Err(DaemonError::Config(format!(
-                        "NAT ports {} overlap the host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range) on \
+                        "NAT ports {ports} overlap the host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range) on \
                          {addr}, a host address: replies to the host's own connections would be taken. Choose \
-                         --snat-ports outside {lo}-{hi} or a dedicated {flag}",
-                        dc.snat_ports
+                         --snat-ports outside {lo}-{hi} or a dedicated {flag}"
                     )));
                 }
             }
@@ -441,12 +502,17 @@ impl Daemon {
             );
         }
         let workers = queues as u16;
+        for p in &pool {
+            p.ports
+                .check_workers(workers)
+                .map_err(|e| DaemonError::Config(format!("{}: {e}", Ipv4Addr::from(p.addr))))?;
+        }
         dc.snat_ports
             .check_workers(workers)
             .map_err(|e| DaemonError::Config(e.to_string()))?;
         let cfg = DatapathConfig {
             snat: SnatConfig {
-                addr: snat_addr.octets(),
+                pool: Arc::from(pool),
                 ports: dc.snat_ports,
             },
             timeouts: dc.timeouts,
@@ -584,7 +650,6 @@ impl Daemon {
                 id: id as u16,
                 queue,
                 core: core.map(|c| c.id),
-                slice: dc.snat_ports.slice(id as u16, workers),
                 snapshots: snap_tx,
                 requests: req_tx,
                 shared: Arc::clone(&shared[id]),
@@ -633,21 +698,24 @@ impl Daemon {
     /// be answered by the node itself; a frontend on a NAT address inside the NAT port
     /// range would take replies of translated flows.
     fn check_addresses(&self, op: &Op) -> Result<(), String> {
-        let snat = Ipv4Addr::from(self.cfg.snat.addr);
         let egress = self.snap.masq.as_ref().map(|m| m.rules.egress);
-        let ours = |a: Ipv4Addr| a == snat || Some(a) == egress || self.local.contains(&a);
+        let snat = &self.cfg.snat;
+        // The NAT ports of a NAT address.
+        let nat_range = |a: Ipv4Addr| {
+            snat.range_of(a.octets())
+                .or((Some(a) == egress).then_some(snat.ports))
+        };
+        let ours = |a: Ipv4Addr| nat_range(a).is_some() || self.local.contains(&a);
         let backends: Vec<Ipv4Addr> = match op {
             Op::AddService { backends, .. } => backends.iter().map(|b| b.addr).collect(),
             Op::AddBackend { backend, .. } => vec![backend.addr],
             _ => Vec::new(),
         };
         if let Op::AddService { frontend, .. } = op {
-            if (frontend.addr == snat || Some(frontend.addr) == egress)
-                && self.cfg.snat.ports.contains(frontend.port)
-            {
+            if let Some(r) = nat_range(frontend.addr).filter(|r| r.contains(frontend.port)) {
                 return Err(format!(
-                    "frontend {frontend} is inside the NAT port range {} of {}: it would take replies of translated flows",
-                    self.cfg.snat.ports, frontend.addr
+                    "frontend {frontend} is inside the NAT port range {r} of {}: it would take replies of translated flows",
+                    frontend.addr
                 ));
             }
             if ours(frontend.addr) && local_listener(frontend.addr, frontend.port, frontend.proto) {
@@ -867,13 +935,27 @@ impl Daemon {
                     id: w.id,
                     queue: w.queue,
                     core: w.core,
-                    snat_ports: w.slice.to_string(),
+                    mappings: w.shared.mappings.load(Ordering::Relaxed),
                     flows: w.shared.flows.load(Ordering::Relaxed),
                     flow_capacity: self.flows_per_worker as u64,
                 })
                 .collect(),
-            snat_address: Ipv4Addr::from(self.cfg.snat.addr),
+            snat_pool: self
+                .cfg
+                .snat
+                .pool
+                .iter()
+                .map(|a| control::proto::SnatAddrView {
+                    address: Ipv4Addr::from(a.addr),
+                    ports: a.ports.to_string(),
+                })
+                .collect(),
             snat_ports: self.cfg.snat.ports.to_string(),
+            port_ownership: format!(
+                "in pairs round-robin over {} worker(s): port p is worker (p / 2) mod {}",
+                self.workers.len(),
+                self.workers.len()
+            ),
             services: self.table.len(),
             flows: self
                 .workers

@@ -1,5 +1,6 @@
 //! Worker threads: one per rx queue, pinned to a core, each owning its AF_XDP sockets
-//! (one per served interface, on its queue), its flow table and its SNAT port slice.
+//! (one per served interface, on its queue), its flow table, and the NAT mappings of the
+//! ports it owns (`nat::port_owner`).
 //!
 //! The loop, per batch: take the newest snapshot if the control thread sent one (so a
 //! batch sees one configuration), read the clock once, recycle completed TX frames into
@@ -8,7 +9,8 @@
 //! or allocates.
 //!
 //! Hand-off: an XSK receives only its own queue's frames, so a reply that lands on
-//! another worker's queue is copied into that worker's SPSC ring (ringbuf; one ring per
+//! another worker's queue, or an inside endpoint's packet that finds no flow away from
+//! its home worker (see `lb::pipeline`), is copied into that worker's SPSC ring (ringbuf; one ring per
 //! ordered pair of workers; each frame is prefixed with its length and the number of
 //! workers that already looked for its flow) and processed there. A frame that found no
 //! flow and cannot open one goes round the workers the same way (`Verdict::Probe`), so a
@@ -52,6 +54,8 @@ pub struct WorkerShared {
     /// interface, in `--iface` order), refreshed about once a second.
     pub xsk: Vec<[AtomicU64; XSK_STATS]>,
     pub flows: AtomicU64,
+    /// NAT mappings (inside endpoints) the worker holds.
+    pub mappings: AtomicU64,
     pub parked: AtomicBool,
     /// The worker thread panicked (set by the daemon's supervisor; lbd then stops).
     pub failed: AtomicBool,
@@ -150,6 +154,7 @@ pub fn shared_state(sockets: usize) -> std::io::Result<(Poll, Arc<WorkerShared>)
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
                 .collect(),
             flows: AtomicU64::new(0),
+            mappings: AtomicU64::new(0),
             parked: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             waker,
@@ -201,13 +206,6 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         return;
     }
     let me = Arc::clone(&spec.peers[spec.id as usize]);
-    // A restart forgets the flows; do not start with the ports the last run used first.
-    engine.seed_ports(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0),
-    );
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; MAX_FRAME];
     let start = Instant::now();
@@ -267,13 +265,10 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     }
                 }
                 Verdict::ToWorker(w) | Verdict::Probe(w) => {
-                    // The owner needs no hop count; a probe carries one more.
+                    // One more worker has looked for the frame's flow (a hand-off to an
+                    // inside endpoint's home is a look too; see Engine::process_probe).
                     let w = usize::from(w);
-                    let hops = if matches!(v, Verdict::Probe(_)) {
-                        hops.saturating_add(1)
-                    } else {
-                        0
-                    };
+                    let hops = hops.saturating_add(1);
                     let frame = io.frame(i);
                     let pushed = spec
                         .out
@@ -344,6 +339,8 @@ fn publish(me: &WorkerShared, engine: &Engine) {
     }
     me.flows
         .store(engine.flows().len() as u64, Ordering::Relaxed);
+    me.mappings
+        .store(engine.mappings() as u64, Ordering::Relaxed);
 }
 
 /// Bytes before each frame in a hand-off ring: its length (u16) and its hop count.

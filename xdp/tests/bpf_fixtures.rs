@@ -17,7 +17,7 @@ fn loaded() -> Steering {
     let _ = xdp::sys::raise_memlock_limit(); // best effort, as in lbd
     let mut s = Steering::load().expect("the program loads and verifies");
     let cfg = fixtures::config();
-    let state = SteeringState::new(&fixtures::table(), fixtures::SNAT, cfg.snat.ports);
+    let state = SteeringState::new(&fixtures::table(), &cfg.snat.pool);
     s.add_new(&state)
         .expect("maps accept the fixture configuration");
     // BPF_PROG_TEST_RUN's ingress interface is the namespace's loopback.
@@ -101,11 +101,7 @@ fn removing_a_service_stops_steering_it() {
     let before = s.stats()[Stat::Frontend as usize];
     s.test_run(&syn.frame).expect("run");
     assert_eq!(s.stats()[Stat::Frontend as usize], before + 1);
-    let empty = SteeringState::new(
-        &Default::default(),
-        fixtures::SNAT,
-        fixtures::config().snat.ports,
-    );
+    let empty = SteeringState::new(&Default::default(), &fixtures::config().snat.pool);
     s.remove_stale(&empty).expect("remove");
     s.add_new(&empty).expect("add");
     s.test_run(&syn.frame).expect("run");
@@ -129,7 +125,7 @@ fn masq_loaded(policy: nat::MasqPolicy) -> (Steering, SteeringState) {
     let _ = xdp::sys::raise_memlock_limit();
     let mut s = Steering::load().expect("the program loads and verifies");
     let cfg = mf::config(61000, 65535);
-    let state = SteeringState::new(&Default::default(), mf::EGRESS, cfg.snat.ports)
+    let state = SteeringState::new(&Default::default(), &cfg.snat.pool)
         .with_masq(&mf::rules(policy), cfg.snat.ports);
     s.add_new(&state)
         .expect("maps accept the masquerading configuration");
@@ -205,7 +201,7 @@ fn kept_flows_stay_steered_after_a_policy_change() {
     s.keep(&key).expect("keep");
     let policy = nat::MasqPolicy::from_yaml("nonMasqueradeCIDRs: [20.0.0.0/24]\n").expect("valid");
     let cfg = mf::config(61000, 65535);
-    let new = SteeringState::new(&Default::default(), mf::EGRESS, cfg.snat.ports)
+    let new = SteeringState::new(&Default::default(), &cfg.snat.pool)
         .with_masq(&mf::rules(policy), cfg.snat.ports);
     assert_ne!(old, new);
     s.remove_stale(&new).expect("remove");

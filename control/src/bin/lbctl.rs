@@ -391,7 +391,14 @@ fn print_status(s: &StatusView) {
             i.xdp_mode
         );
     }
-    out!("SNAT:        {} ports {}", s.snat_address, s.snat_ports);
+    for a in &s.snat_pool {
+        out!("SNAT:        {} ports {}", a.address, a.ports);
+    }
+    out!(
+        "NAT ports:   {}; --snat-ports {}",
+        s.port_ownership,
+        s.snat_ports
+    );
     match &s.masquerading {
         Some(m) => {
             out!(
@@ -420,22 +427,22 @@ fn print_status(s: &StatusView) {
         s.neighbours
     );
     out!(
-        "{:<7} {:<6} {:<5} {:<12} {:>8} {:>10}",
+        "{:<7} {:<6} {:<5} {:>12} {:>8} {:>10}",
         "WORKER",
         "QUEUE",
         "CORE",
-        "SNAT PORTS",
+        "MAPPINGS",
         "FLOWS",
         "CAPACITY"
     );
     for w in &s.workers {
         let core = w.core.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
         out!(
-            "{:<7} {:<6} {:<5} {:<12} {:>8} {:>10}",
+            "{:<7} {:<6} {:<5} {:>12} {:>8} {:>10}",
             w.id,
             w.queue,
             core,
-            w.snat_ports,
+            w.mappings,
             w.flows,
             w.flow_capacity
         );

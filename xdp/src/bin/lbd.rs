@@ -63,12 +63,17 @@ struct Args {
     /// Interface to serve (repeat for two-armed: clients on one, backends on another).
     #[arg(long = "iface", required = true)]
     ifaces: Vec<String>,
-    /// Source address for traffic to backends [default: the last --iface's primary IPv4].
-    #[arg(long)]
-    snat_addr: Option<Ipv4Addr>,
-    /// NAT source ports (load-balancer SNAT and masquerading share them), split evenly
-    /// across workers. Must avoid the host's ip_local_port_range when the SNAT or egress
-    /// address is a host address.
+    /// Source address for traffic to backends: ADDR or ADDR-ADDR (a pool; repeat for
+    /// more, up to 15), optionally :FIRST-LAST ports. A client's flows all leave from
+    /// the pool address its own address hashes to. An address the host uses (a served
+    /// interface's primary) gets --snat-ports; a dedicated one (added for xlb, e.g. ip
+    /// addr add ADDR/32 dev IFACE) gets every port, 1-65535 [default: the last
+    /// --iface's primary IPv4].
+    #[arg(long = "snat-addr")]
+    snat_addrs: Vec<nat::NatAddrSpec>,
+    /// NAT source ports on host addresses: the egress (masquerading) address and a
+    /// host-used SNAT address. Must avoid the host's ip_local_port_range. Ports go to
+    /// workers in pairs, round-robin.
     #[arg(long, visible_alias = "nat-ports", default_value = "61000-65535")]
     snat_ports: PortRange,
     /// Masquerade traffic from this CIDR (e.g. the pod CIDR); repeat for more. Enables
@@ -164,7 +169,7 @@ fn main() -> anyhow::Result<()> {
     }
     let cfg = DaemonConfig {
         ifaces: a.ifaces,
-        snat_addr: a.snat_addr,
+        snat_addrs: a.snat_addrs,
         snat_ports: a.snat_ports,
         queues: a.queues,
         cores: a.cores,
