@@ -113,6 +113,81 @@ impl Topo {
         self.children.push(c);
     }
 
+    /// nginx in namespace `short` on port 8081 answering "ok <short>" to every request,
+    /// with room for `conns` concurrent connections (keep-alive for an hour) over as
+    /// many worker processes as that takes.
+    pub fn start_nginx(&mut self, short: &str, conns: u32) {
+        let dir = self.dir().join(format!("nginx-{short}"));
+        // Processes here may hold fewer than 20 000 files (the hard RLIMIT_NOFILE, which
+        // tests cannot raise): 8 000 connections per nginx worker.
+        let workers = conns.div_ceil(8000).max(1);
+        let per = conns / workers + 64;
+        let files = 2 * per + 64;
+        std::fs::create_dir_all(&dir).expect("nginx dir");
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off; worker_processes {workers}; worker_rlimit_nofile {files};\n\
+                 pid {d}/pid; error_log {d}/error.log;\n\
+                 events {{ worker_connections {per}; }}\n\
+                 http {{ access_log off; keepalive_timeout 3600s; keepalive_requests 1000000;\n\
+                 client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
+                 uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+                 server {{ listen 8081 backlog=4096; location / {{ return 200 \"ok {short}\\n\"; }} }} }}\n",
+                d = dir.display(),
+            ),
+        )
+        .expect("nginx.conf");
+        let st = self
+            .cmd(short, "sysctl")
+            .args(["-qw", "net.core.somaxconn=4096"])
+            .status()
+            .expect("sysctl");
+        assert!(st.success());
+        let c = self
+            .cmd(short, "nginx")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx (deploy/install-deps.sh installs it)");
+        self.children.push(c);
+        // Ready when it answers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let o = self
+                .cmd(short, "curl")
+                .args(["-s", "--max-time", "1", "http://127.0.0.1:8081/"])
+                .output()
+                .expect("curl");
+            if o.stdout.starts_with(b"ok") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("nginx in {short} did not come up");
+    }
+
+    /// Start `prog args` in namespace `short` and wait for it to print "ready"; it is
+    /// killed with the topology.
+    pub fn spawn_ready(&mut self, short: &str, prog: &str, args: &[&str]) {
+        let mut c = self
+            .cmd(short, prog)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut line = String::new();
+        BufReader::new(c.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready line");
+        assert_eq!(line.trim(), "ready", "{prog} {args:?}");
+        self.children.push(c);
+    }
+
     /// The directory this topology keeps its files in (socket, log, configs).
     pub fn dir(&self) -> PathBuf {
         std::env::temp_dir().join(format!("{}-run", self.prefix))
@@ -331,6 +406,25 @@ impl Drop for Topo {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // What the children left behind (nginx's worker processes outlive a killed
+        // master): every process still in one of this topology's namespaces.
+        let list = Command::new("ip").args(["netns", "list"]).output();
+        let names = list.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        let mine = format!("{}-", self.prefix);
+        for ns in names.iter().flat_map(|n| n.lines()) {
+            let Some(ns) = ns
+                .split_whitespace()
+                .next()
+                .filter(|n| n.starts_with(&mine))
+            else {
+                continue;
+            };
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
         }
         let _ = Command::new(repo().join(self.script))
             .args(["down", &self.prefix])

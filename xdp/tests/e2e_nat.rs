@@ -1,0 +1,281 @@
+//! NAT behaviour end to end (RFC 4787/5382 requirements, docs/nat-behaviour.md): new
+//! connections through a VIP at wrk's rate without collapse, tens of thousands of
+//! concurrent connections to one backend, endpoint-independent mapping and port
+//! preservation seen by STUN-style reflectors.
+
+mod common;
+
+use common::topo::{Topo, VIP};
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// The dedicated SNAT address these tests give lbd (added to lb1 for ARP).
+const SNAT: &str = "10.1.0.2";
+
+/// The two-armed topology with `backends` nginx backends (port 8081) behind
+/// VIP:80/tcp, lbd SNATing from the dedicated address [`SNAT`].
+fn lb_topology(tag: &str, backends: u32, conns: u32, extra: &[&str]) -> Option<Topo> {
+    if !common::privileged(tag) {
+        return None;
+    }
+    let mut t = Topo::up(tag, 2, backends);
+    for i in 1..=backends {
+        t.start_nginx(&format!("b{i}"), conns);
+    }
+    let st = t
+        .cmd("lb", "ip")
+        .args(["addr", "add", &format!("{SNAT}/32"), "dev", "lb1"])
+        .status()
+        .expect("ip addr add");
+    assert!(st.success());
+    let mut args = vec!["--snat-addr", SNAT];
+    args.extend_from_slice(extra);
+    t.start_lbd(&args);
+    let mut add = vec!["service".to_string(), "add".into(), format!("{VIP}:80/tcp")];
+    for i in 1..=backends {
+        add.extend(["-b".into(), format!("10.1.0.1{i}:8081")]);
+    }
+    t.lbctl(&add.iter().map(String::as_str).collect::<Vec<_>>());
+    Some(t)
+}
+
+/// Connections xlb has opened so far (new flows plus reopened closed ones).
+fn connections(t: &Topo) -> u64 {
+    t.worker_sum("flows_created") + t.worker_sum("flows_reopened")
+}
+
+/// wrk with `Connection: close` through the VIP for 30 s: every second xlb opens at
+/// least half the mean rate of new connections, wrk sees no error, and every request
+/// was a connection through xlb. (Before port preservation and dedicated SNAT
+/// addresses, the rate collapsed to ~500/s after a second as ports ran out.)
+#[test]
+fn new_connections_through_a_vip_do_not_collapse() {
+    for backends in [1, 3] {
+        let Some(t) = lb_topology("wrk", backends, 4096, &["--flows-per-worker", "65536"]) else {
+            return;
+        };
+        let wrk = t
+            .cmd("client", "wrk")
+            .args(["-t2", "-c50", "-d30s", "-H", "Connection: close"])
+            .arg(format!("http://{VIP}/"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("wrk (deploy/install-deps.sh installs it)");
+        let start = Instant::now();
+        let mut samples = vec![connections(&t)];
+        while start.elapsed() < Duration::from_secs(30) {
+            let next = start + Duration::from_secs(samples.len() as u64);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            samples.push(connections(&t));
+        }
+        let out = wrk.wait_with_output().expect("wrk");
+        let total = connections(&t) - samples[0];
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "wrk: {text}");
+        let requests: u64 = text
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("wrk output: {text}"));
+        assert!(
+            !text.contains("Socket errors") && !text.contains("Non-2xx"),
+            "wrk saw errors through xlb:\n{text}"
+        );
+        // Whole seconds inside the run (the first and last are partial).
+        let rates: Vec<u64> = samples.windows(2).map(|w| w[1] - w[0]).collect();
+        let inner = &rates[1..rates.len() - 1];
+        let mean = inner.iter().sum::<u64>() as f64 / inner.len() as f64;
+        eprintln!(
+            "{backends} backend(s): {requests} requests, {mean:.0} new connections/s, per second {inner:?}"
+        );
+        assert!(mean > 100.0, "wrk barely ran: {inner:?}\n{text}");
+        for (i, r) in inner.iter().enumerate() {
+            assert!(
+                *r as f64 >= mean / 2.0,
+                "second {}: {r} new connections, under half the mean {mean:.0}: {inner:?}",
+                i + 1
+            );
+        }
+        assert!(
+            total >= requests,
+            "xlb opened {total} connections, fewer than the {requests} requests wrk completed"
+        );
+        assert_eq!(t.worker_drop("ports_exhausted"), 0);
+    }
+}
+
+/// 21 000 connections to a one-backend service, all open at once, each answering a
+/// request (the issue asks for at least 20 000); every client port is kept on the dedicated SNAT address (the backend
+/// sees the client's ports).
+#[test]
+fn twenty_thousand_concurrent_connections_to_one_backend() {
+    let Some(t) = lb_topology("conc", 1, 25_000, &["--flows-per-worker", "32768"]) else {
+        return;
+    };
+    // Three client processes of 7 000 connections each: a process here may not hold
+    // 20 000 files (the hard RLIMIT_NOFILE, which tests cannot raise).
+    let (procs, each) = (3u32, 7_000u32);
+    let n = procs * each;
+    let code = format!(
+        r#"
+import os, socket, sys
+def run(w):
+    socks = [socket.create_connection(('{VIP}', 80), timeout=10) for _ in range({each})]
+    for s in socks:
+        s.sendall(b'GET / HTTP/1.1\r\nHost: vip\r\n\r\n')
+    ok = 0
+    for s in socks:
+        data = b''
+        while not data.endswith(b'ok b1\n'):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        ok += data.startswith(b'HTTP/1.1 200') and data.endswith(b'ok b1\n')
+    os.write(w, ('%d %s\n' % (ok, ','.join(str(s.getsockname()[1]) for s in socks[:70]))).encode())
+    sys.stdin.read()
+pipes = []
+for _ in range({procs}):
+    r, w = os.pipe()
+    if os.fork() == 0:
+        run(w)
+        os._exit(0)
+    pipes.append(r)
+lines = [os.fdopen(r).readline().split() for r in pipes]
+print(sum(int(l[0]) for l in lines), flush=True)
+print(' '.join(','.join(l[1:]) for l in lines).replace(',', ' '), flush=True)
+sys.stdin.read()
+for _ in pipes:
+    os.wait()
+"#
+    );
+    let mut client = t
+        .cmd("client", "python3")
+        .args(["-c", &code])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("client");
+    let mut lines = BufReader::new(client.stdout.take().expect("stdout")).lines();
+    let ok: u32 = lines
+        .next()
+        .and_then(Result::ok)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("client failed\n{}", t.lbd_log()));
+    let ports: Vec<u16> = lines
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    // All still open: the flows are there, and the backend sees them.
+    let flows = t.lbctl_json(&["status"])["flows"].as_u64().unwrap_or(0);
+    let backend_conns = t
+        .cmd("b1", "ss")
+        .args(["-Htn", "state", "established", "( sport = :8081 )"])
+        .output()
+        .expect("ss");
+    let at_backend = String::from_utf8_lossy(&backend_conns.stdout)
+        .lines()
+        .count();
+    let seen = String::from_utf8_lossy(&backend_conns.stdout).into_owned();
+    drop(client.stdin.take());
+    let _ = client.wait();
+    eprintln!("{ok} of {n} answered; {flows} flows; {at_backend} connections at the backend");
+    assert_eq!(ok, n, "{}", t.lbd_log());
+    assert!(flows >= u64::from(n), "{flows} flows");
+    assert!(at_backend >= n as usize, "{at_backend} at the backend");
+    // Port preservation: the backend sees the client's own ports (from the SNAT address).
+    assert_eq!(ports.len(), 210);
+    for p in &ports {
+        assert!(
+            seen.contains(&format!("{SNAT}:{p}")),
+            "client port {p} not kept toward the backend"
+        );
+    }
+    assert_eq!(t.worker_drop("ports_exhausted"), 0);
+}
+
+/// A UDP reflector on `ports` answering every datagram with the source it saw.
+const REFLECTOR: &str = r#"
+import socket, select, sys
+socks = []
+for p in sys.argv[1:]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(('0.0.0.0', int(p)))
+    socks.append(s)
+print('ready', flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, peer = s.recvfrom(2048)
+        s.sendto(('%s:%d' % peer).encode(), peer)
+"#;
+
+/// RFC 4787 REQ-1 (endpoint-independent mapping) and port preservation, as a STUN
+/// client checks them: one pod socket asks two servers on two ports each what source
+/// they see. Ten sockets on ports inside the NAT range keep their ports (10/10); one on
+/// a port outside it gets a port of the same parity; each socket's four answers agree.
+#[test]
+fn mapping_is_endpoint_independent_and_ports_are_preserved() {
+    if !common::privileged("stun") {
+        return;
+    }
+    let mut t = Topo::masq_up("stun", 2);
+    t.start_lbd_on(&["int0", "ext0"], &["--masquerade-from", "10.244.0.0/16"]);
+    for ns in ["srv", "far"] {
+        t.spawn_ready(ns, "python3", &["-c", REFLECTOR, "3478", "3479"]);
+    }
+    let probe = r#"
+import socket, sys
+for port in [int(p) for p in sys.argv[1:]]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(('10.244.1.2', port))
+    s.settimeout(3)
+    seen = []
+    for dst in [('20.0.0.10', 3478), ('20.0.0.10', 3479), ('20.1.0.10', 3478), ('20.1.0.10', 3479)]:
+        s.sendto(b'?', dst)
+        seen.append(s.recvfrom(2048)[0].decode())
+    print(port, ' '.join(seen))
+"#;
+    let mut args: Vec<String> = (0..10).map(|i| (61100 + 7 * i).to_string()).collect();
+    args.push("40000".into());
+    let out = t
+        .cmd("pod", "python3")
+        .args(["-c", probe])
+        .args(&args)
+        .output()
+        .expect("probe");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.lbd_log()
+    );
+    let mut preserved = 0;
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        let port: u16 = w.next().and_then(|p| p.parse().ok()).expect("port");
+        let seen: Vec<&str> = w.collect();
+        assert_eq!(seen.len(), 4, "{line}");
+        assert!(
+            seen.iter().all(|s| *s == seen[0]),
+            "pod port {port}: one outside endpoint for every server and port, saw {seen:?}"
+        );
+        let (addr, outside) = seen[0].split_once(':').expect("addr:port");
+        assert_eq!(addr, "203.0.113.7");
+        let outside: u16 = outside.parse().expect("port");
+        if (61000..=65535).contains(&port) {
+            preserved += u32::from(outside == port);
+        } else {
+            assert!((61000..=65535).contains(&outside));
+            assert_eq!(outside & 1, port & 1, "parity kept for {port} -> {outside}");
+        }
+    }
+    assert_eq!(text.lines().count(), 11, "{text}");
+    assert_eq!(preserved, 10, "ports preserved: {text}");
+}
