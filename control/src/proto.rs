@@ -346,6 +346,9 @@ pub struct WorkerStats {
     /// Closed TCP flows reopened by a new SYN on their 5-tuple.
     #[serde(default)]
     pub flows_reopened: u64,
+    /// Packets turned around between two inside hosts (hairpinning).
+    #[serde(default)]
+    pub hairpinned: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -368,6 +371,7 @@ impl WorkerStats {
             flows_evicted: c.flows_evicted,
             flow_probes: c.flow_probes,
             flows_reopened: c.flows_reopened,
+            hairpinned: c.hairpinned,
             drops: lb::DropReason::ALL
                 .iter()
                 .filter(|r| c.drops[**r as usize] > 0)

@@ -106,6 +106,9 @@ pub struct Counters {
     pub flow_probes: u64,
     /// Closed TCP flows reopened by a new SYN on their 5-tuple (with their translation).
     pub flows_reopened: u64,
+    /// Packets from an inside host to another inside host's outside endpoint, turned
+    /// around inside xlb (hairpinning, RFC 4787 REQ-9).
+    pub hairpinned: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -134,6 +137,7 @@ impl Counters {
             self.flows_evicted,
             self.flow_probes,
             self.flows_reopened,
+            self.hairpinned,
         ]);
         a[SCALARS..].copy_from_slice(&self.drops);
         a
@@ -155,11 +159,12 @@ impl Counters {
             flows_evicted: a[9],
             flow_probes: a[10],
             flows_reopened: a[11],
+            hairpinned: a[12],
             drops,
         }
     }
 }
 
-const SCALARS: usize = 12;
+const SCALARS: usize = 13;
 /// Length of [`Counters::to_array`].
 pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

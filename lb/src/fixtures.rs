@@ -44,6 +44,9 @@ pub enum Steer {
     Drop,
     /// To the XSK of the rx queue: a packet to masquerade.
     Masq,
+    /// To the XSK of the rx queue: from a masquerade source to another inside host's
+    /// outside endpoint (hairpinning).
+    Hairpin,
 }
 
 #[derive(Debug, Clone)]
@@ -53,7 +56,8 @@ pub struct Fixture {
     pub steer: Steer,
     /// What worker 0 of a fresh engine returns.
     pub verdict: Verdict,
-    /// The frame after processing, when the verdict is `Tx`.
+    /// The frame after processing, when the verdict is `Tx` (or the frame was turned
+    /// around by hairpinning, whatever happened to it next).
     pub out: Option<Vec<u8>>,
 }
 

@@ -123,6 +123,9 @@ pub struct Flow {
     /// The flow counts toward its inside endpoint's mapping (`nat::Mappings`), which it
     /// releases when it goes.
     pub mapped: bool,
+    /// Between two inside hosts through the egress address (hairpinning): the forward
+    /// direction's packets are turned around inside xlb instead of sent out.
+    pub hairpin: bool,
     /// TCP: where the client's sequence space stood when the flow began to close (after
     /// FIN or RST); a forward segment far from it belongs to a new connection that reused
     /// the 5-tuple, not to this one (see the pipeline).
@@ -390,6 +393,7 @@ mod tests {
             kept: false,
             assured: false,
             mapped: false,
+            hairpin: false,
             fwd_seq: 0,
             packets: [0; 2],
         }

@@ -141,14 +141,13 @@ pub fn config(first: u16, last: u16) -> DatapathConfig {
 
 /// The snapshot with the default policy and the given NAT port range.
 pub fn snapshot_with_ports(first: u16, last: u16) -> Snapshot {
-    let s = Snapshot::build(
-        1,
-        &config(first, last),
-        &ServiceTable::default(),
-        Arc::new(net()),
-        None,
-    )
-    .expect("fixture snapshot builds");
+    snapshot_from(&config(first, last))
+}
+
+/// The snapshot with the default policy and datapath settings `cfg`.
+pub fn snapshot_from(cfg: &DatapathConfig) -> Snapshot {
+    let s = Snapshot::build(1, cfg, &ServiceTable::default(), Arc::new(net()), None)
+        .expect("fixture snapshot builds");
     s.with_masq(
         1,
         Some(Arc::new(MasqState {
@@ -290,7 +289,32 @@ pub fn fixtures() -> Vec<MasqFixture> {
             out: None,
         },
     };
+    let hairpin = from_pod(POD_B, EGRESS, PROTO_UDP, 40101, 61004);
     let mut all = vec![
+        m(
+            Internal,
+            "pod udp to the egress address in the nat range (hairpinning, no mapping there)",
+            hairpin.clone(),
+            Steer::Hairpin,
+            drop(DropReason::NoFlow),
+            // Turned around from POD_B's outside endpoint, then refused: no inside host
+            // holds 61004.
+            Some(FrameSpec {
+                src_mac: INT_MAC,
+                src: EGRESS,
+                sport: mapped(hairpin.sport),
+                ttl: hairpin.ttl - 1,
+                ..hairpin.clone()
+            }),
+        ),
+        m(
+            Internal,
+            "pod tcp to the egress address below the nat range (the node's own ssh)",
+            from_pod(POD_B, EGRESS, PROTO_TCP, 40101, 22),
+            Steer::Pass,
+            drop(DropReason::NotForUs),
+            None,
+        ),
         m(
             Internal,
             "pod udp to a public address",

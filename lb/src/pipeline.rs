@@ -53,7 +53,7 @@ use crate::wire::ethernet::ETHERTYPE_IPV4;
 use crate::wire::icmp::{self, Quoted};
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use crate::wire::{write_u16, EthernetFrame, Ipv4Packet, TcpFlags, L4};
-use nat::{port_owner, MapKey, Mappings, PortRange};
+use nat::{port_owner, MapKey, Mappings, Outside, PortRange};
 use std::sync::Arc;
 
 /// Most slots the expiry clock hand visits per batch.
@@ -154,6 +154,8 @@ pub struct Engine {
     /// Where the next port search starts after the preferred port (see
     /// `nat::PortRange::candidates`); moves on with every search.
     salt: u32,
+    /// The frame being processed was turned around once already (hairpinning).
+    looped: bool,
 }
 
 fn timeout(t: &Timeouts, s: FlowState) -> u64 {
@@ -215,6 +217,7 @@ impl Engine {
             unkept_len: 0,
             hops: 0,
             salt: u32::from(worker).wrapping_mul(0x9E37_79B9),
+            looped: false,
         })
     }
 
@@ -327,6 +330,7 @@ impl Engine {
     /// (after [`Verdict::Probe`]); a frame from an RX ring has 0.
     pub fn process_probe(&mut self, frame: &mut [u8], hops: u8) -> Verdict {
         self.hops = hops;
+        self.looped = false;
         self.counters.rx += 1;
         let v = match self.process_inner(frame) {
             Ok(v) => v,
@@ -446,8 +450,22 @@ impl Engine {
         // A reply to a NAT address and port with no flow here: its owner has it, or
         // nobody does.
         if let Some(owner) = self.nat_port_owner(p.key.dst, p.key.dport) {
+            // From an inside host to another's outside endpoint: hairpinning (RFC 4787
+            // REQ-9), a masquerade flow like any other.
+            if let Some(m) = self.snap.masq.clone().filter(|m| {
+                m.rules.egress.octets() == p.key.dst
+                    && p.key.proto != PROTO_ICMP
+                    && m.rules.decide(p.key.src.into(), p.key.dst.into())
+                        != nat::Decision::NotMasqueradeSource
+            }) {
+                return self.masquerade(frame, &p, &m);
+            }
             if owner != self.worker {
                 return Ok(Verdict::ToWorker(owner));
+            }
+            // Turned around by a hairpin flow: to the inside host holding the port.
+            if self.is_egress(p.key.src) {
+                return self.hairpin_in(frame, &p);
             }
             return Err(DropReason::NoFlow);
         }
@@ -514,6 +532,88 @@ impl Engine {
         (home != self.worker && self.hops == 0).then_some(Verdict::ToWorker(home))
     }
 
+    /// Whether `addr` is the masquerading (egress) address.
+    fn is_egress(&self, addr: [u8; 4]) -> bool {
+        self.snap
+            .masq
+            .as_ref()
+            .is_some_and(|m| m.rules.egress.octets() == addr)
+    }
+
+    /// The next hop of a hairpinned direction: the packet never leaves, it is turned
+    /// around inside xlb, so it keeps a MAC of the interface it came in on (frames are
+    /// only taken when addressed to one of ours).
+    fn loop_hop(&self, frame: &[u8]) -> Result<NextHop, DropReason> {
+        let (i, f) = self
+            .snap
+            .net
+            .ifaces
+            .iter()
+            .enumerate()
+            .find(|(_, i)| frame[0..6] == i.mac)
+            .ok_or(DropReason::ForeignMac)?;
+        Ok(NextHop {
+            iface: i as u8,
+            src_mac: f.mac,
+            dst_mac: f.mac,
+        })
+    }
+
+    /// A hairpin flow's packet after its forward rewrite (now from the sender's outside
+    /// endpoint to the receiver's): processed again as arriving at the egress address,
+    /// here or at the worker owning the destination port.
+    fn turn_around(&mut self, frame: &mut [u8], dport: u16) -> Result<Verdict, DropReason> {
+        if self.looped {
+            // A hairpin flow's rewrite never targets another hairpin flow's forward key.
+            return Err(DropReason::NoFlow);
+        }
+        self.counters.hairpinned += 1;
+        let owner = port_owner(dport, self.snap.workers);
+        if owner != self.worker {
+            return Ok(Verdict::ToWorker(owner));
+        }
+        self.looped = true;
+        self.process_inner(frame)
+    }
+
+    /// A turned-around packet (egress:Px → egress:P) with no flow: open the receiving
+    /// side of the hairpin for the inside endpoint holding P (RFC 4787 §6: it sees the
+    /// sender's outside endpoint), whose answers turn around the same way.
+    fn hairpin_in(&mut self, frame: &mut [u8], p: &Parsed) -> Result<Verdict, DropReason> {
+        let k = p.key;
+        if k.proto == PROTO_ICMP || (k.proto == PROTO_TCP && !p.flags.is_opening_syn()) {
+            return Err(DropReason::NoFlow);
+        }
+        let y = self
+            .mappings
+            .holder(&Outside {
+                addr: k.dst,
+                port: k.dport,
+                proto: k.proto,
+            })
+            .ok_or(DropReason::NoFlow)?;
+        let to_y = self.hop(y.inside)?;
+        let around = self.loop_hop(frame)?;
+        let fwd_key = FlowKey {
+            src: y.inside,
+            dst: k.src,
+            sport: y.port,
+            dport: k.sport,
+            proto: k.proto,
+        };
+        let fwd = rewrite(&fwd_key, k.dst, k.src, k.dport, k.sport, around);
+        let rev = rewrite(&k, k.src, y.inside, k.sport, y.port, to_y);
+        self.open_flow(
+            frame,
+            p,
+            [fwd_key, k],
+            [fwd, rev],
+            FlowKind::Masq,
+            true,
+            Dir::Reverse,
+        )
+    }
+
     /// The outside port for a new flow of `key`'s inside endpoint, to a remote where
     /// `free(port)` says whether the reply tuple is unused: the endpoint's mapping when
     /// it has one (endpoint-independent mapping), else its own port when this worker
@@ -529,11 +629,27 @@ impl Engine {
             return Ok(port);
         }
         self.salt = self.salt.wrapping_add(0x9E37_79B9);
-        let flows = &self.flows;
-        range
-            .candidates(key.port, self.worker, self.snap.workers, self.salt)
-            .take(MAX_PORT_TRIES as usize)
-            .find(|&p| free(flows, p))
+        let (flows, maps) = (&self.flows, &self.mappings);
+        let cands = || range.candidates(key.port, self.worker, self.snap.workers, self.salt);
+        // A port no other mapping holds first (its outside endpoint then names one
+        // inside endpoint, which hairpinning needs), then any port free toward this
+        // remote.
+        let unheld = |p: u16| {
+            maps.holder(&Outside {
+                addr: key.outside,
+                port: p,
+                proto: key.proto,
+            })
+            .is_none()
+        };
+        cands()
+            .take(MAX_PORT_TRIES as usize / 2)
+            .find(|&p| unheld(p) && free(flows, p))
+            .or_else(|| {
+                cands()
+                    .take(MAX_PORT_TRIES as usize)
+                    .find(|&p| free(flows, p))
+            })
             .ok_or(DropReason::PortsExhausted)
     }
 
@@ -633,7 +749,11 @@ impl Engine {
         f.last_seen = now;
         f.packets[dir as usize] = f.packets[dir as usize].saturating_add(1);
         let rw = f.rewrite[dir as usize];
+        let around = f.hairpin && dir == Dir::Forward;
         apply(frame, p, &rw);
+        if around {
+            return self.turn_around(frame, rw.dport);
+        }
         Ok(Verdict::Tx { iface: rw.iface })
     }
 
@@ -662,7 +782,8 @@ impl Engine {
             }
             FlowKind::Masq => f.keys[0].dst,
         };
-        if let Ok(h) = snap.net.next_hop(fwd_to) {
+        // A hairpin flow's forward direction turns around inside xlb: no next hop.
+        if let (false, Ok(h)) = (f.hairpin, snap.net.next_hop(fwd_to)) {
             set_hop(&mut f.rewrite[0], h);
         }
         if let Ok(h) = snap.net.next_hop(f.keys[0].src) {
@@ -733,10 +854,20 @@ impl Engine {
         let rev_key = reply(port);
         let fwd = rewrite(&k, nat.addr, baddr, port, backend.port, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
-        self.open_flow(frame, p, [k, rev_key], [fwd, rev], FlowKind::Lb)
+        self.open_flow(
+            frame,
+            p,
+            [k, rev_key],
+            [fwd, rev],
+            FlowKind::Lb,
+            false,
+            Dir::Forward,
+        )
     }
 
-    /// Insert a new flow under both keys, count it, and send its first packet.
+    /// Insert a new flow under both keys, count it, and send its first packet (which
+    /// travels in direction `first`).
+    #[allow(clippy::too_many_arguments)]
     fn open_flow(
         &mut self,
         frame: &mut [u8],
@@ -744,6 +875,8 @@ impl Engine {
         keys: [FlowKey; 2],
         rewrite: [Rewrite; 2],
         kind: FlowKind,
+        hairpin: bool,
+        first: Dir,
     ) -> Result<Verdict, DropReason> {
         let mut flow = Flow {
             keys,
@@ -759,8 +892,13 @@ impl Engine {
             kept: false,
             assured: false,
             mapped: false,
+            hairpin,
             fwd_seq: 0,
-            packets: [1, 0],
+            packets: if first == Dir::Forward {
+                [1, 0]
+            } else {
+                [0, 1]
+            },
         };
         self.make_room()?;
         flow.mapped = self.mappings.acquire(map_key(&flow), rewrite[0].sport);
@@ -771,10 +909,12 @@ impl Engine {
             return Err(DropReason::FlowTableFull);
         }
         self.counters.flows_created += 1;
-        apply(frame, p, &rewrite[0]);
-        Ok(Verdict::Tx {
-            iface: rewrite[0].iface,
-        })
+        let rw = rewrite[first as usize];
+        apply(frame, p, &rw);
+        if hairpin && first == Dir::Forward {
+            return self.turn_around(frame, rw.dport);
+        }
+        Ok(Verdict::Tx { iface: rw.iface })
     }
 
     /// Room for one more flow: when the table is full, evict the least recently seen
@@ -814,7 +954,14 @@ impl Engine {
         m: &MasqState,
     ) -> Result<Verdict, DropReason> {
         let k = p.key;
-        let decision = m.rules.decide(k.src.into(), k.dst.into());
+        // To another inside host's outside endpoint (see `process_inner`).
+        let hairpin = k.dst == m.rules.egress.octets()
+            && k.proto != PROTO_ICMP
+            && self.snap.snat.ports.contains(k.dport);
+        let decision = match hairpin {
+            true => nat::Decision::Masquerade { to: m.rules.egress },
+            false => m.rules.decide(k.src.into(), k.dst.into()),
+        };
         let mine = !matches!(
             decision,
             nat::Decision::NotMasqueradeSource
@@ -851,7 +998,7 @@ impl Engine {
                     }
                     return Err(DropReason::NoFlow);
                 }
-                self.new_masq_flow(frame, p, to.octets())
+                self.new_masq_flow(frame, p, to.octets(), hairpin)
             }
             // The node's own addresses and multicast are the kernel's (the XDP program
             // passes them; this is defensive).
@@ -870,9 +1017,13 @@ impl Engine {
         frame: &mut [u8],
         p: &Parsed,
         egress: [u8; 4],
+        hairpin: bool,
     ) -> Result<Verdict, DropReason> {
         let k = p.key;
-        let fwd_hop = self.hop(k.dst)?;
+        let fwd_hop = match hairpin {
+            true => self.loop_hop(frame)?,
+            false => self.hop(k.dst)?,
+        };
         let rev_hop = self.hop(k.src)?;
         // The reply key for a candidate port. For an echo request (id, 0) it is (0, id'):
         // the same formula, because k.dport is 0.
@@ -894,7 +1045,15 @@ impl Engine {
         let rev_key = reply(port);
         let fwd = rewrite(&k, egress, k.dst, port, k.dport, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
-        self.open_flow(frame, p, [k, rev_key], [fwd, rev], FlowKind::Masq)
+        self.open_flow(
+            frame,
+            p,
+            [k, rev_key],
+            [fwd, rev],
+            FlowKind::Masq,
+            hairpin,
+            Dir::Forward,
+        )
     }
 
     /// Forward untranslated, as a router: next hop from the routing table, TTL − 1.

@@ -557,3 +557,75 @@ fn a_kept_flows_packets_go_home_first() {
     assert_eq!(w1.process_probe(&mut f, 1), TX_EXT);
     assert_eq!(&f[26..30], &POD_A);
 }
+
+/// Hairpinning (RFC 4787 REQ-9, RFC 5382 REQ-8): POD_B sends to the egress address at
+/// POD_A's mapped port and reaches POD_A, from POD_B's own outside endpoint (§6); POD_A's
+/// answer to that endpoint comes back to POD_B. On one worker, and across two (the
+/// turned-around packet is handed to the owner of its destination port).
+#[test]
+fn hairpinning_between_two_pods() {
+    for workers in [1u16, 2] {
+        let mut cfg = mf::config(61000, 65535);
+        cfg.workers = workers;
+        let snap = Arc::new(mf::snapshot_from(&cfg));
+        let mut engines: Vec<Engine> = (0..workers)
+            .map(|w| {
+                let mut e = Engine::new(w, 64, Arc::clone(&snap));
+                e.begin_batch(SEC);
+                e
+            })
+            .collect();
+        // Run a frame through the workers as the I/O layer would (hand-offs included).
+        let mut deliver = |f: &mut Vec<u8>, mut w: u16| loop {
+            match engines[usize::from(w)].process(f) {
+                Verdict::ToWorker(n) => w = n,
+                v => return v,
+            }
+        };
+        // POD_A talks to REMOTE from port 40000: its mapping, 61000 + 40000 mod 4536.
+        let a_out = from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53);
+        assert_eq!(deliver(&mut a_out.build(), 0), TX_EXT);
+        let a_port = mf::mapped(40000);
+        // POD_B (port 40101) to EGRESS:a_port.
+        let b_out = from_pod(POD_B, EGRESS, PROTO_UDP, 40101, a_port);
+        let mut f = b_out.build();
+        assert_eq!(deliver(&mut f, 1 % workers), TX_INT, "{workers} worker(s)");
+        let b_port = mf::mapped(40101);
+        let at_a = FrameSpec {
+            src_mac: INT_MAC,
+            dst_mac: POD_MAC,
+            src: EGRESS,
+            dst: POD_A,
+            sport: b_port,
+            dport: 40000,
+            ttl: b_out.ttl - 2,
+            ..b_out.clone()
+        };
+        assert_eq!(f, at_a.build(), "POD_A sees POD_B's outside endpoint");
+        assert_eq!(verify(&f), (true, true));
+        // POD_A answers that endpoint: POD_B gets it from POD_A's outside endpoint.
+        let a_answer = FrameSpec {
+            payload: b"pong".to_vec(),
+            ..from_pod(POD_A, EGRESS, PROTO_UDP, 40000, b_port)
+        };
+        let mut f = a_answer.build();
+        assert_eq!(deliver(&mut f, 0), TX_INT);
+        let at_b = FrameSpec {
+            src_mac: INT_MAC,
+            dst_mac: POD_MAC,
+            src: EGRESS,
+            dst: POD_B,
+            sport: a_port,
+            dport: 40101,
+            ttl: a_answer.ttl - 2,
+            ..a_answer.clone()
+        };
+        assert_eq!(f, at_b.build(), "POD_B sees POD_A's outside endpoint");
+        assert_eq!(verify(&f), (true, true));
+        let turned: u64 = engines.iter().map(|e| e.counters.hairpinned).sum();
+        assert_eq!(turned, 2);
+        // POD_A's mapping serves both its remote and the hairpin: one mapping each.
+        let maps: usize = engines.iter().map(|e| e.mappings()).sum();
+        assert_eq!(maps, 2);
+    }
+}

@@ -7,6 +7,12 @@
 //! the table needs no coordination. A mapping counts the flows using it and goes with the
 //! last one. Capacity is fixed at construction (one mapping per flow at most), so
 //! [`Mappings::acquire`] never allocates.
+//!
+//! The table is also indexed by outside endpoint ([`Mappings::holder`]): who an outside
+//! port belongs to, for hairpinning (RFC 4787 REQ-9) and endpoint-independent filtering.
+//! A port is unique per remote only, so two mappings may share an outside port when no
+//! other is free; the index names the first, and allocation prefers ports no mapping
+//! holds.
 
 use hashbrown::HashMap;
 
@@ -26,10 +32,29 @@ struct Mapping {
     flows: u32,
 }
 
+/// An outside endpoint: address, port (or ICMP identifier), protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Outside {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+}
+
 #[derive(Debug)]
 pub struct Mappings {
     map: HashMap<MapKey, Mapping>,
+    by_outside: HashMap<Outside, MapKey>,
     capacity: usize,
+}
+
+impl MapKey {
+    fn outside(&self, port: u16) -> Outside {
+        Outside {
+            addr: self.outside,
+            port,
+            proto: self.proto,
+        }
+    }
 }
 
 /// The memory for a mapping table of this capacity could not be allocated.
@@ -42,10 +67,17 @@ pub struct MappingAllocError {
 impl Mappings {
     /// A table for up to `capacity` mappings, allocated now.
     pub fn try_with_capacity(capacity: usize) -> Result<Mappings, MappingAllocError> {
-        let mut map = HashMap::new();
+        let (mut map, mut by_outside) = (HashMap::new(), HashMap::new());
         map.try_reserve(capacity)
             .map_err(|_| MappingAllocError { capacity })?;
-        Ok(Mappings { map, capacity })
+        by_outside
+            .try_reserve(capacity)
+            .map_err(|_| MappingAllocError { capacity })?;
+        Ok(Mappings {
+            map,
+            by_outside,
+            capacity,
+        })
     }
 
     /// The outside port of `key`'s mapping, if it has one.
@@ -69,7 +101,13 @@ impl Mappings {
             return false;
         }
         self.map.insert(key, Mapping { port, flows: 1 });
+        self.by_outside.entry(key.outside(port)).or_insert(key);
         true
+    }
+
+    /// The inside endpoint holding `outside`, if a mapping does.
+    pub fn holder(&self, outside: &Outside) -> Option<MapKey> {
+        self.by_outside.get(outside).copied()
     }
 
     /// One flow that [`Mappings::acquire`] counted is gone.
@@ -77,7 +115,11 @@ impl Mappings {
         if let Some(m) = self.map.get_mut(key) {
             m.flows = m.flows.saturating_sub(1);
             if m.flows == 0 {
+                let out = key.outside(m.port);
                 self.map.remove(key);
+                if self.by_outside.get(&out) == Some(key) {
+                    self.by_outside.remove(&out);
+                }
             }
         }
     }
@@ -144,6 +186,8 @@ mod tests {
                 }
                 for (i, &n) in model.iter().enumerate() {
                     prop_assert_eq!(m.port(&key(i as u16)).is_some(), n > 0);
+                    let out = Outside { addr: [192, 0, 2, 1], port: i as u16, proto: 17 };
+                    prop_assert_eq!(m.holder(&out).is_some(), n > 0);
                 }
             }
         }

@@ -275,6 +275,16 @@ static __always_inline int masq_out(struct xdp_md *ctx, struct iphdr *ip, void *
 	int bad = is_frag ||
 		  l4_ports(l4, end, ip->protocol, &fk.sport, &fk.dport) < 0;
 
+	struct xlb_snat_range *egress = bpf_map_lookup_elem(&snat_addrs, &ip->daddr);
+
+	/* To the egress address inside its NAT range: another inside host's outside
+	 * endpoint. The workers turn it around (hairpinning, RFC 4787 REQ-9). */
+	if (egress && (egress->flags & XLB_SNAT_ANY_SOURCE) && !bad &&
+	    ip->protocol != IPPROTO_ICMP && in_range(egress, fk.dport)) {
+		if (ip->ttl <= 1)
+			return pass(XLB_STAT_TTL);
+		return to_worker(ctx, ip, XLB_STAT_HAIRPIN);
+	}
 	if (bpf_map_lookup_elem(&masq_skip, &dk)) {
 		if (bad)
 			return pass(XLB_STAT_PASS);

@@ -89,7 +89,8 @@ enum xlb_stat {
 	XLB_STAT_FOREIGN_MAC = 14,	/* for the workers, not to the interface's MAC: dropped */
 	XLB_STAT_VLAN = 15,		/* 802.1Q-tagged: left to the kernel's VLAN devices */
 	XLB_STAT_LENGTH = 16,		/* for the workers, IPv4/UDP lengths disagree: dropped */
-	XLB_STAT_MAX = 17,
+	XLB_STAT_HAIRPIN = 17,		/* a masquerade source to the egress address's NAT range: sent to the XSK */
+	XLB_STAT_MAX = 18,
 };
 
 _Static_assert(sizeof(struct xlb_iface) == 16, "xlb_iface: see xdp/src/abi.rs");

@@ -102,10 +102,11 @@ pub enum Stat {
     ForeignMac = 14,
     Vlan = 15,
     Length = 16,
+    Hairpin = 17,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 17] = [
+    pub const ALL: [Stat; 18] = [
         Stat::Rx,
         Stat::Frontend,
         Stat::Reply,
@@ -123,8 +124,9 @@ impl Stat {
         Stat::ForeignMac,
         Stat::Vlan,
         Stat::Length,
+        Stat::Hairpin,
     ];
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     pub fn name(self) -> &'static str {
         match self {
@@ -145,6 +147,7 @@ impl Stat {
             Stat::ForeignMac => "foreign_mac_dropped",
             Stat::Vlan => "vlan_tagged_passed",
             Stat::Length => "length_mismatch_dropped",
+            Stat::Hairpin => "to_worker_hairpin",
         }
     }
 }

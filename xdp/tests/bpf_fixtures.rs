@@ -150,6 +150,8 @@ fn steer_of(s: &mut Steering, frame: &[u8]) -> Steer {
         to_worker(Steer::Frontend)
     } else if d(Stat::Masq) == 1 || d(Stat::MasqKeep) == 1 {
         to_worker(Steer::Masq)
+    } else if d(Stat::Hairpin) == 1 {
+        to_worker(Steer::Hairpin)
     } else if d(Stat::Reply) == 1 || d(Stat::IcmpError) == 1 {
         to_worker(Steer::Reply)
     } else if ret == XDP_DROP {
@@ -174,7 +176,10 @@ fn masquerade_fixtures_through_prog_test_run() {
     }
     // Masquerade sources are only looked for on internal interfaces.
     s.set_iface_slot(lo, 0, false, mf::INT_MAC).expect("slot");
-    let pod = mf::fixtures().remove(0);
+    let pod = mf::fixtures()
+        .into_iter()
+        .find(|m| m.fx.name == "pod udp to a public address")
+        .expect("the row");
     assert_eq!(pod.fx.steer, Steer::Masq);
     assert_eq!(steer_of(&mut s, &pod.fx.frame), Steer::Pass);
 }

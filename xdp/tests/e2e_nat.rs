@@ -279,3 +279,87 @@ for port in [int(p) for p in sys.argv[1:]]:
     assert_eq!(text.lines().count(), 11, "{text}");
     assert_eq!(preserved, 10, "ports preserved: {text}");
 }
+
+/// Hairpinning (RFC 4787 REQ-9, RFC 5382 REQ-8), UDP and TCP, as two pods behind the
+/// same node find each other: each learns its outside endpoint from a server, then one
+/// reaches the other at that endpoint. The receiver sees the sender's outside endpoint
+/// (not its pod address), and its answer to it comes back.
+#[test]
+fn hairpinning_between_pods_udp_and_tcp() {
+    if !common::privileged("hairpin") {
+        return;
+    }
+    let mut t = Topo::masq_up("hpin", 2);
+    t.start_lbd_on(&["int0", "ext0"], &["--masquerade-from", "10.244.0.0/16"]);
+    t.spawn_ready("srv", "python3", &["-c", REFLECTOR, "3478"]);
+    let code = r#"
+import socket
+S = socket.SOCK_DGRAM
+def learn(s):
+    s.sendto(b'?', ('20.0.0.10', 3478))
+    return s.recvfrom(2048)[0].decode()
+a = socket.socket(socket.AF_INET, S); a.bind(('10.244.1.2', 40000)); a.settimeout(3)
+b = socket.socket(socket.AF_INET, S); b.bind(('10.244.1.3', 40101)); b.settimeout(3)
+ma, mb = learn(a), learn(b)
+ip, port = ma.split(':')
+b.sendto(b'hello a', (ip, int(port)))
+data, peer = a.recvfrom(2048)
+a.sendto(b'hello b', peer)
+back, peer2 = b.recvfrom(2048)
+print('udp', ma, mb, data.decode().replace(' ', '_'), '%s:%d' % peer, back.decode().replace(' ', '_'), '%s:%d' % peer2)
+# TCP: A listens on the port it also connects out from (its mapping).
+def sock():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.settimeout(5)
+    return s
+ls = sock(); ls.bind(('10.244.1.2', 40010)); ls.listen()
+c = sock(); c.bind(('10.244.1.2', 40010)); c.connect(('20.0.0.10', 9000))
+c.sendall(b'?peer\n')
+ma = c.makefile().readline().strip().split()[-1]
+ip, port = ma.split(':')
+bc = socket.create_connection((ip, int(port)), timeout=5, source_address=('10.244.1.3', 40111))
+conn, peer = ls.accept()
+conn.sendall(b'hi from a\n')
+got = bc.makefile().readline().strip().replace(' ', '_')
+bc.sendall(b'hi from b\n')
+got_a = conn.makefile().readline().strip().replace(' ', '_')
+print('tcp', ma, '%s:%d' % peer, got, got_a)
+"#;
+    let out = t
+        .cmd("pod", "python3")
+        .args(["-c", code])
+        .output()
+        .expect("pods");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.lbd_log()
+    );
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let udp = &lines[0];
+    let (ma, mb) = (udp[1], udp[2]);
+    assert!(
+        ma.starts_with("203.0.113.7:") && mb.starts_with("203.0.113.7:"),
+        "{text}"
+    );
+    assert_eq!(udp[3], "hello_a");
+    assert_eq!(udp[4], mb, "A sees B's outside endpoint");
+    assert_eq!(udp[5], "hello_b");
+    assert_eq!(udp[6], ma, "B sees A's outside endpoint");
+    let tcp = &lines[1];
+    assert!(tcp[1].starts_with("203.0.113.7:"), "{text}");
+    assert!(
+        tcp[2].starts_with("203.0.113.7:"),
+        "A's listener sees B's outside endpoint: {text}"
+    );
+    assert_eq!((tcp[3], tcp[4]), ("hi_from_a", "hi_from_b"));
+    assert!(t.worker_sum("hairpinned") >= 4, "{}", t.lbctl(&["stats"]));
+    assert!(t.xdp_stat("to_worker_hairpin") >= 2);
+}
