@@ -349,6 +349,9 @@ pub struct WorkerStats {
     /// Packets turned around between two inside hosts (hairpinning).
     #[serde(default)]
     pub hairpinned: u64,
+    /// ICMP errors xlb originated (fragmentation needed, administratively prohibited).
+    #[serde(default)]
+    pub icmp_sent: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -372,6 +375,7 @@ impl WorkerStats {
             flow_probes: c.flow_probes,
             flows_reopened: c.flows_reopened,
             hairpinned: c.hairpinned,
+            icmp_sent: c.icmp_sent,
             drops: lb::DropReason::ALL
                 .iter()
                 .filter(|r| c.drops[**r as usize] > 0)

@@ -78,6 +78,9 @@ drop_reasons! {
     /// The destination MAC is not one of xlb's interfaces (a broadcast, multicast or
     /// another host's frame: a router does not forward those); defensive, XDP drops them.
     ForeignMac = 22 => "foreign_mac",
+    /// Larger than the egress link's MTU and not sent back as an ICMP error: without DF
+    /// (xlb does not fragment), or with DF while the ICMP rate limit was exhausted.
+    TooBig = 23 => "too_big",
 }
 
 /// One worker's counters.
@@ -109,6 +112,9 @@ pub struct Counters {
     /// Packets from an inside host to another inside host's outside endpoint, turned
     /// around inside xlb (hairpinning, RFC 4787 REQ-9).
     pub hairpinned: u64,
+    /// ICMP errors xlb originated as a router: fragmentation needed (a DF packet larger
+    /// than the egress link) and communication administratively prohibited (no NAT port).
+    pub icmp_sent: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -138,6 +144,7 @@ impl Counters {
             self.flow_probes,
             self.flows_reopened,
             self.hairpinned,
+            self.icmp_sent,
         ]);
         a[SCALARS..].copy_from_slice(&self.drops);
         a
@@ -160,11 +167,12 @@ impl Counters {
             flow_probes: a[10],
             flows_reopened: a[11],
             hairpinned: a[12],
+            icmp_sent: a[13],
             drops,
         }
     }
 }
 
-const SCALARS: usize = 13;
+const SCALARS: usize = 14;
 /// Length of [`Counters::to_array`].
 pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

@@ -129,12 +129,18 @@ pub fn table() -> ServiceTable {
 }
 
 pub fn net() -> NetView {
+    net_with_mtu(1500)
+}
+
+/// The fixture network with this MTU on lb0.
+pub fn net_with_mtu(mtu: u16) -> NetView {
     NetView::new(
         vec![IfaceInfo {
             ifindex: IFINDEX,
             name: "lb0".into(),
             mac: LB_MAC,
             addr: Some(SNAT),
+            mtu,
         }],
         vec![
             Route {

@@ -65,6 +65,8 @@ pub struct Rewrite {
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
     pub iface: u8,
+    /// The egress link's MTU: a larger packet is not sent (see the pipeline).
+    pub mtu: u16,
     /// IPv4 header checksum delta, TTL decrement included.
     pub ip_delta: Delta,
     /// TCP/UDP checksum delta (pseudo-header addresses and ports).

@@ -115,6 +115,18 @@ fn check_one(e: &mut Engine, frame: &mut [u8], hops: u8, workers: u16) {
             assert!(n < workers && n != e.worker(), "hand-off to {n}");
             assert_eq!(frame, &before[..], "a handed-over frame is untouched");
         }
+        Verdict::Icmp { .. } => {
+            assert_eq!(
+                frame,
+                &before[..],
+                "a frame answered with ICMP is untouched"
+            );
+            assert_eq!(
+                verify(e.generated()),
+                (true, true),
+                "an originated ICMP error with bad checksums: {before:02x?}"
+            );
+        }
         Verdict::Hold | Verdict::Drop(_) => {
             assert_eq!(frame, &before[..], "a frame not sent is untouched");
         }

@@ -73,6 +73,11 @@ pub struct MasqFixture {
 }
 
 pub fn net() -> NetView {
+    net_with_mtu(1500, 1500)
+}
+
+/// The fixture network with these link MTUs on int0 and ext0.
+pub fn net_with_mtu(int_mtu: u16, ext_mtu: u16) -> NetView {
     NetView::new(
         vec![
             IfaceInfo {
@@ -80,12 +85,14 @@ pub fn net() -> NetView {
                 name: "int0".into(),
                 mac: INT_MAC,
                 addr: Some(NODE_INT),
+                mtu: int_mtu,
             },
             IfaceInfo {
                 ifindex: EXT_IFINDEX,
                 name: "ext0".into(),
                 mac: EXT_MAC,
                 addr: Some(EGRESS),
+                mtu: ext_mtu,
             },
         ],
         vec![

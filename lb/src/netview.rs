@@ -20,6 +20,8 @@ pub struct IfaceInfo {
     pub mac: [u8; 6],
     /// The interface's primary IPv4 address, if any.
     pub addr: Option<[u8; 4]>,
+    /// The link's MTU: larger IPv4 packets do not leave by it (see the pipeline).
+    pub mtu: u16,
 }
 
 /// A unicast route from the main table.
@@ -51,6 +53,8 @@ pub struct NextHop {
     pub iface: u8,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+    /// The egress link's MTU.
+    pub mtu: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +128,7 @@ impl NetView {
             iface: iface as u8,
             src_mac: self.ifaces[iface].mac,
             dst_mac: mac,
+            mtu: self.ifaces[iface].mtu,
         })
     }
 }
@@ -140,12 +145,14 @@ mod tests {
                     name: "lb0".into(),
                     mac: [2, 0, 0, 0, 0, 5],
                     addr: Some([10, 0, 0, 1]),
+                    mtu: 1500,
                 },
                 IfaceInfo {
                     ifindex: 7,
                     name: "lb1".into(),
                     mac: [2, 0, 0, 0, 0, 7],
                     addr: None,
+                    mtu: 1500,
                 },
             ],
             vec![
@@ -186,7 +193,8 @@ mod tests {
             Ok(NextHop {
                 iface: 1,
                 src_mac: [2, 0, 0, 0, 0, 7],
-                dst_mac: [8; 6]
+                dst_mac: [8; 6],
+                mtu: 1500,
             })
         );
         assert_eq!(v.next_hop([8, 8, 8, 8]).map(|h| h.dst_mac), Ok([9; 6]));

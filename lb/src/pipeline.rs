@@ -77,6 +77,18 @@ pub const EVICT_SCAN: usize = 16;
 pub const MAX_PORT_TRIES: u32 = 128;
 /// Neighbour resolutions a worker can ask for between two drains.
 const RESOLVE_QUEUE: usize = 16;
+/// ICMP errors a worker may originate in a burst, and per second after it (each worker;
+/// a router rate-limits what it originates, RFC 1812 §4.3.2.8).
+pub const ICMP_BURST: u64 = 32;
+pub const ICMP_PER_SEC: u64 = 100;
+/// Most bytes of the offending packet an originated ICMP error quotes: the error stays
+/// within 576 bytes (RFC 1812 §4.3.2.3).
+const ICMP_QUOTE: usize = 576 - 20 - icmp::HEADER_LEN;
+/// Room for an originated ICMP error: Ethernet, IPv4 and ICMP headers and the quote.
+const GENERATED: usize = 14 + 20 + icmp::HEADER_LEN + ICMP_QUOTE;
+/// Code of "communication administratively prohibited" (RFC 1812 §5.2.7.1).
+const ADMIN_PROHIBITED: u8 = 13;
+
 /// Kept flows whose end a worker can report between two drains (more are not reported:
 /// a stale keep entry only steers a 5-tuple to the workers, which then decide by policy).
 const UNKEEP_QUEUE: usize = 256;
@@ -94,6 +106,12 @@ pub enum Verdict {
     /// here and cannot open one); the I/O layer passes the hop count on, see
     /// [`Engine::process_probe`].
     Probe(u16),
+    /// Send the ICMP error the engine originated ([`Engine::generated`]) out of interface
+    /// `iface` instead of the frame, which is dropped (and left unmodified): a packet too
+    /// big for its egress link, or one for which no NAT port was free.
+    Icmp {
+        iface: u8,
+    },
     /// Keep the unmodified frame and process it again after the next snapshot: a next
     /// hop's MAC is unknown and resolution was requested (the kernel's unresolved queue,
     /// `unres_qlen`, does the same). The I/O layer bounds how many and how long.
@@ -156,6 +174,12 @@ pub struct Engine {
     salt: u32,
     /// The frame being processed was turned around once already (hairpinning).
     looped: bool,
+    /// ICMP errors this worker may still originate now, and when the bucket was filled.
+    icmp_tokens: u64,
+    icmp_clock: u64,
+    /// The last ICMP error originated ([`Verdict::Icmp`]).
+    generated: [u8; GENERATED],
+    generated_len: usize,
 }
 
 fn timeout(t: &Timeouts, s: FlowState) -> u64 {
@@ -218,6 +242,10 @@ impl Engine {
             hops: 0,
             salt: u32::from(worker).wrapping_mul(0x9E37_79B9),
             looped: false,
+            icmp_tokens: ICMP_BURST,
+            icmp_clock: 0,
+            generated: [0; GENERATED],
+            generated_len: 0,
         })
     }
 
@@ -303,6 +331,11 @@ impl Engine {
         let budget = self.sweep_credit.min(EXPIRE_BUDGET as u64);
         self.sweep_credit -= budget;
         self.now = now;
+        let refill = now.saturating_sub(self.icmp_clock) / (1_000_000_000 / ICMP_PER_SEC);
+        if refill > 0 {
+            self.icmp_tokens = (self.icmp_tokens + refill).min(ICMP_BURST);
+            self.icmp_clock = now;
+        }
         let t = self.snap.timeouts;
         let (queue, len, maps) = (&mut self.unkept, &mut self.unkept_len, &mut self.mappings);
         let expired = self.flows.expire_step(budget as usize, |f| {
@@ -313,6 +346,11 @@ impl Engine {
             idle
         });
         self.counters.flows_expired += expired as u64;
+    }
+
+    /// The ICMP error of the last [`Verdict::Icmp`].
+    pub fn generated(&self) -> &[u8] {
+        &self.generated[..self.generated_len]
     }
 
     /// Neighbours this worker needs resolved since the last call.
@@ -340,6 +378,7 @@ impl Engine {
         };
         match v {
             Verdict::Tx { .. } => self.counters.tx += 1,
+            Verdict::Icmp { .. } => self.counters.icmp_sent += 1,
             Verdict::ToWorker(_) => self.counters.handoff_out += 1,
             Verdict::Probe(_) => {
                 self.counters.handoff_out += 1;
@@ -556,6 +595,7 @@ impl Engine {
             iface: i as u8,
             src_mac: f.mac,
             dst_mac: f.mac,
+            mtu: f.mtu,
         })
     }
 
@@ -711,6 +751,13 @@ impl Engine {
         {
             self.revalidate(slot)?;
         }
+        let mtu = self
+            .flows
+            .get(slot)
+            .map_or(u16::MAX, |f| f.rewrite[dir as usize].mtu);
+        if p.l4_end - p.l3 > usize::from(mtu) {
+            return self.too_big(frame, p, mtu);
+        }
         let now = self.now;
         let f = self.flows.get_mut(slot).ok_or(DropReason::NoFlow)?;
         if p.key.proto == PROTO_TCP {
@@ -850,7 +897,10 @@ impl Engine {
             proto: k.proto,
             outside: nat.addr,
         };
-        let port = self.map_port(&mk, nat.ports, |f, port| !f.contains_key(&reply(port)))?;
+        let port = match self.map_port(&mk, nat.ports, |f, port| !f.contains_key(&reply(port))) {
+            Ok(port) => port,
+            Err(r) => return self.refuse(frame, p, r),
+        };
         let rev_key = reply(port);
         let fwd = rewrite(&k, nat.addr, baddr, port, backend.port, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
@@ -900,6 +950,10 @@ impl Engine {
                 [0, 1]
             },
         };
+        let mtu = rewrite[first as usize].mtu;
+        if p.l4_end - p.l3 > usize::from(mtu) {
+            return self.too_big(frame, p, mtu);
+        }
         self.make_room()?;
         flow.mapped = self.mappings.acquire(map_key(&flow), rewrite[0].sport);
         if self.flows.insert(flow).is_err() {
@@ -1041,7 +1095,10 @@ impl Engine {
             outside: egress,
         };
         let range = self.snap.snat.ports;
-        let port = self.map_port(&mk, range, |f, port| !f.contains_key(&reply(port)))?;
+        let port = match self.map_port(&mk, range, |f, port| !f.contains_key(&reply(port))) {
+            Ok(port) => port,
+            Err(r) => return self.refuse(frame, p, r),
+        };
         let rev_key = reply(port);
         let fwd = rewrite(&k, egress, k.dst, port, k.dport, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
@@ -1059,11 +1116,91 @@ impl Engine {
     /// Forward untranslated, as a router: next hop from the routing table, TTL − 1.
     fn route(&mut self, frame: &mut [u8], p: &Parsed) -> Result<Verdict, DropReason> {
         let hop = self.hop(p.key.dst)?;
+        if p.l4_end - p.l3 > usize::from(hop.mtu) {
+            return self.too_big(frame, p, hop.mtu);
+        }
         frame[0..6].copy_from_slice(&hop.dst_mac);
         frame[6..12].copy_from_slice(&hop.src_mac);
         decrement_ttl(&mut frame[p.l3..p.l4], TTL_DECREMENT);
         self.counters.routed += 1;
         Ok(Verdict::Tx { iface: hop.iface })
+    }
+
+    /// A packet larger than its egress link's `mtu`: with DF, ICMP fragmentation needed
+    /// back to its sender with that MTU (RFC 1191, RFC 4787 REQ-13); without, dropped
+    /// (xlb does not fragment).
+    fn too_big(&mut self, frame: &[u8], p: &Parsed, mtu: u16) -> Result<Verdict, DropReason> {
+        let df = frame[p.l3 + 6] & 0x40 != 0;
+        if !df {
+            return Err(DropReason::TooBig);
+        }
+        self.originate(frame, p, icmp::FRAG_NEEDED, mtu, DropReason::TooBig)
+    }
+
+    /// No NAT port for a new flow: counted, and ICMP communication administratively
+    /// prohibited back to its sender (RFC 5508 REQ-8). Not for ICMP errors.
+    fn refuse(
+        &mut self,
+        frame: &[u8],
+        p: &Parsed,
+        reason: DropReason,
+    ) -> Result<Verdict, DropReason> {
+        let v = self.originate(frame, p, ADMIN_PROHIBITED, 0, reason)?;
+        self.counters.drop(reason);
+        Ok(v)
+    }
+
+    /// Write into `generated` the ICMP destination unreachable (code `code`, next-hop MTU
+    /// `mtu`) a router sends about the received packet in `frame`: from the address of
+    /// the interface it came in on, to its source, quoting it as received. `reason`
+    /// when the rate limit or a missing address prevents it; `Hold` (via NoNeighbour)
+    /// while the way back is being resolved.
+    fn originate(
+        &mut self,
+        frame: &[u8],
+        p: &Parsed,
+        code: u8,
+        mtu: u16,
+        reason: DropReason,
+    ) -> Result<Verdict, DropReason> {
+        let from = self
+            .snap
+            .net
+            .ifaces
+            .iter()
+            .find(|i| frame[0..6] == i.mac)
+            .and_then(|i| i.addr)
+            .ok_or(reason)?;
+        if self.icmp_tokens == 0 {
+            return Err(reason);
+        }
+        let back = self.hop(p.key.src)?;
+        self.icmp_tokens -= 1;
+        let quote = (p.l4_end - p.l3).min(ICMP_QUOTE);
+        let total = 20 + icmp::HEADER_LEN + quote;
+        let g = &mut self.generated;
+        g[0..6].copy_from_slice(&back.dst_mac);
+        g[6..12].copy_from_slice(&back.src_mac);
+        write_u16(g, 12, ETHERTYPE_IPV4);
+        // IPv4: no options, no fragmentation, TTL 64, ICMP.
+        let ip = &mut g[14..34];
+        ip.copy_from_slice(&[
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, PROTO_ICMP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        write_u16(ip, 2, total as u16);
+        ip[12..16].copy_from_slice(&from);
+        ip[16..20].copy_from_slice(&p.key.src);
+        let c = !fold(sum(ip));
+        write_u16(ip, 10, c);
+        // ICMP destination unreachable, the next-hop MTU in the second word (RFC 1191).
+        let l4 = 34;
+        g[l4..l4 + 8].copy_from_slice(&[icmp::DEST_UNREACHABLE, code, 0, 0, 0, 0, 0, 0]);
+        write_u16(g, l4 + 6, mtu);
+        g[l4 + 8..l4 + 8 + quote].copy_from_slice(&frame[p.l3..p.l3 + quote]);
+        let c = !fold(sum(&g[l4..l4 + 8 + quote]));
+        write_u16(g, l4 + 2, c);
+        self.generated_len = 14 + total;
+        Ok(Verdict::Icmp { iface: back.iface })
     }
 
     /// Translate an ICMP error quoting a packet of one of our flows. The quoted packet
@@ -1212,6 +1349,7 @@ fn set_hop(rw: &mut Rewrite, h: NextHop) {
     rw.iface = h.iface;
     rw.src_mac = h.src_mac;
     rw.dst_mac = h.dst_mac;
+    rw.mtu = h.mtu;
 }
 
 /// The rewrite turning packets with key `from` into `src:sport → dst:dport` via `hop`,
@@ -1247,6 +1385,7 @@ fn rewrite(
         src_mac: hop.src_mac,
         dst_mac: hop.dst_mac,
         iface: hop.iface,
+        mtu: hop.mtu,
         ip_delta: ip_delta.plus(TTL_DECREMENT),
         l4_delta,
     }

@@ -242,11 +242,18 @@ fn ports_are_reused_per_remote_and_exhaustion_is_counted() {
     assert_eq!(&got[..2], &[61000, 61004]);
     got[2..].sort();
     assert_eq!(&got[2..], &[61001, 61005]);
+    // No port left: counted, and the pod is told (ICMP 3/13, RFC 5508 REQ-8) from the
+    // node's address on its link, quoting its datagram.
     let fifth = from_pod(POD_A, REMOTE, PROTO_UDP, 30016, 53);
-    assert_eq!(
-        run(&mut e, &fifth).0,
-        Verdict::Drop(DropReason::PortsExhausted)
-    );
+    let (v, f) = run(&mut e, &fifth);
+    assert_eq!(v, Verdict::Icmp { iface: 0 });
+    assert_eq!(f, fifth.build(), "the datagram itself is untouched");
+    let g = e.generated();
+    assert_eq!((g[34], g[35]), (icmp::DEST_UNREACHABLE, 13));
+    assert_eq!((&g[26..30], &g[30..34]), (&mf::NODE_INT[..], &POD_A[..]));
+    assert_eq!(&g[0..6], &POD_MAC);
+    assert_eq!(&g[42..], &f[14..], "quotes the datagram as sent");
+    assert_eq!(verify(g), (true, true));
     // Another remote port: the mapped endpoints keep their outside ports toward it
     // (endpoint-independent mapping).
     for (i, sport) in [30000, 30004, 30008, 30012].into_iter().enumerate() {
@@ -628,4 +635,73 @@ fn hairpinning_between_two_pods() {
         let maps: usize = engines.iter().map(|e| e.mappings()).sum();
         assert_eq!(maps, 2);
     }
+}
+
+/// xlb as a router on its own links (RFC 4787 REQ-13, RFC 1191): a DF packet larger
+/// than the egress link draws ICMP fragmentation needed with that link's MTU, from the
+/// address of the link it came in on, quoting it as sent, in both directions; without
+/// DF it is a counted drop; the ICMP errors are rate-limited.
+#[test]
+fn too_big_for_the_egress_link_draws_fragmentation_needed() {
+    let snap = mf::snapshot().with_net(2, Arc::new(mf::net_with_mtu(1500, 1400)));
+    let mut e = engine_on(snap);
+    let big = FrameSpec {
+        payload: vec![7; 1400], // 1428-byte packet
+        ..from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53)
+    };
+    let (v, f) = run(&mut e, &big);
+    assert_eq!(v, Verdict::Icmp { iface: 0 });
+    assert_eq!(f, big.build(), "the packet itself is untouched");
+    let g = e.generated().to_vec();
+    assert_eq!((g[34], g[35]), (icmp::DEST_UNREACHABLE, icmp::FRAG_NEEDED));
+    assert_eq!(u16::from_be_bytes([g[40], g[41]]), 1400, "next-hop MTU");
+    assert_eq!((&g[26..30], &g[30..34]), (&mf::NODE_INT[..], &POD_A[..]));
+    assert_eq!(&g[42..62], &f[14..34], "quotes the header as sent");
+    assert!(g.len() - 14 <= 576, "within 576 bytes");
+    assert_eq!(verify(&g), (true, true));
+    assert_eq!(
+        e.flows().len(),
+        0,
+        "no flow for a packet that did not leave"
+    );
+    // Small enough: translated and sent.
+    let small = FrameSpec {
+        payload: vec![7; 1300],
+        ..big.clone()
+    };
+    assert_eq!(run(&mut e, &small).0, TX_EXT);
+    // Without DF: dropped and counted (xlb does not fragment).
+    let no_df = FrameSpec {
+        frag: 0,
+        ..big.clone()
+    };
+    assert_eq!(run(&mut e, &no_df).0, Verdict::Drop(DropReason::TooBig));
+    // Inbound, on an established mapping: the remote is told, from the egress address.
+    let snap = mf::snapshot().with_net(3, Arc::new(mf::net_with_mtu(1280, 1500)));
+    e.set_snapshot(Arc::new(snap));
+    let back = FrameSpec {
+        payload: vec![9; 1300],
+        ..answer(&masqueraded(&small, mf::mapped(40000)))
+    };
+    let (v, _) = run(&mut e, &back);
+    assert_eq!(v, Verdict::Icmp { iface: 1 });
+    let g = e.generated();
+    assert_eq!(u16::from_be_bytes([g[40], g[41]]), 1280);
+    assert_eq!((&g[26..30], &g[30..34]), (&EGRESS[..], &REMOTE[..]));
+    // The rate limit: a burst, then counted drops until the clock refills it.
+    let snap = mf::snapshot().with_net(4, Arc::new(mf::net_with_mtu(1500, 1400)));
+    e.set_snapshot(Arc::new(snap));
+    let mut sent = 2;
+    while run(&mut e, &big).0 == (Verdict::Icmp { iface: 0 }) {
+        sent += 1;
+    }
+    assert_eq!(sent, lb::pipeline::ICMP_BURST);
+    assert_eq!(e.counters.icmp_sent, lb::pipeline::ICMP_BURST);
+    assert_eq!(
+        e.counters.drops[DropReason::TooBig as usize],
+        2,
+        "no DF, then limited"
+    );
+    e.begin_batch(SEC * 2);
+    assert_eq!(run(&mut e, &big).0, Verdict::Icmp { iface: 0 });
 }

@@ -313,6 +313,7 @@ fn unresolved_neighbour_is_requested_not_guessed() {
             name: "lb0".into(),
             mac: LB_MAC,
             addr: None,
+            mtu: 1500,
         }],
         vec![Route {
             dst: [10, 0, 0, 0],
@@ -614,4 +615,36 @@ proptest! {
         prop_assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
         prop_assert_eq!(verify(&f), (true, true));
     }
+}
+
+/// A client's DF segment larger than the backend-side link draws ICMP fragmentation
+/// needed with the link's MTU (the client's PMTUD then shrinks its segments); the
+/// connection's later segments that fit go through.
+#[test]
+fn too_big_for_the_backend_link_draws_fragmentation_needed() {
+    let snap = fixtures::snapshot().with_net(2, Arc::new(fixtures::net_with_mtu(1400)));
+    let mut e = Engine::new(0, 64, Arc::new(snap));
+    e.begin_batch(SEC);
+    let c = cport(0, 0);
+    let port = open(&mut e, c);
+    handshake(&mut e, c, port);
+    let big = FrameSpec {
+        flags: TcpFlags::ACK,
+        payload: vec![1; 1400],
+        ..syn(c)
+    };
+    let mut f = big.build();
+    assert_eq!(e.process(&mut f), Verdict::Icmp { iface: 0 });
+    let g = e.generated();
+    assert_eq!((g[34], g[35]), (3, 4));
+    assert_eq!(u16::from_be_bytes([g[40], g[41]]), 1400);
+    assert_eq!((&g[26..30], &g[30..34]), (&SNAT[..], &CLIENT[..]));
+    assert_eq!(verify(g), (true, true));
+    let fits = FrameSpec {
+        payload: vec![1; 1360],
+        ..big
+    };
+    let mut f = fits.build();
+    assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+    assert_eq!(sport(&f), port);
 }

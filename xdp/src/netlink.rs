@@ -134,11 +134,21 @@ impl Netlink {
             .ok_or_else(|| NetlinkError::NoMac(name.to_string()))?;
         let ifindex = link.header.index;
         let addr = self.ipv4_addrs(Some(ifindex))?.into_iter().next();
+        // IPv4 packets are at most 65535 bytes whatever the link takes.
+        let mtu = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some((*m).min(u32::from(u16::MAX)) as u16),
+                _ => None,
+            })
+            .unwrap_or(1500);
         Ok(IfaceInfo {
             ifindex,
             name: name.to_string(),
             mac,
             addr: addr.map(|a| a.octets()),
+            mtu,
         })
     }
 

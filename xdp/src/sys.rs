@@ -398,6 +398,23 @@ impl WorkerIo {
         true
     }
 
+    /// Replace batch frame `i`'s bytes with `bytes` (another packet to send in its
+    /// place, which may be longer). False, and the frame is unchanged, if it does not fit.
+    pub fn replace(&mut self, i: usize, bytes: &[u8]) -> bool {
+        if bytes.len() > self.cfg.frame_size as usize - 256 {
+            return false;
+        }
+        let Some(slot) = self.batch.get_mut(i) else {
+            return false;
+        };
+        // SAFETY: descriptors in `batch` are owned by userspace (ownership rule); the
+        // exclusive borrow of `self` means no other reference to the frame exists.
+        let mut data = unsafe { self.umem.data_mut(&mut slot.desc) };
+        let mut cur = data.cursor();
+        cur.set_pos(0);
+        io::Write::write_all(&mut cur, bytes).is_ok()
+    }
+
     pub fn batch_len(&self) -> usize {
         self.batch.len()
     }

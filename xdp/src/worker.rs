@@ -264,6 +264,13 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         engine.counters.drop(DropReason::TxRingFull);
                     }
                 }
+                Verdict::Icmp { iface } => {
+                    if !io.replace(i, engine.generated()) || !io.send(i, usize::from(iface)) {
+                        engine.counters.icmp_sent -= 1;
+                        engine.counters.drop(DropReason::TxRingFull);
+                        io.release(i);
+                    }
+                }
                 Verdict::ToWorker(w) | Verdict::Probe(w) => {
                     // One more worker has looked for the frame's flow (a hand-off to an
                     // inside endpoint's home is a look too; see Engine::process_probe).

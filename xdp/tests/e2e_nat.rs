@@ -363,3 +363,57 @@ print('tcp', ma, '%s:%d' % peer, got, got_a)
     assert!(t.worker_sum("hairpinned") >= 4, "{}", t.lbctl(&["stats"]));
     assert!(t.xdp_stat("to_worker_hairpin") >= 2);
 }
+
+/// xlb as a router on its own links (RFC 4787 REQ-13): with the egress link's MTU at
+/// 1400, a pod's full-size DF segments draw ICMP fragmentation needed from xlb, the
+/// pod's PMTU discovery shrinks them, and a 200 kB upload echoed back completes; ping
+/// with DF reports the link's MTU.
+#[test]
+fn pmtu_discovery_through_a_smaller_egress_link() {
+    if !common::privileged("pmtu") {
+        return;
+    }
+    let mut t = Topo::masq_up("pmtu", 2);
+    for (ns, dev) in [("lb", "ext0"), ("rt", "rt0")] {
+        let st = t
+            .cmd(ns, "ip")
+            .args(["link", "set", dev, "mtu", "1400"])
+            .status()
+            .expect("ip link");
+        assert!(st.success());
+    }
+    t.start_lbd_on(&["int0", "ext0"], &["--masquerade-from", "10.244.0.0/16"]);
+    let ping = t
+        .cmd("pod", "ping")
+        .args([
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "1450",
+            "-I",
+            "10.244.1.2",
+            "20.0.0.10",
+        ])
+        .output()
+        .expect("ping");
+    let said =
+        String::from_utf8_lossy(&ping.stdout).into_owned() + &String::from_utf8_lossy(&ping.stderr);
+    assert!(
+        said.contains("mtu = 1400") || said.contains("mtu=1400"),
+        "ping should report the egress link's MTU: {said}"
+    );
+    let code = r#"
+import socket
+c = socket.create_connection(('20.0.0.10', 9000), source_address=('10.244.1.2', 0), timeout=10)
+c.sendall(b'x' * 200000 + b'\n')
+line = c.makefile('rb').readline()
+print(len(line))
+"#;
+    let out = t.py("pod", code);
+    assert_eq!(out.trim(), (200_000 + "srv:".len() + 1).to_string());
+    assert!(t.worker_sum("icmp_sent") >= 1, "{}", t.lbctl(&["stats"]));
+}
