@@ -39,8 +39,9 @@ pub enum Steer {
     Reply,
     /// Left to the kernel.
     Pass,
-    /// Dropped in XDP (fragments to a frontend or the SNAT range; from a masquerade
-    /// source, fragments and protocols without ports).
+    /// Dropped in XDP (later fragments to a frontend or the SNAT range whose first
+    /// fragment the workers did not get; from a masquerade source, those and protocols
+    /// without ports).
     Drop,
     /// To the XSK of the rx queue: a packet to masquerade.
     Masq,
@@ -424,14 +425,21 @@ pub fn fixtures() -> Vec<Fixture> {
                 ..client_syn()
             }
             .build(),
-            steer: Steer::Drop,
-            verdict: drop(DropReason::Fragment),
-            out: None,
+            steer: Steer::Frontend,
+            verdict: tx,
+            out: Some(to_backend(
+                &FrameSpec {
+                    frag: 0x2000,
+                    ..client_syn()
+                },
+                8080,
+            )),
         },
         Fixture {
-            name: "later fragment to vip",
+            name: "later fragment to vip without its first",
             frame: FrameSpec {
                 frag: 0x0010,
+                ident: 0x4321,
                 ..client_syn()
             }
             .build(),

@@ -161,6 +161,7 @@ pub fn snapshot_from(cfg: &DatapathConfig) -> Snapshot {
             rules: rules(nat::MasqPolicy::defaults()),
             previous: None,
             version: 1,
+            filtering: nat::Filtering::default(),
         })),
     )
 }
@@ -402,9 +403,27 @@ pub fn fixtures() -> Vec<MasqFixture> {
         ),
         m(
             Internal,
-            "pod fragment to a public address",
+            "pod first fragment to a public address",
             FrameSpec {
                 frag: 0x2000,
+                ..udp.clone()
+            },
+            Steer::Masq,
+            tx_ext,
+            Some(masqueraded(
+                &FrameSpec {
+                    frag: 0x2000,
+                    ..udp.clone()
+                },
+                mapped(udp.sport),
+            )),
+        ),
+        m(
+            Internal,
+            "pod later fragment without its first",
+            FrameSpec {
+                frag: 0x0010,
+                ident: 0x4321,
                 ..udp.clone()
             },
             Steer::Drop,
@@ -455,6 +474,21 @@ pub fn fixtures() -> Vec<MasqFixture> {
             expired,
             Steer::Reply,
             Verdict::ToWorker(1),
+            None,
+        ),
+        m(
+            External,
+            "tcp syn to the egress address without flow",
+            FrameSpec {
+                src: [20, 0, 0, 99],
+                sport: 5000,
+                proto: PROTO_TCP,
+                flags: TcpFlags::SYN,
+                payload: Vec::new(),
+                ..answer(&masqueraded(&udp, 61004))
+            },
+            Steer::Reply,
+            drop(DropReason::NoFlow),
             None,
         ),
         m(

@@ -143,7 +143,37 @@ struct Parsed {
     key: FlowKey,
     flags: TcpFlags,
     kind: Kind,
+    /// A fragment: the datagram it belongs to, and whether it is the first (which alone
+    /// has the L4 header).
+    frag: Option<(FragKey, bool)>,
 }
+
+/// An IPv4 datagram in fragments: source, destination, protocol and identification
+/// (RFC 791).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+struct FragKey {
+    src: [u8; 4],
+    dst: [u8; 4],
+    id: u16,
+    proto: u8,
+}
+
+/// Where a fragmented datagram's first fragment went, for the later ones (which carry no
+/// ports): a flow here and its direction, or another worker.
+#[derive(Debug, Clone, Copy)]
+enum FragTarget {
+    Flow(u32, Dir),
+    Worker(u16),
+    /// The first fragment is held while a next hop resolves: so are the later ones (the
+    /// I/O layer retries held frames in order).
+    Held,
+}
+
+/// Datagrams in fragments a worker remembers (the oldest is forgotten first).
+const FRAGS: usize = 1024;
+/// How long after its first fragment a datagram's later fragments are expected (Linux's
+/// ipfrag_time).
+const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
 
 #[derive(Debug)]
 pub struct Engine {
@@ -180,6 +210,16 @@ pub struct Engine {
     /// The last ICMP error originated ([`Verdict::Icmp`]).
     generated: [u8; GENERATED],
     generated_len: usize,
+    /// Fragmented datagrams whose first fragment was seen here: where the later
+    /// fragments go, and when it was seen. Allocated at start; `frag_order` forgets the
+    /// oldest when full.
+    frags: hashbrown::HashMap<FragKey, (FragTarget, u64)>,
+    frag_order: [FragKey; FRAGS],
+    frag_next: usize,
+    /// The flow and direction the frame being processed went through, and the datagram
+    /// it is the first fragment of (as received), if it is one.
+    last_flow: Option<(u32, Dir)>,
+    first_frag: Option<FragKey>,
 }
 
 fn timeout(t: &Timeouts, s: FlowState) -> u64 {
@@ -246,6 +286,17 @@ impl Engine {
             icmp_clock: 0,
             generated: [0; GENERATED],
             generated_len: 0,
+            frags: {
+                let mut m = hashbrown::HashMap::new();
+                m.try_reserve(FRAGS).map_err(|_| crate::flow::AllocError {
+                    capacity: flow_capacity,
+                })?;
+                m
+            },
+            frag_order: [FragKey::default(); FRAGS],
+            frag_next: 0,
+            last_flow: None,
+            first_frag: None,
         })
     }
 
@@ -369,6 +420,8 @@ impl Engine {
     pub fn process_probe(&mut self, frame: &mut [u8], hops: u8) -> Verdict {
         self.hops = hops;
         self.looped = false;
+        self.last_flow = None;
+        self.first_frag = None;
         self.counters.rx += 1;
         let v = match self.process_inner(frame) {
             Ok(v) => v,
@@ -376,6 +429,9 @@ impl Engine {
             Err(DropReason::NoNeighbour) => Verdict::Hold,
             Err(r) => Verdict::Drop(r),
         };
+        if let Some(k) = self.first_frag {
+            self.remember_fragment(k, v);
+        }
         match v {
             Verdict::Tx { .. } => self.counters.tx += 1,
             Verdict::Icmp { .. } => self.counters.icmp_sent += 1,
@@ -403,9 +459,6 @@ impl Engine {
         if !ip.checksum_ok() {
             return Err(DropReason::BadIpChecksum);
         }
-        if ip.is_fragment() {
-            return Err(DropReason::Fragment);
-        }
         if ip.ttl() <= 1 {
             return Err(DropReason::TtlExceeded);
         }
@@ -415,8 +468,36 @@ impl Engine {
         }
         let l4 = l3 + ip.header_len();
         let l4_end = l3 + ip.total_len();
+        let frag = ip.is_fragment().then(|| {
+            let k = FragKey {
+                src: ip.src(),
+                dst: ip.dst(),
+                id: ip.ident(),
+                proto,
+            };
+            (k, !ip.is_later_fragment())
+        });
+        if let Some((k, false)) = frag {
+            // A later fragment: no L4 header; it follows its first fragment.
+            return Ok(Parsed {
+                l3,
+                l4,
+                l4_end,
+                key: FlowKey {
+                    src: k.src,
+                    dst: k.dst,
+                    sport: 0,
+                    dport: 0,
+                    proto,
+                },
+                flags: TcpFlags::default(),
+                kind: Kind::Ports,
+                frag,
+            });
+        }
         let seg = L4::new_checked(&frame[l4..l4_end], proto).map_err(|_| DropReason::Malformed)?;
-        if seg.udp_len().is_some_and(|n| usize::from(n) != l4_end - l4) {
+        // A first fragment's UDP length is the whole datagram's.
+        if frag.is_none() && seg.udp_len().is_some_and(|n| usize::from(n) != l4_end - l4) {
             return Err(DropReason::LengthMismatch);
         }
         if proto == PROTO_TCP && !seg.tcp_flags().is_valid() {
@@ -472,11 +553,17 @@ impl Engine {
             key,
             flags: seg.tcp_flags(),
             kind,
+            frag,
         })
     }
 
     fn process_inner(&mut self, frame: &mut [u8]) -> Result<Verdict, DropReason> {
         let p = Self::parse(frame)?;
+        match p.frag {
+            Some((k, false)) => return self.later_fragment(frame, &p, k),
+            Some((k, true)) if !self.looped => self.first_frag = Some(k),
+            _ => {}
+        }
         if let Kind::Error { il3, il4, inner } = p.kind {
             return self.icmp_error(frame, &p, il3, il4, inner);
         }
@@ -504,7 +591,15 @@ impl Engine {
             }
             // Turned around by a hairpin flow: to the inside host holding the port.
             if self.is_egress(p.key.src) {
-                return self.hairpin_in(frame, &p);
+                return self.open_inbound(frame, &p, true);
+            }
+            // Unsolicited, to a mapped pod: only with endpoint-independent filtering.
+            let eif = self.snap.masq.as_ref().is_some_and(|m| {
+                m.filtering == nat::Filtering::EndpointIndependent
+                    && m.rules.egress.octets() == p.key.dst
+            });
+            if eif {
+                return self.open_inbound(frame, &p, false);
             }
             return Err(DropReason::NoFlow);
         }
@@ -616,10 +711,18 @@ impl Engine {
         self.process_inner(frame)
     }
 
-    /// A turned-around packet (egress:Px → egress:P) with no flow: open the receiving
-    /// side of the hairpin for the inside endpoint holding P (RFC 4787 §6: it sees the
-    /// sender's outside endpoint), whose answers turn around the same way.
-    fn hairpin_in(&mut self, frame: &mut [u8], p: &Parsed) -> Result<Verdict, DropReason> {
+    /// A packet to the egress address's port P with no flow: open a flow
+    /// for the inside endpoint holding P, the remote seen as it is. Either the receiving
+    /// side of a hairpin (`hairpin`: the packet was turned around, egress:Px → egress:P;
+    /// RFC 4787 §6: the pod sees the sender's outside endpoint, and its answers turn
+    /// around the same way), or an unsolicited packet under endpoint-independent
+    /// filtering (RFC 4787 §5).
+    fn open_inbound(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        hairpin: bool,
+    ) -> Result<Verdict, DropReason> {
         let k = p.key;
         if k.proto == PROTO_ICMP || (k.proto == PROTO_TCP && !p.flags.is_opening_syn()) {
             return Err(DropReason::NoFlow);
@@ -633,7 +736,10 @@ impl Engine {
             })
             .ok_or(DropReason::NoFlow)?;
         let to_y = self.hop(y.inside)?;
-        let around = self.loop_hop(frame)?;
+        let around = match hairpin {
+            true => self.loop_hop(frame)?,
+            false => self.hop(k.src)?,
+        };
         let fwd_key = FlowKey {
             src: y.inside,
             dst: k.src,
@@ -649,7 +755,7 @@ impl Engine {
             [fwd_key, k],
             [fwd, rev],
             FlowKind::Masq,
-            true,
+            hairpin,
             Dir::Reverse,
         )
     }
@@ -797,6 +903,7 @@ impl Engine {
         f.packets[dir as usize] = f.packets[dir as usize].saturating_add(1);
         let rw = f.rewrite[dir as usize];
         let around = f.hairpin && dir == Dir::Forward;
+        self.last_flow = Some((slot, dir));
         apply(frame, p, &rw);
         if around {
             return self.turn_around(frame, rw.dport);
@@ -956,12 +1063,13 @@ impl Engine {
         }
         self.make_room()?;
         flow.mapped = self.mappings.acquire(map_key(&flow), rewrite[0].sport);
-        if self.flows.insert(flow).is_err() {
+        let Ok(slot) = self.flows.insert(flow) else {
             if flow.mapped {
                 self.mappings.release(&map_key(&flow));
             }
             return Err(DropReason::FlowTableFull);
-        }
+        };
+        self.last_flow = Some((slot, first));
         self.counters.flows_created += 1;
         let rw = rewrite[first as usize];
         apply(frame, p, &rw);
@@ -1124,6 +1232,62 @@ impl Engine {
         decrement_ttl(&mut frame[p.l3..p.l4], TTL_DECREMENT);
         self.counters.routed += 1;
         Ok(Verdict::Tx { iface: hop.iface })
+    }
+
+    /// After a first fragment: remember where it went, for its datagram's later
+    /// fragments (through the flow it took here, or to the worker it was handed to).
+    fn remember_fragment(&mut self, k: FragKey, v: Verdict) {
+        let target = match (v, self.last_flow) {
+            (Verdict::Tx { .. }, Some((slot, dir))) => FragTarget::Flow(slot, dir),
+            (Verdict::ToWorker(w) | Verdict::Probe(w), _) => FragTarget::Worker(w),
+            (Verdict::Hold, _) => FragTarget::Held,
+            _ => return,
+        };
+        if self.frags.len() >= FRAGS || self.frags.contains_key(&k) {
+            self.frags.remove(&self.frag_order[self.frag_next]);
+        }
+        self.frag_order[self.frag_next] = k;
+        self.frag_next = (self.frag_next + 1) % FRAGS;
+        self.frags.insert(k, (target, self.now));
+    }
+
+    /// A later fragment (no ports): translated like its datagram's first fragment was,
+    /// addresses only (the first fragment's L4 checksum update covers the whole
+    /// datagram), or handed to the worker that got the first fragment.
+    fn later_fragment(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        k: FragKey,
+    ) -> Result<Verdict, DropReason> {
+        let (target, seen) = *self.frags.get(&k).ok_or(DropReason::Fragment)?;
+        if self.now.saturating_sub(seen) > FRAG_TIMEOUT_NS {
+            return Err(DropReason::Fragment);
+        }
+        let (slot, dir) = match target {
+            FragTarget::Worker(w) if w != self.worker => return Ok(Verdict::ToWorker(w)),
+            FragTarget::Worker(_) => return Err(DropReason::Fragment),
+            FragTarget::Held => return Err(DropReason::NoNeighbour),
+            FragTarget::Flow(slot, dir) => (slot, dir),
+        };
+        let f = self.flows.get(slot).ok_or(DropReason::Fragment)?;
+        let fk = &f.keys[dir as usize];
+        // The slot may hold another flow by now.
+        if fk.src != k.src || fk.dst != k.dst || fk.proto != k.proto || f.hairpin {
+            return Err(DropReason::Fragment);
+        }
+        let rw = f.rewrite[dir as usize];
+        if p.l4_end - p.l3 > usize::from(rw.mtu) {
+            // A fragment has no DF: too big for the link, and xlb does not fragment.
+            return Err(DropReason::TooBig);
+        }
+        frame[0..6].copy_from_slice(&rw.dst_mac);
+        frame[6..12].copy_from_slice(&rw.src_mac);
+        let ip = &mut frame[p.l3..p.l4];
+        ip[12..16].copy_from_slice(&rw.src);
+        ip[16..20].copy_from_slice(&rw.dst);
+        decrement_ttl(ip, rw.ip_delta);
+        Ok(Verdict::Tx { iface: rw.iface })
     }
 
     /// A packet larger than its egress link's `mtu`: with DF, ICMP fragmentation needed

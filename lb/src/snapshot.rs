@@ -140,6 +140,8 @@ pub struct MasqState {
     pub previous: Option<Arc<nat::MasqPolicy>>,
     /// Changes with every policy change (workers rescan their flows then).
     pub version: u64,
+    /// Whether unsolicited inbound packets reach a mapped pod (`--nat-filtering`).
+    pub filtering: nat::Filtering,
 }
 
 #[derive(Debug)]

@@ -9,7 +9,7 @@ use lb::masq_fixtures::{
     PRIVATE, REMOTE, ROUTER,
 };
 use lb::snapshot::MasqState;
-use lb::wire::build::{ip_packet, verify, FrameSpec};
+use lb::wire::build::{fragment, ip_packet, verify, FrameSpec};
 use lb::wire::icmp;
 use lb::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use lb::wire::TcpFlags;
@@ -278,6 +278,7 @@ fn with_policy(snap: &Snapshot, yaml: &str, version: u64) -> Arc<Snapshot> {
             rules: old.rules.with_policy(policy),
             previous: Some(Arc::clone(&old.rules.policy)),
             version,
+            filtering: old.filtering,
         })),
     ))
 }
@@ -704,4 +705,149 @@ fn too_big_for_the_egress_link_draws_fragmentation_needed() {
     );
     e.begin_batch(SEC * 2);
     assert_eq!(run(&mut e, &big).0, Verdict::Icmp { iface: 0 });
+}
+
+/// The datagram the fragments `frags` (Ethernet frames, no IP options) carry, as one
+/// frame: the first fragment's headers, the payloads in offset order.
+fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut parts: Vec<(u16, &[u8])> = frags
+        .iter()
+        .map(|f| (u16::from_be_bytes([f[20], f[21]]) & 0x1fff, &f[34..]))
+        .collect();
+    parts.sort_by_key(|p| p.0);
+    let first = frags
+        .iter()
+        .find(|f| u16::from_be_bytes([f[20], f[21]]) & 0x1fff == 0)
+        .expect("a first fragment");
+    let mut d = first[..34].to_vec();
+    for (_, p) in parts {
+        d.extend_from_slice(p);
+    }
+    let total = (d.len() - 14) as u16;
+    d[16..18].copy_from_slice(&total.to_be_bytes());
+    d[20..22].copy_from_slice(&[0, 0]);
+    d[24..26].copy_from_slice(&[0, 0]);
+    let c = lb::wire::checksum::checksum(&d[14..34]);
+    d[24..26].copy_from_slice(&c.to_be_bytes());
+    d
+}
+
+/// IPv4 fragments of a masqueraded flow both ways (RFC 4787 REQ-14): a pod's 3 000-byte
+/// UDP datagram in three fragments leaves as the masqueraded datagram (reassembled, it
+/// is exactly that, checksums included), and so does the answer back; later fragments
+/// follow their first fragment to the pod's home worker; a later fragment whose first
+/// was not seen is counted.
+#[test]
+fn fragments_are_translated_both_ways() {
+    let mut w0 = engine();
+    let mut w1 = Engine::new(1, 64, Arc::new(mf::snapshot()));
+    w1.begin_batch(SEC);
+    let big = FrameSpec {
+        frag: 0,
+        payload: (0..3000u32).map(|i| i as u8).collect(),
+        ..from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 53) // home: worker 0
+    };
+    let frags = fragment(&big.build(), 1480);
+    assert_eq!(frags.len(), 3);
+    // They arrive on worker 1's queue (RSS keeps a datagram's fragments together).
+    let mut out = Vec::new();
+    for f in &frags {
+        let mut f = f.clone();
+        assert_eq!(
+            w1.process(&mut f),
+            Verdict::ToWorker(0),
+            "follows the first"
+        );
+        let before = f.clone();
+        assert_eq!(w0.process_probe(&mut f, 1), TX_EXT);
+        assert_ne!(f, before);
+        out.push(f);
+    }
+    let port = mf::mapped(40000);
+    assert_eq!(reassemble(&out), masqueraded(&big, port).build());
+    assert_eq!(verify(&reassemble(&out)), (true, true));
+    // The answer, in fragments, reaches the pod as one datagram.
+    let answer_big = FrameSpec {
+        payload: (0..3000u32).map(|i| (i * 7) as u8).collect(),
+        ident: 0x7777,
+        ..answer(&masqueraded(&big, port))
+    };
+    let mut back = Vec::new();
+    for f in fragment(&answer_big.build(), 1480) {
+        let mut f = f.clone();
+        assert_eq!(w0.process(&mut f), TX_INT);
+        back.push(f);
+    }
+    let at_pod = reassemble(&back);
+    assert_eq!(at_pod, to_pod(&answer_big, POD_A, 40000).build());
+    // A later fragment of a datagram whose first fragment never came: counted.
+    let mut stray = fragment(
+        &FrameSpec {
+            ident: 0x9999,
+            ..big.clone()
+        }
+        .build(),
+        1480,
+    )[1]
+    .clone();
+    assert_eq!(w0.process(&mut stray), Verdict::Drop(DropReason::Fragment));
+}
+
+/// Filtering (RFC 4787 REQ-8, RFC 5382 REQ-3/4): by default a packet from a remote the
+/// pod never sent to is dropped silently, even to its mapped port; with
+/// endpoint-independent filtering it reaches the pod, whose answer leaves from the same
+/// outside endpoint.
+#[test]
+fn filtering_is_selectable() {
+    let stranger = [20, 0, 0, 99];
+    for filtering in [
+        nat::Filtering::AddressAndPortDependent,
+        nat::Filtering::EndpointIndependent,
+    ] {
+        let snap = mf::snapshot();
+        let m = snap.masq.clone().expect("masquerading");
+        let snap = snap.with_masq(
+            2,
+            Some(Arc::new(MasqState {
+                rules: m.rules.clone(),
+                previous: None,
+                version: m.version,
+                filtering,
+            })),
+        );
+        let mut e = engine_on(snap);
+        let out = from_pod(POD_A, REMOTE, PROTO_UDP, 40000, 3478);
+        assert_eq!(run(&mut e, &out).0, TX_EXT);
+        let port = mf::mapped(40000);
+        let unsolicited = FrameSpec {
+            src: stranger,
+            sport: 5000,
+            ..answer(&masqueraded(&out, port))
+        };
+        let (v, f) = run(&mut e, &unsolicited);
+        if filtering == nat::Filtering::AddressAndPortDependent {
+            assert_eq!(v, Verdict::Drop(DropReason::NoFlow));
+            let syn = FrameSpec {
+                proto: PROTO_TCP,
+                flags: TcpFlags::SYN,
+                ..unsolicited.clone()
+            };
+            assert_eq!(
+                run(&mut e, &syn).0,
+                Verdict::Drop(DropReason::NoFlow),
+                "no answer to a SYN"
+            );
+            continue;
+        }
+        assert_eq!(v, TX_INT);
+        assert_eq!(f, to_pod(&unsolicited, POD_A, 40000).build());
+        let reply = from_pod(POD_A, stranger, PROTO_UDP, 40000, 5000);
+        let (v, f) = run(&mut e, &reply);
+        assert_eq!(v, TX_EXT);
+        assert_eq!(
+            f,
+            masqueraded(&reply, port).build(),
+            "from the same mapping"
+        );
+    }
 }

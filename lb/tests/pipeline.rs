@@ -648,3 +648,55 @@ fn too_big_for_the_backend_link_draws_fragmentation_needed() {
     assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
     assert_eq!(sport(&f), port);
 }
+
+/// Paired pooling (RFC 4787 REQ-2): with a pool of SNAT addresses, every flow of one
+/// client leaves from the same address, whatever its ports; clients spread over the pool.
+#[test]
+fn a_clients_flows_share_one_pool_address() {
+    let mut cfg = fixtures::config();
+    cfg.workers = 1;
+    let pool: Vec<lb::snapshot::NatAddr> = (1..=4)
+        .map(|i| lb::snapshot::NatAddr {
+            addr: [10, 1, 0, 100 + i],
+            ports: nat::PortRange::new(1024, 65535).expect("range"),
+        })
+        .collect();
+    cfg.snat = lb::snapshot::SnatConfig {
+        pool: Arc::from(pool),
+        ports: cfg.snat.ports,
+    };
+    let mut by_client = std::collections::HashMap::new();
+    for last in 2..40u8 {
+        let client = [10, 0, 0, last];
+        if client == VIP {
+            continue;
+        }
+        let net = NetView::new(
+            fixtures::net().ifaces.clone(),
+            fixtures::net().routes().to_vec(),
+            [
+                (fixtures::IFINDEX, client, CLIENT_MAC),
+                (fixtures::IFINDEX, BACKEND, fixtures::BACKEND_MAC),
+            ],
+        );
+        let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(net), None).expect("build");
+        let mut e = Engine::new(0, 64, Arc::new(s));
+        e.begin_batch(SEC);
+        for sport in [40000, 40001, 51234] {
+            let mut f = FrameSpec {
+                src: client,
+                ..syn(sport)
+            }
+            .build();
+            assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
+            let from: [u8; 4] = f[26..30].try_into().expect("4 bytes");
+            assert_eq!(
+                *by_client.entry(last).or_insert(from),
+                from,
+                "client {last}"
+            );
+        }
+    }
+    let used: std::collections::HashSet<_> = by_client.values().collect();
+    assert_eq!(used.len(), 4, "every pool address serves some clients");
+}

@@ -16,7 +16,7 @@ pub mod ports;
 pub mod prefix;
 
 pub use ipmasq::{Decision, MasqPolicy, Masquerade, NodeRule, RuleSource};
-pub use mapping::{MapKey, MappingAllocError, Mappings, Outside};
+pub use mapping::{Filtering, MapKey, MappingAllocError, Mappings, Outside};
 pub use ports::{
     port_owner, Candidates, NatAddrError, NatAddrSpec, PortRange, PortRangeError, MAX_POOL,
 };

@@ -32,6 +32,39 @@ struct Mapping {
     flows: u32,
 }
 
+/// Which unsolicited inbound packets reach an inside endpoint through its mapping (RFC
+/// 4787 §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Filtering {
+    /// Anyone may send to a mapped outside endpoint (what peer-to-peer software wants).
+    EndpointIndependent,
+    /// Only the remote endpoints the inside endpoint sent to (Linux conntrack's).
+    #[default]
+    AddressAndPortDependent,
+}
+
+impl core::str::FromStr for Filtering {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "endpoint-independent" => Ok(Filtering::EndpointIndependent),
+            "address-and-port-dependent" => Ok(Filtering::AddressAndPortDependent),
+            _ => Err(format!(
+                "{s:?}: endpoint-independent or address-and-port-dependent"
+            )),
+        }
+    }
+}
+
+impl core::fmt::Display for Filtering {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Filtering::EndpointIndependent => "endpoint-independent",
+            Filtering::AddressAndPortDependent => "address-and-port-dependent",
+        })
+    }
+}
+
 /// An outside endpoint: address, port (or ICMP identifier), protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Outside {

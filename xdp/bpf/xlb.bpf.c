@@ -98,6 +98,27 @@ struct {
 	__type(value, struct xlb_snat_range);
 } snat_addrs SEC(".maps");
 
+/* Datagrams whose first fragment went to a worker: their later fragments follow it (the
+ * NIC's RSS puts a datagram's fragments on one queue). LRU: entries of datagrams whose
+ * fragments stopped coming age out. Value unused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XLB_MAX_FRAGS);
+	__type(key, struct xlb_frag_key);
+	__type(value, __u8);
+} frags SEC(".maps");
+
+static __always_inline struct xlb_frag_key frag_key(struct iphdr *ip)
+{
+	struct xlb_frag_key k = {
+		.saddr = ip->saddr,
+		.daddr = ip->daddr,
+		.id = ip->id,
+		.proto = ip->protocol,
+	};
+	return k;
+}
+
 /* Backends of any service (value: number of services using it). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -183,7 +204,8 @@ static __always_inline __u32 unfit(struct ethhdr *eth, struct iphdr *ip, void *e
 		return XLB_STAT_MARTIAN;
 	if ((void *)ip + tot > end || tot < ip->ihl * 4)
 		return XLB_STAT_LENGTH;
-	if (ip->protocol == IPPROTO_UDP && !(ip->frag_off & bpf_htons(0x1fff))) {
+	/* A fragment's UDP header gives the whole datagram's length. */
+	if (ip->protocol == IPPROTO_UDP && !(ip->frag_off & bpf_htons(0x3fff))) {
 		struct udphdr *uh = (void *)ip + ip->ihl * 4;
 
 		if ((void *)(uh + 1) > end || bpf_ntohs(uh->len) != tot - ip->ihl * 4)
@@ -210,6 +232,14 @@ static __always_inline int to_worker(struct xdp_md *ctx, struct iphdr *ip, __u32
 	count(stat);
 	if (ctx->rx_queue_index >= XLB_MAX_QUEUES)
 		return drop(XLB_STAT_NO_XSK);
+	/* A first fragment (more fragments, offset 0): its datagram's later fragments,
+	 * which carry no ports, follow it to the workers. */
+	if ((ip->frag_off & bpf_htons(0x3fff)) == bpf_htons(0x2000)) {
+		struct xlb_frag_key fk = frag_key(ip);
+		__u8 one = 1;
+
+		bpf_map_update_elem(&frags, &fk, &one, BPF_ANY);
+	}
 	key = ifc->slot * XLB_MAX_QUEUES + ctx->rx_queue_index;
 	ret = bpf_redirect_map(&xsks, key, XDP_DROP);
 	if (ret != XDP_REDIRECT)
@@ -265,14 +295,15 @@ static __always_inline int in_range(struct xlb_snat_range *r, __be16 port)
 	return p >= r->first && p <= r->last;
 }
 
-/* (c): a packet from a masquerade source on an internal interface. */
+/* (c): a packet from a masquerade source on an internal interface (`later`: a later
+ * fragment whose first fragment the workers did not get). */
 static __always_inline int masq_out(struct xdp_md *ctx, struct iphdr *ip, void *end,
-				    int is_frag)
+				    int later)
 {
 	struct xlb_lpm_key dk = { .prefixlen = 32, .addr = ip->daddr };
 	struct xlb_flow_key fk = {};
 	void *l4 = (void *)ip + ip->ihl * 4;
-	int bad = is_frag ||
+	int bad = later ||
 		  l4_ports(l4, end, ip->protocol, &fk.sport, &fk.dport) < 0;
 
 	struct xlb_snat_range *egress = bpf_map_lookup_elem(&snat_addrs, &ip->daddr);
@@ -297,7 +328,7 @@ static __always_inline int masq_out(struct xdp_md *ctx, struct iphdr *ip, void *
 			return pass(XLB_STAT_TTL);
 		return to_worker(ctx, ip, XLB_STAT_MASQ_KEEP);
 	}
-	if (is_frag)
+	if (later)
 		return drop(XLB_STAT_FRAGMENT);
 	if (bad)
 		return drop(XLB_STAT_MASQ_DROP);
@@ -367,7 +398,7 @@ int xlb_steer(struct xdp_md *ctx)
 	struct xlb_iface *ifc;
 	__be32 daddr;
 	void *l3, *l4;
-	int is_frag, ports_ok;
+	int later, ports_ok;
 
 	count(XLB_STAT_RX);
 	if ((void *)(eth + 1) > end)
@@ -384,13 +415,23 @@ int xlb_steer(struct xdp_md *ctx)
 		return pass(XLB_STAT_MALFORMED);
 	if (ip->version != 4 || ip->ihl < 5)
 		return pass(XLB_STAT_MALFORMED);
-	is_frag = (ip->frag_off & bpf_htons(0x3fff)) != 0;
+	/* A later fragment: no L4 header, so it goes where its first fragment went. */
+	later = (ip->frag_off & bpf_htons(0x1fff)) != 0;
 	daddr = ip->daddr;
 	l4 = (void *)ip + ip->ihl * 4;
+	if (later) {
+		struct xlb_frag_key fk = frag_key(ip);
+
+		if (bpf_map_lookup_elem(&frags, &fk)) {
+			if (ip->ttl <= 1)
+				return pass(XLB_STAT_TTL);
+			return to_worker(ctx, ip, XLB_STAT_FRAGMENT_FOLLOWS);
+		}
+	}
 
 	/* (a) frontends come first: a pod talking to a VIP is load-balanced. A malformed
 	 * header is judged after the masquerade check (a masquerade source's is dropped). */
-	ports_ok = !is_frag && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) &&
+	ports_ok = !later && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) &&
 		   l4_ports(l4, end, ip->protocol, &sport, &dport) == 0;
 	if (ports_ok) {
 		struct xlb_endpoint fe = {
@@ -411,17 +452,18 @@ int xlb_steer(struct xdp_md *ctx)
 		struct xlb_lpm_key sk = { .prefixlen = 32, .addr = ip->saddr };
 
 		if (bpf_map_lookup_elem(&masq_src, &sk))
-			return masq_out(ctx, ip, end, is_frag);
+			return masq_out(ctx, ip, end, later);
 	}
 
-	if (!is_frag && !ports_ok &&
+	if (!later && !ports_ok &&
 	    (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP))
 		return pass(XLB_STAT_MALFORMED);
 
 	range = bpf_map_lookup_elem(&snat_addrs, &daddr);
-	if (is_frag) {
-		/* SNAT needs ports, which non-first fragments lack. A masquerading address
-		 * is usually the node's own: its fragments are the kernel's to reassemble. */
+	if (later) {
+		/* A later fragment whose first fragment the workers did not get (it came
+		 * later, or the datagram is not a translated flow's). A masquerading address
+		 * is usually the node's own: those are the kernel's to reassemble. */
 		if (bpf_map_lookup_elem(&vips, &daddr) ||
 		    (range && !(range->flags & XLB_SNAT_ANY_SOURCE)))
 			return drop(XLB_STAT_FRAGMENT);

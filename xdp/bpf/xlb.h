@@ -17,6 +17,7 @@
 #define XLB_MAX_MASQ_SRC 256
 #define XLB_MAX_MASQ_SKIP 16384
 #define XLB_MAX_MASQ_KEEP 65536
+#define XLB_MAX_FRAGS 8192
 
 /* One of lbd's interfaces (iface_slots value): its slot among lbd's interfaces (the
  * XSKMAP row), flags, and its MAC (a frame for the workers must be addressed to it). */
@@ -66,6 +67,16 @@ struct xlb_flow_key {
 	__u8 pad[3];
 };
 
+/* An IPv4 datagram in fragments (RFC 791: source, destination, protocol and
+ * identification name it), network byte order. */
+struct xlb_frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
 /*
  * Per-CPU counters of the steering program, indexed by this enum. The worker's own drop
  * reasons are lb::DropReason (lb/src/counters.rs); "fragment", "malformed" and "ttl"
@@ -90,7 +101,8 @@ enum xlb_stat {
 	XLB_STAT_VLAN = 15,		/* 802.1Q-tagged: left to the kernel's VLAN devices */
 	XLB_STAT_LENGTH = 16,		/* for the workers, IPv4/UDP lengths disagree: dropped */
 	XLB_STAT_HAIRPIN = 17,		/* a masquerade source to the egress address's NAT range: sent to the XSK */
-	XLB_STAT_MAX = 18,
+	XLB_STAT_FRAGMENT_FOLLOWS = 18,	/* a later fragment of a datagram whose first went to the XSK: sent too */
+	XLB_STAT_MAX = 19,
 };
 
 _Static_assert(sizeof(struct xlb_iface) == 16, "xlb_iface: see xdp/src/abi.rs");
@@ -98,5 +110,6 @@ _Static_assert(__builtin_offsetof(struct xlb_iface, mac) == 8, "xlb_iface.mac");
 _Static_assert(sizeof(struct xlb_flow_key) == 16, "xlb_flow_key: see xdp/src/abi.rs");
 _Static_assert(sizeof(struct xlb_endpoint) == 8, "xlb_endpoint: see xdp/src/abi.rs");
 _Static_assert(sizeof(struct xlb_snat_range) == 8, "xlb_snat_range: see xdp/src/abi.rs");
+_Static_assert(sizeof(struct xlb_frag_key) == 12, "xlb_frag_key");
 
 #endif

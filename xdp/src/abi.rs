@@ -103,10 +103,11 @@ pub enum Stat {
     Vlan = 15,
     Length = 16,
     Hairpin = 17,
+    FragmentFollows = 18,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 18] = [
+    pub const ALL: [Stat; 19] = [
         Stat::Rx,
         Stat::Frontend,
         Stat::Reply,
@@ -125,8 +126,9 @@ impl Stat {
         Stat::Vlan,
         Stat::Length,
         Stat::Hairpin,
+        Stat::FragmentFollows,
     ];
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     pub fn name(self) -> &'static str {
         match self {
@@ -148,6 +150,7 @@ impl Stat {
             Stat::Vlan => "vlan_tagged_passed",
             Stat::Length => "length_mismatch_dropped",
             Stat::Hairpin => "to_worker_hairpin",
+            Stat::FragmentFollows => "to_worker_fragment",
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct MasqOptions {
     pub config: Option<PathBuf>,
     /// Destinations never masqueraded: the cluster's nodes.
     pub cluster_nodes: Vec<Cidr>,
+    /// Which unsolicited inbound packets reach a mapped pod.
+    pub filtering: nat::Filtering,
 }
 
 /// Masquerading as the control thread runs it.
@@ -428,6 +430,7 @@ impl Daemon {
                 rules,
                 previous: None,
                 version: 1,
+                filtering: o.filtering,
             }));
             masq = Some(MasqRuntime {
                 egress_iface,
@@ -1088,6 +1091,7 @@ impl Daemon {
             rules: cur.rules.with_policy(policy),
             previous: Some(Arc::clone(&cur.rules.policy)),
             version: cur.version + 1,
+            filtering: cur.filtering,
         };
         let snap = self
             .snap

@@ -417,3 +417,82 @@ print(len(line))
     assert_eq!(out.trim(), (200_000 + "srv:".len() + 1).to_string());
     assert!(t.worker_sum("icmp_sent") >= 1, "{}", t.lbctl(&["stats"]));
 }
+
+/// IPv4 fragments both ways (RFC 4787 REQ-14): a 3 000-byte UDP datagram (three
+/// fragments on 1500-byte links) from a pod to a server through masquerading, and from a
+/// client to a backend through a VIP, each echoed back whole (the answer in fragments
+/// too). The node's kernel never sees them: its fragment reassembly counters stay still.
+#[test]
+fn fragmented_datagrams_through_masquerading_and_a_vip() {
+    if !common::privileged("frag") {
+        return;
+    }
+    let echo = |t: &Topo, ns: &str, src: &str, dst: &str, port: u16| -> String {
+        let code = format!(
+            r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('{src}', 0))
+s.settimeout(3)
+data = bytes(i % 251 for i in range(3000))
+s.sendto(data, ('{dst}', {port}))
+got, peer = s.recvfrom(65535)
+name, _, body = got.partition(b':')
+print(name.decode(), len(body), body == data)
+"#
+        );
+        t.py(ns, &code).trim().to_string()
+    };
+    let reasm = |t: &Topo| -> u64 {
+        let snmp = t
+            .cmd("lb", "cat")
+            .arg("/proc/net/snmp")
+            .output()
+            .expect("snmp");
+        let text = String::from_utf8_lossy(&snmp.stdout).into_owned();
+        let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+        let (names, values) = (ip.next().unwrap_or(""), ip.next().unwrap_or(""));
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "ReasmReqds")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    {
+        let mut t = Topo::masq_up("frgm", 2);
+        t.start_lbd_on(&["int0", "ext0"], &["--masquerade-from", "10.244.0.0/16"]);
+        let before = reasm(&t);
+        assert_eq!(
+            echo(&t, "pod", "10.244.1.2", "20.0.0.10", 5353),
+            "srv 3000 True",
+            "{}",
+            t.lbctl(&["stats"])
+        );
+        assert_eq!(
+            reasm(&t),
+            before,
+            "the node reassembled fragments of a flow"
+        );
+        assert!(t.xdp_stat("to_worker_fragment") >= 2);
+    }
+    let Some(t) = Topo::start("frgv", 2, 1) else {
+        return;
+    };
+    t.lbctl(&[
+        "service",
+        "add",
+        &format!("{VIP}:53/udp"),
+        "-b",
+        "10.1.0.11:5353",
+    ]);
+    let before = reasm(&t);
+    assert_eq!(
+        echo(&t, "client", "10.0.0.2", VIP, 53),
+        "b1 3000 True",
+        "{}",
+        t.lbctl(&["stats"])
+    );
+    assert_eq!(reasm(&t), before);
+    assert!(t.xdp_stat("to_worker_fragment") >= 2);
+}

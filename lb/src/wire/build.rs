@@ -24,6 +24,8 @@ pub struct FrameSpec {
     pub ip_options: Vec<u8>,
     /// Raw value of the flags/fragment-offset word.
     pub frag: u16,
+    /// IPv4 identification.
+    pub ident: u16,
     /// ICMP type and code (ICMP only). The 4 bytes after the checksum are `sport` and
     /// `dport`: identifier and sequence for echo, unused and next-hop MTU for
     /// "fragmentation needed"; `payload` follows (an error's quoted packet).
@@ -48,6 +50,7 @@ impl Default for FrameSpec {
             payload: Vec::new(),
             ip_options: Vec::new(),
             frag: 0x4000, // DF
+            ident: 0x1234,
             icmp_type: super::icmp::ECHO_REQUEST,
             icmp_code: 0,
         }
@@ -71,7 +74,7 @@ impl FrameSpec {
         f.push(0x40 | ihl as u8);
         f.push(0);
         f.extend_from_slice(&total.to_be_bytes());
-        f.extend_from_slice(&[0x12, 0x34]);
+        f.extend_from_slice(&self.ident.to_be_bytes());
         f.extend_from_slice(&self.frag.to_be_bytes());
         f.push(self.ttl);
         f.push(self.proto);
@@ -167,4 +170,32 @@ pub fn verify(frame: &[u8]) -> (bool, bool) {
         _ => fold(sum(seg)) == 0xffff,
     };
     (ip_ok, l4_ok)
+}
+
+/// Split a built Ethernet + IPv4 frame (no VLAN tag) into IPv4 fragments carrying
+/// `size` bytes of its payload each (a multiple of 8), as a router or the sender's stack
+/// would (RFC 791): same identification, MF on all but the last, offsets in 8-byte units.
+pub fn fragment(frame: &[u8], size: usize) -> Vec<Vec<u8>> {
+    assert!(size.is_multiple_of(8) && size > 0);
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let payload = &frame[14 + ihl..];
+    let base_off = u16::from_be_bytes([frame[20], frame[21]]) & 0x1fff;
+    let chunks: Vec<&[u8]> = payload.chunks(size).collect();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut f = frame[..14 + ihl].to_vec();
+            f.extend_from_slice(c);
+            let total = (ihl + c.len()) as u16;
+            f[16..18].copy_from_slice(&total.to_be_bytes());
+            let mf = if i + 1 < chunks.len() { 0x2000 } else { 0 };
+            let off = base_off + (i * size / 8) as u16;
+            f[20..22].copy_from_slice(&(mf | off).to_be_bytes());
+            f[24..26].copy_from_slice(&[0, 0]);
+            let c = checksum(&f[14..14 + ihl]);
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+            f
+        })
+        .collect()
 }

@@ -13,6 +13,7 @@ pub const PROTO_UDP: u8 = 17;
 mod field {
     pub const VER_IHL: usize = 0;
     pub const TOTAL_LEN: usize = 2;
+    pub const IDENT: usize = 4;
     pub const FLAGS_FRAG: usize = 6;
     pub const TTL: usize = 8;
     pub const PROTO: usize = 9;
@@ -71,6 +72,19 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     pub fn is_fragment(&self) -> bool {
         let f = read_u16(self.buf.as_ref(), field::FLAGS_FRAG);
         f & FLAG_MF != 0 || f & FRAG_OFFSET_MASK != 0
+    }
+
+    /// A fragment after the first: no L4 header (nonzero offset).
+    #[inline]
+    pub fn is_later_fragment(&self) -> bool {
+        read_u16(self.buf.as_ref(), field::FLAGS_FRAG) & FRAG_OFFSET_MASK != 0
+    }
+
+    /// The identification field (names a datagram's fragments with the addresses and
+    /// protocol).
+    #[inline]
+    pub fn ident(&self) -> u16 {
+        read_u16(self.buf.as_ref(), field::IDENT)
     }
 
     #[inline]

@@ -92,6 +92,15 @@ struct Args {
     /// stays. Without it: ip-masq-agent's defaults.
     #[arg(long, requires = "masquerade_from")]
     ip_masq_config: Option<PathBuf>,
+    /// Which unsolicited inbound packets reach a pod through its mapping:
+    /// address-and-port-dependent (only remotes it sent to, as Linux conntrack) or
+    /// endpoint-independent (anyone; what peer-to-peer software wants; RFC 4787 REQ-8).
+    #[arg(
+        long,
+        default_value = "address-and-port-dependent",
+        requires = "masquerade_from"
+    )]
+    nat_filtering: nat::Filtering,
     /// Cluster nodes' CIDR: never masqueraded (they reach pod addresses directly).
     #[arg(long = "cluster-nodes", requires = "masquerade_from")]
     cluster_nodes: Vec<nat::Cidr>,
@@ -194,6 +203,7 @@ fn main() -> anyhow::Result<()> {
             egress_addr: a.egress_addr,
             config: a.ip_masq_config,
             cluster_nodes: a.cluster_nodes,
+            filtering: a.nat_filtering,
         }),
     };
     match xdp::sys::raise_nofile_limit() {
