@@ -6,6 +6,7 @@
 # backends. Run as root.
 #
 #   bench/connrate.sh [SECONDS] [ROUNDS]      default: 60 s, 2 rounds of each
+#   QUEUES=1 XLB_ARGS=... bench/connrate.sh   queues of the LB veths (default 2), extra lbd arguments
 #
 # Per round it prints wrk's requests/s and errors, and the client's new connections per
 # second (TCP ActiveOpens in its namespace, sampled every second): the mean and the
@@ -36,7 +37,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-deploy/topology.sh up "$P" 2 3
+deploy/topology.sh up "$P" "${QUEUES:-2}" 3
 for i in 1 2 3; do
   mkdir -p "$dir/b$i"
   cat > "$dir/b$i/nginx.conf" <<EOF
@@ -47,7 +48,7 @@ fastcgi_temp_path $dir/b$i; uwsgi_temp_path $dir/b$i; scgi_temp_path $dir/b$i;
 server { listen 8081 backlog=4096; location / { return 200 "ok b$i\n"; } } }
 EOF
   ns "$P-b$i" sysctl -qw net.core.somaxconn=4096
-  ns "$P-b$i" nginx -c "$dir/b$i/nginx.conf"
+  ns "$P-b$i" nginx -c "$dir/b$i/nginx.conf" < /dev/null > /dev/null 2>&1
 done
 ns "$P-lb" ip addr add "$SNAT/32" dev lb1
 
@@ -78,8 +79,9 @@ measure() {
 }
 
 xlb_round() {
-  ns "$P-lb" target/release/lbd --iface lb0 --iface lb1 --snat-addr "$SNAT" \
-    --socket "$dir/lbd.sock" --log warn 2> "$dir/lbd.log" &
+  # Not through the ns function: $! must be lbd's pid (SIGINT detaches it cleanly).
+  ip netns exec "$P-lb" target/release/lbd --iface lb0 --iface lb1 --snat-addr "$SNAT" ${XLB_ARGS:-} \
+    --socket "$dir/lbd.sock" --log warn < /dev/null > /dev/null 2> "$dir/lbd.log" &
   lbd_pid=$!
   for _ in $(seq 100); do
     target/release/lbctl --socket "$dir/lbd.sock" status > /dev/null 2>&1 && break
@@ -96,9 +98,9 @@ xlb_round() {
 nft_round() {
   ns "$P-lb" nft -f - <<EOF
 table ip xlbbench {
-  chain b1 { dnat to 10.1.0.11:8081 }
-  chain b2 { dnat to 10.1.0.12:8081 }
-  chain b3 { dnat to 10.1.0.13:8081 }
+  chain b1 { meta l4proto tcp dnat to 10.1.0.11:8081; }
+  chain b2 { meta l4proto tcp dnat to 10.1.0.12:8081; }
+  chain b3 { meta l4proto tcp dnat to 10.1.0.13:8081; }
   chain pre {
     type nat hook prerouting priority dstnat;
     ip daddr $VIP tcp dport 80 numgen random mod 3 vmap { 0 : jump b1, 1 : jump b2, 2 : jump b3 }

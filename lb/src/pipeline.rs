@@ -578,12 +578,13 @@ impl Engine {
         if let Some(owner) = self.nat_port_owner(p.key.dst, p.key.dport) {
             // From an inside host to another's outside endpoint: hairpinning (RFC 4787
             // REQ-9), a masquerade flow like any other.
-            if let Some(m) = self.snap.masq.clone().filter(|m| {
+            let hairpin = self.snap.masq.as_ref().is_some_and(|m| {
                 m.rules.egress.octets() == p.key.dst
                     && p.key.proto != PROTO_ICMP
                     && m.rules.decide(p.key.src.into(), p.key.dst.into())
                         != nat::Decision::NotMasqueradeSource
-            }) {
+            });
+            if let Some(m) = self.snap.masq.clone().filter(|_| hairpin) {
                 return self.masquerade(frame, &p, &m);
             }
             if owner != self.worker {
@@ -1243,7 +1244,12 @@ impl Engine {
             (Verdict::Hold, _) => FragTarget::Held,
             _ => return,
         };
-        if self.frags.len() >= FRAGS || self.frags.contains_key(&k) {
+        // A key sits in `frag_order` once: a repeated first fragment only updates it.
+        if let Some(e) = self.frags.get_mut(&k) {
+            *e = (target, self.now);
+            return;
+        }
+        if self.frags.len() >= FRAGS {
             self.frags.remove(&self.frag_order[self.frag_next]);
         }
         self.frag_order[self.frag_next] = k;

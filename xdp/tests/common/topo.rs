@@ -89,28 +89,19 @@ impl Topo {
 
     /// deploy/backend.py NAME in namespace NAME: HTTP 8080, UDP 5353, TCP echo 9000.
     fn start_server(&mut self, name: &str) {
-        let mut c = self
-            .cmd(name, "python3")
-            .arg(repo().join("deploy/backend.py"))
-            .args([
-                name,
-                "--http",
-                "8080",
-                "--udp",
-                "5353",
-                "--tcp-echo",
-                "9000",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start backend");
-        let mut line = String::new();
-        BufReader::new(c.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("backend ready");
-        assert_eq!(line.trim(), "ready");
-        self.children.push(c);
+        let script = repo().join("deploy/backend.py");
+        let script = script.to_string_lossy().into_owned();
+        let args = [
+            script.as_str(),
+            name,
+            "--http",
+            "8080",
+            "--udp",
+            "5353",
+            "--tcp-echo",
+            "9000",
+        ];
+        self.spawn_ready(name, "python3", &args);
     }
 
     /// nginx in namespace `short` on port 8081 answering "ok <short>" to every request,
