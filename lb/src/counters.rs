@@ -78,8 +78,9 @@ drop_reasons! {
     /// The destination MAC is not one of xlb's interfaces (a broadcast, multicast or
     /// another host's frame: a router does not forward those); defensive, XDP drops them.
     ForeignMac = 22 => "foreign_mac",
-    /// Larger than the egress link's MTU and not sent back as an ICMP error: without DF
-    /// (xlb does not fragment), or with DF while the ICMP rate limit was exhausted.
+    /// Larger than the egress link's MTU and neither answered nor fragmented: with DF
+    /// while the ICMP rate limit was exhausted, or without DF but with IP options or
+    /// needing more fragments than xlb cuts a packet into.
     TooBig = 23 => "too_big",
 }
 

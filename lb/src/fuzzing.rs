@@ -119,6 +119,12 @@ fn check_one(e: &mut Engine, frame: &mut [u8], hops: u8, workers: u16) {
             assert!(n < workers && n != e.worker(), "hand-off to {n}");
             assert_eq!(frame, &before[..], "a handed-over frame is untouched");
         }
+        Verdict::Fragments { count, .. } => {
+            for k in 0..usize::from(count) {
+                let (ip_ok, _) = verify(e.fragment(k));
+                assert!(ip_ok, "a fragment with a bad IPv4 header: {before:02x?}");
+            }
+        }
         Verdict::Icmp { .. } => {
             assert_eq!(
                 frame,

@@ -86,6 +86,9 @@ pub const ICMP_PER_SEC: u64 = 100;
 const ICMP_QUOTE: usize = 576 - 20 - icmp::HEADER_LEN;
 /// Room for an originated ICMP error: Ethernet, IPv4 and ICMP headers and the quote.
 const GENERATED: usize = 14 + 20 + icmp::HEADER_LEN + ICMP_QUOTE;
+/// Most fragments xlb cuts one packet into, and the room they take.
+const SPLIT_MAX: usize = 8;
+const SPLIT_BYTES: usize = 4096;
 /// Code of "communication administratively prohibited" (RFC 1812 §5.2.7.1).
 const ADMIN_PROHIBITED: u8 = 13;
 
@@ -111,6 +114,13 @@ pub enum Verdict {
     /// big for its egress link, or one for which no NAT port was free.
     Icmp {
         iface: u8,
+    },
+    /// Send the translated packet as `count` IPv4 fragments ([`Engine::fragment`]) out
+    /// of interface `iface`, instead of the frame: it was larger than the link's MTU
+    /// and allowed fragmentation (RFC 4787 REQ-13).
+    Fragments {
+        iface: u8,
+        count: u8,
     },
     /// Keep the unmodified frame and process it again after the next snapshot: a next
     /// hop's MAC is unknown and resolution was requested (the kernel's unresolved queue,
@@ -210,6 +220,9 @@ pub struct Engine {
     /// The last ICMP error originated ([`Verdict::Icmp`]).
     generated: [u8; GENERATED],
     generated_len: usize,
+    /// The fragments of the last [`Verdict::Fragments`]: bytes, and where each ends.
+    split: [u8; SPLIT_BYTES],
+    split_ends: [usize; SPLIT_MAX],
     /// Fragmented datagrams whose first fragment was seen here: where the later
     /// fragments go, and when it was seen. Allocated at start; `frag_order` forgets the
     /// oldest when full.
@@ -286,6 +299,8 @@ impl Engine {
             icmp_clock: 0,
             generated: [0; GENERATED],
             generated_len: 0,
+            split: [0; SPLIT_BYTES],
+            split_ends: [0; SPLIT_MAX],
             frags: {
                 let mut m = hashbrown::HashMap::new();
                 m.try_reserve(FRAGS).map_err(|_| crate::flow::AllocError {
@@ -399,6 +414,15 @@ impl Engine {
         self.counters.flows_expired += expired as u64;
     }
 
+    /// Fragment `k` of the last [`Verdict::Fragments`] (empty past its count).
+    pub fn fragment(&self, k: usize) -> &[u8] {
+        let start = k.checked_sub(1).map_or(0, |j| self.split_ends[j]);
+        self.split_ends
+            .get(k)
+            .and_then(|&end| self.split.get(start..end))
+            .unwrap_or(&[])
+    }
+
     /// The ICMP error of the last [`Verdict::Icmp`].
     pub fn generated(&self) -> &[u8] {
         &self.generated[..self.generated_len]
@@ -433,7 +457,7 @@ impl Engine {
             self.remember_fragment(k, v);
         }
         match v {
-            Verdict::Tx { .. } => self.counters.tx += 1,
+            Verdict::Tx { .. } | Verdict::Fragments { .. } => self.counters.tx += 1,
             Verdict::Icmp { .. } => self.counters.icmp_sent += 1,
             Verdict::ToWorker(_) => self.counters.handoff_out += 1,
             Verdict::Probe(_) => {
@@ -862,7 +886,8 @@ impl Engine {
             .flows
             .get(slot)
             .map_or(u16::MAX, |f| f.rewrite[dir as usize].mtu);
-        if p.l4_end - p.l3 > usize::from(mtu) {
+        let over = p.l4_end - p.l3 > usize::from(mtu);
+        if over && dont_fragment(frame, p) {
             return self.too_big(frame, p, mtu);
         }
         let now = self.now;
@@ -908,6 +933,9 @@ impl Engine {
         apply(frame, p, &rw);
         if around {
             return self.turn_around(frame, rw.dport);
+        }
+        if over {
+            return self.split(frame, p, rw.iface, mtu);
         }
         Ok(Verdict::Tx { iface: rw.iface })
     }
@@ -1059,7 +1087,8 @@ impl Engine {
             },
         };
         let mtu = rewrite[first as usize].mtu;
-        if p.l4_end - p.l3 > usize::from(mtu) {
+        let over = p.l4_end - p.l3 > usize::from(mtu);
+        if over && dont_fragment(frame, p) {
             return self.too_big(frame, p, mtu);
         }
         self.make_room()?;
@@ -1076,6 +1105,9 @@ impl Engine {
         apply(frame, p, &rw);
         if hairpin && first == Dir::Forward {
             return self.turn_around(frame, rw.dport);
+        }
+        if over {
+            return self.split(frame, p, rw.iface, mtu);
         }
         Ok(Verdict::Tx { iface: rw.iface })
     }
@@ -1225,13 +1257,17 @@ impl Engine {
     /// Forward untranslated, as a router: next hop from the routing table, TTL − 1.
     fn route(&mut self, frame: &mut [u8], p: &Parsed) -> Result<Verdict, DropReason> {
         let hop = self.hop(p.key.dst)?;
-        if p.l4_end - p.l3 > usize::from(hop.mtu) {
+        let over = p.l4_end - p.l3 > usize::from(hop.mtu);
+        if over && dont_fragment(frame, p) {
             return self.too_big(frame, p, hop.mtu);
         }
         frame[0..6].copy_from_slice(&hop.dst_mac);
         frame[6..12].copy_from_slice(&hop.src_mac);
         decrement_ttl(&mut frame[p.l3..p.l4], TTL_DECREMENT);
         self.counters.routed += 1;
+        if over {
+            return self.split(frame, p, hop.iface, hop.mtu);
+        }
         Ok(Verdict::Tx { iface: hop.iface })
     }
 
@@ -1283,28 +1319,71 @@ impl Engine {
             return Err(DropReason::Fragment);
         }
         let rw = f.rewrite[dir as usize];
-        if p.l4_end - p.l3 > usize::from(rw.mtu) {
-            // A fragment has no DF: too big for the link, and xlb does not fragment.
-            return Err(DropReason::TooBig);
-        }
         frame[0..6].copy_from_slice(&rw.dst_mac);
         frame[6..12].copy_from_slice(&rw.src_mac);
         let ip = &mut frame[p.l3..p.l4];
         ip[12..16].copy_from_slice(&rw.src);
         ip[16..20].copy_from_slice(&rw.dst);
         decrement_ttl(ip, rw.ip_delta);
+        // A fragment has no DF: too big for the link, it is cut again.
+        if p.l4_end - p.l3 > usize::from(rw.mtu) {
+            return self.split(frame, p, rw.iface, rw.mtu);
+        }
         Ok(Verdict::Tx { iface: rw.iface })
     }
 
-    /// A packet larger than its egress link's `mtu`: with DF, ICMP fragmentation needed
-    /// back to its sender with that MTU (RFC 1191, RFC 4787 REQ-13); without, dropped
-    /// (xlb does not fragment).
+    /// A DF packet larger than its egress link's `mtu`: ICMP fragmentation needed back
+    /// to its sender with that MTU (RFC 1191, RFC 4787 REQ-13). (Without DF the packet
+    /// is translated and cut into fragments: [`Engine::split`].)
     fn too_big(&mut self, frame: &[u8], p: &Parsed, mtu: u16) -> Result<Verdict, DropReason> {
-        let df = frame[p.l3 + 6] & 0x40 != 0;
-        if !df {
+        self.originate(frame, p, icmp::FRAG_NEEDED, mtu, DropReason::TooBig)
+    }
+
+    /// Cut the translated packet in `frame` into IPv4 fragments of at most `mtu` bytes
+    /// (RFC 791 §3.2, RFC 4787 REQ-13): each carries the header with its own length,
+    /// offset and MF (a packet that is itself a fragment keeps its place in the
+    /// datagram) and checksum. A packet with IP options, or that would take more than
+    /// `SPLIT_MAX` fragments, is a counted `too_big` drop.
+    fn split(
+        &mut self,
+        frame: &[u8],
+        p: &Parsed,
+        iface: u8,
+        mtu: u16,
+    ) -> Result<Verdict, DropReason> {
+        let ihl = p.l4 - p.l3;
+        let chunk = (usize::from(mtu).saturating_sub(20) / 8) * 8;
+        let payload = &frame[p.l4..p.l4_end];
+        let word = u16::from_be_bytes([frame[p.l3 + 6], frame[p.l3 + 7]]);
+        let (base, more) = (word & 0x1fff, word & 0x2000 != 0);
+        if ihl != 20
+            || chunk == 0
+            || payload.len().div_ceil(chunk) > SPLIT_MAX
+            || usize::from(base) + payload.len() / 8 > 0x1fff
+        {
             return Err(DropReason::TooBig);
         }
-        self.originate(frame, p, icmp::FRAG_NEEDED, mtu, DropReason::TooBig)
+        let mut at = 0;
+        let pieces = payload.len().div_ceil(chunk);
+        for (k, piece) in payload.chunks(chunk).enumerate() {
+            let len = p.l3 + 20 + piece.len();
+            let out = self.split.get_mut(at..at + len).ok_or(DropReason::TooBig)?;
+            out[..p.l3 + 20].copy_from_slice(&frame[..p.l3 + 20]);
+            out[p.l3 + 20..].copy_from_slice(piece);
+            let ip = &mut out[p.l3..p.l3 + 20];
+            write_u16(ip, 2, (20 + piece.len()) as u16);
+            let mf = if k + 1 < pieces || more { 0x2000 } else { 0 };
+            write_u16(ip, 6, mf | (base + (k * chunk / 8) as u16));
+            write_u16(ip, 10, 0);
+            let c = !fold(sum(ip));
+            write_u16(ip, 10, c);
+            at += len;
+            self.split_ends[k] = at;
+        }
+        Ok(Verdict::Fragments {
+            iface,
+            count: pieces as u8,
+        })
     }
 
     /// No NAT port for a new flow: counted, and ICMP communication administratively
@@ -1469,6 +1548,11 @@ impl Engine {
         self.counters.icmp_errors += 1;
         Ok(Verdict::Tx { iface: rw.iface })
     }
+}
+
+/// Whether the packet forbids fragmentation (DF).
+fn dont_fragment(frame: &[u8], p: &Parsed) -> bool {
+    frame[p.l3 + 6] & 0x40 != 0
 }
 
 /// The mapping a flow's forward direction uses: inside endpoint and outside address.

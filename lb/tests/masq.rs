@@ -664,12 +664,23 @@ fn too_big_for_the_egress_link_draws_fragmentation_needed() {
         ..big.clone()
     };
     assert_eq!(run(&mut e, &small).0, TX_EXT);
-    // Without DF: dropped and counted (xlb does not fragment).
+    // Without DF: translated, then cut into fragments that fit (RFC 4787 REQ-13), which
+    // reassemble into exactly the translated datagram.
     let no_df = FrameSpec {
         frag: 0,
         ..big.clone()
     };
-    assert_eq!(run(&mut e, &no_df).0, Verdict::Drop(DropReason::TooBig));
+    let (v, _) = run(&mut e, &no_df);
+    assert_eq!(v, Verdict::Fragments { iface: 1, count: 2 });
+    let pieces: Vec<Vec<u8>> = (0..2).map(|k| e.fragment(k).to_vec()).collect();
+    for f in &pieces {
+        assert!(f.len() - 14 <= 1400);
+        assert!(verify(f).0, "each fragment's header checksum");
+    }
+    assert_eq!(
+        reassemble(&pieces),
+        masqueraded(&no_df, mf::mapped(40000)).build()
+    );
     // Inbound, on an established mapping: the remote is told, from the egress address.
     let snap = mf::snapshot().with_net(3, Arc::new(mf::net_with_mtu(1280, 1500)));
     e.set_snapshot(Arc::new(snap));
@@ -693,8 +704,8 @@ fn too_big_for_the_egress_link_draws_fragmentation_needed() {
     assert_eq!(e.counters.icmp_sent, lb::pipeline::ICMP_BURST);
     assert_eq!(
         e.counters.drops[DropReason::TooBig as usize],
-        2,
-        "no DF, then limited"
+        1,
+        "rate-limited"
     );
     e.begin_batch(SEC * 2);
     assert_eq!(run(&mut e, &big).0, Verdict::Icmp { iface: 0 });

@@ -415,6 +415,41 @@ impl WorkerIo {
         io::Write::write_all(&mut cur, bytes).is_ok()
     }
 
+    /// Queue a copy of `bytes` for transmission on `port`, in a free frame. False if no
+    /// frame is free, it does not fit one, or the port's TX backlog is full.
+    pub fn send_copy(&mut self, port: usize, bytes: &[u8]) -> bool {
+        if bytes.len() > self.cfg.frame_size as usize - 256 {
+            return false;
+        }
+        let Some(p) = self.ports.get(port) else {
+            return false;
+        };
+        if p.pending.len() >= p.pending.capacity() {
+            return false;
+        }
+        let Some(mut desc) = self.free.pop() else {
+            return false;
+        };
+        // SAFETY: `desc` came from `free`, so no ring and no other slot refers to it.
+        let mut data = unsafe { self.umem.data_mut(&mut desc) };
+        let mut cur = data.cursor();
+        cur.set_pos(0);
+        if io::Write::write_all(&mut cur, bytes).is_err() {
+            self.free.push(desc);
+            return false;
+        }
+        match self.ports.get_mut(port) {
+            Some(p) => {
+                p.pending.push(desc);
+                true
+            }
+            None => {
+                self.free.push(desc);
+                false
+            }
+        }
+    }
+
     pub fn batch_len(&self) -> usize {
         self.batch.len()
     }

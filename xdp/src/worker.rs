@@ -264,6 +264,18 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         engine.counters.drop(DropReason::TxRingFull);
                     }
                 }
+                Verdict::Fragments { iface, count } => {
+                    let port = usize::from(iface);
+                    let mut sent = io.replace(i, engine.fragment(0)) && io.send(i, port);
+                    for k in 1..usize::from(count) {
+                        sent &= io.send_copy(port, engine.fragment(k));
+                    }
+                    if !sent {
+                        engine.counters.tx -= 1;
+                        engine.counters.drop(DropReason::TxRingFull);
+                        io.release(i);
+                    }
+                }
                 Verdict::Icmp { iface } => {
                     if !io.replace(i, engine.generated()) || !io.send(i, usize::from(iface)) {
                         engine.counters.icmp_sent -= 1;

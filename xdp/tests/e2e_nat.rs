@@ -367,7 +367,7 @@ print('tcp', ma, '%s:%d' % peer, got, got_a)
 /// xlb as a router on its own links (RFC 4787 REQ-13): with the egress link's MTU at
 /// 1400, a pod's full-size DF segments draw ICMP fragmentation needed from xlb, the
 /// pod's PMTU discovery shrinks them, and a 200 kB upload echoed back completes; ping
-/// with DF reports the link's MTU.
+/// with DF reports the link's MTU; a datagram without DF is fragmented to fit.
 #[test]
 fn pmtu_discovery_through_a_smaller_egress_link() {
     if !common::privileged("pmtu") {
@@ -416,6 +416,21 @@ print(len(line))
     let out = t.py("pod", code);
     assert_eq!(out.trim(), (200_000 + "srv:".len() + 1).to_string());
     assert!(t.worker_sum("icmp_sent") >= 1, "{}", t.lbctl(&["stats"]));
+    // Without DF (the socket turns path MTU discovery off), a 1500-byte datagram is
+    // translated and cut into fragments that fit the 1400-byte link; the server gets
+    // it whole and its answer comes back.
+    let code = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER = IP_PMTUDISC_DONT
+s.bind(('10.244.1.2', 0))
+s.settimeout(3)
+data = bytes(i % 253 for i in range(1472))
+s.sendto(data, ('20.0.0.10', 5353))
+got = s.recvfrom(65535)[0]
+print(got == b'srv:' + data)
+"#;
+    assert_eq!(t.py("pod", code).trim(), "True", "{}", t.lbctl(&["stats"]));
 }
 
 /// IPv4 fragments both ways (RFC 4787 REQ-14): a 3 000-byte UDP datagram (three
