@@ -289,6 +289,9 @@ pub struct WorkerView {
 pub struct SnatAddrView {
     pub address: Ipv4Addr,
     pub ports: String,
+    /// Inside endpoints (clients) mapped onto it now, over all workers.
+    #[serde(default)]
+    pub mappings: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

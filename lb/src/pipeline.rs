@@ -220,6 +220,8 @@ pub struct Engine {
     /// The last ICMP error originated ([`Verdict::Icmp`]).
     generated: [u8; GENERATED],
     generated_len: usize,
+    /// Mappings on each SNAT pool address (by position in the snapshot's pool).
+    pool_use: [u64; nat::MAX_POOL],
     /// The fragments of the last [`Verdict::Fragments`]: bytes, and where each ends.
     split: [u8; SPLIT_BYTES],
     split_ends: [usize; SPLIT_MAX],
@@ -235,6 +237,29 @@ pub struct Engine {
     first_frag: Option<FragKey>,
 }
 
+/// The mapping table with the pool addresses' use, as flows leaving the table need them.
+struct Mapped<'a> {
+    mappings: &'a mut Mappings,
+    pool_use: &'a mut [u64; nat::MAX_POOL],
+    pool: &'a [crate::snapshot::NatAddr],
+}
+
+/// One mapping more (`up`) or fewer on `addr`, if it is a pool address.
+fn count_use(
+    pool_use: &mut [u64; nat::MAX_POOL],
+    pool: &[crate::snapshot::NatAddr],
+    addr: [u8; 4],
+    up: bool,
+) {
+    if let Some(n) = pool
+        .iter()
+        .position(|a| a.addr == addr)
+        .and_then(|i| pool_use.get_mut(i))
+    {
+        *n = if up { *n + 1 } else { n.saturating_sub(1) };
+    }
+}
+
 fn timeout(t: &Timeouts, s: FlowState) -> u64 {
     match s {
         FlowState::SynSent | FlowState::SynRecv => t.tcp_syn,
@@ -246,11 +271,16 @@ fn timeout(t: &Timeouts, s: FlowState) -> u64 {
     }
 }
 
-/// What a flow leaving the table takes with it: its count in its mapping, and (a kept
-/// masqueraded flow) its keep entry, reported.
-fn gone(queue: &mut [FlowKey; UNKEEP_QUEUE], len: &mut usize, mappings: &mut Mappings, f: &Flow) {
+/// What a flow leaving the table takes with it: its count in its mapping (and the
+/// mapping, with its pool address's use, when it was the last), and (a kept masqueraded
+/// flow) its keep entry, reported.
+fn gone(queue: &mut [FlowKey; UNKEEP_QUEUE], len: &mut usize, maps: &mut Mapped<'_>, f: &Flow) {
     if f.mapped {
-        mappings.release(&map_key(f));
+        let key = map_key(f);
+        maps.mappings.release(&key);
+        if maps.mappings.port(&key).is_none() {
+            count_use(maps.pool_use, maps.pool, key.outside, false);
+        }
     }
     if f.kept && *len < UNKEEP_QUEUE {
         queue[*len] = f.keys[0];
@@ -299,6 +329,7 @@ impl Engine {
             icmp_clock: 0,
             generated: [0; GENERATED],
             generated_len: 0,
+            pool_use: [0; nat::MAX_POOL],
             split: [0; SPLIT_BYTES],
             split_ends: [0; SPLIT_MAX],
             frags: {
@@ -366,12 +397,12 @@ impl Engine {
 
     fn remove_flow(&mut self, slot: u32) {
         if let Some(f) = self.flows.remove(slot) {
-            gone(
-                &mut self.unkept,
-                &mut self.unkept_len,
-                &mut self.mappings,
-                &f,
-            );
+            let mut maps = Mapped {
+                mappings: &mut self.mappings,
+                pool_use: &mut self.pool_use,
+                pool: &self.snap.snat.pool,
+            };
+            gone(&mut self.unkept, &mut self.unkept_len, &mut maps, &f);
         }
     }
 
@@ -382,6 +413,11 @@ impl Engine {
     /// Inside endpoints with a mapping on this worker.
     pub fn mappings(&self) -> usize {
         self.mappings.len()
+    }
+
+    /// Mappings on each SNAT pool address, in the snapshot's pool order.
+    pub fn pool_use(&self) -> &[u64] {
+        &self.pool_use[..self.snap.snat.pool.len().min(nat::MAX_POOL)]
     }
 
     /// Start a batch at time `now` (ns, monotonic): advances the expiry clock hand.
@@ -403,11 +439,16 @@ impl Engine {
             self.icmp_clock = now;
         }
         let t = self.snap.timeouts;
-        let (queue, len, maps) = (&mut self.unkept, &mut self.unkept_len, &mut self.mappings);
+        let (queue, len) = (&mut self.unkept, &mut self.unkept_len);
+        let mut maps = Mapped {
+            mappings: &mut self.mappings,
+            pool_use: &mut self.pool_use,
+            pool: &self.snap.snat.pool,
+        };
         let expired = self.flows.expire_step(budget as usize, |f| {
             let idle = now.saturating_sub(f.last_seen) > timeout(&t, f.state);
             if idle {
-                gone(queue, len, maps, f);
+                gone(queue, len, &mut maps, f);
             }
             idle
         });
@@ -1092,13 +1133,18 @@ impl Engine {
             return self.too_big(frame, p, mtu);
         }
         self.make_room()?;
-        flow.mapped = self.mappings.acquire(map_key(&flow), rewrite[0].sport);
+        let key = map_key(&flow);
+        let fresh = self.mappings.port(&key).is_none();
+        flow.mapped = self.mappings.acquire(key, rewrite[0].sport);
         let Ok(slot) = self.flows.insert(flow) else {
             if flow.mapped {
-                self.mappings.release(&map_key(&flow));
+                self.mappings.release(&key);
             }
             return Err(DropReason::FlowTableFull);
         };
+        if flow.mapped && fresh {
+            count_use(&mut self.pool_use, &self.snap.snat.pool, key.outside, true);
+        }
         self.last_flow = Some((slot, first));
         self.counters.flows_created += 1;
         let rw = rewrite[first as usize];
@@ -1131,12 +1177,12 @@ impl Engine {
         } else {
             self.counters.flows_evicted += 1;
         }
-        gone(
-            &mut self.unkept,
-            &mut self.unkept_len,
-            &mut self.mappings,
-            &f,
-        );
+        let mut maps = Mapped {
+            mappings: &mut self.mappings,
+            pool_use: &mut self.pool_use,
+            pool: &self.snap.snat.pool,
+        };
+        gone(&mut self.unkept, &mut self.unkept_len, &mut maps, &f);
         Ok(())
     }
 

@@ -696,6 +696,20 @@ fn a_clients_flows_share_one_pool_address() {
                 "client {last}"
             );
         }
+        // Three mappings (one per client socket), all on the client's pool address.
+        let at = cfg
+            .snat
+            .pool
+            .iter()
+            .position(|a| by_client.get(&last) == Some(&a.addr))
+            .expect("a pool address");
+        let mut want = [0u64; 4];
+        want[at] = 3;
+        assert_eq!(e.pool_use(), &want[..], "lbctl status's use per address");
+        for _ in 0..100 {
+            e.begin_batch(SEC * 100_000);
+        }
+        assert_eq!(e.pool_use(), &[0u64; 4][..], "mappings go with their flows");
     }
     let used: std::collections::HashSet<_> = by_client.values().collect();
     assert_eq!(used.len(), 4, "every pool address serves some clients");

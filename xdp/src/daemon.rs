@@ -948,9 +948,16 @@ impl Daemon {
                 .snat
                 .pool
                 .iter()
-                .map(|a| control::proto::SnatAddrView {
+                .enumerate()
+                .map(|(i, a)| control::proto::SnatAddrView {
                     address: Ipv4Addr::from(a.addr),
                     ports: a.ports.to_string(),
+                    mappings: self
+                        .workers
+                        .iter()
+                        .filter_map(|w| w.shared.pool_use.get(i))
+                        .map(|n| n.load(Ordering::Relaxed))
+                        .sum(),
                 })
                 .collect(),
             snat_ports: self.cfg.snat.ports.to_string(),

@@ -54,8 +54,10 @@ pub struct WorkerShared {
     /// interface, in `--iface` order), refreshed about once a second.
     pub xsk: Vec<[AtomicU64; XSK_STATS]>,
     pub flows: AtomicU64,
-    /// NAT mappings (inside endpoints) the worker holds.
+    /// NAT mappings (inside endpoints) the worker holds, and how many are on each SNAT
+    /// pool address (pool order).
     pub mappings: AtomicU64,
+    pub pool_use: [AtomicU64; nat::MAX_POOL],
     pub parked: AtomicBool,
     /// The worker thread panicked (set by the daemon's supervisor; lbd then stops).
     pub failed: AtomicBool,
@@ -155,6 +157,7 @@ pub fn shared_state(sockets: usize) -> std::io::Result<(Poll, Arc<WorkerShared>)
                 .collect(),
             flows: AtomicU64::new(0),
             mappings: AtomicU64::new(0),
+            pool_use: std::array::from_fn(|_| AtomicU64::new(0)),
             parked: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             waker,
@@ -360,6 +363,9 @@ fn publish(me: &WorkerShared, engine: &Engine) {
         .store(engine.flows().len() as u64, Ordering::Relaxed);
     me.mappings
         .store(engine.mappings() as u64, Ordering::Relaxed);
+    for (a, n) in me.pool_use.iter().zip(engine.pool_use()) {
+        a.store(*n, Ordering::Relaxed);
+    }
 }
 
 /// Bytes before each frame in a hand-off ring: its length (u16) and its hop count.

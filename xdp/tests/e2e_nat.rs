@@ -173,7 +173,9 @@ for _ in pipes:
         .filter_map(|p| p.parse().ok())
         .collect();
     // All still open: the flows are there, and the backend sees them.
-    let flows = t.lbctl_json(&["status"])["flows"].as_u64().unwrap_or(0);
+    let status = t.lbctl_json(&["status"]);
+    let flows = status["flows"].as_u64().unwrap_or(0);
+    let on_snat = status["snat_pool"][0]["mappings"].as_u64().unwrap_or(0);
     let backend_conns = t
         .cmd("b1", "ss")
         .args(["-Htn", "state", "established", "( sport = :8081 )"])
@@ -188,6 +190,10 @@ for _ in pipes:
     eprintln!("{ok} of {n} answered; {flows} flows; {at_backend} connections at the backend");
     assert_eq!(ok, n, "{}", t.lbd_log());
     assert!(flows >= u64::from(n), "{flows} flows");
+    assert!(
+        on_snat >= u64::from(n),
+        "{on_snat} mappings shown on {SNAT}: {status}"
+    );
     assert!(at_backend >= n as usize, "{at_backend} at the backend");
     // Port preservation: the backend sees the client's own ports (from the SNAT address).
     assert_eq!(ports.len(), 210);

@@ -392,7 +392,12 @@ fn print_status(s: &StatusView) {
         );
     }
     for a in &s.snat_pool {
-        out!("SNAT:        {} ports {}", a.address, a.ports);
+        out!(
+            "SNAT:        {} ports {}, {} mapping(s)",
+            a.address,
+            a.ports,
+            a.mappings
+        );
     }
     out!(
         "NAT ports:   {}; --snat-ports {}",
