@@ -377,25 +377,32 @@ impl WorkerIo {
     /// another worker, after `hops` workers looked for its flow). False if no frame is
     /// free or the bytes do not fit.
     pub fn inject(&mut self, bytes: &[u8], hops: u8) -> bool {
-        if bytes.len() > self.cfg.frame_size as usize - 256 {
-            return false;
-        }
-        let Some(mut desc) = self.free.pop() else {
+        let Some(desc) = self.free_frame_with(bytes) else {
             return false;
         };
+        self.batch.push(Slot {
+            hops,
+            ..Slot::new(desc)
+        });
+        true
+    }
+
+    /// A free frame holding a copy of `bytes`, or None if no frame is free or the bytes
+    /// do not fit one.
+    fn free_frame_with(&mut self, bytes: &[u8]) -> Option<FrameDesc> {
+        if bytes.len() > self.cfg.frame_size as usize - 256 {
+            return None;
+        }
+        let mut desc = self.free.pop()?;
         // SAFETY: `desc` came from `free`, so no ring and no other slot refers to it.
         let mut data = unsafe { self.umem.data_mut(&mut desc) };
         let mut cur = data.cursor();
         cur.set_pos(0);
         if io::Write::write_all(&mut cur, bytes).is_err() {
             self.free.push(desc);
-            return false;
+            return None;
         }
-        self.batch.push(Slot {
-            hops,
-            ..Slot::new(desc)
-        });
-        true
+        Some(desc)
     }
 
     /// Replace batch frame `i`'s bytes with `bytes` (another packet to send in its
@@ -418,26 +425,15 @@ impl WorkerIo {
     /// Queue a copy of `bytes` for transmission on `port`, in a free frame. False if no
     /// frame is free, it does not fit one, or the port's TX backlog is full.
     pub fn send_copy(&mut self, port: usize, bytes: &[u8]) -> bool {
-        if bytes.len() > self.cfg.frame_size as usize - 256 {
-            return false;
-        }
         let Some(p) = self.ports.get(port) else {
             return false;
         };
         if p.pending.len() >= p.pending.capacity() {
             return false;
         }
-        let Some(mut desc) = self.free.pop() else {
+        let Some(desc) = self.free_frame_with(bytes) else {
             return false;
         };
-        // SAFETY: `desc` came from `free`, so no ring and no other slot refers to it.
-        let mut data = unsafe { self.umem.data_mut(&mut desc) };
-        let mut cur = data.cursor();
-        cur.set_pos(0);
-        if io::Write::write_all(&mut cur, bytes).is_err() {
-            self.free.push(desc);
-            return false;
-        }
         match self.ports.get_mut(port) {
             Some(p) => {
                 p.pending.push(desc);
