@@ -193,7 +193,10 @@ pub struct NatView {
 pub struct MasqStatusView {
     /// Interfaces masqueraded traffic leaves by (their XDP mode is in `interfaces`).
     pub egress_interfaces: Vec<String>,
+    /// The first egress address; `egress_addresses` has the whole pool.
     pub egress_address: Ipv4Addr,
+    #[serde(default)]
+    pub egress_addresses: Vec<Ipv4Addr>,
     pub masquerade_from: Vec<String>,
     pub non_masquerade_rules: usize,
     pub config: Option<String>,

@@ -24,6 +24,8 @@ use std::sync::Arc;
 
 pub const POD_A: [u8; 4] = [10, 244, 1, 2];
 pub const POD_B: [u8; 4] = [10, 244, 1, 3];
+/// A pod whose address picks the second of two egress addresses (POD_A's picks the first).
+pub const POD_C: [u8; 4] = [10, 244, 1, 4];
 pub const NODE_INT: [u8; 4] = [10, 244, 1, 1];
 pub const EGRESS: [u8; 4] = [203, 0, 113, 7];
 pub const ROUTER: [u8; 4] = [203, 0, 113, 1];
@@ -118,6 +120,7 @@ pub fn net_with_mtu(int_mtu: u16, ext_mtu: u16) -> NetView {
         [
             (INT_IFINDEX, POD_A, POD_MAC),
             (INT_IFINDEX, POD_B, POD_MAC),
+            (INT_IFINDEX, POD_C, POD_MAC),
             (EXT_IFINDEX, ROUTER, ROUTER_MAC),
         ],
     )

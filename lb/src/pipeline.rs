@@ -644,7 +644,7 @@ impl Engine {
             // From an inside host to another's outside endpoint: hairpinning (RFC 4787
             // REQ-9), a masquerade flow like any other.
             let hairpin = self.snap.masq.as_ref().is_some_and(|m| {
-                m.rules.egress.octets() == p.key.dst
+                m.rules.is_egress(p.key.dst.into())
                     && p.key.proto != PROTO_ICMP
                     && m.rules.decide(p.key.src.into(), p.key.dst.into())
                         != nat::Decision::NotMasqueradeSource
@@ -662,7 +662,7 @@ impl Engine {
             // Unsolicited, to a mapped pod: only with endpoint-independent filtering.
             let eif = self.snap.masq.as_ref().is_some_and(|m| {
                 m.filtering == nat::Filtering::EndpointIndependent
-                    && m.rules.egress.octets() == p.key.dst
+                    && m.rules.is_egress(p.key.dst.into())
             });
             if eif {
                 return self.open_inbound(frame, &p, false);
@@ -715,7 +715,7 @@ impl Engine {
             self.snap
                 .masq
                 .as_ref()
-                .filter(|m| m.rules.egress.octets() == addr)
+                .filter(|m| m.rules.is_egress(addr.into()))
                 .map(|_| snat.ports)
         })?;
         range
@@ -737,7 +737,7 @@ impl Engine {
         self.snap
             .masq
             .as_ref()
-            .is_some_and(|m| m.rules.egress.octets() == addr)
+            .is_some_and(|m| m.rules.is_egress(addr.into()))
     }
 
     /// The next hop of a hairpinned direction: the packet never leaves, it is turned
@@ -1196,11 +1196,13 @@ impl Engine {
     ) -> Result<Verdict, DropReason> {
         let k = p.key;
         // To another inside host's outside endpoint (see `process_inner`).
-        let hairpin = k.dst == m.rules.egress.octets()
+        let hairpin = m.rules.is_egress(k.dst.into())
             && k.proto != PROTO_ICMP
             && self.snap.snat.ports.contains(k.dport);
         let decision = match hairpin {
-            true => nat::Decision::Masquerade { to: m.rules.egress },
+            true => nat::Decision::Masquerade {
+                to: m.rules.egress_for(k.src.into()),
+            },
             false => m.rules.decide(k.src.into(), k.dst.into()),
         };
         let mine = !matches!(

@@ -855,3 +855,45 @@ fn filtering_is_selectable() {
         );
     }
 }
+
+/// An egress address pool (RFC 4787 REQ-2, paired): every flow of a pod leaves from the
+/// one address its own address picks, other pods spread over the pool, and answers to
+/// every pool address come back.
+#[test]
+fn an_egress_pool_pairs_each_pod_with_one_address() {
+    let second = [203, 0, 113, 8];
+    let snap = mf::snapshot();
+    let m = snap.masq.clone().expect("masquerading");
+    let rules = m
+        .rules
+        .clone()
+        .with_egress_pool(vec![EGRESS.into(), second.into()]);
+    let snap = snap.with_masq(
+        2,
+        Some(Arc::new(MasqState {
+            rules,
+            previous: None,
+            version: m.version,
+            filtering: m.filtering,
+        })),
+    );
+    let mut e = engine_on(snap);
+    for (pod, want) in [(POD_A, EGRESS), (mf::POD_C, second)] {
+        for dport in [53, 54, 443] {
+            let out = from_pod(pod, REMOTE, PROTO_UDP, 40000, dport);
+            let (v, f) = run(&mut e, &out);
+            assert_eq!(v, TX_EXT);
+            assert_eq!(&f[26..30], &want, "pod {pod:?} leaves from one address");
+            let port = u16::from_be_bytes([f[34], f[35]]);
+            assert_eq!(port, mf::mapped(40000), "and keeps its port there");
+            let back = FrameSpec {
+                src: EGRESS,
+                ..masqueraded(&out, port)
+            };
+            let back = answer(&FrameSpec { src: want, ..back });
+            let (v, f) = run(&mut e, &back);
+            assert_eq!(v, TX_INT);
+            assert_eq!(&f[30..34], &pod);
+        }
+    }
+}

@@ -286,7 +286,11 @@ impl fmt::Display for Decision {
 pub struct Masquerade {
     pub from: Vec<Cidr>,
     pub policy: std::sync::Arc<MasqPolicy>,
+    /// The first egress address (the pool's; see [`Masquerade::egress_for`]).
     pub egress: Ipv4Addr,
+    /// Every egress address, `egress` first: a pod's flows all leave from the one its
+    /// address picks ("paired" pooling, RFC 4787 REQ-2).
+    egress_pool: Vec<Ipv4Addr>,
     node_rules: Vec<(Cidr, NodeRule)>,
     nodes: PrefixMap<NodeRule>,
 }
@@ -304,6 +308,7 @@ impl Masquerade {
             from,
             policy,
             egress,
+            egress_pool: vec![egress],
             node_rules: Vec::new(),
             nodes: PrefixMap::new(),
         };
@@ -325,6 +330,36 @@ impl Masquerade {
         );
         add(host(Ipv4Addr::BROADCAST), NodeRule::Multicast);
         m
+    }
+
+    /// The same, leaving from a pool of egress addresses (the first is `egress`); an
+    /// empty pool keeps `egress` alone.
+    pub fn with_egress_pool(mut self, pool: Vec<Ipv4Addr>) -> Masquerade {
+        if let Some(first) = pool.first() {
+            self.egress = *first;
+            self.egress_pool = pool;
+        }
+        self
+    }
+
+    /// Every egress address, the first one first.
+    pub fn egress_pool(&self) -> &[Ipv4Addr] {
+        &self.egress_pool
+    }
+
+    /// Whether `addr` is one of the egress addresses.
+    pub fn is_egress(&self, addr: Ipv4Addr) -> bool {
+        self.egress_pool.contains(&addr)
+    }
+
+    /// The egress address a pod's flows leave from: a fixed hash of its address, the
+    /// same on every worker and across restarts.
+    pub fn egress_for(&self, src: Ipv4Addr) -> Ipv4Addr {
+        let h = u32::from(src).wrapping_mul(0x9E37_79B1) >> 8;
+        self.egress_pool
+            .get(h as usize % self.egress_pool.len().max(1))
+            .copied()
+            .unwrap_or(self.egress)
     }
 
     /// The same sources and nodes under another policy.
@@ -356,7 +391,9 @@ impl Masquerade {
         }
         match self.policy.non_masquerade(dst) {
             Some((rule, source)) => Decision::KeepSource { rule, source },
-            None => Decision::Masquerade { to: self.egress },
+            None => Decision::Masquerade {
+                to: self.egress_for(src),
+            },
         }
     }
 }

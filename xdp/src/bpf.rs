@@ -119,12 +119,14 @@ impl SteeringState {
     /// Add masquerading: the egress address takes replies from any source (it shares the
     /// NAT port range), the sources and the never-masqueraded destinations.
     pub fn with_masq(mut self, m: &nat::Masquerade, ports: nat::PortRange) -> SteeringState {
-        let e = self.snat.entry(m.egress.octets()).or_insert(SnatRange {
-            first: ports.first,
-            last: ports.last,
-            flags: 0,
-        });
-        e.flags |= SNAT_ANY_SOURCE;
+        for a in m.egress_pool() {
+            let e = self.snat.entry(a.octets()).or_insert(SnatRange {
+                first: ports.first,
+                last: ports.last,
+                flags: 0,
+            });
+            e.flags |= SNAT_ANY_SOURCE;
+        }
         for c in &m.from {
             self.masq_src.insert((c.len(), c.addr().octets()), 1);
         }

@@ -63,8 +63,9 @@ pub struct MasqOptions {
     pub from: Vec<Cidr>,
     /// The interface masqueraded traffic leaves by [default: the last --iface].
     pub egress_iface: Option<String>,
-    /// [default: the egress interface's primary IPv4]
-    pub egress_addr: Option<Ipv4Addr>,
+    /// Egress addresses, a pool when more than one [default: the egress interface's
+    /// primary IPv4].
+    pub egress_addrs: Vec<Ipv4Addr>,
     /// ip-masq-agent's YAML file, watched.
     pub config: Option<PathBuf>,
     /// Destinations never masqueraded: the cluster's nodes.
@@ -404,7 +405,7 @@ impl Daemon {
                         "--egress-iface {egress_iface} is not one of the --iface interfaces"
                     ))
                 })?;
-            let egress = match o.egress_addr.or(iface.addr.map(Ipv4Addr::from)) {
+            let egress = match o.egress_addrs.first().copied().or(iface.addr.map(Ipv4Addr::from)) {
                 Some(a) => a,
                 None => {
                     return Err(DaemonError::Config(format!(
@@ -412,6 +413,20 @@ impl Daemon {
                     )))
                 }
             };
+            if o.egress_addrs.len() > nat::MAX_POOL {
+                return Err(DaemonError::Config(format!(
+                    "--egress-addr: {} addresses, at most {} are supported",
+                    o.egress_addrs.len(),
+                    nat::MAX_POOL
+                )));
+            }
+            // A second egress address must be this node's, or nobody answers ARP for it.
+            if let Some(a) = o.egress_addrs.iter().skip(1).find(|a| !local.contains(a)) {
+                return Err(DaemonError::Config(format!(
+                    "--egress-addr {a}: not an address of this node, so replies to it never arrive; add it \
+                     (e.g. ip addr add {a}/32 dev {egress_iface})"
+                )));
+            }
             let (policy, text) = match &o.config {
                 Some(path) => {
                     let (p, t) = read_policy(path).map_err(DaemonError::Config)?;
@@ -425,7 +440,8 @@ impl Daemon {
                 egress,
                 &local,
                 &o.cluster_nodes,
-            );
+            )
+            .with_egress_pool(o.egress_addrs.clone());
             masq_state = Some(Arc::new(MasqState {
                 rules,
                 previous: None,
@@ -440,8 +456,11 @@ impl Daemon {
                 next_check: Instant::now() + MASQ_CONFIG_CHECK,
             });
         }
-        let egress_addr = masq_state.as_ref().map(|m| m.rules.egress);
-        if let Some(e) = egress_addr {
+        let egress_addrs: Vec<Ipv4Addr> = masq_state
+            .as_ref()
+            .map(|m| m.rules.egress_pool().to_vec())
+            .unwrap_or_default();
+        for &e in &egress_addrs {
             if let Some(why) = unusable_source(e) {
                 return Err(DaemonError::Config(format!("--egress-addr {e}: {why}")));
             }
@@ -459,7 +478,11 @@ impl Daemon {
         let host_ranges = pool
             .iter()
             .map(|p| (Ipv4Addr::from(p.addr), p.ports, "--snat-addr"))
-            .chain(egress_addr.map(|e| (e, dc.snat_ports, "--egress-addr")))
+            .chain(
+                egress_addrs
+                    .iter()
+                    .map(|e| (*e, dc.snat_ports, "--egress-addr")),
+            )
             .filter(|(a, _, _)| host_used(&net, *a));
         for (addr, ports, flag) in host_ranges {
             if let Some((lo, hi)) = local_port_range() {
@@ -701,12 +724,17 @@ impl Daemon {
     /// be answered by the node itself; a frontend on a NAT address inside the NAT port
     /// range would take replies of translated flows.
     fn check_addresses(&self, op: &Op) -> Result<(), String> {
-        let egress = self.snap.masq.as_ref().map(|m| m.rules.egress);
+        let egress = |a: Ipv4Addr| {
+            self.snap
+                .masq
+                .as_ref()
+                .is_some_and(|m| m.rules.is_egress(a))
+        };
         let snat = &self.cfg.snat;
         // The NAT ports of a NAT address.
         let nat_range = |a: Ipv4Addr| {
             snat.range_of(a.octets())
-                .or((Some(a) == egress).then_some(snat.ports))
+                .or(egress(a).then_some(snat.ports))
         };
         let ours = |a: Ipv4Addr| nat_range(a).is_some() || self.local.contains(&a);
         let backends: Vec<Ipv4Addr> = match op {
@@ -982,6 +1010,7 @@ impl Daemon {
                 .map(|(m, rt)| MasqStatusView {
                     egress_interfaces: vec![rt.egress_iface.clone()],
                     egress_address: m.rules.egress,
+                    egress_addresses: m.rules.egress_pool().to_vec(),
                     masquerade_from: m.rules.from.iter().map(ToString::to_string).collect(),
                     non_masquerade_rules: m.rules.policy.rules().len(),
                     config: rt.config.as_ref().map(|p| p.display().to_string()),

@@ -517,3 +517,53 @@ print(name.decode(), len(body), body == data)
     assert_eq!(reasm(&t), before);
     assert!(t.xdp_stat("to_worker_fragment") >= 2);
 }
+
+/// An egress address pool (`--egress-addr` twice): each pod leaves from the address its
+/// own address picks, every time, and the server's answers to both come back.
+#[test]
+fn an_egress_pool_pairs_each_pod_with_one_address() {
+    if !common::privileged("epool") {
+        return;
+    }
+    let mut t = Topo::masq_up("epol", 2);
+    for (ns, args) in [
+        ("lb", ["addr", "add", "203.0.113.8/32", "dev", "ext0"]),
+        ("pod", ["addr", "add", "10.244.1.4/24", "dev", "p0"]),
+    ] {
+        let st = t.cmd(ns, "ip").args(args).status().expect("ip addr");
+        assert!(st.success());
+    }
+    t.start_lbd_on(
+        &["int0", "ext0"],
+        &[
+            "--masquerade-from",
+            "10.244.0.0/16",
+            "--egress-addr",
+            "203.0.113.7",
+            "--egress-addr",
+            "203.0.113.8",
+        ],
+    );
+    // 10.244.1.2 picks the first address, 10.244.1.4 the second (a fixed hash).
+    for (pod, want) in [("10.244.1.2", "203.0.113.7"), ("10.244.1.4", "203.0.113.8")] {
+        for _ in 0..3 {
+            let o = t
+                .cmd("pod", "curl")
+                .args(["-s", "--max-time", "5", "--interface", pod])
+                .arg("http://20.0.0.10:8080/peer")
+                .output()
+                .expect("curl");
+            let said = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            assert!(
+                said.contains(&format!("peer {want}:")),
+                "{pod} should leave from {want}: {said:?}\n{}",
+                t.lbd_log()
+            );
+        }
+    }
+    let status = t.lbctl_json(&["status"]);
+    assert_eq!(
+        status["masquerading"]["egress_addresses"],
+        serde_json::json!(["203.0.113.7", "203.0.113.8"])
+    );
+}

@@ -409,7 +409,11 @@ fn print_status(s: &StatusView) {
             out!(
                 "Masquerading: AF_XDP [{}] egress {}, IPv4: enabled",
                 m.egress_interfaces.join(", "),
-                m.egress_address
+                m.egress_addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             out!(
                 "             from {}; {} non-masquerade rule(s) from {}; {} kept flow(s)",

@@ -83,10 +83,11 @@ struct Args {
     /// Interface masqueraded traffic leaves by [default: the last --iface].
     #[arg(long, requires = "masquerade_from")]
     egress_iface: Option<String>,
-    /// Address masqueraded traffic leaves with [default: the egress interface's primary
-    /// IPv4].
-    #[arg(long, requires = "masquerade_from")]
-    egress_addr: Option<Ipv4Addr>,
+    /// Address masqueraded traffic leaves with; repeat for a pool (up to 15): a pod's
+    /// flows all leave from the one its address hashes to [default: the egress
+    /// interface's primary IPv4]. Extra addresses must be this node's (ip addr add).
+    #[arg(long = "egress-addr", requires = "masquerade_from")]
+    egress_addrs: Vec<Ipv4Addr>,
     /// ip-masq-agent's config file (nonMasqueradeCIDRs, masqLinkLocal), watched: a
     /// change applies to new flows; a malformed file is reported and the last good list
     /// stays. Without it: ip-masq-agent's defaults.
@@ -200,7 +201,7 @@ fn main() -> anyhow::Result<()> {
         masq: (!a.masquerade_from.is_empty()).then_some(MasqOptions {
             from: a.masquerade_from,
             egress_iface: a.egress_iface,
-            egress_addr: a.egress_addr,
+            egress_addrs: a.egress_addrs,
             config: a.ip_masq_config,
             cluster_nodes: a.cluster_nodes,
             filtering: a.nat_filtering,
