@@ -897,3 +897,47 @@ fn an_egress_pool_pairs_each_pod_with_one_address() {
         }
     }
 }
+
+/// RFC 5382 REQ-2: every valid TCP sequence, simultaneous open included. Both ends send
+/// a SYN (the pod's opens the flow, the remote's crosses it), then both SYN+ACKs, then
+/// the ACKs: every segment is translated, and the flow ends established.
+#[test]
+fn simultaneous_open_goes_through() {
+    let mut e = engine();
+    let syn = from_pod(POD_A, REMOTE, PROTO_TCP, 40000, 5000);
+    assert_eq!(run(&mut e, &syn).0, TX_EXT);
+    let port = mf::mapped(40000);
+    let their_syn = FrameSpec {
+        flags: TcpFlags::SYN,
+        ..answer(&masqueraded(&syn, port))
+    };
+    let (v, f) = run(&mut e, &their_syn);
+    assert_eq!(v, TX_INT, "the crossing SYN reaches the pod");
+    assert_eq!(f, to_pod(&their_syn, POD_A, 40000).build());
+    let our_synack = FrameSpec {
+        flags: TcpFlags::SYN | TcpFlags::ACK,
+        ..syn.clone()
+    };
+    let (v, f) = run(&mut e, &our_synack);
+    assert_eq!(v, TX_EXT);
+    assert_eq!(f, masqueraded(&our_synack, port).build());
+    let their_synack = FrameSpec {
+        flags: TcpFlags::SYN | TcpFlags::ACK,
+        ..their_syn.clone()
+    };
+    assert_eq!(run(&mut e, &their_synack).0, TX_INT);
+    let ack = FrameSpec {
+        flags: TcpFlags::ACK,
+        ..syn.clone()
+    };
+    assert_eq!(run(&mut e, &ack).0, TX_EXT);
+    let their_ack = FrameSpec {
+        flags: TcpFlags::ACK,
+        ..their_syn.clone()
+    };
+    assert_eq!(run(&mut e, &their_ack).0, TX_INT);
+    let flow = e.flows().iter().next().expect("one flow");
+    assert_eq!(flow.state, FlowState::Established);
+    assert!(flow.assured);
+    assert_eq!(e.flows().len(), 1);
+}
