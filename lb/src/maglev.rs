@@ -4,8 +4,12 @@
 //! `offset_i = h1(name_i) mod M`, `skip_i = h2(name_i) mod (M−1) + 1`, and
 //! `permutation_i[j] = (offset_i + j·skip_i) mod M`; backends take turns claiming their
 //! next unclaimed preferred slot until the table is full. Weights (§3.4, "we can adjust
-//! the relative frequency of the backends' turns") are integer: in every round a backend
-//! with weight `w` takes `w` turns; weight 0 takes none (drained).
+//! the relative frequency of the backends' turns") are ratios: a backend with weight `w`
+//! earns `w / w_max` of a turn every round and takes at most one turn a round (stride
+//! scheduling with integer credits, starting so that every backend takes a turn in the
+//! first round), so its share of the table is `w / Σw` within a slot or two, whatever
+//! the weights' scale; with equal weights every backend takes one turn a round, exactly
+//! the paper's table. Weight 0 takes none (drained).
 //!
 //! Determinism: backends are ordered by their name (address and port) and hashed with a
 //! fixed function ([`crate::hash`]), so two nodes given the same (backends, M, seed) build
@@ -106,7 +110,13 @@ impl Maglev {
                 (offset as u32, skip as u32)
             })
             .collect();
-        let weights: Vec<u32> = order.iter().map(|&i| backends[i].weight).collect();
+        let weights: Vec<u64> = order
+            .iter()
+            .map(|&i| u64::from(backends[i].weight))
+            .collect();
+        let wmax = weights.iter().copied().max().unwrap_or(1);
+        // Credits start at wmax − w: every backend earns its first turn in round one.
+        let mut credit: Vec<u64> = weights.iter().map(|&w| wmax - w).collect();
         // `pos[k]` is permutation_k[next_k], advanced by `+ skip mod M` with a conditional
         // subtraction instead of a division per step (same sequence as the paper's
         // `(offset + j·skip) mod M`, so the table is unchanged).
@@ -114,26 +124,29 @@ impl Maglev {
         let mut filled = 0u32;
         'fill: loop {
             for (k, &i) in order.iter().enumerate() {
+                credit[k] += weights[k];
+                if credit[k] < wmax {
+                    continue;
+                }
+                credit[k] -= wmax;
                 let skip = perm[k].1;
                 let mut c = pos[k];
-                for _ in 0..weights[k] {
-                    while table[c as usize] != EMPTY {
-                        c += skip;
-                        if c >= m32 {
-                            c -= m32;
-                        }
-                    }
-                    table[c as usize] = i as u16;
+                while table[c as usize] != EMPTY {
                     c += skip;
                     if c >= m32 {
                         c -= m32;
                     }
-                    filled += 1;
-                    if filled == m {
-                        break 'fill;
-                    }
+                }
+                table[c as usize] = i as u16;
+                c += skip;
+                if c >= m32 {
+                    c -= m32;
                 }
                 pos[k] = c;
+                filled += 1;
+                if filled == m {
+                    break 'fill;
+                }
             }
         }
         Ok(Maglev {
@@ -252,7 +265,8 @@ mod tests {
         assert!(m.slots().iter().all(|&s| s != 2));
     }
 
-    /// The paper's Pseudocode 1, literally (division per step), with weighted turns.
+    /// The paper's Pseudocode 1, literally (division per step): one turn per backend
+    /// (with weight) per round.
     fn reference(backends: &[MaglevBackend], m: u32, seed: u64) -> Vec<u16> {
         let m64 = u64::from(m);
         let mut order: Vec<usize> = (0..backends.len())
@@ -269,7 +283,7 @@ mod tests {
         let mut n = 0;
         loop {
             for &i in &order {
-                for _ in 0..backends[i].weight {
+                {
                     let mut c = perm(i, next[i]);
                     while entry[c as usize] != EMPTY {
                         next[i] += 1;
@@ -286,14 +300,65 @@ mod tests {
         }
     }
 
+    /// The hash seed (`lbd --hash-seed-file`) decides which client ports reach which
+    /// backend: the same seed gives the same choice (two nodes of a tier agree), another
+    /// seed another one (clients cannot predict it without the seed).
+    #[test]
+    fn the_seed_decides_the_backend_of_a_port() {
+        let b = backends(10);
+        let choice = |seed: u64| -> Vec<Option<usize>> {
+            let t = Maglev::build(&b, 4_099, seed).expect("build");
+            (1024..1524u16)
+                .map(|port| {
+                    let h =
+                        crate::hash::flow_hash(seed, [10, 0, 0, 2], [10, 96, 0, 10], port, 80, 6);
+                    t.lookup(h)
+                })
+                .collect()
+        };
+        let a = choice(0x5eed_0001);
+        assert_eq!(a, choice(0x5eed_0001), "same seed, same choices");
+        let b2 = choice(0x5eed_0002);
+        let same = a.iter().zip(&b2).filter(|(x, y)| x == y).count();
+        // Independent choices among 10 backends agree about one time in ten.
+        assert!(
+            same < 150,
+            "{same} of 500 ports reach the same backend under another seed"
+        );
+    }
+
     proptest! {
-        /// The optimised build produces exactly the paper's table.
+        /// Weights are ratios: every backend's share is its weight over the sum within
+        /// two slots, whatever the weights' scale (up to service::MAX_WEIGHT), and no
+        /// backend with weight is left without entries.
         #[test]
-        fn equals_the_papers_pseudocode(weights in proptest::collection::vec(0u32..4, 1..30), seed in any::<u64>()) {
+        fn shares_follow_the_weights(weights in proptest::collection::vec(0u32..=10_000, 1..100), seed in any::<u64>()) {
             prop_assume!(weights.iter().any(|&w| w > 0));
             let mut b = backends(weights.len());
             for (x, w) in b.iter_mut().zip(&weights) {
                 x.weight = *w;
+            }
+            let m = 4_099u32;
+            let t = Maglev::build(&b, m, seed).expect("build");
+            let got = counts(&t, b.len());
+            let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+            for (i, &w) in weights.iter().enumerate() {
+                let ideal = f64::from(m) * f64::from(w) / total as f64;
+                prop_assert!((got[i] as f64 - ideal).abs() <= 2.0, "backend {} weight {}: {} slots, ideal {:.1}", i, w, got[i], ideal);
+                if w > 0 {
+                    prop_assert!(got[i] > 0, "backend {} with weight {} has no slot", i, w);
+                }
+            }
+        }
+
+        /// With equal weights (any common value; 0 drains) the build produces exactly
+        /// the paper's table.
+        #[test]
+        fn equals_the_papers_pseudocode(on in proptest::collection::vec(any::<bool>(), 1..30), w in 1u32..=10_000, seed in any::<u64>()) {
+            prop_assume!(on.iter().any(|&x| x));
+            let mut b = backends(on.len());
+            for (x, on) in b.iter_mut().zip(&on) {
+                x.weight = if *on { w } else { 0 };
             }
             let m = Maglev::build(&b, 4_099, seed).expect("build");
             prop_assert_eq!(m.slots(), &reference(&b, 4_099, seed)[..]);
@@ -316,8 +381,11 @@ mod tests {
         /// Removing one of N backends moves close to 1/N of the slots: those of the removed
         /// backend plus a small overshoot (the paper's Fig. 10 shows a few percent).
         #[test]
-        fn minimal_disruption_on_removal(n in 5usize..60, victim in any::<prop::sample::Index>()) {
-            let b = backends(n);
+        fn minimal_disruption_on_removal(n in 5usize..60, victim in any::<prop::sample::Index>(), w in 1u32..=10_000) {
+            let mut b = backends(n);
+            for x in &mut b {
+                x.weight = w;
+            }
             let v = victim.index(n);
             let before = Maglev::build(&b, 65_537, 1).expect("build");
             let mut after_b = b.clone();

@@ -106,6 +106,10 @@ fn read_policy(path: &std::path::Path) -> Result<(MasqPolicy, String), String> {
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub ifaces: Vec<String>,
+    /// Seed of the flow hash and the Maglev permutations (`--hash-seed-file`): the same
+    /// on every node of a tier gives identical tables; secret, it keeps the choice of
+    /// backend unpredictable to clients.
+    pub hash_seed: u64,
     /// SNAT pool (`--snat-addr`); empty: the last interface's primary address.
     pub snat_addrs: Vec<nat::NatAddrSpec>,
     pub snat_ports: PortRange,
@@ -543,7 +547,7 @@ impl Daemon {
             },
             timeouts: dc.timeouts,
             maglev_size: dc.maglev_size,
-            hash_seed: 0,
+            hash_seed: dc.hash_seed,
             workers,
         };
         lb::maglev::Maglev::build(&[], cfg.maglev_size, 0)

@@ -295,6 +295,18 @@ fn bad_flags_are_refused_with_the_limit_and_leave_nothing_behind() {
         (&["--snat-addr", "239.1.1.1"], "multicast"),
         (&["--cores", "99"], "core 99 does not exist"),
         (&["--socket-group", "no-such-group-xlb"], "no such group"),
+        (
+            &["--hash-seed-file", "/nonexistent/xlb-seed"],
+            "No such file",
+        ),
+        (
+            &["--hash-seed-file", "/proc/self/cmdline"],
+            "want 16 hex digits",
+        ),
+        (
+            &["--snat-addr", "10.0.0.1-10.0.1.0"],
+            "more than 15 addresses",
+        ),
     ];
     for (args, needle) in cases {
         let o = lbd(args);

@@ -35,6 +35,20 @@ fn timeout_s(s: &str) -> Result<u64, String> {
     Ok(v)
 }
 
+/// The seed in a `--hash-seed-file`: 16 hex digits (whitespace and a 0x prefix allowed).
+fn seed_file(path: &str) -> Result<u64, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let hex: String = text.split_whitespace().collect();
+    let hex = hex.trim_start_matches("0x");
+    if hex.len() != 16 {
+        return Err(format!(
+            "{path}: want 16 hex digits (e.g. od -An -tx8 -N8 /dev/urandom > {path}), found {:?}",
+            text.trim()
+        ));
+    }
+    u64::from_str_radix(hex, 16).map_err(|e| format!("{path}: {e}"))
+}
+
 fn ring_size(s: &str) -> Result<u32, String> {
     let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
     if !v.is_power_of_two() || !(64..=16384).contains(&v) {
@@ -125,6 +139,13 @@ struct Args {
     /// Flow table capacity of each worker (memory is allocated at start).
     #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(u64).range(1..=MAX_FLOWS_PER_WORKER))]
     flows_per_worker: u64,
+    /// File holding the cluster-wide secret hash seed (16 hex digits, e.g. from
+    /// `od -An -tx8 -N8 /dev/urandom`): seeds the flow hash and the Maglev tables. Give
+    /// every node of a tier the same file: they then build identical tables. Without
+    /// it the seed is 0 and anyone who knows the backends can predict which source
+    /// ports reach which backend.
+    #[arg(long, value_parser = seed_file)]
+    hash_seed_file: Option<u64>,
     /// Maglev table size (a prime).
     #[arg(long, default_value_t = lb::maglev::DEFAULT_TABLE_SIZE)]
     maglev_size: u32,
@@ -180,6 +201,13 @@ fn main() -> anyhow::Result<()> {
     let cfg = DaemonConfig {
         ifaces: a.ifaces,
         snat_addrs: a.snat_addrs,
+        hash_seed: a.hash_seed_file.unwrap_or_else(|| {
+            tracing::warn!(
+                "no --hash-seed-file: the hash seed is 0, so which backend a client port reaches is \
+                 predictable; give every node of the tier the same secret seed file"
+            );
+            0
+        }),
         snat_ports: a.snat_ports,
         queues: a.queues,
         cores: a.cores,
