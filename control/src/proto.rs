@@ -266,6 +266,17 @@ pub struct ServiceView {
     /// "snat" (full NAT); DSR modes come later.
     pub mode: String,
     pub backends: Vec<BackendView>,
+    /// Digest of the Maglev table (16 hex digits): equal on every node that built the
+    /// same table (same backends, weights, table size and hash seed).
+    #[serde(default)]
+    pub fingerprint: String,
+    /// Maglev table size, and the largest gap between a backend's share and its
+    /// weight's (percent of its ideal share): the paper's bound of M ≥ 100·N keeps it
+    /// around 1 %.
+    #[serde(default)]
+    pub table_size: usize,
+    #[serde(default)]
+    pub worst_share_error_pct: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -155,6 +155,27 @@ impl Maglev {
         })
     }
 
+    /// A digest of the table, to compare across nodes (`lbctl service list`): two nodes
+    /// with the same backends, weights, M and seed show the same one; any difference in
+    /// the resulting table changes it. It names backends by their names in table order,
+    /// so the caller's order does not matter. Not the seed itself: only the table it
+    /// produced, which every operator can see anyway.
+    pub fn fingerprint(&self, backends: &[MaglevBackend]) -> u64 {
+        let mut bytes = Vec::with_capacity(self.table.len() * 8);
+        bytes.extend_from_slice(&(self.table.len() as u64).to_le_bytes());
+        for &s in &self.table {
+            match backends.get(usize::from(s)) {
+                Some(b) => {
+                    bytes.extend_from_slice(&(b.name.len() as u32).to_le_bytes());
+                    bytes.extend_from_slice(&b.name);
+                    bytes.extend_from_slice(&b.weight.to_le_bytes());
+                }
+                None => bytes.push(0xff),
+            }
+        }
+        hash_bytes(0x6669_6e67_6572, &bytes)
+    }
+
     /// The backend index (in the build order) for a flow hash, or `None` when no backend
     /// has weight.
     #[inline]
@@ -325,6 +346,28 @@ mod tests {
             same < 150,
             "{same} of 500 ports reach the same backend under another seed"
         );
+    }
+
+    /// The fingerprint is the same for the same inputs in any order, and changes with the
+    /// seed, M, a backend or a weight.
+    #[test]
+    fn fingerprint_follows_the_table() {
+        let b = backends(20);
+        let fp = |b: &[MaglevBackend], m: u32, seed: u64| {
+            Maglev::build(b, m, seed).expect("build").fingerprint(b)
+        };
+        let base = fp(&b, 4_099, 1);
+        let mut rev = b.clone();
+        rev.reverse();
+        assert_eq!(fp(&rev, 4_099, 1), base, "insertion order does not matter");
+        assert_ne!(fp(&b, 4_099, 2), base, "seed");
+        assert_ne!(fp(&b, 4_111, 1), base, "table size");
+        let mut w = b.clone();
+        w[3].weight = 2;
+        assert_ne!(fp(&w, 4_099, 1), base, "weight");
+        let mut gone = b.clone();
+        gone.remove(7);
+        assert_ne!(fp(&gone, 4_099, 1), base, "backend");
     }
 
     proptest! {

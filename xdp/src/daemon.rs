@@ -221,6 +221,25 @@ pub const DEDICATED_PORTS: PortRange = PortRange {
     last: u16::MAX,
 };
 
+/// The largest gap between a backend's slots and its weight's ideal share of `total`,
+/// in percent of that ideal (0 without weighted backends).
+fn worst_share_error(backends: &[lb::service::BackendSpec], slots: &[usize], total: usize) -> f64 {
+    let sum: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if sum == 0 {
+        return 0.0;
+    }
+    let worst = backends
+        .iter()
+        .zip(slots)
+        .filter(|(b, _)| b.weight > 0)
+        .map(|(b, &n)| {
+            let ideal = total as f64 * f64::from(b.weight) / sum as f64;
+            (n as f64 - ideal).abs() / ideal * 100.0
+        })
+        .fold(0.0, f64::max);
+    (worst * 100.0).round() / 100.0
+}
+
 /// Whether the host uses `a` for its own traffic: the primary address of a served
 /// interface (what the kernel picks as source there).
 fn host_used(net: &lb::netview::NetView, a: Ipv4Addr) -> bool {
@@ -902,8 +921,18 @@ impl Daemon {
             let key = lb::snapshot::FrontendKey::from(&spec.frontend);
             let mut slots = vec![0usize; spec.backends.len()];
             let mut total = 1usize;
+            let mut fingerprint = String::new();
             if let Some(state) = self.snap.services.get(&key) {
                 total = state.maglev.size().max(1);
+                let named: Vec<lb::maglev::MaglevBackend> = spec
+                    .backends
+                    .iter()
+                    .map(|b| lb::maglev::MaglevBackend {
+                        name: b.maglev_name(),
+                        weight: b.weight,
+                    })
+                    .collect();
+                fingerprint = format!("{:016x}", state.maglev.fingerprint(&named));
                 if spec.backends.iter().any(|b| b.weight > 0) {
                     for &s in state.maglev.slots() {
                         if let Some(c) = slots.get_mut(usize::from(s)) {
@@ -912,6 +941,7 @@ impl Daemon {
                     }
                 }
             }
+            let worst = worst_share_error(&spec.backends, &slots, total);
             services.push(ServiceView {
                 id: spec.id,
                 frontend: spec.frontend.to_string(),
@@ -933,6 +963,9 @@ impl Daemon {
                         next_hop: self.next_hop_state(b.addr.octets()).into(),
                     })
                     .collect(),
+                fingerprint,
+                table_size: total,
+                worst_share_error_pct: worst,
             });
         }
         Reply::Services { services }

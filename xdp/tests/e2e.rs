@@ -492,3 +492,57 @@ fn one_armed_on_a_single_interface() {
         .expect("curl");
     assert!(o.stdout.is_empty() && !o.status.success());
 }
+
+/// Two daemons given the same backends, weights, table size and hash seed show the same
+/// Maglev fingerprint in `lbctl service list` whatever order the backends were given
+/// in; another seed or weight shows another. Shares follow the weights.
+#[test]
+fn nodes_with_the_same_config_show_the_same_table_fingerprint() {
+    if !common::privileged("fingerprint") {
+        return;
+    }
+    let mut t = Topo::up("fpr", 2, 3);
+    let seeds = [("a", "0123456789abcdef\n"), ("b", "fedcba9876543210\n")];
+    for (name, seed) in seeds {
+        std::fs::write(t.dir().join(name), seed).expect("seed file");
+    }
+    let mut run = |seed: &str, backends: &[&str]| -> (String, Vec<f64>) {
+        let path = t.dir().join(seed).to_string_lossy().into_owned();
+        t.start_lbd(&["--hash-seed-file", &path]);
+        let mut add = vec!["service", "add", "10.96.0.10:80/tcp"];
+        for b in backends {
+            add.extend(["-b", b]);
+        }
+        t.lbctl(&add);
+        let s = t.lbctl_json(&["service", "list"]);
+        t.stop_lbd();
+        let svc = &s["services"][0];
+        let mut shares: Vec<(String, f64)> = svc["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| {
+                (
+                    b["address"].as_str().unwrap_or("").to_string(),
+                    b["share"].as_f64().unwrap_or(0.0),
+                )
+            })
+            .collect();
+        shares.sort_by(|a, b| a.0.cmp(&b.0));
+        (
+            svc["fingerprint"].as_str().unwrap_or("").to_string(),
+            shares.into_iter().map(|(_, s)| s).collect(),
+        )
+    };
+    let forward = ["10.1.0.11:8080", "10.1.0.12:8080", "10.1.0.13:8080@2"];
+    let (fp, shares) = run("a", &forward);
+    assert_eq!(fp.len(), 16, "{fp}");
+    for (got, want) in shares.iter().zip([25.0, 25.0, 50.0]) {
+        assert!((got - want).abs() <= 0.1, "shares {shares:?}");
+    }
+    let reversed = ["10.1.0.13:8080@2", "10.1.0.12:8080", "10.1.0.11:8080"];
+    assert_eq!(run("a", &reversed).0, fp, "same config, another order");
+    assert_ne!(run("b", &forward).0, fp, "another seed");
+    let heavier = ["10.1.0.11:8080", "10.1.0.12:8080", "10.1.0.13:8080@3"];
+    assert_ne!(run("a", &heavier).0, fp, "another weight");
+}

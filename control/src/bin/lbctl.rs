@@ -350,6 +350,20 @@ fn print_services(services: &[ServiceView]) {
         "NEXT HOP"
     );
     for s in services {
+        let fewer = s.table_size < 100 * s.backends.len();
+        out!(
+            "{:<4} {:<22} table {} slots, fingerprint {}, worst share {:.2} % off{}",
+            s.id,
+            s.frontend,
+            s.table_size,
+            s.fingerprint,
+            s.worst_share_error_pct,
+            if fewer {
+                " (table < 100 × backends: raise --maglev-size)"
+            } else {
+                ""
+            }
+        );
         if s.backends.is_empty() {
             out!(
                 "{:<4} {:<22} {:<5} {:<22}",

@@ -379,8 +379,9 @@ impl Topo {
     }
 }
 
-impl Drop for Topo {
-    fn drop(&mut self) {
+impl Topo {
+    /// Stop lbd as an operator would (SIGINT, then SIGKILL after 5 s).
+    pub fn stop_lbd(&mut self) {
         if let Some(mut c) = self.lbd.take() {
             if matches!(c.try_wait(), Ok(None)) {
                 let _ = Command::new("kill")
@@ -394,6 +395,12 @@ impl Drop for Topo {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        self.stop_lbd();
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
