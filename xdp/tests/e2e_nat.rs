@@ -23,12 +23,7 @@ fn lb_topology(tag: &str, backends: u32, conns: u32, extra: &[&str]) -> Option<T
     for i in 1..=backends {
         t.start_nginx(&format!("b{i}"), conns);
     }
-    let st = t
-        .cmd("lb", "ip")
-        .args(["addr", "add", &format!("{SNAT}/32"), "dev", "lb1"])
-        .status()
-        .expect("ip addr add");
-    assert!(st.success());
+    t.ip("lb", &["addr", "add", &format!("{SNAT}/32"), "dev", "lb1"]);
     let mut args = vec!["--snat-addr", SNAT];
     args.extend_from_slice(extra);
     t.start_lbd(&args);
@@ -38,6 +33,13 @@ fn lb_topology(tag: &str, backends: u32, conns: u32, extra: &[&str]) -> Option<T
     }
     t.lbctl(&add.iter().map(String::as_str).collect::<Vec<_>>());
     Some(t)
+}
+
+/// lbd masquerading the pods of the masquerading topology, with `extra` arguments.
+fn masquerade(t: &mut Topo, extra: &[&str]) {
+    let mut args = vec!["--masquerade-from", "10.244.0.0/16"];
+    args.extend_from_slice(extra);
+    t.start_lbd_on(&["int0", "ext0"], &args);
 }
 
 /// Connections xlb has opened so far (new flows plus reopened closed ones).
@@ -231,7 +233,7 @@ fn mapping_is_endpoint_independent_and_ports_are_preserved() {
         return;
     }
     let mut t = Topo::masq_up("stun", 2);
-    t.start_lbd_on(&["int0", "ext0"], &["--masquerade-from", "10.244.0.0/16"]);
+    masquerade(&mut t, &[]);
     for ns in ["srv", "far"] {
         t.spawn_ready(ns, "python3", &["-c", REFLECTOR, "3478", "3479"]);
     }
@@ -296,7 +298,7 @@ fn hairpinning_between_pods_udp_and_tcp() {
         return;
     }
     let mut t = Topo::masq_up("hpin", 2);
-    t.start_lbd_on(&["int0", "ext0"], &["--masquerade-from", "10.244.0.0/16"]);
+    masquerade(&mut t, &[]);
     t.spawn_ready("srv", "python3", &["-c", REFLECTOR, "3478"]);
     let code = r#"
 import socket
@@ -381,14 +383,9 @@ fn pmtu_discovery_through_a_smaller_egress_link() {
     }
     let mut t = Topo::masq_up("pmtu", 2);
     for (ns, dev) in [("lb", "ext0"), ("rt", "rt0")] {
-        let st = t
-            .cmd(ns, "ip")
-            .args(["link", "set", dev, "mtu", "1400"])
-            .status()
-            .expect("ip link");
-        assert!(st.success());
+        t.ip(ns, &["link", "set", dev, "mtu", "1400"]);
     }
-    t.start_lbd_on(&["int0", "ext0"], &["--masquerade-from", "10.244.0.0/16"]);
+    masquerade(&mut t, &[]);
     let ping = t
         .cmd("pod", "ping")
         .args([
@@ -482,7 +479,7 @@ print(name.decode(), len(body), body == data)
     };
     {
         let mut t = Topo::masq_up("frgm", 2);
-        t.start_lbd_on(&["int0", "ext0"], &["--masquerade-from", "10.244.0.0/16"]);
+        masquerade(&mut t, &[]);
         let before = reasm(&t);
         assert_eq!(
             echo(&t, "pod", "10.244.1.2", "20.0.0.10", 5353),
@@ -526,18 +523,11 @@ fn an_egress_pool_pairs_each_pod_with_one_address() {
         return;
     }
     let mut t = Topo::masq_up("epol", 2);
-    for (ns, args) in [
-        ("lb", ["addr", "add", "203.0.113.8/32", "dev", "ext0"]),
-        ("pod", ["addr", "add", "10.244.1.4/24", "dev", "p0"]),
-    ] {
-        let st = t.cmd(ns, "ip").args(args).status().expect("ip addr");
-        assert!(st.success());
-    }
-    t.start_lbd_on(
-        &["int0", "ext0"],
+    t.ip("lb", &["addr", "add", "203.0.113.8/32", "dev", "ext0"]);
+    t.ip("pod", &["addr", "add", "10.244.1.4/24", "dev", "p0"]);
+    masquerade(
+        &mut t,
         &[
-            "--masquerade-from",
-            "10.244.0.0/16",
             "--egress-addr",
             "203.0.113.7",
             "--egress-addr",

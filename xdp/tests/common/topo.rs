@@ -161,6 +161,12 @@ impl Topo {
         panic!("nginx in {short} did not come up");
     }
 
+    /// `ip ARGS` in namespace `short`, which must succeed (addresses, MTUs).
+    pub fn ip(&self, short: &str, args: &[&str]) {
+        let st = self.cmd(short, "ip").args(args).status().expect("ip");
+        assert!(st.success(), "ip {args:?} in {short}");
+    }
+
     /// Start `prog args` in namespace `short` and wait for it to print "ready"; it is
     /// killed with the topology.
     pub fn spawn_ready(&mut self, short: &str, prog: &str, args: &[&str]) {
