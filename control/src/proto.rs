@@ -6,7 +6,7 @@
 //! guessing. A request is validated whole before anything is applied (see
 //! `lb::service::ServiceTable::apply`). See docs/protocol.md for examples.
 
-use lb::service::{BackendSpec, Frontend};
+use lb::service::{BackendSpec, Frontend, ServiceOptions};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -23,6 +23,15 @@ pub enum Request {
         frontend: Frontend,
         #[serde(default, with = "as_strings")]
         backends: Vec<BackendSpec>,
+        /// Affinity, outcome of backend removal, table size (all optional).
+        #[serde(default, skip_serializing_if = "ServiceOptions::is_default")]
+        options: ServiceOptions,
+    },
+    /// Replace a service's options; backends and established flows stay.
+    ServiceSet {
+        #[serde(with = "as_string")]
+        frontend: Frontend,
+        options: ServiceOptions,
     },
     ServiceRemove {
         #[serde(with = "as_string")]
@@ -39,6 +48,14 @@ pub enum Request {
         frontend: Frontend,
         address: Ipv4Addr,
         port: u16,
+    },
+    /// Change a backend's weight; 0 drains it (no new flows, established ones go on).
+    BackendSetWeight {
+        #[serde(with = "as_string")]
+        frontend: Frontend,
+        address: Ipv4Addr,
+        port: u16,
+        weight: u32,
     },
     // Empty struct variants rather than unit variants: serde ignores unknown fields on
     // internally tagged unit variants, and a misspelt option must be an error.
@@ -66,9 +83,11 @@ impl Request {
         matches!(
             self,
             Request::ServiceAdd { .. }
+                | Request::ServiceSet { .. }
                 | Request::ServiceRemove { .. }
                 | Request::BackendAdd { .. }
                 | Request::BackendRemove { .. }
+                | Request::BackendSetWeight { .. }
         )
     }
 }
@@ -249,8 +268,12 @@ pub struct BackendView {
     pub address: Ipv4Addr,
     pub port: u16,
     pub weight: u32,
-    /// "active" (weight > 0) or "drained" (weight 0: keeps its flows, gets no new ones).
+    /// "active" (weight > 0), "draining" (weight 0, flows remain: they go on, no new
+    /// ones come) or "drained" (weight 0, no flows left: safe to remove).
     pub state: String,
+    /// Its live flows, over all workers.
+    #[serde(default)]
+    pub flows: u64,
     /// Share of the Maglev table, in percent.
     pub share: f64,
     /// Its next hop's MAC: "resolved", "resolving" (asked the kernel; first packets wait
@@ -265,6 +288,9 @@ pub struct ServiceView {
     pub frontend: String,
     /// "snat" (full NAT); DSR modes come later.
     pub mode: String,
+    /// Affinity, affinity timeout, outcome of backend removal, chosen table size.
+    #[serde(default)]
+    pub options: ServiceOptions,
     pub backends: Vec<BackendView>,
     /// Digest of the Maglev table (16 hex digits): equal on every node that built the
     /// same table (same backends, weights, table size and hash seed).
@@ -369,6 +395,9 @@ pub struct WorkerStats {
     /// ICMP errors xlb originated (fragmentation needed, administratively prohibited).
     #[serde(default)]
     pub icmp_sent: u64,
+    /// TCP resets sent to clients of removed backends.
+    #[serde(default)]
+    pub resets_sent: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -393,6 +422,7 @@ impl WorkerStats {
             flows_reopened: c.flows_reopened,
             hairpinned: c.hairpinned,
             icmp_sent: c.icmp_sent,
+            resets_sent: c.resets_sent,
             drops: lb::DropReason::ALL
                 .iter()
                 .filter(|r| c.drops[**r as usize] > 0)
@@ -586,6 +616,7 @@ mod tests {
             request: Request::ServiceAdd {
                 frontend: "10.0.0.10:80/tcp".parse().expect("fe"),
                 backends: vec!["10.1.0.2:8080@2".parse().expect("be")],
+                options: ServiceOptions::default(),
             },
         };
         let s = serde_json::to_string(&r).expect("ser");
@@ -597,6 +628,23 @@ mod tests {
             parse_request(s.as_bytes()).map(|p| p.request),
             Ok(r.request)
         );
+        let with_options = r#"{"version":1,"type":"service_add","frontend":"10.0.0.10:80/tcp","options":{"affinity":"client-ip","affinity_timeout_s":600,"on_remove":"drop","table_size":2039}}"#;
+        assert_eq!(
+            parse_request(with_options.as_bytes()).map(|p| p.request),
+            Ok(Request::ServiceAdd {
+                frontend: "10.0.0.10:80/tcp".parse().expect("fe"),
+                backends: vec![],
+                options: ServiceOptions {
+                    affinity: lb::service::Affinity::ClientIp,
+                    affinity_timeout_s: Some(600),
+                    on_remove: lb::service::OnRemove::Drop,
+                    table_size: Some(2039),
+                },
+            })
+        );
+        let misspelt = with_options.replace("on_remove", "on_removal");
+        let e = parse_request(misspelt.as_bytes()).expect_err("unknown option");
+        assert!(e.message.contains("on_removal"), "{}", e.message);
         let with_id = r#"{"version":1,"id":"a-1","type":"status"}"#;
         assert_eq!(
             parse_request(with_id.as_bytes()),

@@ -116,6 +116,8 @@ pub struct Counters {
     /// ICMP errors xlb originated as a router: fragmentation needed (a DF packet larger
     /// than the egress link) and communication administratively prohibited (no NAT port).
     pub icmp_sent: u64,
+    /// TCP resets xlb sent to clients of a removed backend (`on_remove: reset`).
+    pub resets_sent: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -146,6 +148,7 @@ impl Counters {
             self.flows_reopened,
             self.hairpinned,
             self.icmp_sent,
+            self.resets_sent,
         ]);
         a[SCALARS..].copy_from_slice(&self.drops);
         a
@@ -169,11 +172,12 @@ impl Counters {
             flows_reopened: a[11],
             hairpinned: a[12],
             icmp_sent: a[13],
+            resets_sent: a[14],
             drops,
         }
     }
 }
 
-const SCALARS: usize = 14;
+const SCALARS: usize = 15;
 /// Length of [`Counters::to_array`].
 pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

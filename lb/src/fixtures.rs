@@ -123,6 +123,7 @@ pub fn table() -> ServiceTable {
             .apply(&Op::AddService {
                 frontend: f,
                 backends: vec![b],
+                options: Default::default(),
             })
             .expect("fixture config is valid");
     }

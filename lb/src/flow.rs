@@ -128,6 +128,10 @@ pub struct Flow {
     /// Between two inside hosts through the egress address (hairpinning): the forward
     /// direction's packets are turned around inside xlb instead of sent out.
     pub hairpin: bool,
+    /// Its backend was removed from a service that resets: the flow's next packet draws
+    /// a TCP reset to the client, and the flow goes after the transitory timeout
+    /// (`Timeouts::tcp_rst`) counted from the removal.
+    pub removed: bool,
     /// TCP: where the client's sequence space stood when the flow began to close (after
     /// FIN or RST); a forward segment far from it belongs to a new connection that reused
     /// the 5-tuple, not to this one (see the pipeline).
@@ -320,13 +324,17 @@ impl FlowTable {
 
     /// Look at up to `budget` slots from the clock hand and remove flows for which
     /// `expired` says yes. Returns how many were removed.
-    pub fn expire_step(&mut self, budget: usize, mut expired: impl FnMut(&Flow) -> bool) -> usize {
+    pub fn expire_step(
+        &mut self,
+        budget: usize,
+        mut expired: impl FnMut(&mut Flow) -> bool,
+    ) -> usize {
         let n = self.slots.len();
         let mut removed = 0;
         for _ in 0..budget.min(n) {
             let slot = self.hand;
             self.hand = if self.hand + 1 == n { 0 } else { self.hand + 1 };
-            if self.slots[slot].as_ref().is_some_and(&mut expired) {
+            if self.slots[slot].as_mut().is_some_and(&mut expired) {
                 self.remove(slot as u32);
                 removed += 1;
             }
@@ -396,6 +404,7 @@ mod tests {
             assured: false,
             mapped: false,
             hairpin: false,
+            removed: false,
             fwd_seq: 0,
             packets: [0; 2],
         }

@@ -125,16 +125,16 @@ fn check_one(e: &mut Engine, frame: &mut [u8], hops: u8, workers: u16) {
                 assert!(ip_ok, "a fragment with a bad IPv4 header: {before:02x?}");
             }
         }
-        Verdict::Icmp { .. } => {
+        Verdict::Icmp { .. } | Verdict::Reset { .. } => {
             assert_eq!(
                 frame,
                 &before[..],
-                "a frame answered with ICMP is untouched"
+                "a frame answered with ICMP or a reset is untouched"
             );
             assert_eq!(
                 verify(e.generated()),
                 (true, true),
-                "an originated ICMP error with bad checksums: {before:02x?}"
+                "an originated ICMP error or reset with bad checksums: {before:02x?}"
             );
         }
         Verdict::Hold | Verdict::Drop(_) => {

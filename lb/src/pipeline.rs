@@ -47,6 +47,7 @@ use crate::counters::{Counters, DropReason};
 use crate::flow::{Dir, Flow, FlowKey, FlowKind, FlowState, FlowTable, Rewrite};
 use crate::hash::flow_hash;
 use crate::netview::{NextHop, NextHopError};
+use crate::service::{Affinity, BackendSpec, OnRemove};
 use crate::snapshot::{FrontendKey, MasqState, Snapshot, Timeouts};
 use crate::wire::checksum::{addr_words, fold, sum, Delta, TTL_DECREMENT};
 use crate::wire::ethernet::ETHERTYPE_IPV4;
@@ -92,6 +93,14 @@ const SPLIT_BYTES: usize = 4096;
 /// Code of "communication administratively prohibited" (RFC 1812 §5.2.7.1).
 const ADMIN_PROHIBITED: u8 = 13;
 
+/// Clients a worker remembers the backend of, for services with a client-ip affinity
+/// timeout (all of one client's connections to those services open on one worker, see
+/// [`Engine`]'s `affinity`). Full, it forgets expired entries (at most once a second) and
+/// otherwise remembers no more: those clients keep their hashed backend, which holds
+/// while the backend set is unchanged.
+pub const AFFINITY_CAPACITY: usize = 65_536;
+const SEC: u64 = 1_000_000_000;
+
 /// Kept flows whose end a worker can report between two drains (more are not reported:
 /// a stale keep entry only steers a 5-tuple to the workers, which then decide by policy).
 const UNKEEP_QUEUE: usize = 256;
@@ -113,6 +122,12 @@ pub enum Verdict {
     /// `iface` instead of the frame, which is dropped (and left unmodified): a packet too
     /// big for its egress link, or one for which no NAT port was free.
     Icmp {
+        iface: u8,
+    },
+    /// Send the TCP reset the engine originated ([`Engine::generated`]) out of interface
+    /// `iface` instead of the frame, which is dropped: the frame belonged to a flow whose
+    /// backend was removed from a service that resets its clients.
+    Reset {
         iface: u8,
     },
     /// Send the translated packet as `count` IPv4 fragments ([`Engine::fragment`]) out
@@ -179,6 +194,24 @@ enum FragTarget {
     Held,
 }
 
+/// Live flows by (service, backend address, backend port).
+pub type BackendFlows = hashbrown::HashMap<(FrontendKey, [u8; 4], u16), u64>;
+
+/// A client of a service with a client-ip affinity timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct AffinityKey {
+    client: [u8; 4],
+    service: FrontendKey,
+}
+
+/// The backend a client keeps, until when (ns).
+#[derive(Debug, Clone, Copy)]
+struct Sticky {
+    addr: [u8; 4],
+    port: u16,
+    until: u64,
+}
+
 /// Datagrams in fragments a worker remembers (the oldest is forgotten first).
 const FRAGS: usize = 1024;
 /// How long after its first fragment a datagram's later fragments are expected (Linux's
@@ -235,6 +268,12 @@ pub struct Engine {
     /// it is the first fragment of (as received), if it is one.
     last_flow: Option<(u32, Dir)>,
     first_frag: Option<FragKey>,
+    /// Clients' backends for services with a client-ip affinity timeout. Such a client's
+    /// new connections all open on one worker, its *affinity home* (a hash of its
+    /// address), so one worker remembers it. Allocated at start.
+    affinity: hashbrown::HashMap<AffinityKey, Sticky>,
+    /// Not before this time is a full affinity table scanned again for expired entries.
+    affinity_reap: u64,
 }
 
 /// The mapping table with the pool addresses' use, as flows leaving the table need them.
@@ -257,6 +296,20 @@ fn count_use(
         .and_then(|i| pool_use.get_mut(i))
     {
         *n = if up { *n + 1 } else { n.saturating_sub(1) };
+    }
+}
+
+/// How a load-balanced flow ends when its backend (or service) is gone from `snap`:
+/// `None` while it is still there. A removed service's flows are dropped.
+fn removal(snap: &Snapshot, f: &Flow) -> Option<OnRemove> {
+    if f.kind != FlowKind::Lb {
+        return None;
+    }
+    let (addr, port) = f.backend();
+    match snap.services.get(&f.frontend()) {
+        None => Some(OnRemove::Drop),
+        Some(s) if s.spec.find(addr, port).is_none() => Some(s.spec.options.on_remove),
+        Some(_) => None,
     }
 }
 
@@ -343,6 +396,15 @@ impl Engine {
             frag_next: 0,
             last_flow: None,
             first_frag: None,
+            affinity: {
+                let mut m = hashbrown::HashMap::new();
+                m.try_reserve(AFFINITY_CAPACITY)
+                    .map_err(|_| crate::flow::AllocError {
+                        capacity: flow_capacity,
+                    })?;
+                m
+            },
+            affinity_reap: 0,
         })
     }
 
@@ -439,14 +501,34 @@ impl Engine {
             self.icmp_clock = now;
         }
         let t = self.snap.timeouts;
+        let snap = &self.snap;
         let (queue, len) = (&mut self.unkept, &mut self.unkept_len);
         let mut maps = Mapped {
             mappings: &mut self.mappings,
             pool_use: &mut self.pool_use,
-            pool: &self.snap.snat.pool,
+            pool: &snap.snat.pool,
         };
         let expired = self.flows.expire_step(budget as usize, |f| {
-            let idle = now.saturating_sub(f.last_seen) > timeout(&t, f.state);
+            // Flows of a removed backend end within a sweep period: at once, or (TCP,
+            // resetting service) after the transitory timeout, so that the client's next
+            // packet still draws its reset.
+            let mut ended = false;
+            if f.generation != snap.generation && !f.removed {
+                match removal(snap, f) {
+                    Some(OnRemove::Reset) if f.keys[0].proto == PROTO_TCP => {
+                        f.removed = true;
+                        f.last_seen = now;
+                    }
+                    Some(_) => ended = true,
+                    None => {}
+                }
+            }
+            let limit = if f.removed {
+                t.tcp_rst
+            } else {
+                timeout(&t, f.state)
+            };
+            let idle = ended || now.saturating_sub(f.last_seen) > limit;
             if idle {
                 gone(queue, len, &mut maps, f);
             }
@@ -500,6 +582,7 @@ impl Engine {
         match v {
             Verdict::Tx { .. } | Verdict::Fragments { .. } => self.counters.tx += 1,
             Verdict::Icmp { .. } => self.counters.icmp_sent += 1,
+            Verdict::Reset { .. } => self.counters.resets_sent += 1,
             Verdict::ToWorker(_) => self.counters.handoff_out += 1,
             Verdict::Probe(_) => {
                 self.counters.handoff_out += 1;
@@ -921,7 +1004,9 @@ impl Engine {
             .get(slot)
             .is_some_and(|f| f.generation != self.snap.generation)
         {
-            self.revalidate(slot)?;
+            if let Some(outcome) = self.revalidate(slot)? {
+                return self.end_removed(frame, p, slot, dir, outcome);
+            }
         }
         let mtu = self
             .flows
@@ -981,29 +1066,19 @@ impl Engine {
         Ok(Verdict::Tx { iface: rw.iface })
     }
 
-    /// Bring a flow up to the current snapshot: end a load-balanced flow if its backend
-    /// is gone, refresh next hops if they changed. Addresses and ports never change
-    /// mid-flow (a masqueraded flow keeps its translation across policy changes).
-    fn revalidate(&mut self, slot: u32) -> Result<(), DropReason> {
+    /// Bring a flow up to the current snapshot: refresh next hops if they changed, or
+    /// say how the flow ends when its backend is gone (`Some`). Addresses and ports never
+    /// change mid-flow (a masqueraded flow keeps its translation across policy changes).
+    fn revalidate(&mut self, slot: u32) -> Result<Option<OnRemove>, DropReason> {
         let snap = Arc::clone(&self.snap);
         let Some(f) = self.flows.get_mut(slot) else {
             return Err(DropReason::NoFlow);
         };
+        if let Some(outcome) = removal(&snap, f) {
+            return Ok(Some(outcome));
+        }
         let fwd_to = match f.kind {
-            FlowKind::Lb => {
-                let (frontend, backend) = (f.frontend(), f.backend());
-                let alive = snap.services.get(&frontend).is_some_and(|s| {
-                    s.spec
-                        .backends
-                        .iter()
-                        .any(|b| b.addr.octets() == backend.0 && b.port == backend.1)
-                });
-                if !alive {
-                    self.remove_flow(slot);
-                    return Err(DropReason::BackendRemoved);
-                }
-                backend.0
-            }
+            FlowKind::Lb => f.backend().0,
             FlowKind::Masq => f.keys[0].dst,
         };
         // A hairpin flow's forward direction turns around inside xlb: no next hop.
@@ -1014,7 +1089,95 @@ impl Engine {
             set_hop(&mut f.rewrite[1], h);
         }
         f.generation = snap.generation;
-        Ok(())
+        Ok(None)
+    }
+
+    /// A packet of a flow whose backend is gone: the flow ends. A client's UDP datagram
+    /// opens a new flow (to a live backend); a TCP segment, from either end, draws a
+    /// reset to the client when the service resets (`on_remove`), else is dropped.
+    fn end_removed(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        slot: u32,
+        dir: Dir,
+        outcome: OnRemove,
+    ) -> Result<Verdict, DropReason> {
+        let Some(f) = self.flows.get(slot).copied() else {
+            return Err(DropReason::NoFlow);
+        };
+        self.remove_flow(slot);
+        let fk = f.frontend();
+        if p.key.proto == PROTO_UDP && dir == Dir::Forward && self.snap.services.contains_key(&fk) {
+            return self.new_flow(frame, p, fk);
+        }
+        if outcome == OnRemove::Drop || p.key.proto != PROTO_TCP || p.flags.rst() {
+            return Err(DropReason::BackendRemoved);
+        }
+        self.counters.drop(DropReason::BackendRemoved);
+        Ok(self.reset_client(frame, p, &f, dir))
+    }
+
+    /// Write into `generated` the TCP reset that ends `f` for its client, from the VIP,
+    /// answering the segment in `frame` (direction `dir`). Its sequence number is the
+    /// one the client expects next (RFC 5961 §3.2 makes Linux take only that): the
+    /// client's own acknowledgment when the segment is the client's, the backend's
+    /// sequence number when it is the backend's. A client segment without ACK gets
+    /// sequence 0 and acknowledges it (RFC 9293 §3.10.7.1).
+    fn reset_client(&mut self, frame: &[u8], p: &Parsed, f: &Flow, dir: Dir) -> Verdict {
+        let mut rw = f.rewrite[Dir::Reverse as usize];
+        if let Ok(h) = self.snap.net.next_hop(rw.dst) {
+            set_hop(&mut rw, h);
+        }
+        let (seq, ack, flags) = match dir {
+            Dir::Forward if p.flags.ack() => (tcp_word(frame, p, TCP_ACK), 0, TCP_RST),
+            Dir::Forward => {
+                let doff = usize::from(frame[p.l4 + 12] >> 4) * 4;
+                let fl = p.flags;
+                let len = p.l4_end.saturating_sub(p.l4 + doff) as u32
+                    + u32::from(fl.syn())
+                    + u32::from(fl.fin());
+                (
+                    0,
+                    tcp_word(frame, p, TCP_SEQ).wrapping_add(len),
+                    TCP_RST | TCP_ACK_FLAG,
+                )
+            }
+            Dir::Reverse => (
+                tcp_word(frame, p, TCP_SEQ),
+                tcp_word(frame, p, TCP_ACK),
+                TCP_RST | TCP_ACK_FLAG,
+            ),
+        };
+        let g = &mut self.generated;
+        g[0..6].copy_from_slice(&rw.dst_mac);
+        g[6..12].copy_from_slice(&rw.src_mac);
+        write_u16(g, 12, ETHERTYPE_IPV4);
+        // IPv4: no options, DF, TTL 64, TCP, 40 bytes.
+        g[14..34].copy_from_slice(&[
+            0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, PROTO_TCP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        g[26..30].copy_from_slice(&rw.src);
+        g[30..34].copy_from_slice(&rw.dst);
+        let c = !fold(sum(&g[14..34]));
+        write_u16(g, 24, c);
+        let t = 34;
+        g[t..t + 20].fill(0);
+        write_u16(g, t, rw.sport);
+        write_u16(g, t + 2, rw.dport);
+        g[t + 4..t + 8].copy_from_slice(&seq.to_be_bytes());
+        g[t + 8..t + 12].copy_from_slice(&ack.to_be_bytes());
+        g[t + 12] = 5 << 4;
+        g[t + 13] = flags;
+        let mut pseudo = [0u8; 12];
+        pseudo[0..4].copy_from_slice(&rw.src);
+        pseudo[4..8].copy_from_slice(&rw.dst);
+        pseudo[9] = PROTO_TCP;
+        pseudo[11] = 20;
+        let c = !fold(sum(&pseudo) + sum(&g[t..t + 20]));
+        write_u16(g, t + 16, c);
+        self.generated_len = t + 20;
+        Verdict::Reset { iface: rw.iface }
     }
 
     fn hop(&mut self, dst: [u8; 4]) -> Result<NextHop, DropReason> {
@@ -1043,7 +1206,18 @@ impl Engine {
         let snap = Arc::clone(&self.snap);
         let svc = snap.services.get(&fk).ok_or(DropReason::NotForUs)?;
         let nat = snap.snat.pick(k.src).ok_or(DropReason::NotForUs)?;
-        if let Some(v) = self.go_home(nat.ports, k.sport) {
+        let opts = svc.spec.options;
+        let sticky = match (opts.affinity, opts.affinity_timeout_s) {
+            (Affinity::ClientIp, Some(t)) => Some(u64::from(t) * SEC),
+            _ => None,
+        };
+        // A client with a remembered backend opens its flows on its affinity home, any
+        // other inside endpoint on its port's home.
+        let home = match sticky {
+            Some(_) => self.affinity_home(k.src),
+            None => self.go_home(nat.ports, k.sport),
+        };
+        if let Some(v) = home {
             return Ok(v);
         }
         // Only a SYN opens a TCP flow: a mid-stream segment would reach the backend from a
@@ -1051,13 +1225,30 @@ impl Engine {
         if k.proto == PROTO_TCP && !p.flags.is_opening_syn() {
             return self.probe_next().ok_or(DropReason::NoFlow);
         }
-        let h = flow_hash(snap.hash_seed, k.src, k.dst, k.sport, k.dport, k.proto);
-        let backend = svc
-            .maglev
-            .lookup(h)
-            .and_then(|i| svc.backend(i))
-            .copied()
-            .ok_or(DropReason::NoBackend)?;
+        let sport = match opts.affinity {
+            Affinity::ClientIp => 0,
+            Affinity::None => k.sport,
+        };
+        let h = flow_hash(snap.hash_seed, k.src, k.dst, sport, k.dport, k.proto);
+        let ak = AffinityKey {
+            client: k.src,
+            service: fk,
+        };
+        let now = self.now;
+        let remembered = sticky
+            .and_then(|_| self.affinity.get(&ak))
+            .filter(|s| s.until >= now)
+            .and_then(|s| svc.spec.find(s.addr, s.port))
+            .filter(|b| b.weight > 0);
+        let backend = match remembered {
+            Some(b) => *b,
+            None => svc
+                .maglev
+                .lookup(h)
+                .and_then(|i| svc.backend(i))
+                .copied()
+                .ok_or(DropReason::NoBackend)?,
+        };
         let baddr = backend.addr.octets();
         let fwd_hop = self.hop(baddr)?;
         let rev_hop = self.hop(k.src)?;
@@ -1081,7 +1272,7 @@ impl Engine {
         let rev_key = reply(port);
         let fwd = rewrite(&k, nat.addr, baddr, port, backend.port, fwd_hop);
         let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
-        self.open_flow(
+        let v = self.open_flow(
             frame,
             p,
             [k, rev_key],
@@ -1089,7 +1280,61 @@ impl Engine {
             FlowKind::Lb,
             false,
             Dir::Forward,
-        )
+        )?;
+        if let Some(t) = sticky {
+            self.remember(ak, &backend, now.saturating_add(t));
+        }
+        Ok(v)
+    }
+
+    /// The affinity home of `client` (see `affinity`), when it is another worker and the
+    /// frame has not been handed on yet.
+    fn affinity_home(&self, client: [u8; 4]) -> Option<Verdict> {
+        let n = u64::from(self.snap.workers.max(1));
+        let home = (flow_hash(self.snap.hash_seed, client, [0; 4], 0, 0, 0) % n) as u16;
+        (home != self.worker && self.hops == 0).then_some(Verdict::ToWorker(home))
+    }
+
+    /// Remember `client`'s backend until `until` (Kubernetes counts the affinity timeout
+    /// from the client's last new connection). No allocation: a full table forgets
+    /// expired entries, or remembers nothing more.
+    fn remember(&mut self, key: AffinityKey, b: &BackendSpec, until: u64) {
+        if self.affinity.len() >= AFFINITY_CAPACITY && !self.affinity.contains_key(&key) {
+            if self.now < self.affinity_reap {
+                return;
+            }
+            let now = self.now;
+            self.affinity.retain(|_, s| s.until >= now);
+            self.affinity_reap = now.saturating_add(SEC);
+            if self.affinity.len() >= AFFINITY_CAPACITY {
+                return;
+            }
+        }
+        self.affinity.insert(
+            key,
+            Sticky {
+                addr: b.addr.octets(),
+                port: b.port,
+                until,
+            },
+        );
+    }
+
+    /// Live load-balanced flows by service and backend (for `lbctl service list`: a
+    /// draining backend's remaining flows): not idle-expired, not closing (after FIN or
+    /// RST), not ended by a removal. Not per packet: it walks the table.
+    pub fn backend_flows(&self) -> BackendFlows {
+        let t = self.snap.timeouts;
+        let mut m = hashbrown::HashMap::new();
+        for f in self.flows.iter() {
+            let idle = self.now.saturating_sub(f.last_seen) > timeout(&t, f.state);
+            let closing = matches!(f.state, FlowState::Fin | FlowState::Rst);
+            if f.kind == FlowKind::Lb && !f.removed && !idle && !closing {
+                let (addr, port) = f.backend();
+                *m.entry((f.frontend(), addr, port)).or_insert(0) += 1;
+            }
+        }
+        m
     }
 
     /// Insert a new flow under both keys, count it, and send its first packet (which
@@ -1120,6 +1365,7 @@ impl Engine {
             assured: false,
             mapped: false,
             hairpin,
+            removed: false,
             fwd_seq: 0,
             packets: if first == Dir::Forward {
                 [1, 0]
@@ -1527,12 +1773,14 @@ impl Engine {
                 None => self.probe_next().ok_or(DropReason::NoFlow),
             };
         };
-        if self
+        let stale = self
             .flows
             .get(slot)
-            .is_some_and(|f| f.generation != self.snap.generation)
-        {
-            self.revalidate(slot)?;
+            .is_some_and(|f| f.generation != self.snap.generation);
+        // An error about a flow whose backend is gone ends the flow, unanswered.
+        if stale && self.revalidate(slot)?.is_some() {
+            self.remove_flow(slot);
+            return Err(DropReason::BackendRemoved);
         }
         let rw = self
             .flows
@@ -1617,6 +1865,9 @@ fn map_key(f: &Flow) -> MapKey {
 /// Offsets of the sequence and acknowledgment numbers in a TCP header (RFC 9293 §3.1).
 const TCP_SEQ: usize = 4;
 const TCP_ACK: usize = 8;
+/// TCP flag bits.
+const TCP_RST: u8 = 0x04;
+const TCP_ACK_FLAG: u8 = 0x10;
 
 /// A 32-bit word of a TCP header. Read only where needed (a flow closing, a segment
 /// meeting a closing flow), not in parse; `parse` validated the 20-byte TCP header.

@@ -14,8 +14,18 @@ use std::net::Ipv4Addr;
 pub const MAX_SERVICES: usize = 4096;
 /// Most backends per service (Maglev indices are u16, one value reserved).
 pub const MAX_BACKENDS: usize = 4096;
-/// Largest backend weight; weights are relative, so this bounds nothing but typos.
+/// Largest backend weight. Weights are ratios (a backend's share of the Maglev table is
+/// its weight over the sum), so this bounds nothing but typos.
 pub const MAX_WEIGHT: u32 = 10_000;
+/// Table sizes a service may choose (`--table-size`): primes roughly doubling, so
+/// M ≥ 100·N (the paper's bound for about 1 % imbalance) is within reach for any N up to
+/// 10 000 backends. The daemon's default (`--maglev-size`) may be any prime.
+pub const TABLE_SIZES: [u32; 12] = [
+    1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_537, 131_071, 262_139, 524_287, 1_048_573,
+    2_000_003,
+];
+/// Longest client-ip affinity timeout (Kubernetes' limit: one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -131,12 +141,125 @@ impl FromStr for BackendSpec {
     }
 }
 
+/// Which connections of a client must reach the same backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Affinity {
+    /// Each connection is hashed on its 5-tuple.
+    #[default]
+    None,
+    /// Kubernetes' `sessionAffinity: ClientIP`: the hash leaves out the client's port, so
+    /// every connection from one client address reaches the same backend while the
+    /// backend set is unchanged; with a timeout the client also keeps its backend across
+    /// backend-set changes until it opened no connection for that long.
+    ClientIp,
+}
+
+impl fmt::Display for Affinity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Affinity::None => "none",
+            Affinity::ClientIp => "client-ip",
+        })
+    }
+}
+
+impl FromStr for Affinity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Affinity::None),
+            "client-ip" => Ok(Affinity::ClientIp),
+            _ => Err(format!("{s:?} is not an affinity: none or client-ip")),
+        }
+    }
+}
+
+/// What the clients of a removed backend's established flows get.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRemove {
+    /// A TCP reset from the VIP, on the flow's next packet (either direction): the client
+    /// fails fast and reconnects to a live backend.
+    #[default]
+    Reset,
+    /// Nothing: the flow's packets are dropped and its client times out.
+    Drop,
+}
+
+impl fmt::Display for OnRemove {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnRemove::Reset => "reset",
+            OnRemove::Drop => "drop",
+        })
+    }
+}
+
+impl FromStr for OnRemove {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "reset" => Ok(OnRemove::Reset),
+            "drop" => Ok(OnRemove::Drop),
+            _ => Err(format!("{s:?} is not a removal outcome: reset or drop")),
+        }
+    }
+}
+
+/// An affinity timeout as operators write it: seconds, or a number with `s`, `m` or `h`
+/// (`10800`, `3h`, `30m`).
+pub fn parse_duration_s(s: &str) -> Result<u32, String> {
+    let err = || format!("{s:?} is not a duration: seconds, or a number with s, m or h (e.g. 3h)");
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        _ => (s, 1),
+    };
+    let n: u32 = num.parse().map_err(|_| err())?;
+    n.checked_mul(unit).ok_or_else(err)
+}
+
+/// A service's settings besides its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceOptions {
+    pub affinity: Affinity,
+    /// Seconds a client keeps its backend after its last new connection
+    /// (`affinity: client-ip` only; none: for as long as the backend set is unchanged).
+    pub affinity_timeout_s: Option<u32>,
+    /// Outcome for the flows of a backend removed with `backend remove`.
+    pub on_remove: OnRemove,
+    /// Maglev table size, one of [`TABLE_SIZES`]; none: the daemon's `--maglev-size`.
+    pub table_size: Option<u32>,
+}
+
+impl ServiceOptions {
+    pub fn is_default(&self) -> bool {
+        *self == ServiceOptions::default()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub id: u32,
     pub frontend: Frontend,
     /// Sorted by (addr, port): listing order is stable and independent of history.
     pub backends: Vec<BackendSpec>,
+    #[serde(default)]
+    pub options: ServiceOptions,
+}
+
+impl ServiceSpec {
+    /// The backend at `addr:port` (backends are sorted by address and port).
+    pub fn find(&self, addr: [u8; 4], port: u16) -> Option<&BackendSpec> {
+        let addr = Ipv4Addr::from(addr);
+        self.backends
+            .binary_search_by(|b| (b.addr, b.port).cmp(&(addr, port)))
+            .ok()
+            .and_then(|i| self.backends.get(i))
+    }
 }
 
 /// One change to the table. `lbctl` commands map 1:1 onto these.
@@ -146,6 +269,13 @@ pub enum Op {
     AddService {
         frontend: Frontend,
         backends: Vec<BackendSpec>,
+        #[serde(default)]
+        options: ServiceOptions,
+    },
+    /// Change a service's settings; its backends and flows stay.
+    SetOptions {
+        frontend: Frontend,
+        options: ServiceOptions,
     },
     RemoveService {
         frontend: Frontend,
@@ -158,6 +288,13 @@ pub enum Op {
         frontend: Frontend,
         addr: Ipv4Addr,
         port: u16,
+    },
+    /// Change a backend's weight; 0 drains it (no new flows, established ones go on).
+    SetWeight {
+        frontend: Frontend,
+        addr: Ipv4Addr,
+        port: u16,
+        weight: u32,
     },
 }
 
@@ -201,17 +338,69 @@ pub enum ConfigError {
     TooManyBackends { frontend: Frontend, count: usize },
     #[error("the node already has the maximum of {max} services", max = MAX_SERVICES)]
     TooManyServices,
+    #[error("table size {0} is not offered: choose one of {sizes}", sizes = table_sizes())]
+    TableSize(u32),
+    #[error("{frontend} would have {count} backends in a table of {size} slots: some would get no slot; choose a table size of at least {want} (one of {sizes})", want = 100 * count, sizes = table_sizes())]
+    TableTooSmall {
+        frontend: Frontend,
+        count: usize,
+        size: u32,
+    },
+    #[error("an affinity timeout needs --affinity client-ip")]
+    TimeoutWithoutAffinity,
+    #[error("affinity timeout {0} s is outside 1..={max} s", max = MAX_AFFINITY_TIMEOUT_S)]
+    AffinityTimeout(u32),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+fn table_sizes() -> String {
+    TABLE_SIZES.map(|m| m.to_string()).join(", ")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceTable {
     services: BTreeMap<Frontend, ServiceSpec>,
     next_id: u32,
+    /// The Maglev table size of services that do not choose one.
+    default_table_size: u32,
+}
+
+impl Default for ServiceTable {
+    fn default() -> Self {
+        ServiceTable::with_table_size(crate::maglev::DEFAULT_TABLE_SIZE)
+    }
 }
 
 fn check_unicast(what: &'static str, addr: Ipv4Addr) -> Result<(), ConfigError> {
     if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() || addr.is_loopback() {
         return Err(ConfigError::BadAddress { what, addr });
+    }
+    Ok(())
+}
+
+fn check_options(o: &ServiceOptions) -> Result<(), ConfigError> {
+    if let Some(m) = o.table_size.filter(|m| !TABLE_SIZES.contains(m)) {
+        return Err(ConfigError::TableSize(m));
+    }
+    match o.affinity_timeout_s {
+        Some(_) if o.affinity == Affinity::None => Err(ConfigError::TimeoutWithoutAffinity),
+        Some(t) if !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => {
+            Err(ConfigError::AffinityTimeout(t))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A table smaller than the backend count leaves backends without a slot. (Below
+/// 100 slots a backend the shares drift more than 1 %: shown, not refused.)
+fn check_fits(svc: &ServiceSpec, default_size: u32) -> Result<(), ConfigError> {
+    let size = svc.options.table_size.unwrap_or(default_size);
+    let count = svc.backends.iter().filter(|b| b.weight > 0).count();
+    if count > size as usize {
+        return Err(ConfigError::TableTooSmall {
+            frontend: svc.frontend,
+            count,
+            size,
+        });
     }
     Ok(())
 }
@@ -232,6 +421,20 @@ fn check_backend(b: &BackendSpec) -> Result<(), ConfigError> {
 }
 
 impl ServiceTable {
+    /// An empty table whose services' Maglev tables have `m` slots unless they choose.
+    pub fn with_table_size(m: u32) -> ServiceTable {
+        ServiceTable {
+            services: BTreeMap::new(),
+            next_id: 0,
+            default_table_size: m,
+        }
+    }
+
+    /// The Maglev table size of `svc`.
+    pub fn table_size(&self, svc: &ServiceSpec) -> u32 {
+        svc.options.table_size.unwrap_or(self.default_table_size)
+    }
+
     pub fn services(&self) -> impl Iterator<Item = &ServiceSpec> {
         self.services.values()
     }
@@ -252,8 +455,13 @@ impl ServiceTable {
     pub fn apply(&self, op: &Op) -> Result<ServiceTable, ConfigError> {
         let mut next = self.clone();
         match op {
-            Op::AddService { frontend, backends } => {
+            Op::AddService {
+                frontend,
+                backends,
+                options,
+            } => {
                 check_unicast("frontend address", frontend.addr)?;
+                check_options(options)?;
                 if frontend.port == 0 {
                     return Err(ConfigError::ZeroPort { what: "frontend" });
                 }
@@ -290,8 +498,17 @@ impl ServiceTable {
                         id: next.next_id,
                         frontend: *frontend,
                         backends: list,
+                        options: *options,
                     },
                 );
+            }
+            Op::SetOptions { frontend, options } => {
+                check_options(options)?;
+                let svc = next
+                    .services
+                    .get_mut(frontend)
+                    .ok_or(ConfigError::NoService(*frontend))?;
+                svc.options = *options;
             }
             Op::RemoveService { frontend } => {
                 next.services
@@ -343,8 +560,43 @@ impl ServiceTable {
                     });
                 }
             }
+            Op::SetWeight {
+                frontend,
+                addr,
+                port,
+                weight,
+            } => {
+                let svc = next
+                    .services
+                    .get_mut(frontend)
+                    .ok_or(ConfigError::NoService(*frontend))?;
+                let b = svc
+                    .backends
+                    .iter_mut()
+                    .find(|b| b.same_endpoint(*addr, *port))
+                    .ok_or(ConfigError::NoBackend {
+                        frontend: *frontend,
+                        addr: *addr,
+                        port: *port,
+                    })?;
+                b.weight = *weight;
+                check_backend(b)?;
+            }
+        }
+        if let Some(svc) = op_frontend(op).and_then(|f| next.services.get(f)) {
+            check_fits(svc, self.default_table_size)?;
         }
         Ok(next)
+    }
+}
+
+fn op_frontend(op: &Op) -> Option<&Frontend> {
+    match op {
+        Op::AddService { frontend, .. }
+        | Op::SetOptions { frontend, .. }
+        | Op::AddBackend { frontend, .. }
+        | Op::SetWeight { frontend, .. } => Some(frontend),
+        Op::RemoveService { .. } | Op::RemoveBackend { .. } => None,
     }
 }
 
@@ -357,6 +609,129 @@ mod tests {
     }
     fn be(s: &str) -> BackendSpec {
         s.parse().expect("backend")
+    }
+
+    #[test]
+    fn option_parsing() {
+        assert_eq!("client-ip".parse(), Ok(Affinity::ClientIp));
+        assert_eq!("none".parse(), Ok(Affinity::None));
+        assert!("clientip".parse::<Affinity>().is_err());
+        assert_eq!("drop".parse(), Ok(OnRemove::Drop));
+        assert!("rst".parse::<OnRemove>().is_err());
+        assert_eq!(parse_duration_s("10800"), Ok(10_800));
+        assert_eq!(parse_duration_s("3h"), Ok(10_800));
+        assert_eq!(parse_duration_s("30m"), Ok(1_800));
+        assert_eq!(parse_duration_s("90s"), Ok(90));
+        for bad in ["", "h", "3d", "-1", "1.5h", "5000000h"] {
+            assert!(parse_duration_s(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_offered_table_size_is_a_prime_maglev_takes() {
+        for m in TABLE_SIZES {
+            assert!(crate::maglev::is_prime(m), "{m}");
+            assert!(m <= crate::maglev::MAX_TABLE_SIZE, "{m}");
+        }
+        assert!(TABLE_SIZES.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn options_weights_and_table_sizes() {
+        let f = fe("10.0.0.10:80/tcp");
+        let t = ServiceTable::with_table_size(1021)
+            .apply(&Op::AddService {
+                frontend: f,
+                backends: vec![be("10.1.0.2:80"), be("10.1.0.3:80")],
+                options: ServiceOptions::default(),
+            })
+            .expect("add");
+        // Weight changes in place; 0 drains (the backend stays, with its flows).
+        let t = t
+            .apply(&Op::SetWeight {
+                frontend: f,
+                addr: [10, 1, 0, 2].into(),
+                port: 80,
+                weight: 0,
+            })
+            .expect("drain");
+        let svc = t.get(&f).expect("svc");
+        assert_eq!(svc.backends.len(), 2);
+        assert_eq!(svc.find([10, 1, 0, 2], 80).map(|b| b.weight), Some(0));
+        assert_eq!(svc.find([10, 1, 0, 3], 80).map(|b| b.weight), Some(1));
+        assert_eq!(svc.find([10, 1, 0, 4], 80), None);
+        for bad in [
+            Op::SetWeight {
+                frontend: f,
+                addr: [10, 1, 0, 9].into(),
+                port: 80,
+                weight: 1,
+            },
+            Op::SetWeight {
+                frontend: f,
+                addr: [10, 1, 0, 3].into(),
+                port: 80,
+                weight: MAX_WEIGHT + 1,
+            },
+            Op::SetOptions {
+                frontend: f,
+                options: ServiceOptions {
+                    table_size: Some(1000),
+                    ..ServiceOptions::default()
+                },
+            },
+            Op::SetOptions {
+                frontend: f,
+                options: ServiceOptions {
+                    affinity_timeout_s: Some(60),
+                    ..ServiceOptions::default()
+                },
+            },
+            Op::SetOptions {
+                frontend: f,
+                options: ServiceOptions {
+                    affinity: Affinity::ClientIp,
+                    affinity_timeout_s: Some(MAX_AFFINITY_TIMEOUT_S + 1),
+                    ..ServiceOptions::default()
+                },
+            },
+        ] {
+            let e = t.apply(&bad).expect_err("rejected");
+            assert!(!e.to_string().is_empty());
+        }
+        let opts = ServiceOptions {
+            affinity: Affinity::ClientIp,
+            affinity_timeout_s: Some(10_800),
+            on_remove: OnRemove::Drop,
+            table_size: Some(2039),
+        };
+        let t2 = t
+            .apply(&Op::SetOptions {
+                frontend: f,
+                options: opts,
+            })
+            .expect("set");
+        assert_eq!(t2.get(&f).map(|s| s.options), Some(opts));
+        assert_eq!(t2.get(&f).map(|s| t2.table_size(s)), Some(2039));
+        assert_eq!(t.get(&f).map(|s| t.table_size(s)), Some(1021));
+        // A table smaller than the weighted backends is refused; drained ones take no slot.
+        let many: Vec<BackendSpec> = (0..1022u32)
+            .map(|i| BackendSpec {
+                addr: Ipv4Addr::from(0x0a01_0000 + i + 1),
+                port: 80,
+                weight: 1,
+            })
+            .collect();
+        let add = |backends: Vec<BackendSpec>| Op::AddService {
+            frontend: fe("10.0.0.11:80/tcp"),
+            backends,
+            options: ServiceOptions::default(),
+        };
+        let e = t.apply(&add(many.clone())).expect_err("too small");
+        assert!(e.to_string().contains("102200"), "{e}");
+        let mut drained = many;
+        drained[0].weight = 0;
+        assert!(t.apply(&add(drained)).is_ok());
     }
 
     #[test]
@@ -386,6 +761,7 @@ mod tests {
             .apply(&Op::AddService {
                 frontend: fe("10.0.0.10:80/tcp"),
                 backends: vec![be("10.1.0.3:80"), be("10.1.0.2:80")],
+                options: ServiceOptions::default(),
             })
             .expect("add");
         let svc = t.get(&fe("10.0.0.10:80/tcp")).expect("present");
@@ -425,28 +801,34 @@ mod tests {
             .apply(&Op::AddService {
                 frontend: fe("10.0.0.10:80/tcp"),
                 backends: vec![be("10.1.0.2:80")],
+                options: ServiceOptions::default(),
             })
             .expect("add");
         let bad = [
             Op::AddService {
                 frontend: fe("10.0.0.10:80/tcp"),
                 backends: vec![],
+                options: ServiceOptions::default(),
             },
             Op::AddService {
                 frontend: fe("0.0.0.0:80/tcp"),
                 backends: vec![],
+                options: ServiceOptions::default(),
             },
             Op::AddService {
                 frontend: fe("10.0.0.11:0/tcp"),
                 backends: vec![],
+                options: ServiceOptions::default(),
             },
             Op::AddService {
                 frontend: fe("10.0.0.11:80/tcp"),
                 backends: vec![be("10.1.0.2:80"), be("10.1.0.2:80@2")],
+                options: ServiceOptions::default(),
             },
             Op::AddService {
                 frontend: fe("10.0.0.11:80/tcp"),
                 backends: vec![be("10.1.0.2:80"), be("224.0.0.1:80")],
+                options: ServiceOptions::default(),
             },
             Op::AddBackend {
                 frontend: fe("10.0.0.10:80/tcp"),

@@ -200,7 +200,11 @@ impl Snapshot {
                         .collect();
                     Arc::new(ServiceState {
                         spec: spec.clone(),
-                        maglev: Maglev::build(&mb, cfg.maglev_size, cfg.hash_seed)?,
+                        maglev: Maglev::build(
+                            &mb,
+                            spec.options.table_size.unwrap_or(cfg.maglev_size),
+                            cfg.hash_seed,
+                        )?,
                     })
                 }
             };

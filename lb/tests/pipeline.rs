@@ -295,7 +295,8 @@ fn removed_backend_ends_its_flows_and_others_survive() {
     ));
     for p in victims {
         let mut f = seg(p, TcpFlags::ACK);
-        assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::BackendRemoved));
+        // The default outcome: the client gets a reset (lb/tests/backend_ops.rs).
+        assert_eq!(e.process(&mut f), Verdict::Reset { iface: 0 });
     }
     for p in survivors {
         let mut f = seg(p, TcpFlags::ACK);
@@ -564,6 +565,7 @@ fn empty_service_counts_no_backend() {
         .apply(&Op::AddService {
             frontend: fe,
             backends: vec![],
+            options: Default::default(),
         })
         .expect("add");
     let s = Snapshot::build(1, &fixtures::config(), &t, Arc::new(fixtures::net()), None)

@@ -571,7 +571,7 @@ impl Daemon {
         };
         lb::maglev::Maglev::build(&[], cfg.maglev_size, 0)
             .map_err(|e| DaemonError::Config(e.to_string()))?;
-        let table = ServiceTable::default();
+        let table = ServiceTable::with_table_size(cfg.maglev_size);
         let snap = Arc::new(
             Snapshot::build(1, &cfg, &table, Arc::new(net), None)
                 .map_err(|e| DaemonError::Config(e.to_string()))?
@@ -833,7 +833,9 @@ impl Daemon {
         }
         self.table = next;
         let msg = match &op {
-            Op::AddService { frontend, backends } => {
+            Op::AddService {
+                frontend, backends, ..
+            } => {
                 self.prime(backends.iter().map(|b| b.addr.octets()).collect());
                 format!(
                     "service {frontend} added with {} backend(s)",
@@ -852,7 +854,40 @@ impl Daemon {
                 frontend,
                 addr,
                 port,
-            } => format!("backend {addr}:{port} removed from {frontend}"),
+            } => {
+                let outcome = self.table.get(frontend).map(|s| s.options.on_remove);
+                format!(
+                    "backend {addr}:{port} removed from {frontend}; its flows end ({})",
+                    match outcome {
+                        Some(lb::service::OnRemove::Drop) => "dropped",
+                        _ => "clients get a TCP reset",
+                    }
+                )
+            }
+            Op::SetWeight {
+                frontend,
+                addr,
+                port,
+                weight: 0,
+            } => format!(
+                "backend {addr}:{port} of {frontend} draining: no new flows, established ones go on"
+            ),
+            Op::SetWeight {
+                frontend,
+                addr,
+                port,
+                weight,
+            } => format!("backend {addr}:{port} of {frontend} now has weight {weight}"),
+            Op::SetOptions { frontend, options } => format!(
+                "service {frontend}: affinity {}{}, on-remove {}, table size {}",
+                options.affinity,
+                options
+                    .affinity_timeout_s
+                    .map(|t| format!(" (timeout {t} s)"))
+                    .unwrap_or_default(),
+                options.on_remove,
+                options.table_size.unwrap_or(self.cfg.maglev_size)
+            ),
         };
         ResponseEnvelope::ok(Reply::Done { message: msg })
     }
@@ -915,7 +950,34 @@ impl Daemon {
         }
     }
 
-    fn service_list(&self) -> Reply {
+    /// Live flows by service and backend, summed over the workers (each answers between
+    /// two batches).
+    fn backend_flows(&self) -> Result<crate::worker::BackendFlows, String> {
+        let mut answers = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if w.requests.try_send(WorkerRequest::BackendFlows(tx)).is_ok() {
+                w.shared.wake();
+                answers.push((w.id, rx));
+            }
+        }
+        let mut total = crate::worker::BackendFlows::new();
+        for (id, rx) in answers {
+            let counts = rx
+                .recv_timeout(WORKER_ANSWER)
+                .map_err(|_| format!("worker {id} did not answer"))?;
+            for (k, n) in counts {
+                *total.entry(k).or_insert(0) += n;
+            }
+        }
+        Ok(total)
+    }
+
+    fn service_list(&self) -> ResponseEnvelope {
+        let flows = match self.backend_flows() {
+            Ok(f) => f,
+            Err(e) => return ResponseEnvelope::error(ErrorKind::Datapath, e),
+        };
         let mut services = Vec::new();
         for spec in self.table.services() {
             let key = lb::snapshot::FrontendKey::from(&spec.frontend);
@@ -946,21 +1008,30 @@ impl Daemon {
                 id: spec.id,
                 frontend: spec.frontend.to_string(),
                 mode: "snat".into(),
+                options: spec.options,
                 backends: spec
                     .backends
                     .iter()
                     .zip(slots)
-                    .map(|(b, n)| BackendView {
-                        address: b.addr,
-                        port: b.port,
-                        weight: b.weight,
-                        state: if b.weight > 0 {
-                            "active".into()
-                        } else {
-                            "drained".into()
-                        },
-                        share: (n as f64 * 1000.0 / total as f64).round() / 10.0,
-                        next_hop: self.next_hop_state(b.addr.octets()).into(),
+                    .map(|(b, n)| {
+                        let live = flows
+                            .get(&(key, b.addr.octets(), b.port))
+                            .copied()
+                            .unwrap_or(0);
+                        BackendView {
+                            address: b.addr,
+                            port: b.port,
+                            weight: b.weight,
+                            flows: live,
+                            state: match (b.weight, live) {
+                                (1.., _) => "active",
+                                (0, 1..) => "draining",
+                                (0, 0) => "drained",
+                            }
+                            .into(),
+                            share: (n as f64 * 1000.0 / total as f64).round() / 10.0,
+                            next_hop: self.next_hop_state(b.addr.octets()).into(),
+                        }
                     })
                     .collect(),
                 fingerprint,
@@ -968,7 +1039,7 @@ impl Daemon {
                 worst_share_error_pct: worst,
             });
         }
-        Reply::Services { services }
+        ResponseEnvelope::ok(Reply::Services { services })
     }
 
     fn status(&self) -> Reply {
@@ -1387,9 +1458,29 @@ impl Daemon {
 
     fn answer(&mut self, req: Request) -> ResponseEnvelope {
         match req {
-            Request::ServiceAdd { frontend, backends } => {
-                self.apply(Op::AddService { frontend, backends })
+            Request::ServiceAdd {
+                frontend,
+                backends,
+                options,
+            } => self.apply(Op::AddService {
+                frontend,
+                backends,
+                options,
+            }),
+            Request::ServiceSet { frontend, options } => {
+                self.apply(Op::SetOptions { frontend, options })
             }
+            Request::BackendSetWeight {
+                frontend,
+                address,
+                port,
+                weight,
+            } => self.apply(Op::SetWeight {
+                frontend,
+                addr: address,
+                port,
+                weight,
+            }),
             Request::ServiceRemove { frontend } => self.apply(Op::RemoveService { frontend }),
             Request::BackendAdd { frontend, backend } => {
                 self.apply(Op::AddBackend { frontend, backend })
@@ -1403,7 +1494,7 @@ impl Daemon {
                 addr: address,
                 port,
             }),
-            Request::ServiceList {} => ResponseEnvelope::ok(self.service_list()),
+            Request::ServiceList {} => self.service_list(),
             Request::Status {} => ResponseEnvelope::ok(self.status()),
             Request::Stats {} => ResponseEnvelope::ok(self.stats()),
             Request::IpmasqList {} => self.ipmasq_list(),

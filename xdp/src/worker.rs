@@ -104,7 +104,11 @@ pub enum WorkerRequest {
         limit: usize,
         reply: Sender<(Vec<lb::flow::Flow>, u64, bool)>,
     },
+    /// Live load-balanced flows by service and backend.
+    BackendFlows(Sender<BackendFlows>),
 }
+
+pub use lb::pipeline::BackendFlows;
 
 /// Everything a worker thread needs; built by the daemon, moved into the thread.
 pub struct WorkerSpec {
@@ -239,6 +243,9 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     let truncated = engine.flows().len() > limit;
                     let _ = reply.send((flows, now, truncated));
                 }
+                WorkerRequest::BackendFlows(reply) => {
+                    let _ = reply.send(engine.backend_flows());
+                }
             }
         }
         engine.begin_batch(now);
@@ -279,9 +286,12 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         io.release(i);
                     }
                 }
-                Verdict::Icmp { iface } => {
+                Verdict::Icmp { iface } | Verdict::Reset { iface } => {
                     if !io.replace(i, engine.generated()) || !io.send(i, usize::from(iface)) {
-                        engine.counters.icmp_sent -= 1;
+                        match v {
+                            Verdict::Icmp { .. } => engine.counters.icmp_sent -= 1,
+                            _ => engine.counters.resets_sent -= 1,
+                        }
                         engine.counters.drop(DropReason::TxRingFull);
                         io.release(i);
                     }

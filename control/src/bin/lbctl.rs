@@ -29,7 +29,7 @@ use control::client::{Client, ClientError};
 use control::proto::{
     CheckView, IpmasqView, NatView, Outcome, Reply, Request, ServiceView, StatsView, StatusView,
 };
-use lb::service::{BackendSpec, Frontend};
+use lb::service::{Affinity, BackendSpec, Frontend, OnRemove, ServiceOptions};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -125,6 +125,68 @@ enum NatCmd {
     },
 }
 
+/// A service's options; on `service set`, only those given change.
+#[derive(clap::Args)]
+struct OptionArgs {
+    /// Which connections reach the same backend: none (each connection is hashed on its
+    /// 5-tuple) or client-ip (every connection from one client address, as Kubernetes'
+    /// sessionAffinity: ClientIP, while the backend set is unchanged).
+    #[arg(long)]
+    affinity: Option<Affinity>,
+    /// With client-ip: a client also keeps its backend across backend changes until it
+    /// opened no connection for this long (seconds, or with s/m/h: 10800, 3h; Kubernetes'
+    /// default is 3h). "none" removes it.
+    #[arg(long, value_parser = parse_timeout)]
+    affinity_timeout: Option<Timeout>,
+    /// What clients of a removed backend's flows get: reset (a TCP reset from the VIP on
+    /// the flow's next packet; the default) or drop (silence; they time out). UDP clients
+    /// move to a live backend with their next datagram either way.
+    #[arg(long)]
+    on_remove: Option<OnRemove>,
+    /// Maglev table size, one of 1021, 2039, 4093, 8191, 16381, 32749, 65537, 131071,
+    /// 262139, 524287, 1048573, 2000003 (default: lbd's --maglev-size). At least 100 ×
+    /// backends keeps shares within about 1 % of the weights.
+    #[arg(long)]
+    table_size: Option<u32>,
+}
+
+#[derive(Clone, Copy)]
+enum Timeout {
+    Off,
+    Seconds(u32),
+}
+
+fn parse_timeout(s: &str) -> Result<Timeout, String> {
+    if s == "none" {
+        return Ok(Timeout::Off);
+    }
+    lb::service::parse_duration_s(s).map(Timeout::Seconds)
+}
+
+impl OptionArgs {
+    /// `base` with the given options changed.
+    fn apply_to(&self, mut o: ServiceOptions) -> ServiceOptions {
+        if let Some(a) = self.affinity {
+            o.affinity = a;
+            if a == Affinity::None && self.affinity_timeout.is_none() {
+                o.affinity_timeout_s = None;
+            }
+        }
+        match self.affinity_timeout {
+            Some(Timeout::Off) => o.affinity_timeout_s = None,
+            Some(Timeout::Seconds(t)) => o.affinity_timeout_s = Some(t),
+            None => {}
+        }
+        if let Some(r) = self.on_remove {
+            o.on_remove = r;
+        }
+        if let Some(m) = self.table_size {
+            o.table_size = Some(m);
+        }
+        o
+    }
+}
+
 #[derive(Subcommand)]
 enum ServiceCmd {
     /// Add a service: VIP:PORT/tcp|udp, with any number of --backend IP:PORT[@WEIGHT].
@@ -132,6 +194,14 @@ enum ServiceCmd {
         frontend: Frontend,
         #[arg(long = "backend", short = 'b')]
         backends: Vec<BackendSpec>,
+        #[command(flatten)]
+        options: OptionArgs,
+    },
+    /// Change a service's options (those given); backends and established flows stay.
+    Set {
+        frontend: Frontend,
+        #[command(flatten)]
+        options: OptionArgs,
     },
     /// Remove a service; its flows end.
     Remove { frontend: Frontend },
@@ -152,8 +222,23 @@ enum BackendCmd {
         #[arg(long)]
         weight: Option<u32>,
     },
-    /// Remove a backend; its flows end, other flows are untouched.
+    /// Remove a backend: its flows end at once (their clients get what the service's
+    /// --on-remove says), other flows are untouched. To let them finish, drain first.
     Remove {
+        frontend: Frontend,
+        /// IP:PORT
+        backend: BackendSpec,
+    },
+    /// Change a backend's weight (0 drains it).
+    SetWeight {
+        frontend: Frontend,
+        /// IP:PORT
+        backend: BackendSpec,
+        weight: u32,
+    },
+    /// Drain a backend (weight 0): no new flows, established ones go on; `service list`
+    /// shows its remaining flows ("drained" when none are left).
+    Drain {
         frontend: Frontend,
         /// IP:PORT
         backend: BackendSpec,
@@ -164,8 +249,35 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (req, format) = match cli.cmd {
         Cmd::Service {
-            cmd: ServiceCmd::Add { frontend, backends },
-        } => (Request::ServiceAdd { frontend, backends }, Format::Table),
+            cmd:
+                ServiceCmd::Add {
+                    frontend,
+                    backends,
+                    options,
+                },
+        } => (
+            Request::ServiceAdd {
+                frontend,
+                backends,
+                options: options.apply_to(ServiceOptions::default()),
+            },
+            Format::Table,
+        ),
+        Cmd::Service {
+            cmd: ServiceCmd::Set { frontend, options },
+        } => {
+            let current = match current_options(&cli.socket, cli.timeout, &frontend) {
+                Ok(o) => o,
+                Err(code) => return code,
+            };
+            (
+                Request::ServiceSet {
+                    frontend,
+                    options: options.apply_to(current),
+                },
+                Format::Table,
+            )
+        }
         Cmd::Service {
             cmd: ServiceCmd::Remove { frontend },
         } => (Request::ServiceRemove { frontend }, Format::Table),
@@ -192,6 +304,33 @@ fn main() -> ExitCode {
                 frontend,
                 address: backend.addr,
                 port: backend.port,
+            },
+            Format::Table,
+        ),
+        Cmd::Backend {
+            cmd:
+                BackendCmd::SetWeight {
+                    frontend,
+                    backend,
+                    weight,
+                },
+        } => (
+            Request::BackendSetWeight {
+                frontend,
+                address: backend.addr,
+                port: backend.port,
+                weight,
+            },
+            Format::Table,
+        ),
+        Cmd::Backend {
+            cmd: BackendCmd::Drain { frontend, backend },
+        } => (
+            Request::BackendSetWeight {
+                frontend,
+                address: backend.addr,
+                port: backend.port,
+                weight: 0,
             },
             Format::Table,
         ),
@@ -256,6 +395,44 @@ fn main() -> ExitCode {
                 print_table(&result);
             }
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The options `frontend` has now (for `service set`, which changes only those given).
+fn current_options(
+    socket: &std::path::Path,
+    timeout: u64,
+    frontend: &Frontend,
+) -> Result<ServiceOptions, ExitCode> {
+    let timeout = std::time::Duration::from_secs(timeout);
+    let resp = Client::connect_with_timeout(socket, timeout)
+        .and_then(|mut c| c.call(&Request::ServiceList {}))
+        .map_err(|e| {
+            eprintln!("lbctl: {e}");
+            ExitCode::from(2)
+        })?;
+    let want = frontend.to_string();
+    match resp.outcome {
+        Outcome::Ok {
+            result: Reply::Services { services },
+        } => services
+            .into_iter()
+            .find(|s| s.frontend == want)
+            .map(|s| s.options)
+            .ok_or_else(|| {
+                eprintln!(
+                    "lbctl: no service {want}; `lbctl service list` shows the configured ones"
+                );
+                ExitCode::from(1)
+            }),
+        Outcome::Error { error } => {
+            eprintln!("lbctl: {}", error.message);
+            Err(ExitCode::from(1))
+        }
+        Outcome::Ok { .. } => {
+            eprintln!("lbctl: lbd answered the service list with something else");
+            Err(ExitCode::from(2))
         }
     }
 }
@@ -339,7 +516,7 @@ fn print_services(services: &[ServiceView]) {
         return;
     }
     out!(
-        "{:<4} {:<22} {:<5} {:<22} {:>6} {:<8} {:>7}  {}",
+        "{:<4} {:<22} {:<5} {:<22} {:>6} {:<9} {:>7} {:>8}  {}",
         "ID",
         "FRONTEND",
         "MODE",
@@ -347,6 +524,7 @@ fn print_services(services: &[ServiceView]) {
         "WEIGHT",
         "STATE",
         "SHARE",
+        "FLOWS",
         "NEXT HOP"
     );
     for s in services {
@@ -359,10 +537,21 @@ fn print_services(services: &[ServiceView]) {
             s.fingerprint,
             s.worst_share_error_pct,
             if fewer {
-                " (table < 100 × backends: raise --maglev-size)"
+                " (table < 100 × backends: raise --table-size)"
             } else {
                 ""
             }
+        );
+        let o = &s.options;
+        out!(
+            "{:<4} {:<22} affinity {}{}, on backend removal: {}",
+            s.id,
+            s.frontend,
+            o.affinity,
+            o.affinity_timeout_s
+                .map(|t| format!(" (timeout {t} s)"))
+                .unwrap_or_default(),
+            o.on_remove
         );
         if s.backends.is_empty() {
             out!(
@@ -380,7 +569,7 @@ fn print_services(services: &[ServiceView]) {
                 (String::new(), "", "")
             };
             out!(
-                "{:<4} {:<22} {:<5} {:<22} {:>6} {:<8} {:>6.1}%  {}",
+                "{:<4} {:<22} {:<5} {:<22} {:>6} {:<9} {:>6.1}% {:>8}  {}",
                 id,
                 fe,
                 mode,
@@ -388,6 +577,7 @@ fn print_services(services: &[ServiceView]) {
                 b.weight,
                 b.state,
                 b.share,
+                b.flows,
                 b.next_hop
             );
         }

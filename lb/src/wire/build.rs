@@ -17,8 +17,9 @@ pub struct FrameSpec {
     pub dport: u16,
     /// TCP flags (ignored for UDP).
     pub flags: u8,
-    /// TCP sequence number.
+    /// TCP sequence and acknowledgment numbers.
     pub seq: u32,
+    pub ack: u32,
     pub payload: Vec<u8>,
     /// Extra IPv4 option bytes (a multiple of 4).
     pub ip_options: Vec<u8>,
@@ -47,6 +48,7 @@ impl Default for FrameSpec {
             dport: 80,
             flags: super::TcpFlags::SYN,
             seq: 1,
+            ack: 0,
             payload: Vec::new(),
             ip_options: Vec::new(),
             frag: 0x4000, // DF
@@ -95,7 +97,8 @@ impl FrameSpec {
                 h.extend_from_slice(&self.sport.to_be_bytes());
                 h.extend_from_slice(&self.dport.to_be_bytes());
                 h.extend_from_slice(&self.seq.to_be_bytes());
-                h.extend_from_slice(&[0, 0, 0, 0, 0x50, self.flags, 0xff, 0xff, 0, 0, 0, 0]);
+                h.extend_from_slice(&self.ack.to_be_bytes());
+                h.extend_from_slice(&[0x50, self.flags, 0xff, 0xff, 0, 0, 0, 0]);
             }
             PROTO_UDP => {
                 h.extend_from_slice(&self.sport.to_be_bytes());

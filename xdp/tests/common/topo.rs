@@ -17,7 +17,7 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-fn lbctl_path() -> PathBuf {
+pub fn lbctl_path() -> PathBuf {
     let lbd = PathBuf::from(env!("CARGO_BIN_EXE_lbd"));
     let p = lbd.with_file_name("lbctl");
     assert!(
