@@ -395,6 +395,68 @@ fn lbctl_errors_are_clear_and_change_nothing() {
             ],
             "listed twice",
         ),
+        (
+            &[
+                "service",
+                "add",
+                "10.96.0.11:80/tcp",
+                "--affinity",
+                "clientip",
+            ],
+            "none or client-ip",
+        ),
+        (
+            &[
+                "service",
+                "add",
+                "10.96.0.11:80/tcp",
+                "--affinity-timeout",
+                "60",
+            ],
+            "needs --affinity client-ip",
+        ),
+        (
+            &[
+                "service",
+                "add",
+                "10.96.0.11:80/tcp",
+                "--affinity",
+                "client-ip",
+                "--affinity-timeout",
+                "3d",
+            ],
+            "not a duration",
+        ),
+        (
+            &["service", "add", "10.96.0.11:80/tcp", "--on-remove", "rst"],
+            "reset or drop",
+        ),
+        (
+            &[
+                "service",
+                "add",
+                "10.96.0.11:80/tcp",
+                "--table-size",
+                "65536",
+            ],
+            "is not offered",
+        ),
+        (
+            &["service", "set", "10.96.0.99:80/tcp", "--on-remove", "drop"],
+            "no service",
+        ),
+        (
+            &["backend", "set-weight", SVC, "10.1.0.99:8080", "2"],
+            "no backend",
+        ),
+        (
+            &["backend", "set-weight", SVC, "10.1.0.11:8080", "10001"],
+            "above the maximum",
+        ),
+        (
+            &["backend", "drain", "10.96.0.99:80/tcp", "10.1.0.11:8080"],
+            "no service",
+        ),
     ];
     for (args, needle) in cases {
         let o = t.try_lbctl(args);

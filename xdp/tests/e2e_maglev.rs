@@ -296,3 +296,72 @@ fn draining_keeps_connections_and_removal_resets_or_drops_them() {
     assert!(t.worker_sum("resets_sent") >= 1);
     assert!(t.worker_drop("backend_removed") >= 2);
 }
+
+/// The backends' shares as `service list -o json` reports them, and the worst error.
+fn shares(t: &Topo, frontend: &str) -> (Vec<f64>, f64) {
+    let list = t.lbctl_json(&["service", "list"]);
+    let svc = list["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["frontend"] == frontend))
+        .unwrap_or_else(|| panic!("no {frontend} in {list}"));
+    let shares = svc["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["share"].as_f64().unwrap_or(-1.0))
+        .collect();
+    (
+        shares,
+        svc["worst_share_error_pct"].as_f64().unwrap_or(-1.0),
+    )
+}
+
+#[test]
+fn service_list_shows_shares_that_follow_large_weights_and_many_backends() {
+    if !common::privileged("shares") {
+        return;
+    }
+    let mut t = Topo::up("shr", 1, 1);
+    t.start_lbd(&[]);
+    let add = |t: &Topo, fe: &str, backends: Vec<String>| {
+        let mut args = vec!["service".to_string(), "add".into(), fe.into()];
+        for b in backends {
+            args.extend(["-b".into(), b]);
+        }
+        t.lbctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    // Ten backends at the largest weight: a tenth each (3 had no slot when weights were
+    // turn counts).
+    let fe = "10.96.0.20:80/tcp";
+    add(
+        &t,
+        fe,
+        (1..=10).map(|p| format!("10.1.0.11:{p}@10000")).collect(),
+    );
+    let (s, worst) = shares(&t, fe);
+    assert!(s.iter().all(|&x| (x - 10.0).abs() <= 0.1), "{s:?}");
+    assert!(worst < 0.1, "{worst}");
+    // A thousand at weight 100 (344 had none): every one has its ~0.1 %.
+    let fe = "10.96.0.21:80/tcp";
+    add(
+        &t,
+        fe,
+        (1..=1000).map(|p| format!("10.1.0.11:{p}@100")).collect(),
+    );
+    let (s, worst) = shares(&t, fe);
+    assert_eq!(s.len(), 1000);
+    assert!(s.iter().all(|&x| (x - 0.1).abs() < 0.01), "a share is off");
+    assert!(worst < 2.0, "{worst}");
+    let text = t.lbctl(&["service", "list"]);
+    assert!(text.contains("table < 100 × backends"), "flagged");
+    // Ratios: 1:2:5.
+    let fe = "10.96.0.22:80/tcp";
+    add(
+        &t,
+        fe,
+        ["10.1.0.11:1@1", "10.1.0.11:2@2", "10.1.0.11:3@5"]
+            .map(String::from)
+            .to_vec(),
+    );
+    assert_eq!(shares(&t, fe).0, [12.5, 25.0, 62.5]);
+}
