@@ -216,6 +216,88 @@ pub fn maglev_ms(builds: usize) -> Result<f64> {
     Ok(crate::stats::Summary::of(&v).median)
 }
 
+/// How well Maglev tables follow their weights and how little they move (M = 65537).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct MaglevQuality {
+    /// 100 backends at weight 100: the largest gap between a backend's slots and its
+    /// ideal share, in percent of that share.
+    pub worst_share_pct_100: f64,
+    /// 1000 backends at weight 100 (M < 100·N): the same.
+    pub worst_share_pct_1000: f64,
+    /// Slots that change backend when one of 100 equal backends is removed, in percent
+    /// of the table (ideal: 1 %).
+    pub disruption_pct: f64,
+    /// Median build time of a skewed table (99 backends at weight 1, one at 10 000), ms.
+    pub skewed_build_ms: f64,
+}
+
+fn named(n: usize, weight: impl Fn(usize) -> u32) -> Vec<MaglevBackend> {
+    (0..n)
+        .map(|i| MaglevBackend {
+            name: format!("10.1.{}.{}:8080", i / 250, i % 250 + 1).into_bytes(),
+            weight: weight(i),
+        })
+        .collect()
+}
+
+/// Worst share error of `t` built from `b`, in percent of the ideal share.
+fn worst_share(t: &Maglev, b: &[MaglevBackend]) -> f64 {
+    let mut slots = vec![0usize; b.len()];
+    for &s in t.slots() {
+        if let Some(c) = slots.get_mut(usize::from(s)) {
+            *c += 1;
+        }
+    }
+    let total: f64 = b.iter().map(|x| f64::from(x.weight)).sum();
+    b.iter()
+        .zip(&slots)
+        .map(|(x, &n)| {
+            let ideal = t.size() as f64 * f64::from(x.weight) / total;
+            (n as f64 - ideal).abs() / ideal * 100.0
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Measure [`MaglevQuality`].
+pub fn maglev_quality(builds: usize) -> Result<MaglevQuality> {
+    const M: u32 = 65_537;
+    let hundred = named(100, |_| 100);
+    let t100 = Maglev::build(&hundred, M, 0)?;
+    let thousand = named(1000, |_| 100);
+    let t1000 = Maglev::build(&thousand, M, 0)?;
+    // Remove the backend in the middle; compare slot owners by name.
+    let fewer: Vec<MaglevBackend> = hundred
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 50)
+        .map(|(_, b)| b.clone())
+        .collect();
+    let t99 = Maglev::build(&fewer, M, 0)?;
+    let moved = t100
+        .slots()
+        .iter()
+        .zip(t99.slots())
+        .filter(|(a, b)| {
+            let a = hundred.get(usize::from(**a)).map(|x| &x.name);
+            let b = fewer.get(usize::from(**b)).map(|x| &x.name);
+            a != b
+        })
+        .count();
+    let skewed = named(100, |i| if i == 0 { 10_000 } else { 1 });
+    let mut v = Vec::with_capacity(builds);
+    for _ in 0..builds {
+        let t = Instant::now();
+        black_box(Maglev::build(&skewed, M, 0)?);
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(MaglevQuality {
+        worst_share_pct_100: worst_share(&t100, &hundred),
+        worst_share_pct_1000: worst_share(&t1000, &thousand),
+        disruption_pct: moved as f64 * 100.0 / f64::from(M),
+        skewed_build_ms: crate::stats::Summary::of(&v).median,
+    })
+}
+
 /// Bytes allocated per flow slot by an engine of `capacity` flows, as counted by
 /// `allocated` (the caller's global allocator).
 pub fn bytes_per_flow(capacity: usize, allocated: &dyn Fn() -> usize) -> Result<f64> {

@@ -688,6 +688,7 @@ fn costs(bins: &Bins, pb: &ProgressBar) -> Result<CostResult> {
         instructions_per_packet: per_packet,
         maglev_build_ms: j["maglev_build_ms"].as_f64().unwrap_or(0.0),
         bytes_per_flow: j["bytes_per_flow"].as_f64().unwrap_or(0.0),
+        maglev: serde_json::from_value(j["maglev"].clone()).ok(),
     })
 }
 

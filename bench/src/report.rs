@@ -100,6 +100,9 @@ pub struct CostResult {
     pub instructions_per_packet: Vec<(Case, f64)>,
     pub maglev_build_ms: f64,
     pub bytes_per_flow: f64,
+    /// Shares and disruption (absent in reports from before it was measured).
+    #[serde(default)]
+    pub maglev: Option<crate::cost::MaglevQuality>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -276,6 +279,13 @@ pub fn markdown(r: &Results) -> String {
             "\nMaglev build (M = 65537, 100 backends): {:.3} ms (median of 21). Memory: {:.0} bytes per flow at 1 M flows.",
             c.maglev_build_ms, c.bytes_per_flow
         );
+        if let Some(q) = &c.maglev {
+            let _ = writeln!(
+                m,
+                "Maglev tables (M = 65537): 100 backends at weight 100, worst share {:.2} % off its ideal; 1000 at weight 100, {:.2} %; removing one of 100 moves {:.2} % of the slots (ideal 1 %); a skewed table (99 at weight 1, one at 10000) builds in {:.3} ms.",
+                q.worst_share_pct_100, q.worst_share_pct_1000, q.disruption_pct, q.skewed_build_ms
+            );
+        }
     }
     let _ = writeln!(m, "\n### Targets (reported, not asserted)\n");
     let _ = writeln!(m, "| target | measured | met |\n|---|---:|:---:|");

@@ -414,9 +414,10 @@ fn cost_run(case: Case, packets: u32) -> Result<()> {
 fn engine() -> Result<()> {
     let maglev = cost::maglev_ms(21)?;
     let bpf = cost::bytes_per_flow(1_000_000, &|| BYTES.load(Ordering::Relaxed))?;
+    let quality = cost::maglev_quality(21)?;
     println!(
         "{}",
-        serde_json::json!({"maglev_build_ms": maglev, "bytes_per_flow": bpf})
+        serde_json::json!({"maglev_build_ms": maglev, "bytes_per_flow": bpf, "maglev": quality})
     );
     Ok(())
 }
