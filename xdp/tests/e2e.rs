@@ -8,17 +8,7 @@ use common::topo::{tally, Topo, VIP};
 const SVC: &str = "10.96.0.10:80/tcp";
 
 fn three_backends(t: &Topo) {
-    t.lbctl(&[
-        "service",
-        "add",
-        SVC,
-        "-b",
-        "10.1.0.11:8080",
-        "-b",
-        "10.1.0.12:8080",
-        "-b",
-        "10.1.0.13:8080",
-    ]);
+    t.add_service(SVC, &["10.1.0.11:8080", "10.1.0.12:8080", "10.1.0.13:8080"]);
 }
 
 #[test]

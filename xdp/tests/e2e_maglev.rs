@@ -47,17 +47,10 @@ fn client_ip_affinity_pins_clients_and_its_timeout_outlives_backend_changes() {
         t.ip("client", &["addr", "add", &format!("{c}/24"), "dev", "c0"]);
     }
     let svc = format!("{VIP}:80/tcp");
-    t.lbctl(&[
-        "service",
-        "add",
+    t.add_service(
         &svc,
-        "-b",
-        "10.1.0.11:8080",
-        "-b",
-        "10.1.0.12:8080",
-        "-b",
-        "10.1.0.13:8080",
-    ]);
+        &["10.1.0.11:8080", "10.1.0.12:8080", "10.1.0.13:8080"],
+    );
     // Hashed on the 5-tuple: one client's connections spread.
     let spread = curl_from(&t, "10.0.0.2", VIP, 30);
     assert!(distinct(&spread).len() >= 2, "{spread:?}");
@@ -171,6 +164,17 @@ def close(c):
     c[1].close()
     c[0].close()
 
+def poke(c, word):
+    """Send on a connection whose backend was removed: what comes back."""
+    s = c[0]
+    s.sendall(word + b"\n")
+    try:
+        return "data" if s.recv(100) else "eof"
+    except ConnectionResetError:
+        return "reset"
+    except socket.timeout:
+        return "timeout"
+
 def on(conns, name):
     return [c for c in conns if c[2] == name]
 
@@ -203,16 +207,8 @@ for c in ones[1:]:
 wait_for(lambda: backend(B1)["flows"] == 1, "one flow left on b1")
 print("draining with", backend(B1)["flows"], "flow")
 ctl("backend", "remove", SVC, B1)
-s, f, _ = ones[0]
 t0 = time.time()
-s.sendall(b"after\n")
-try:
-    got = s.recv(100)
-    outcome = "data" if got else "eof"
-except ConnectionResetError:
-    outcome = "reset"
-except socket.timeout:
-    outcome = "timeout"
+outcome = poke(ones[0], b"after")
 print("removed with reset:", outcome, round(time.time() - t0, 3))
 assert outcome == "reset", outcome
 for c in twos:
@@ -234,18 +230,10 @@ assert backend(B1)["weight"] == 3
 more = []
 while len(on(more, "b1")) < 2:
     more.append(conn())
-poke, idle = on(more, "b1")[:2]
+kept, idle = on(more, "b1")[:2]
 ctl("backend", "remove", SVC, B1)
-s, f, _ = poke
-s.settimeout(3)
-s.sendall(b"after\n")
-try:
-    got = s.recv(100)
-    outcome = "data" if got else "eof"
-except ConnectionResetError:
-    outcome = "reset"
-except socket.timeout:
-    outcome = "timeout"
+kept[0].settimeout(3)
+outcome = poke(kept, b"after")
 print("removed with drop:", outcome)
 assert outcome == "timeout", outcome
 # The idle one is ended by the sweep (4 s a round) without a packet.
@@ -268,15 +256,10 @@ fn draining_keeps_connections_and_removal_resets_or_drops_them() {
     }
     let mut t = Topo::up("drn", 2, 2);
     t.start_lbd(&[]);
-    t.lbctl(&[
-        "service",
-        "add",
+    t.add_service(
         &format!("{VIP}:9000/tcp"),
-        "-b",
-        "10.1.0.11:9000",
-        "-b",
-        "10.1.0.12:9000",
-    ]);
+        &["10.1.0.11:9000", "10.1.0.12:9000"],
+    );
     let lbctl = lbctl_path();
     let o = t
         .cmd("client", "python3")
@@ -323,31 +306,18 @@ fn service_list_shows_shares_that_follow_large_weights_and_many_backends() {
     }
     let mut t = Topo::up("shr", 1, 1);
     t.start_lbd(&[]);
-    let add = |t: &Topo, fe: &str, backends: Vec<String>| {
-        let mut args = vec!["service".to_string(), "add".into(), fe.into()];
-        for b in backends {
-            args.extend(["-b".into(), b]);
-        }
-        t.lbctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    };
     // Ten backends at the largest weight: a tenth each (3 had no slot when weights were
     // turn counts).
     let fe = "10.96.0.20:80/tcp";
-    add(
-        &t,
-        fe,
-        (1..=10).map(|p| format!("10.1.0.11:{p}@10000")).collect(),
-    );
+    let ten: Vec<String> = (1..=10).map(|p| format!("10.1.0.11:{p}@10000")).collect();
+    t.add_service(fe, &ten);
     let (s, worst) = shares(&t, fe);
     assert!(s.iter().all(|&x| (x - 10.0).abs() <= 0.1), "{s:?}");
     assert!(worst < 0.1, "{worst}");
     // A thousand at weight 100 (344 had none): every one has its ~0.1 %.
     let fe = "10.96.0.21:80/tcp";
-    add(
-        &t,
-        fe,
-        (1..=1000).map(|p| format!("10.1.0.11:{p}@100")).collect(),
-    );
+    let thousand: Vec<String> = (1..=1000).map(|p| format!("10.1.0.11:{p}@100")).collect();
+    t.add_service(fe, &thousand);
     let (s, worst) = shares(&t, fe);
     assert_eq!(s.len(), 1000);
     assert!(s.iter().all(|&x| (x - 0.1).abs() < 0.01), "a share is off");
@@ -356,12 +326,6 @@ fn service_list_shows_shares_that_follow_large_weights_and_many_backends() {
     assert!(text.contains("table < 100 × backends"), "flagged");
     // Ratios: 1:2:5.
     let fe = "10.96.0.22:80/tcp";
-    add(
-        &t,
-        fe,
-        ["10.1.0.11:1@1", "10.1.0.11:2@2", "10.1.0.11:3@5"]
-            .map(String::from)
-            .to_vec(),
-    );
+    t.add_service(fe, &["10.1.0.11:1@1", "10.1.0.11:2@2", "10.1.0.11:3@5"]);
     assert_eq!(shares(&t, fe).0, [12.5, 25.0, 62.5]);
 }

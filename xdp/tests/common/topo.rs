@@ -278,6 +278,15 @@ impl Topo {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// `lbctl service add FRONTEND -b B…` (asserting success).
+    pub fn add_service<S: AsRef<str>>(&self, frontend: &str, backends: &[S]) {
+        let mut args = vec!["service", "add", frontend];
+        for b in backends {
+            args.extend(["-b", b.as_ref()]);
+        }
+        self.lbctl(&args);
+    }
+
     pub fn lbctl_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();
         a.extend(["-o", "json"]);
