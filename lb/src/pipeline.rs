@@ -1077,6 +1077,8 @@ impl Engine {
         if let Some(outcome) = removal(&snap, f) {
             return Ok(Some(outcome));
         }
+        // Its backend is back (removed and added again) before the flow spoke: it goes on.
+        f.removed = false;
         let fwd_to = match f.kind {
             FlowKind::Lb => f.backend().0,
             FlowKind::Masq => f.keys[0].dst,

@@ -431,6 +431,24 @@ fn the_sweep_ends_a_removed_backends_idle_flows_in_bounded_time() {
     let mut f = seg(client(0), victims[0].0, TcpFlags::ACK, 5000, 9000);
     assert_eq!(e.process(&mut f), Verdict::Reset { iface: 0 });
     assert_eq!(on_two(&e), victims.len() - 1);
+    // Added again before a silent flow spoke: that flow goes on (and counts again).
+    let (mut back, table, victims) = with_flows_on_two(ServiceOptions::default());
+    run_clock(&mut back, SEC, 5);
+    let again = table
+        .apply(&Op::AddBackend {
+            frontend: tcp(),
+            backend: BackendSpec {
+                addr: backend(2).into(),
+                port: PORT,
+                weight: 1,
+            },
+        })
+        .expect("add again");
+    swap(&mut back, &again, 1);
+    let mut f = seg(client(0), victims[0].0, TcpFlags::ACK, 101, 1);
+    assert_eq!(back.process(&mut f), Verdict::Tx { iface: 0 });
+    assert_eq!(back.backend_flows().get(&(fk, backend(2), PORT)), Some(&1));
+
     let t = lb::Timeouts::default();
     let now = run_clock(&mut e, now, t.tcp_rst / SEC - 10);
     assert_eq!(on_two(&e), victims.len() - 1, "kept for the whole timeout");
