@@ -4,11 +4,16 @@
 ns() { ip netns exec "$1" "${@:2}"; }
 
 # mq_veth NS_A NAME_A NS_B NAME_B QUEUES: a veth pair NAME_A (in NS_A) ── NAME_B (in
-# NS_B) with QUEUES rx/tx queues on each end, so traffic spreads over the queues.
+# NS_B) with QUEUES rx/tx queues on each end, so traffic spreads over the queues. GRO is
+# on at both ends: a veth takes frames an XDP program redirects (or sends back with
+# XDP_TX) into its peer only when the receiving end has an XDP program or GRO, else the
+# kernel drops them silently; lbd's fast path redirects.
 mq_veth() {
   ip link add "$P-$2" netns "$1" numtxqueues "$5" numrxqueues "$5" type veth \
     peer name "$4" netns "$3" numtxqueues "$5" numrxqueues "$5"
   ns "$1" ip link set "$P-$2" name "$2"
+  ns "$1" ethtool -K "$2" gro on >/dev/null
+  ns "$3" ethtool -K "$4" gro on >/dev/null
 }
 
 # start_server NS NAME ARGS...: deploy/backend.py NAME in namespace NS, its pid added to

@@ -4,5 +4,5 @@ include!("build_bpf.rs");
 
 fn main() {
     // The DSR backend decapsulator will join the steering program.
-    compile_bpf(&["xlb"], &["bpf/xlb.h"]);
+    compile_bpf(&["xlb"], &["bpf/xlb.h", "bpf/flowrec.h", "bpf/execute.h"]);
 }

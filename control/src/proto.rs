@@ -322,6 +322,9 @@ pub struct WorkerView {
     pub mappings: u64,
     pub flows: u64,
     pub flow_capacity: u64,
+    /// Flow directions the worker has in the XDP fast path.
+    #[serde(default)]
+    pub fast_path_entries: u64,
 }
 
 /// One address of the SNAT pool.
@@ -360,6 +363,9 @@ pub struct StatusView {
     /// Drops by reason, summed over workers (nonzero only).
     #[serde(default)]
     pub drops: BTreeMap<String, u64>,
+    /// Established flows are forwarded in XDP (`lbd --fast-path on`).
+    #[serde(default)]
+    pub fast_path: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -132,6 +132,10 @@ pub struct Flow {
     /// a TCP reset to the client, and the flow goes after the transitory timeout
     /// (`Timeouts::tcp_rst`) counted from the removal.
     pub removed: bool,
+    /// Its two directions are installed in the XDP fast path (`flowrec`), resolved
+    /// under snapshot generation `fast_gen` (the executor ignores other generations).
+    pub fast: bool,
+    pub fast_gen: u64,
     /// TCP: where the client's sequence space stood when the flow began to close (after
     /// FIN or RST); a forward segment far from it belongs to a new connection that reused
     /// the 5-tuple, not to this one (see the pipeline).
@@ -405,6 +409,8 @@ mod tests {
             mapped: false,
             hairpin: false,
             removed: false,
+            fast: false,
+            fast_gen: 0,
             fwd_seq: 0,
             packets: [0; 2],
         }

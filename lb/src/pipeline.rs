@@ -268,6 +268,10 @@ pub struct Engine {
     /// it is the first fragment of (as received), if it is one.
     last_flow: Option<(u32, Dir)>,
     first_frag: Option<FragKey>,
+    /// Install established flows in the XDP fast path (`lbd --fast-path`).
+    fast_path: bool,
+    /// Fast-path changes for the I/O layer (see [`FpEvent`]).
+    fp_events: Vec<FpEvent>,
     /// Clients' backends for services with a client-ip affinity timeout. Such a client's
     /// new connections all open on one worker, its *affinity home* (a hash of its
     /// address), so one worker remembers it. Allocated at start.
@@ -281,6 +285,31 @@ struct Mapped<'a> {
     mappings: &'a mut Mappings,
     pool_use: &'a mut [u64; nat::MAX_POOL],
     pool: &'a [crate::snapshot::NatAddr],
+    /// Where a fast-path flow's removal is queued.
+    fp: &'a mut Vec<FpEvent>,
+}
+
+/// A change the I/O layer makes to the XDP fast path (`flowrec`) for this worker,
+/// drained after each batch ([`Engine::take_fast_path`]).
+// Events live in a buffer reserved at start; boxing the large variant would allocate per
+// flow on the hot path.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FpEvent {
+    /// Install (or replace) a flow's two directions.
+    Install([(flowrec::FlowKey, flowrec::FlowEntry); 2]),
+    /// Remove a flow's two directions (it ended, or no longer qualifies).
+    Remove([flowrec::FlowKey; 2]),
+}
+
+/// Room reserved for fast-path events between two drains: a batch ends at most
+/// `EXPIRE_BUDGET` flows in the sweep and touches at most one flow a frame; more only
+/// allocates.
+const FP_EVENTS: usize = 1024;
+
+/// The flowrec key of a flow key.
+fn fp_key(k: &FlowKey) -> flowrec::FlowKey {
+    flowrec::FlowKey::v4(k.src, k.dst, k.sport, k.dport, k.proto)
 }
 
 /// One mapping more (`up`) or fewer on `addr`, if it is a pool address.
@@ -328,6 +357,10 @@ fn timeout(t: &Timeouts, s: FlowState) -> u64 {
 /// mapping, with its pool address's use, when it was the last), and (a kept masqueraded
 /// flow) its keep entry, reported.
 fn gone(queue: &mut [FlowKey; UNKEEP_QUEUE], len: &mut usize, maps: &mut Mapped<'_>, f: &Flow) {
+    if f.fast {
+        maps.fp
+            .push(FpEvent::Remove([fp_key(&f.keys[0]), fp_key(&f.keys[1])]));
+    }
     if f.mapped {
         let key = map_key(f);
         maps.mappings.release(&key);
@@ -396,6 +429,15 @@ impl Engine {
             frag_next: 0,
             last_flow: None,
             first_frag: None,
+            fast_path: false,
+            fp_events: {
+                let mut v = Vec::new();
+                v.try_reserve(FP_EVENTS)
+                    .map_err(|_| crate::flow::AllocError {
+                        capacity: flow_capacity,
+                    })?;
+                v
+            },
             affinity: {
                 let mut m = hashbrown::HashMap::new();
                 m.try_reserve(AFFINITY_CAPACITY)
@@ -463,6 +505,7 @@ impl Engine {
                 mappings: &mut self.mappings,
                 pool_use: &mut self.pool_use,
                 pool: &self.snap.snat.pool,
+                fp: &mut self.fp_events,
             };
             gone(&mut self.unkept, &mut self.unkept_len, &mut maps, &f);
         }
@@ -484,6 +527,17 @@ impl Engine {
 
     /// Start a batch at time `now` (ns, monotonic): advances the expiry clock hand.
     pub fn begin_batch(&mut self, now: u64) {
+        self.begin_batch_with(now, &mut |_| None);
+    }
+
+    /// [`Engine::begin_batch`], with the time (in this engine's clock) the XDP fast path
+    /// last forwarded a packet of an installed flow direction, asked only of flows that
+    /// look idle to the worker.
+    pub fn begin_batch_with(
+        &mut self,
+        now: u64,
+        fp_seen: &mut dyn FnMut(&flowrec::FlowKey) -> Option<u64>,
+    ) {
         let cap = u128::from(self.flows.capacity() as u64);
         let period = u128::from(SWEEP_PERIOD_NS);
         let earned = u128::from(now.saturating_sub(self.sweep_clock)) * cap / period;
@@ -507,6 +561,7 @@ impl Engine {
             mappings: &mut self.mappings,
             pool_use: &mut self.pool_use,
             pool: &snap.snat.pool,
+            fp: &mut self.fp_events,
         };
         let expired = self.flows.expire_step(budget as usize, |f| {
             // Flows of a removed backend end within a sweep period: at once, or (TCP,
@@ -528,7 +583,15 @@ impl Engine {
             } else {
                 timeout(&t, f.state)
             };
-            let idle = ended || now.saturating_sub(f.last_seen) > limit;
+            let mut idle = ended || now.saturating_sub(f.last_seen) > limit;
+            // The fast path may have forwarded it since the worker last did.
+            if idle && !ended && f.fast {
+                let seen = f.keys.iter().filter_map(|k| fp_seen(&fp_key(k))).max();
+                if let Some(t) = seen.filter(|&t| now.saturating_sub(t) <= limit) {
+                    f.last_seen = t;
+                    idle = false;
+                }
+            }
             if idle {
                 gone(queue, len, &mut maps, f);
             }
@@ -1055,6 +1118,7 @@ impl Engine {
         f.packets[dir as usize] = f.packets[dir as usize].saturating_add(1);
         let rw = f.rewrite[dir as usize];
         let around = f.hairpin && dir == Dir::Forward;
+        self.fast_sync(slot);
         self.last_flow = Some((slot, dir));
         apply(frame, p, &rw);
         if around {
@@ -1322,6 +1386,70 @@ impl Engine {
         );
     }
 
+    /// Install established flows in the XDP fast path from now on (`lbd --fast-path on`).
+    pub fn enable_fast_path(&mut self) {
+        self.fast_path = true;
+    }
+
+    /// Fast-path changes since the last call, for the I/O layer to apply in order.
+    pub fn take_fast_path(&mut self) -> impl Iterator<Item = FpEvent> + '_ {
+        self.fp_events.drain(..)
+    }
+
+    /// Bring the flow's fast-path entries in line with it: installed (again, after a
+    /// revalidation) while it qualifies, removed when it stops qualifying. A flow
+    /// qualifies when both ends proved real and nothing about its packets needs a
+    /// worker: a TCP connection established by its handshake (the worker still sees every
+    /// SYN, FIN and RST), a UDP flow with an answer; not hairpinned, kept or ended.
+    fn fast_sync(&mut self, slot: u32) {
+        let snap = &self.snap;
+        let Some(f) = self.flows.get_mut(slot) else {
+            return;
+        };
+        let qualifies = self.fast_path
+            && f.assured
+            && !f.hairpin
+            && !f.kept
+            && !f.removed
+            && match f.keys[0].proto {
+                PROTO_TCP => f.state == FlowState::Established,
+                PROTO_UDP => true,
+                _ => false,
+            };
+        if qualifies && (!f.fast || f.fast_gen != f.generation) {
+            let entry = |dir: usize| {
+                let rw = &f.rewrite[dir];
+                let ifindex = snap
+                    .net
+                    .ifaces
+                    .get(usize::from(rw.iface))
+                    .map(|i| i.ifindex);
+                (
+                    fp_key(&f.keys[dir]),
+                    flowrec::FlowEntry {
+                        generation: f.generation,
+                        last_seen: 0,
+                        packets: 0,
+                        bytes: 0,
+                        worker: u32::from(self.worker),
+                        slot,
+                        action: action(rw, ifindex.unwrap_or(0)),
+                    },
+                )
+            };
+            let entries = [entry(0), entry(1)];
+            if entries.iter().all(|(_, e)| e.action.ifindex != 0) {
+                self.fp_events.push(FpEvent::Install(entries));
+                f.fast = true;
+                f.fast_gen = f.generation;
+            }
+        } else if !qualifies && f.fast {
+            self.fp_events
+                .push(FpEvent::Remove([fp_key(&f.keys[0]), fp_key(&f.keys[1])]));
+            f.fast = false;
+        }
+    }
+
     /// Live load-balanced flows by service and backend (for `lbctl service list`: a
     /// draining backend's remaining flows): not idle-expired, not closing (after FIN or
     /// RST), not ended by a removal. Not per packet: it walks the table.
@@ -1368,6 +1496,8 @@ impl Engine {
             mapped: false,
             hairpin,
             removed: false,
+            fast: false,
+            fast_gen: 0,
             fwd_seq: 0,
             packets: if first == Dir::Forward {
                 [1, 0]
@@ -1429,6 +1559,7 @@ impl Engine {
             mappings: &mut self.mappings,
             pool_use: &mut self.pool_use,
             pool: &self.snap.snat.pool,
+            fp: &mut self.fp_events,
         };
         gone(&mut self.unkept, &mut self.unkept_len, &mut maps, &f);
         Ok(())
@@ -1943,6 +2074,25 @@ fn rewrite(
         mtu: hop.mtu,
         ip_delta: ip_delta.plus(TTL_DECREMENT),
         l4_delta,
+    }
+}
+
+/// The flow-action record of a rewrite, sent out of `ifindex`.
+pub fn action(rw: &Rewrite, ifindex: u32) -> flowrec::Action {
+    flowrec::Action {
+        kind: flowrec::ActionKind::Nat as u8,
+        family: flowrec::FAMILY_IPV4,
+        ifindex,
+        src_mac: rw.src_mac,
+        dst_mac: rw.dst_mac,
+        mtu: rw.mtu,
+        ip_delta: rw.ip_delta.0,
+        l4_delta: rw.l4_delta.0,
+        sport: rw.sport.to_be_bytes(),
+        dport: rw.dport.to_be_bytes(),
+        src: flowrec::v4(rw.src),
+        dst: flowrec::v4(rw.dst),
+        ..flowrec::Action::default()
     }
 }
 

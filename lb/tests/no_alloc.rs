@@ -128,6 +128,9 @@ fn masquerading_allocates_nothing() {
     use lb::wire::icmp;
     use lb::wire::ipv4::{PROTO_ICMP, PROTO_UDP};
     let mut e = Engine::new(0, 4096, Arc::new(mf::snapshot()));
+    // Answered UDP and echo flows qualify for the fast path: their install and removal
+    // events must not allocate either.
+    e.enable_fast_path();
     let mut frames: Vec<Vec<u8>> = Vec::new();
     // Inside ports 4 apart from 20000: each maps to its own port of worker 0.
     for i in 0..500u16 {
@@ -161,15 +164,18 @@ fn masquerading_allocates_nothing() {
     for f in frames.iter_mut() {
         assert!(matches!(e.process(f), Verdict::Tx { .. }));
     }
+    let installed = e.take_fast_path().count();
     for _ in 0..100 {
         e.begin_batch(u64::MAX / 2);
     }
+    let removed = e.take_fast_path().count();
     watch(false);
     assert_eq!(
         ALLOCS.load(Ordering::Relaxed) - before,
         0,
         "allocations on the masquerade path"
     );
+    assert_eq!((installed, removed), (500, 500), "the UDP flows came and went");
     assert_eq!(e.counters.icmp_errors, 500);
     assert_eq!(e.counters.routed, 1);
 }

@@ -45,15 +45,8 @@
 #include <bpf/bpf_endian.h>
 
 #include "xlb.h"
-
-/* The ICMP header (RFC 792); linux/icmp.h drags in libc headers. */
-struct icmphdr {
-	__u8 type;
-	__u8 code;
-	__sum16 checksum;
-	__be16 id;	/* echo; "unused" or next-hop MTU in errors */
-	__be16 sequence;
-};
+#include "flowrec.h"
+#include "execute.h"
 
 #define ICMP_ECHOREPLY 0
 #define ICMP_DEST_UNREACH 3
@@ -247,6 +240,93 @@ static __always_inline int to_worker(struct xdp_md *ctx, struct iphdr *ip, __u32
 	return ret;
 }
 
+/* The fast path: flow directions the workers installed once their flow was established
+ * (flowrec.h), keyed by the packet's 5-tuple as it arrives. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, XLB_FAST_PATH_ENTRIES);
+	__type(key, struct xlb_fkey);
+	__type(value, struct xlb_fp_value);
+} fp_flows SEC(".maps");
+
+/* The current snapshot generation: an entry of another is not executed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} fp_generation SEC(".maps");
+
+/* Execute the packet's fast-path entry, if it has a current one and nothing about it
+ * needs a worker: a TCP segment with SYN, FIN or RST (the worker tracks the
+ * connection's state), a fragment, IP options, TTL <= 1, a packet larger than the
+ * egress MTU, lengths that disagree, a frame not addressed to us. -1: not executed
+ * (the frame is untouched); else the XDP verdict. */
+static __always_inline int fast_path(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
+				     void *end)
+{
+	__u32 ifindex = ctx->ingress_ifindex, zero = 0;
+	void *l4 = (void *)(ip + 1);
+	struct xlb_fkey k = {};
+	struct xlb_fp_value *v;
+	struct xlb_iface *ifc;
+	__u64 *gen;
+	__u16 tot;
+
+	if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+		return -1;
+	tot = bpf_ntohs(ip->tot_len);
+	if ((void *)ip + tot > end || tot < sizeof(*ip))
+		return -1;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > end || th->syn || th->fin || th->rst)
+			return -1;
+		k.sport = th->source;
+		k.dport = th->dest;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+
+		if ((void *)(uh + 1) > end || bpf_ntohs(uh->len) != tot - sizeof(*ip))
+			return -1;
+		k.sport = uh->source;
+		k.dport = uh->dest;
+	} else {
+		return -1;
+	}
+	__builtin_memcpy(k.src, &ip->saddr, 4);
+	__builtin_memcpy(k.dst, &ip->daddr, 4);
+	k.proto = ip->protocol;
+	k.family = XLB_FAMILY_IPV4;
+	v = bpf_map_lookup_elem(&fp_flows, &k);
+	if (!v)
+		return -1;
+	gen = bpf_map_lookup_elem(&fp_generation, &zero);
+	if (!gen || v->generation != *gen) {
+		count(XLB_STAT_FAST_PATH_STALE);
+		return -1;
+	}
+	if (ip->ttl <= 1 || tot > v->action.mtu)
+		return -1;
+	ifc = bpf_map_lookup_elem(&iface_slots, &ifindex);
+	if (!ifc)
+		return -1;
+	for (int i = 0; i < ETH_ALEN; i++)
+		if (eth->h_dest[i] != ifc->mac[i])
+			return -1;
+	if (xlb_exec_nat4(eth, ip, l4, end, &v->action))
+		return -1;
+	v->last_seen = bpf_ktime_get_ns();
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, tot);
+	count(XLB_STAT_FAST_PATH);
+	if (v->action.ifindex == ifindex)
+		return XDP_TX;
+	return bpf_redirect(v->action.ifindex, 0);
+}
+
 
 /* The "ports" of the L4 header at l4 as lb::flow::FlowKey keys them: TCP/UDP ports, ICMP
  * echo request (id, 0), echo reply (0, id), other ICMP (0, 0). Network byte order.
@@ -415,6 +495,12 @@ int xlb_steer(struct xdp_md *ctx)
 		return pass(XLB_STAT_MALFORMED);
 	if (ip->version != 4 || ip->ihl < 5)
 		return pass(XLB_STAT_MALFORMED);
+	{
+		int fast = fast_path(ctx, eth, ip, end);
+
+		if (fast >= 0)
+			return fast;
+	}
 	/* A later fragment: no L4 header, so it goes where its first fragment went. */
 	later = (ip->frag_off & bpf_htons(0x1fff)) != 0;
 	daddr = ip->daddr;

@@ -102,7 +102,9 @@ enum xlb_stat {
 	XLB_STAT_LENGTH = 16,		/* for the workers, IPv4/UDP lengths disagree: dropped */
 	XLB_STAT_HAIRPIN = 17,		/* a masquerade source to the egress address's NAT range: sent to the XSK */
 	XLB_STAT_FRAGMENT_FOLLOWS = 18,	/* a later fragment of a datagram whose first went to the XSK: sent too */
-	XLB_STAT_MAX = 19,
+	XLB_STAT_FAST_PATH = 19,	/* a packet of an established flow, executed here (fast path) */
+	XLB_STAT_FAST_PATH_STALE = 20,	/* a fast-path entry of an older configuration: to the worker */
+	XLB_STAT_MAX = 21,
 };
 
 _Static_assert(sizeof(struct xlb_iface) == 16, "xlb_iface: see xdp/src/abi.rs");

@@ -104,10 +104,12 @@ pub enum Stat {
     Length = 16,
     Hairpin = 17,
     FragmentFollows = 18,
+    FastPath = 19,
+    FastPathStale = 20,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 19] = [
+    pub const ALL: [Stat; 21] = [
         Stat::Rx,
         Stat::Frontend,
         Stat::Reply,
@@ -127,8 +129,10 @@ impl Stat {
         Stat::Length,
         Stat::Hairpin,
         Stat::FragmentFollows,
+        Stat::FastPath,
+        Stat::FastPathStale,
     ];
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
 
     pub fn name(self) -> &'static str {
         match self {
@@ -151,6 +155,8 @@ impl Stat {
             Stat::Length => "length_mismatch_dropped",
             Stat::Hairpin => "to_worker_hairpin",
             Stat::FragmentFollows => "to_worker_fragment",
+            Stat::FastPath => "fast_path",
+            Stat::FastPathStale => "fast_path_stale_to_worker",
         }
     }
 }

@@ -12,8 +12,9 @@
 //! (a full map) rolls back what the call added and reports which map and key failed.
 
 use crate::abi::{Endpoint, FlowKey, Iface, SnatRange, Stat, IFACE_INTERNAL, SNAT_ANY_SOURCE};
+use crate::sys::{FpKey, FpValue};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, XskMap};
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::Ebpf;
 use lb::service::ServiceTable;
@@ -229,6 +230,8 @@ pub struct Steering {
     masq_keep: HashMap<MapData, FlowKey, u32>,
     kept: BTreeSet<FlowKey>,
     stats: PerCpuArray<MapData, u64>,
+    fp_flows: MapData,
+    fp_generation: Array<MapData, u64>,
     current: SteeringState,
     attached: Vec<(String, &'static str)>,
 }
@@ -291,6 +294,11 @@ impl Steering {
             masq_keep: take(&mut ebpf, "masq_keep")?,
             kept: BTreeSet::new(),
             stats: take(&mut ebpf, "stats")?,
+            fp_flows: match ebpf.take_map("fp_flows") {
+                Some(Map::HashMap(m)) => m,
+                _ => return Err(BpfError::MissingMap("fp_flows")),
+            },
+            fp_generation: take(&mut ebpf, "fp_generation")?,
             ebpf,
             current: SteeringState::default(),
             attached: Vec::new(),
@@ -485,6 +493,54 @@ impl Steering {
         out
     }
 
+    /// A handle on the fast-path flow map for one worker (its own file descriptor).
+    pub fn fast_path_map(&self) -> Result<FastPathMap, BpfError> {
+        let err = |source| BpfError::Map {
+            map: "fp_flows",
+            source,
+        };
+        let fd = std::os::fd::AsFd::as_fd(self.fp_flows.fd())
+            .try_clone_to_owned()
+            .map_err(|e| {
+                err(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                }))
+            })?;
+        let data = MapData::from_fd(fd).map_err(err)?;
+        HashMap::try_from(Map::HashMap(data))
+            .map(FastPathMap)
+            .map_err(err)
+    }
+
+    /// Make `generation` the only one whose fast-path entries execute (before workers
+    /// get that snapshot: entries resolved under an older one stop at once).
+    pub fn set_fast_path_generation(&mut self, generation: u64) -> Result<(), BpfError> {
+        self.fp_generation
+            .set(0, generation, 0)
+            .map_err(|source| BpfError::Map {
+                map: "fp_generation",
+                source,
+            })
+    }
+
+    /// Run the program once on `frame` (BPF_PROG_TEST_RUN); the XDP action and the frame
+    /// as the program left it.
+    pub fn test_run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), BpfError> {
+        let prog = program(&mut self.ebpf)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let r = prog
+            .test_run(opts)
+            .map_err(|e| BpfError::Program("xlb_steer", e))?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
     /// Run the program once on `frame` (BPF_PROG_TEST_RUN); returns the XDP action.
     pub fn test_run(&mut self, frame: &[u8]) -> Result<u32, BpfError> {
         let prog = program(&mut self.ebpf)?;
@@ -498,5 +554,35 @@ impl Steering {
             .test_run(opts)
             .map_err(|e| BpfError::Program("xlb_steer", e))?;
         Ok(r.return_value)
+    }
+}
+
+/// A worker's handle on the fast-path flow map (`fp_flows`, see `flowrec`).
+pub struct FastPathMap(HashMap<MapData, FpKey, FpValue>);
+
+impl std::fmt::Debug for FastPathMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FastPathMap")
+    }
+}
+
+impl FastPathMap {
+    /// Install (or replace) one flow direction.
+    pub fn install(
+        &mut self,
+        key: &flowrec::FlowKey,
+        entry: &flowrec::FlowEntry,
+    ) -> Result<(), MapError> {
+        self.0.insert(FpKey(*key), FpValue(*entry), 0)
+    }
+
+    /// Remove one flow direction; false if it was not there.
+    pub fn remove(&mut self, key: &flowrec::FlowKey) -> bool {
+        self.0.remove(&FpKey(*key)).is_ok()
+    }
+
+    /// The entry of a flow direction, as the executor left it.
+    pub fn get(&self, key: &flowrec::FlowKey) -> Option<flowrec::FlowEntry> {
+        self.0.get(&FpKey(*key), 0).ok().map(|v| v.0)
     }
 }

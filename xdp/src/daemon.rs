@@ -121,6 +121,8 @@ pub struct DaemonConfig {
     pub io: IoConfig,
     pub busy_poll_ns: u64,
     pub masq: Option<MasqOptions>,
+    /// Execute established flows in XDP (`--fast-path on`).
+    pub fast_path: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +154,7 @@ pub struct Daemon {
     cfg: DatapathConfig,
     ifaces: Vec<String>,
     flows_per_worker: usize,
+    fast_path: bool,
     table: ServiceTable,
     steering: Steering,
     snap: Arc<Snapshot>,
@@ -582,6 +585,7 @@ impl Daemon {
             tracing::debug!(error = %e, "RLIMIT_MEMLOCK not raised (fine with CAP_IPC_LOCK on Linux 5.11+)");
         }
         let mut steering = Steering::load()?;
+        steering.set_fast_path_generation(snap.generation)?;
         for (slot, iface) in snap.net.ifaces.iter().enumerate() {
             // Masquerade sources arrive on the cluster side: every interface but the
             // egress one, or the only one.
@@ -658,6 +662,11 @@ impl Daemon {
                 peers: shared.clone(),
                 poll,
                 stop: Arc::clone(&stop),
+                fast_path: if dc.fast_path {
+                    Some(steering.fast_path_map()?)
+                } else {
+                    None
+                },
             };
             let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
             let supervised = (Arc::clone(&shared[id]), Arc::clone(&stop));
@@ -709,6 +718,7 @@ impl Daemon {
             cfg,
             ifaces: dc.ifaces,
             flows_per_worker: dc.flows_per_worker,
+            fast_path: dc.fast_path,
             table,
             steering,
             snap,
@@ -728,6 +738,10 @@ impl Daemon {
     }
 
     fn publish(&mut self, snap: Snapshot) {
+        // Fast-path entries of older snapshots stop before any worker runs this one.
+        if let Err(e) = self.steering.set_fast_path_generation(snap.generation) {
+            tracing::error!(error = %e, "fast-path generation not updated");
+        }
         let snap = Arc::new(snap);
         for w in &self.workers {
             if w.snapshots.try_send(Arc::clone(&snap)).is_err() {
@@ -1077,6 +1091,7 @@ impl Daemon {
                     mappings: w.shared.mappings.load(Ordering::Relaxed),
                     flows: w.shared.flows.load(Ordering::Relaxed),
                     flow_capacity: self.flows_per_worker as u64,
+                    fast_path_entries: w.shared.fast_entries.load(Ordering::Relaxed),
                 })
                 .collect(),
             snat_pool: self
@@ -1126,6 +1141,7 @@ impl Daemon {
                     kept_flows: self.steering.kept(),
                 }),
             unserved_queues: self.unserved.clone(),
+            fast_path: self.fast_path,
             drops: {
                 let mut d = BTreeMap::new();
                 for w in &self.workers {

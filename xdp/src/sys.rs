@@ -32,6 +32,39 @@ unsafe impl aya::Pod for crate::abi::FlowKey {}
 // SAFETY: as above (`Iface` spells its padding out as a zeroed field).
 unsafe impl aya::Pod for crate::abi::Iface {}
 
+/// A fast-path map key (`struct xlb_fkey`) as aya's maps take it.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FpKey(pub flowrec::FlowKey);
+/// A fast-path map value (`struct xlb_fp_value`).
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FpValue(pub flowrec::FlowEntry);
+// SAFETY: `flowrec::FlowKey` and `flowrec::FlowEntry` are `#[repr(C)]` structs of integers
+// and byte arrays whose padding is spelt out as fields (sizes and offsets asserted in
+// flowrec and in xdp/bpf/flowrec.h), so every bit pattern is valid and they copy to and
+// from BPF maps byte for byte; the newtypes are `repr(transparent)`.
+unsafe impl aya::Pod for FpKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FpValue {}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps the fast path's
+/// `last_seen`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 /// Lift RLIMIT_MEMLOCK so UMEMs and BPF maps can be locked (kernels before 5.11 charge
 /// BPF maps to it; UMEMs count against it unless the process has CAP_IPC_LOCK). Callers
 /// treat failure as a warning: with CAP_IPC_LOCK on a 5.11+ kernel the limit is moot.

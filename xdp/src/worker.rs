@@ -58,6 +58,8 @@ pub struct WorkerShared {
     /// pool address (pool order).
     pub mappings: AtomicU64,
     pub pool_use: [AtomicU64; nat::MAX_POOL],
+    /// Flow directions this worker has in the XDP fast path.
+    pub fast_entries: AtomicU64,
     pub parked: AtomicBool,
     /// The worker thread panicked (set by the daemon's supervisor; lbd then stops).
     pub failed: AtomicBool,
@@ -134,6 +136,9 @@ pub struct WorkerSpec {
     pub peers: Vec<Arc<WorkerShared>>,
     pub poll: Poll,
     pub stop: Arc<AtomicBool>,
+    /// The XDP fast path's flow map, when `--fast-path on`: the worker installs its
+    /// established flows there and removes them when they end.
+    pub fast_path: Option<crate::bpf::FastPathMap>,
 }
 
 impl std::fmt::Debug for WorkerSpec {
@@ -162,6 +167,7 @@ pub fn shared_state(sockets: usize) -> std::io::Result<(Poll, Arc<WorkerShared>)
             flows: AtomicU64::new(0),
             mappings: AtomicU64::new(0),
             pool_use: std::array::from_fn(|_| AtomicU64::new(0)),
+            fast_entries: AtomicU64::new(0),
             parked: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             waker,
@@ -216,6 +222,12 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; MAX_FRAME];
     let start = Instant::now();
+    // The fast path stamps entries with CLOCK_MONOTONIC; the engine's clock starts here.
+    let mono_start = crate::sys::monotonic_ns();
+    let mut fast_entries = 0u64;
+    if spec.fast_path.is_some() {
+        engine.enable_fast_path();
+    }
     let mut last_work = 0u64;
     let mut wake_peer = vec![false; spec.peers.len()];
     let mut next_kernel_stats = 0u64;
@@ -248,7 +260,14 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                 }
             }
         }
-        engine.begin_batch(now);
+        match &spec.fast_path {
+            Some(map) => engine.begin_batch_with(now, &mut |k| {
+                map.get(k)
+                    .filter(|e| e.last_seen != 0)
+                    .map(|e| e.last_seen.saturating_sub(mono_start))
+            }),
+            None => engine.begin_batch(now),
+        }
         io.refill();
         let expired = io.expire_held(now);
         for _ in 0..expired {
@@ -337,6 +356,10 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         for k in engine.take_unkept() {
             let _ = spec.unkept.try_send(k);
         }
+        if let Some(map) = spec.fast_path.as_mut() {
+            apply_fast_path(map, &mut engine, &mut fast_entries);
+            me.fast_entries.store(fast_entries, Ordering::Relaxed);
+        }
         publish(&me, &engine);
         if now >= next_kernel_stats {
             next_kernel_stats = now + KERNEL_STATS_NS;
@@ -361,6 +384,32 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             }
             me.parked.store(false, Ordering::SeqCst);
             last_work = start.elapsed().as_nanos() as u64;
+        }
+    }
+}
+
+/// Apply the engine's fast-path changes to the map, in order. An install the map refuses
+/// (full) leaves the flow with the worker, which forwards it as before.
+fn apply_fast_path(map: &mut crate::bpf::FastPathMap, engine: &mut Engine, entries: &mut u64) {
+    for ev in engine.take_fast_path() {
+        match ev {
+            lb::pipeline::FpEvent::Install(dirs) => {
+                for (k, e) in &dirs {
+                    let fresh = map.get(k).is_none();
+                    match map.install(k, e) {
+                        Ok(()) if fresh => *entries += 1,
+                        Ok(()) => {}
+                        Err(e) => tracing::debug!(error = %e, "fast-path install refused"),
+                    }
+                }
+            }
+            lb::pipeline::FpEvent::Remove(keys) => {
+                for k in &keys {
+                    if map.remove(k) {
+                        *entries = entries.saturating_sub(1);
+                    }
+                }
+            }
         }
     }
 }

@@ -229,3 +229,176 @@ fn kept_flows_stay_steered_after_a_policy_change() {
     assert_eq!(s.kept(), 0);
     assert_eq!(steer_of(&mut s, &flow.build()), Steer::Pass, "released");
 }
+
+/// The flowrec layout both sides assert: every `_Static_assert` of xdp/bpf/flowrec.h,
+/// read from the header, against `flowrec::LAYOUT` (so the numbers are one list).
+#[test]
+fn the_c_header_asserts_the_same_layout_as_flowrec() {
+    let h =
+        std::fs::read_to_string(common::topo::repo().join("xdp/bpf/flowrec.h")).expect("flowrec.h");
+    let mut asserted = std::collections::BTreeMap::new();
+    for line in h.lines().filter(|l| l.starts_with("_Static_assert(")) {
+        let inner = &line["_Static_assert(".len()..];
+        let (expr, _) = inner.rsplit_once(", \"").expect("assert message");
+        let (lhs, n) = expr.split_once("==").expect("==");
+        let n: usize = n.trim().parse().expect("a number");
+        let lhs = lhs.trim();
+        let (st, field) = if let Some(s) = lhs.strip_prefix("sizeof(struct ") {
+            (s.trim_end_matches(')').to_string(), String::new())
+        } else {
+            let s = lhs
+                .strip_prefix("__builtin_offsetof(struct ")
+                .expect("sizeof or offsetof")
+                .trim_end_matches(')');
+            let (st, f) = s.split_once(',').expect("struct, field");
+            (st.trim().to_string(), f.trim().to_string())
+        };
+        asserted.insert((st, field), n);
+    }
+    let rust: std::collections::BTreeMap<(String, String), usize> = flowrec::LAYOUT
+        .iter()
+        .map(|(s, f, n)| ((s.to_string(), f.to_string()), *n))
+        .collect();
+    assert_eq!(asserted, rust);
+}
+
+/// The C executor against the Rust one: the same established flow's packets, both
+/// directions, TCP with data and UDP, through `lb::Engine` and through the steering
+/// program with the engine's installed fast-path entries; the bytes must be equal, and
+/// the checksums right by full recomputation. An entry of an older generation is not
+/// executed.
+#[test]
+fn the_c_executor_writes_the_same_bytes_as_the_rust_one() {
+    if !common::privileged("the_c_executor_writes_the_same_bytes_as_the_rust_one") {
+        return;
+    }
+    use lb::fixtures::{BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, LB_MAC, SNAT, VIP};
+    use lb::pipeline::FpEvent;
+    use lb::wire::build::{verify, FrameSpec};
+    use lb::wire::TcpFlags;
+    const XDP_REDIRECT: u32 = 4;
+
+    let mut s = loaded();
+    let mut map = s.fast_path_map().expect("fp_flows");
+    let mut cfg = fixtures::config();
+    cfg.workers = 1;
+    let snap = lb::Snapshot::build(
+        1,
+        &cfg,
+        &fixtures::table(),
+        std::sync::Arc::new(fixtures::net()),
+        None,
+    )
+    .expect("snapshot");
+    let mut e = lb::Engine::new(0, 64, std::sync::Arc::new(snap));
+    e.enable_fast_path();
+    e.begin_batch(1_000_000_000);
+    s.set_fast_path_generation(1).expect("generation");
+
+    let client = |proto: u8, dport: u16, flags: u8, payload: &[u8]| FrameSpec {
+        src_mac: CLIENT_MAC,
+        dst_mac: LB_MAC,
+        src: CLIENT,
+        dst: VIP,
+        proto,
+        sport: 40000,
+        dport,
+        flags,
+        seq: 1000,
+        ack: 2000,
+        payload: payload.to_vec(),
+        ..FrameSpec::default()
+    };
+    let backend = |proto: u8, sport: u16, dport: u16, flags: u8, payload: &[u8]| FrameSpec {
+        src_mac: BACKEND_MAC,
+        dst_mac: LB_MAC,
+        src: BACKEND,
+        dst: SNAT,
+        proto,
+        sport,
+        dport,
+        flags,
+        seq: 2000,
+        ack: 1001,
+        payload: payload.to_vec(),
+        ..FrameSpec::default()
+    };
+    let run = |e: &mut lb::Engine, f: &FrameSpec| {
+        let mut b = f.build();
+        assert!(matches!(e.process(&mut b), lb::Verdict::Tx { .. }));
+        b
+    };
+    let install = |e: &mut lb::Engine, map: &mut xdp::bpf::FastPathMap| {
+        let mut n = 0;
+        for ev in e.take_fast_path() {
+            if let FpEvent::Install(dirs) = ev {
+                for (k, v) in &dirs {
+                    map.install(k, v).expect("install");
+                    n += 1;
+                }
+            }
+        }
+        n
+    };
+    let compare = |e: &mut lb::Engine, s: &mut Steering, f: FrameSpec, what: &str| {
+        let rust = run(e, &f);
+        let (ret, c) = s.test_run_frame(&f.build()).expect("test run");
+        assert_eq!(ret, XDP_REDIRECT, "{what}: executed and redirected");
+        assert_eq!(c, rust, "{what}: C and Rust bytes");
+        assert_eq!(verify(&c), (true, true), "{what}: checksums");
+    };
+
+    // TCP: the handshake through the engine establishes the flow and installs it.
+    let syn = run(&mut e, &client(6, 80, TcpFlags::SYN, b""));
+    let port = u16::from_be_bytes([syn[34], syn[35]]);
+    run(
+        &mut e,
+        &backend(6, 8080, port, TcpFlags::SYN | TcpFlags::ACK, b""),
+    );
+    run(&mut e, &client(6, 80, TcpFlags::ACK, b""));
+    assert_eq!(install(&mut e, &mut map), 2, "both directions installed");
+    let data = b"GET / HTTP/1.1\r\n\r\n";
+    compare(
+        &mut e,
+        &mut s,
+        client(6, 80, TcpFlags::ACK | TcpFlags::PSH, data),
+        "tcp forward",
+    );
+    compare(
+        &mut e,
+        &mut s,
+        backend(6, 8080, port, TcpFlags::ACK, b"HTTP/1.1 200 OK"),
+        "tcp reverse",
+    );
+
+    // UDP: installed once the backend answered.
+    let q = run(&mut e, &client(17, 53, 0, b"query"));
+    let uport = u16::from_be_bytes([q[34], q[35]]);
+    run(&mut e, &backend(17, 5353, uport, 0, b"answer"));
+    assert_eq!(install(&mut e, &mut map), 2);
+    compare(
+        &mut e,
+        &mut s,
+        client(17, 53, 0, b"another query"),
+        "udp forward",
+    );
+    compare(
+        &mut e,
+        &mut s,
+        backend(17, 5353, uport, 0, b"another answer"),
+        "udp reverse",
+    );
+
+    // A newer configuration: the entries are stale and the frame goes to the workers
+    // (dropped here: no socket), untouched by the executor.
+    s.set_fast_path_generation(2).expect("generation");
+    let before = s.stats();
+    let f = client(6, 80, TcpFlags::ACK, b"x").build();
+    let (ret, out) = s.test_run_frame(&f).expect("test run");
+    assert_eq!((ret, out), (XDP_DROP, f));
+    let after = s.stats();
+    assert_eq!(
+        after[Stat::FastPathStale as usize] - before[Stat::FastPathStale as usize],
+        1
+    );
+}

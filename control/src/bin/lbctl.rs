@@ -635,29 +635,42 @@ fn print_status(s: &StatusView) {
     out!("Services:    {}", s.services);
     out!("Flows:       {}", s.flows);
     out!(
+        "Fast path:   {}",
+        if s.fast_path {
+            format!(
+                "on, {} flow directions in XDP",
+                s.workers.iter().map(|w| w.fast_path_entries).sum::<u64>()
+            )
+        } else {
+            "off (every packet through the workers)".into()
+        }
+    );
+    out!(
         "Kernel view: {} routes, {} neighbours",
         s.routes,
         s.neighbours
     );
     out!(
-        "{:<7} {:<6} {:<5} {:>12} {:>8} {:>10}",
+        "{:<7} {:<6} {:<5} {:>12} {:>8} {:>10} {:>10}",
         "WORKER",
         "QUEUE",
         "CORE",
         "MAPPINGS",
         "FLOWS",
-        "CAPACITY"
+        "CAPACITY",
+        "FAST PATH"
     );
     for w in &s.workers {
         let core = w.core.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
         out!(
-            "{:<7} {:<6} {:<5} {:>12} {:>8} {:>10}",
+            "{:<7} {:<6} {:<5} {:>12} {:>8} {:>10} {:>10}",
             w.id,
             w.queue,
             core,
             w.mappings,
             w.flows,
-            w.flow_capacity
+            w.flow_capacity,
+            w.fast_path_entries
         );
     }
     for (reason, n) in &s.drops {

@@ -176,6 +176,12 @@ struct Args {
     /// of ~1000 on a 2-core node with clients and servers alongside).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     busy_poll_us: u64,
+    /// Forward established flows in XDP without waking a worker (the workers still see
+    /// every new flow, SYN, FIN and RST). `off` keeps every packet on the workers.
+    /// Redirecting into a veth needs its peer to take XDP frames: an XDP program on the
+    /// peer, or GRO enabled there (`ethtool -K PEER gro on`).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    fast_path: OnOff,
     /// AF_XDP ring size (fill, completion, rx, tx), a power of two.
     #[arg(long, default_value_t = 2048, value_parser = ring_size)]
     ring_size: u32,
@@ -226,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             ..IoConfig::default()
         },
         busy_poll_ns: a.busy_poll_us * 1000,
+        fast_path: a.fast_path == OnOff::On,
         masq: (!a.masquerade_from.is_empty()).then_some(MasqOptions {
             from: a.masquerade_from,
             egress_iface: a.egress_iface,
@@ -256,4 +263,10 @@ fn main() -> anyhow::Result<()> {
         Some(why) => Err(anyhow::anyhow!(why)),
         None => Ok(()),
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }

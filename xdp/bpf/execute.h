@@ -1,0 +1,99 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The C executor of a flow-action record (flowrec.h): what lb's pipeline does to a
+ * packet of an established flow (lb/src/pipeline.rs `apply`), byte for byte. Both are
+ * run over the same fixture rows (xdp/tests/bpf_fixtures.rs) and must agree.
+ */
+#ifndef XLB_EXECUTE_H
+#define XLB_EXECUTE_H
+
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include "flowrec.h"
+
+/* The ICMP header (RFC 792); linux/icmp.h drags in libc headers. */
+struct icmphdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 id;	/* echo; "unused" or next-hop MTU in errors */
+	__be16 sequence;
+};
+
+/* RFC 1624 eqn. 3: HC' = ~(~HC + delta), one's-complement, on a native-order value. */
+static __always_inline __u16 csum_add_delta(__u16 field, __u16 delta)
+{
+	__u32 acc = (__u32)(__u16)~field + delta;
+
+	acc = (acc & 0xffff) + (acc >> 16);
+	acc = (acc & 0xffff) + (acc >> 16);
+	return (__u16)~acc;
+}
+
+static __always_inline void csum_apply(__sum16 *field, __u16 delta)
+{
+	*field = bpf_htons(csum_add_delta(bpf_ntohs(*field), delta));
+}
+
+/* Execute NAT action `a` on the IPv4 packet `ip` (TTL >= 2, no options checked by the
+ * caller) whose L4 header is at `l4`. Nothing is written unless the whole rewrite can
+ * be: 0, or -1 when the L4 header is not within the frame. */
+static __always_inline int xlb_exec_nat4(struct ethhdr *eth, struct iphdr *ip, void *l4,
+					 void *end, const struct xlb_action *a)
+{
+	struct tcphdr *th = l4;
+	struct udphdr *uh = l4;
+	struct icmphdr *ih = l4;
+
+	switch (ip->protocol) {
+	case IPPROTO_TCP:
+		if ((void *)(th + 1) > end)
+			return -1;
+		break;
+	case IPPROTO_UDP:
+		if ((void *)(uh + 1) > end)
+			return -1;
+		break;
+	case IPPROTO_ICMP:
+		if ((void *)(ih + 1) > end)
+			return -1;
+		break;
+	default:
+		return -1;
+	}
+	__builtin_memcpy(eth->h_dest, a->dst_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, a->src_mac, ETH_ALEN);
+	ip->ttl--;
+	__builtin_memcpy(&ip->saddr, a->src, 4);
+	__builtin_memcpy(&ip->daddr, a->dst, 4);
+	csum_apply(&ip->check, a->ip_delta);
+	switch (ip->protocol) {
+	case IPPROTO_TCP:
+		th->source = a->sport;
+		th->dest = a->dport;
+		csum_apply(&th->check, a->l4_delta);
+		break;
+	case IPPROTO_UDP:
+		uh->source = a->sport;
+		uh->dest = a->dport;
+		/* 0 means no checksum (RFC 768): it stays; a computed 0 is sent as 0xffff. */
+		if (uh->check) {
+			__u16 c = csum_add_delta(bpf_ntohs(uh->check), a->l4_delta);
+
+			uh->check = bpf_htons(c ? c : 0xffff);
+		}
+		break;
+	default:
+		/* ICMP echo: the identifier is whichever "port" the action sets. */
+		ih->id = a->sport | a->dport;
+		csum_apply(&ih->checksum, a->l4_delta);
+		break;
+	}
+	return 0;
+}
+
+#endif

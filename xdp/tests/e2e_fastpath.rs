@@ -1,0 +1,166 @@
+//! The XDP fast path end to end: established flows are forwarded by the steering
+//! program (flowrec actions the workers installed) with the bytes intact both ways, a
+//! configuration change takes effect on them as on the workers' flows, and they time out
+//! by what the fast path forwarded, not by what the workers saw.
+
+mod common;
+
+use common::topo::{Topo, VIP};
+
+/// A 20 MB exchange through the TCP echo service and 2000 datagrams through the UDP one,
+/// every byte checked; then, with `--on-remove reset`, the echo connection's backend is
+/// removed and its next segment must draw a reset.
+const TRANSFER: &str = r#"
+import hashlib, socket, sys, threading, time, subprocess
+lbctl, sock = sys.argv[1], sys.argv[2]
+
+# TCP: 20 000 lines of 1000 bytes to the echo server, read back with its name prefix.
+s = socket.create_connection(("10.96.0.10", 9000), timeout=10)
+lines = [(b"%06d" % i) + bytes([65 + i % 26]) * 993 + b"\n" for i in range(20000)]
+def send():
+    for l in lines:
+        s.sendall(l)
+t = threading.Thread(target=send)
+t.start()
+f = s.makefile("rb")
+for i, l in enumerate(lines):
+    got = f.readline()
+    assert got == b"b1:" + l, (i, got[:40])
+t.join()
+print("tcp ok", len(lines))
+
+# UDP: 2000 numbered datagrams of 1000 bytes, each answered with the server's name.
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+u.connect(("10.96.0.10", 5353))
+answered = 0
+for i in range(2000):
+    d = (b"%06d" % i) + bytes([97 + i % 26]) * 994
+    u.send(d)
+    try:
+        r = u.recv(2048)
+    except socket.timeout:
+        continue
+    assert r == b"b1:" + d, (i, r[:40])
+    answered += 1
+print("udp answered", answered)
+assert answered >= 1990, answered
+
+# Still established: the backend goes, the next segment draws a reset.
+r = subprocess.run([lbctl, "--socket", sock, "backend", "remove", "10.96.0.10:9000/tcp", "10.1.0.11:9000"], capture_output=True, text=True)
+assert r.returncode == 0, r.stderr
+s.sendall(b"after\n")
+try:
+    outcome = "data" if s.recv(100) else "eof"
+except ConnectionResetError:
+    outcome = "reset"
+except socket.timeout:
+    outcome = "timeout"
+print("after removal:", outcome)
+assert outcome == "reset", outcome
+print("ok")
+"#;
+
+#[test]
+fn established_flows_run_in_the_fast_path_with_their_bytes_intact() {
+    if !common::privileged("fastpath") {
+        return;
+    }
+    let mut t = Topo::up("fpt", 2, 1);
+    t.start_lbd(&[]);
+    t.add_service(&format!("{VIP}:9000/tcp"), &["10.1.0.11:9000"]);
+    t.add_service(&format!("{VIP}:5353/udp"), &["10.1.0.11:5353"]);
+    let status = t.lbctl_json(&["status"]);
+    assert_eq!(status["fast_path"], true, "on by default");
+    let rx_before = t.worker_sum("rx");
+    let o = t
+        .cmd("client", "python3")
+        .args(["-c", TRANSFER])
+        .arg(common::topo::lbctl_path())
+        .arg(&t.socket)
+        .output()
+        .expect("python3");
+    let out = String::from_utf8_lossy(&o.stdout);
+    println!("{out}");
+    assert!(
+        o.status.success() && out.ends_with("ok\n"),
+        "{out}\n{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        t.lbd_log()
+    );
+    let fast = t.xdp_stat("fast_path");
+    let worker_rx = t.worker_sum("rx") - rx_before;
+    println!("fast path packets {fast}, worker packets {worker_rx}");
+    // 20 MB each way is ~28 000 segments, 2000 datagrams each way 4000 packets: nearly
+    // all of it in XDP, the workers seeing handshakes, the first datagrams and the end.
+    assert!(fast >= 20_000, "fast path carried {fast}");
+    assert!(worker_rx * 20 < fast, "workers saw {worker_rx} of {fast}");
+    // The UDP flow is still there, in the fast path.
+    let status = t.lbctl_json(&["status"]);
+    let entries: u64 = status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["fast_path_entries"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(entries >= 2, "{status}");
+}
+
+/// A UDP flow kept alive by datagrams every 0.5 s for 14 s, with a 5 s UDP timeout (the
+/// workers' sweep would end it by 9 s on their own view): the workers see none of them
+/// after the first exchange, yet the flow must not expire; idle, it must.
+const KEEPALIVE: &str = r#"
+import socket, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+u.bind(("10.0.0.2", 41000))
+u.connect(("10.96.0.10", 5353))
+for i in range(29):
+    u.send(b"?peer")
+    r = u.recv(100).decode()
+    if i == 0:
+        first = r
+    assert r == first, (i, r, first)
+    time.sleep(0.5)
+print("same mapping for 14 s:", first)
+"#;
+
+#[test]
+fn fast_path_flows_time_out_by_what_the_fast_path_forwarded() {
+    if !common::privileged("fastpath-timeout") {
+        return;
+    }
+    let mut t = Topo::up("fpo", 2, 1);
+    t.start_lbd(&["--timeout-udp", "5"]);
+    t.add_service(&format!("{VIP}:5353/udp"), &["10.1.0.11:5353"]);
+    let out = t.client_py(KEEPALIVE);
+    assert!(out.contains("same mapping"), "{out}");
+    let live = |t: &Topo| {
+        let nat = t.lbctl_json(&["nat", "list"]);
+        nat["translations"]
+            .as_array()
+            .expect("translations")
+            .iter()
+            .filter(|x| x["inside"] == "10.0.0.2:41000")
+            .count()
+    };
+    assert_eq!(live(&t), 1, "alive after 14 s of fast-path traffic");
+    // One flow all along: it never expired and reopened.
+    assert_eq!(t.worker_sum("flows_created"), 1);
+    assert_eq!(t.worker_sum("flows_expired"), 0);
+    assert!(t.xdp_stat("fast_path") >= 50);
+    // Idle: gone within the timeout and a sweep period (4 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while live(&t) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert_eq!(live(&t), 0, "expired once idle");
+    let status = t.lbctl_json(&["status"]);
+    let entries: u64 = status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["fast_path_entries"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(entries, 0, "its entries left the fast path with it");
+}
