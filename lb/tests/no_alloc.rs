@@ -175,7 +175,11 @@ fn masquerading_allocates_nothing() {
         0,
         "allocations on the masquerade path"
     );
-    assert_eq!((installed, removed), (500, 500), "the UDP flows came and went");
+    assert_eq!(
+        (installed, removed),
+        (500, 500),
+        "the UDP flows came and went"
+    );
     assert_eq!(e.counters.icmp_errors, 500);
     assert_eq!(e.counters.routed, 1);
 }
