@@ -37,7 +37,7 @@ enum xlb_action_kind {
 	XLB_ACT_ROUTE = 5,	/* reserved: MACs and TTL only */
 };
 
-/* xlb_action.flags: egress is the ingress interface (XDP_TX). */
+/* xlb_action.flags: egress is the ingress interface (reserved; the executor redirects). */
 #define XLB_ACT_SAME_IFACE 1
 
 struct xlb_action {

@@ -322,8 +322,9 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct ethhdr *eth, str
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, tot);
 	count(XLB_STAT_FAST_PATH);
-	if (v->action.ifindex == ifindex)
-		return XDP_TX;
+	/* A redirect also when the egress is the ingress interface (one-armed): XDP_TX into
+	 * a veth whose peer has GRO but no XDP program lost about half the frames in the
+	 * one-armed end-to-end test; the redirect delivered them all. */
 	return bpf_redirect(v->action.ifindex, 0);
 }
 

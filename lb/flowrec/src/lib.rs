@@ -76,8 +76,8 @@ pub enum ActionKind {
     Route = 5,
 }
 
-/// `Action::flags`: the egress interface is the ingress one (XDP_TX instead of a
-/// redirect).
+/// `Action::flags`: the egress interface is the ingress one (reserved: the executor
+/// redirects either way, see xdp/bpf/xlb.bpf.c).
 pub const ACTION_SAME_IFACE: u8 = 1;
 
 /// What to do with a packet of a flow: `struct xlb_action`.
