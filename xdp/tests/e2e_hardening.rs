@@ -490,9 +490,26 @@ fn lbd_stops_with_a_clear_error_when_its_interface_vanishes() {
 
 #[test]
 fn connections_survive_their_packets_moving_to_another_queue() {
-    let Some(t) = Topo::start("rss", 2, 1) else {
+    // The workers' way (hand-offs to the owner), without the fast path...
+    moving_queues("rss", false);
+}
+
+#[test]
+fn fast_path_connections_survive_their_packets_moving_to_another_queue() {
+    // ...and with it, where XDP forwards established segments from any queue.
+    moving_queues("rsf", true);
+}
+
+fn moving_queues(tag: &str, fast_path: bool) {
+    if !common::privileged(tag) {
         return;
-    };
+    }
+    let mut t = Topo::up(tag, 2, 1);
+    t.start_lbd(if fast_path {
+        &[]
+    } else {
+        &["--fast-path", "off"]
+    });
     t.lbctl(&["service", "add", ECHO_SVC, "-b", "10.1.0.11:9000"]);
     // Sixteen connections: the client's veth spreads them over both queues by flow hash
     // (all on one queue: 1 in 65536).
@@ -543,12 +560,17 @@ fn connections_survive_their_packets_moving_to_another_queue() {
             t.lbd_log()
         );
     }
-    // Each of worker 1's connections sent at least one segment through worker 0, which
-    // handed it to its home.
-    assert!(
-        handed(&t) - before >= on_worker_1 as u64,
-        "segments of worker 1's connections arrived on worker 0 and were handed on"
-    );
+    if fast_path {
+        // Established segments never climbed to a worker: nothing to hand on.
+        assert!(t.xdp_stat("fast_path") >= 32, "{}", t.lbctl(&["stats"]));
+    } else {
+        // Each of worker 1's connections sent at least one segment through worker 0,
+        // which handed it to its home.
+        assert!(
+            handed(&t) - before >= on_worker_1 as u64,
+            "segments of worker 1's connections arrived on worker 0 and were handed on"
+        );
+    }
     assert_eq!(t.worker_drop("no_flow"), 0);
     for mut c in conns {
         let _ = c.kill();
