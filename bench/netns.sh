@@ -32,6 +32,9 @@ up() {
   ns xb-gen ip route add 10.96.0.0/16 via 10.10.0.1
   ns xb-gen ip route add 20.0.0.0/8 via 10.10.0.1
   ns xb-gen ethtool -K gen0 tx off >/dev/null
+  # lbd's fast path redirects into lbin/lbout: their peers must take XDP frames (GRO on,
+  # or an XDP program), or the kernel drops them silently.
+  ns xb-gen ethtool -K gen0 gro on >/dev/null
   ns xb-lb ip addr add 10.10.0.1/24 dev lbin
   ns xb-lb ip addr add 10.20.0.1/24 dev lbout
   ns xb-lb ip link set lbin up
@@ -49,6 +52,7 @@ up() {
   ns xb-srv ip link set srv0 up
   ns xb-srv ip route add default via 10.20.0.1
   ns xb-srv ethtool -K srv0 tx off >/dev/null
+  ns xb-srv ethtool -K srv0 gro on >/dev/null
   # Neighbours known up front, as on a node that has been running: the measurement
   # windows are about forwarding, not ARP.
   for a in 10.10.0.2 10.20.0.11 10.20.0.12 10.20.0.13; do
