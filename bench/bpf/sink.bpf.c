@@ -2,6 +2,11 @@
 /*
  * xlb-bench sink: counts (per CPU) and drops IPv4 TCP/UDP frames to destination ports
  * port_lo..=port_hi; everything else passes, so ARP and the latency echo keep working.
+ *
+ * With answer_first, the first UDP datagram of each flow is answered instead (addresses,
+ * ports and MACs swapped, XDP_TX; the checksums stay valid), as a server would: the flow
+ * is then established both ways, which is what a load balancer's fast path (and
+ * conntrack's ASSURED) is for. The generator's warm-up covers those first datagrams.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -13,6 +18,23 @@
 
 volatile const __u32 port_lo = 9;
 volatile const __u32 port_hi = 9;
+volatile const __u32 answer_first = 0;
+
+struct flow {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u32 proto;
+};
+
+/* Flows already answered. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct flow);
+	__type(value, __u8);
+} seen SEC(".maps");
 
 /* 0: packets, 1: bytes. */
 struct {
@@ -43,6 +65,31 @@ int xb_sink(struct xdp_md *ctx)
 	dport = bpf_ntohs(l4->dest);
 	if (dport < port_lo || dport > port_hi)
 		return XDP_PASS;
+	if (answer_first && ip->protocol == IPPROTO_UDP) {
+		struct flow f = {
+			.saddr = ip->saddr,
+			.daddr = ip->daddr,
+			.sport = l4->source,
+			.dport = l4->dest,
+			.proto = ip->protocol,
+		};
+
+		if (!bpf_map_lookup_elem(&seen, &f)) {
+			__u8 one = 1, mac[ETH_ALEN];
+			__be32 a = ip->saddr;
+			__be16 p = l4->source;
+
+			bpf_map_update_elem(&seen, &f, &one, BPF_ANY);
+			__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+			__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+			__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+			ip->saddr = ip->daddr;
+			ip->daddr = a;
+			l4->source = l4->dest;
+			l4->dest = p;
+			return XDP_TX;
+		}
+	}
 	c = bpf_map_lookup_elem(&counts, &key);
 	if (c)
 		*c += 1;

@@ -40,8 +40,10 @@ pub enum Scenario {
     XdpNatModel,
     /// (c) bare MAC-swap forwarder on xlb's AF_XDP I/O layer: the userspace ceiling.
     XskFwd,
-    /// (a) lbd, SNAT mode, VIP → 3 backends.
+    /// (a) lbd, SNAT mode, VIP → 3 backends (established flows in the XDP fast path).
     XlbSnat,
+    /// (a) the same with `--fast-path off`: every packet through a worker.
+    XlbSnatWorkers,
     /// (b) nftables DNAT (numgen over 3 backends) + masquerade, kube-proxy style.
     NftDnat,
     /// (e) lbd egress masquerading (ip-masq-agent defaults).
@@ -51,11 +53,12 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::XdpRedirect,
         Scenario::XdpNatModel,
         Scenario::XskFwd,
         Scenario::XlbSnat,
+        Scenario::XlbSnatWorkers,
         Scenario::NftDnat,
         Scenario::XlbMasq,
         Scenario::NftMasq,
@@ -67,6 +70,7 @@ impl Scenario {
             Scenario::XdpNatModel => "XDP NAT (fast-path model)",
             Scenario::XskFwd => "AF_XDP fwd (bare)",
             Scenario::XlbSnat => "xlb SNAT",
+            Scenario::XlbSnatWorkers => "xlb SNAT, workers only",
             Scenario::NftDnat => "nftables DNAT+masq",
             Scenario::XlbMasq => "xlb egress masq",
             Scenario::NftMasq => "nftables masq",
@@ -353,6 +357,9 @@ fn start_lbd(bins: &Bins, o: &RunOptions, dir: &Path, s: Scenario) -> Result<Sut
     .collect();
     args.extend(["--cores".into(), o.sut_cpu.to_string()]);
     args.extend(["--socket".into(), sock.to_string_lossy().into_owned()]);
+    if s == Scenario::XlbSnatWorkers {
+        args.extend(["--fast-path".into(), "off".into()]);
+    }
     if s.egress() {
         args.extend(
             [
@@ -487,7 +494,9 @@ fn start_sut(bins: &Bins, o: &RunOptions, plan: &Plan, dir: &Path, s: Scenario) 
                 lbctl: None,
             })
         }
-        Scenario::XlbSnat | Scenario::XlbMasq => start_lbd(bins, o, dir, s),
+        Scenario::XlbSnat | Scenario::XlbSnatWorkers | Scenario::XlbMasq => {
+            start_lbd(bins, o, dir, s)
+        }
         Scenario::NftDnat | Scenario::NftMasq => {
             let rules = dir.join(format!("{s:?}.nft"));
             std::fs::write(&rules, nft_rules(s))?;
@@ -740,6 +749,8 @@ pub fn run(o: RunOptions) -> Result<()> {
                     "--ports".into(),
                     SINK_PORTS.into(),
                     "--stdin".into(),
+                    // Every flow answered once, in the warm-up: established both ways.
+                    "--answer-first".into(),
                 ],
                 &logs.join("sink.log"),
             )?);

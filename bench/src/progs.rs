@@ -183,11 +183,15 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn attach(ifaces: &[&str], ports: (u16, u16)) -> Result<Sink> {
+    /// Count (and drop) what arrives for `ports`; with `answer_first`, answer each UDP
+    /// flow's first datagram instead, so flows are established both ways.
+    pub fn attach(ifaces: &[&str], ports: (u16, u16), answer_first: bool) -> Result<Sink> {
         let (lo, hi) = (u32::from(ports.0), u32::from(ports.1));
+        let answer = u32::from(answer_first);
         let mut ebpf = EbpfLoader::new()
             .override_global("port_lo", &lo, true)
             .override_global("port_hi", &hi, true)
+            .override_global("answer_first", &answer, true)
             .load(SINK)
             .context("loading the sink")?;
         load_attach(&mut ebpf, "xb_sink", ifaces)?;

@@ -58,6 +58,10 @@ enum Cmd {
         /// printing rates every second.
         #[arg(long)]
         stdin: bool,
+        /// Answer each UDP flow's first datagram (swapped back) instead of counting it,
+        /// so that flows are established both ways (what a fast path waits for).
+        #[arg(long)]
+        answer_first: bool,
     },
     /// Attach a reference program to the ingress interface until stdin closes.
     Reference {
@@ -244,9 +248,9 @@ fn gen(a: GenArgs) -> Result<()> {
     Ok(())
 }
 
-fn sink(ifaces: &[String], ports: (u16, u16), stdin: bool) -> Result<()> {
+fn sink(ifaces: &[String], ports: (u16, u16), stdin: bool, answer_first: bool) -> Result<()> {
     let names: Vec<&str> = ifaces.iter().map(String::as_str).collect();
-    let s = Sink::attach(&names, ports)?;
+    let s = Sink::attach(&names, ports, answer_first)?;
     let mut out = std::io::stdout().lock();
     if stdin {
         writeln!(out, "ready")?;
@@ -430,7 +434,8 @@ fn main() -> Result<()> {
             ifaces,
             ports,
             stdin,
-        } => sink(&ifaces, ports, stdin),
+            answer_first,
+        } => sink(&ifaces, ports, stdin, answer_first),
         Cmd::Reference { iface, mode } => reference(&iface, mode),
         Cmd::XskFwd {
             input,
