@@ -36,7 +36,7 @@ const ECHO_PORT: u16 = 7;
 pub enum Scenario {
     /// (d) XDP MAC rewrite + redirect to the backend side: the machine's ceiling.
     XdpRedirect,
-    /// A model of the XDP fast path xlb lacks: hash lookup + SNAT rewrite + redirect.
+    /// A minimal model of an XDP fast path: hash lookup + SNAT rewrite + redirect.
     XdpNatModel,
     /// (c) bare MAC-swap forwarder on xlb's AF_XDP I/O layer: the userspace ceiling.
     XskFwd,

@@ -543,17 +543,7 @@ impl Steering {
 
     /// Run the program once on `frame` (BPF_PROG_TEST_RUN); returns the XDP action.
     pub fn test_run(&mut self, frame: &[u8]) -> Result<u32, BpfError> {
-        let prog = program(&mut self.ebpf)?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::new()
-        };
-        let r = prog
-            .test_run(opts)
-            .map_err(|e| BpfError::Program("xlb_steer", e))?;
-        Ok(r.return_value)
+        self.test_run_frame(frame).map(|(ret, _)| ret)
     }
 }
 

@@ -5,7 +5,18 @@
 
 mod common;
 
-use common::topo::{Topo, VIP};
+use common::topo::{Topo, PY_POKE, VIP};
+
+/// Flow directions the workers have in the fast path, per `lbctl status`.
+fn fast_entries(t: &Topo) -> u64 {
+    let status = t.lbctl_json(&["status"]);
+    status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["fast_path_entries"].as_u64().unwrap_or(0))
+        .sum()
+}
 
 /// A 20 MB exchange through the TCP echo service and 2000 datagrams through the UDP one,
 /// every byte checked; then, with `--on-remove reset`, the echo connection's backend is
@@ -49,13 +60,7 @@ assert answered >= 1990, answered
 # Still established: the backend goes, the next segment draws a reset.
 r = subprocess.run([lbctl, "--socket", sock, "backend", "remove", "10.96.0.10:9000/tcp", "10.1.0.11:9000"], capture_output=True, text=True)
 assert r.returncode == 0, r.stderr
-s.sendall(b"after\n")
-try:
-    outcome = "data" if s.recv(100) else "eof"
-except ConnectionResetError:
-    outcome = "reset"
-except socket.timeout:
-    outcome = "timeout"
+outcome = poke((s,), b"after")
 print("after removal:", outcome)
 assert outcome == "reset", outcome
 print("ok")
@@ -75,7 +80,7 @@ fn established_flows_run_in_the_fast_path_with_their_bytes_intact() {
     let rx_before = t.worker_sum("rx");
     let o = t
         .cmd("client", "python3")
-        .args(["-c", TRANSFER])
+        .args(["-c", &format!("{PY_POKE}{TRANSFER}")])
         .arg(common::topo::lbctl_path())
         .arg(&t.socket)
         .output()
@@ -96,14 +101,7 @@ fn established_flows_run_in_the_fast_path_with_their_bytes_intact() {
     assert!(fast >= 20_000, "fast path carried {fast}");
     assert!(worker_rx * 20 < fast, "workers saw {worker_rx} of {fast}");
     // The UDP flow is still there, in the fast path.
-    let status = t.lbctl_json(&["status"]);
-    let entries: u64 = status["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .map(|w| w["fast_path_entries"].as_u64().unwrap_or(0))
-        .sum();
-    assert!(entries >= 2, "{status}");
+    assert!(fast_entries(&t) >= 2, "{}", t.lbctl(&["status"]));
 }
 
 /// A UDP flow kept alive by datagrams every 0.5 s for 14 s, with a 5 s UDP timeout (the
@@ -155,12 +153,9 @@ fn fast_path_flows_time_out_by_what_the_fast_path_forwarded() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     assert_eq!(live(&t), 0, "expired once idle");
-    let status = t.lbctl_json(&["status"]);
-    let entries: u64 = status["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .map(|w| w["fast_path_entries"].as_u64().unwrap_or(0))
-        .sum();
-    assert_eq!(entries, 0, "its entries left the fast path with it");
+    assert_eq!(
+        fast_entries(&t),
+        0,
+        "its entries left the fast path with it"
+    );
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::topo::{lbctl_path, Topo, VIP};
+use common::topo::{lbctl_path, Topo, PY_POKE, VIP};
 
 /// HTTP requests (one connection each) from source address `from` in the client
 /// namespace to `VIP2:80`; the backend names that answered.
@@ -164,17 +164,6 @@ def close(c):
     c[1].close()
     c[0].close()
 
-def poke(c, word):
-    """Send on a connection whose backend was removed: what comes back."""
-    s = c[0]
-    s.sendall(word + b"\n")
-    try:
-        return "data" if s.recv(100) else "eof"
-    except ConnectionResetError:
-        return "reset"
-    except socket.timeout:
-        return "timeout"
-
 def on(conns, name):
     return [c for c in conns if c[2] == name]
 
@@ -263,7 +252,7 @@ fn draining_keeps_connections_and_removal_resets_or_drops_them() {
     let lbctl = lbctl_path();
     let o = t
         .cmd("client", "python3")
-        .args(["-c", DRAIN_AND_REMOVE])
+        .args(["-c", &format!("{PY_POKE}{DRAIN_AND_REMOVE}")])
         .arg(&lbctl)
         .arg(&t.socket)
         .output()

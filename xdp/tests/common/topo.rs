@@ -10,6 +10,23 @@ use std::time::{Duration, Instant};
 
 pub const VIP: &str = "10.96.0.10";
 
+/// Python for client programs: `poke(conn, word)` sends a line on a connection (a
+/// `(socket, file, …)` tuple) whose backend went away and says what came back: "data",
+/// "eof", "reset" or "timeout".
+pub const PY_POKE: &str = r#"
+import socket
+
+def poke(c, word):
+    s = c[0]
+    s.sendall(word + b"\n")
+    try:
+        return "data" if s.recv(100) else "eof"
+    except ConnectionResetError:
+        return "reset"
+    except socket.timeout:
+        return "timeout"
+"#;
+
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
