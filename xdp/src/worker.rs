@@ -342,6 +342,12 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                 Verdict::Drop(_) => io.release(i),
             }
         }
+        // Fast-path changes before the batch leaves: an ended flow's entries are gone
+        // before a new flow that reuses its NAT port sends its first packet.
+        if let Some(map) = spec.fast_path.as_mut() {
+            apply_fast_path(map, &mut engine, &mut fast_entries);
+            me.fast_entries.store(fast_entries, Ordering::Relaxed);
+        }
         io.end_batch();
         io.flush();
         io.wake_fill();
@@ -356,10 +362,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         for k in engine.take_unkept() {
             let _ = spec.unkept.try_send(k);
         }
-        if let Some(map) = spec.fast_path.as_mut() {
-            apply_fast_path(map, &mut engine, &mut fast_entries);
-            me.fast_entries.store(fast_entries, Ordering::Relaxed);
-        }
+
         publish(&me, &engine);
         if now >= next_kernel_stats {
             next_kernel_stats = now + KERNEL_STATS_NS;
