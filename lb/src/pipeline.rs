@@ -501,14 +501,19 @@ impl Engine {
 
     fn remove_flow(&mut self, slot: u32) {
         if let Some(f) = self.flows.remove(slot) {
-            let mut maps = Mapped {
-                mappings: &mut self.mappings,
-                pool_use: &mut self.pool_use,
-                pool: &self.snap.snat.pool,
-                fp: &mut self.fp_events,
-            };
-            gone(&mut self.unkept, &mut self.unkept_len, &mut maps, &f);
+            self.forget(&f);
         }
+    }
+
+    /// Release what a flow that left the table held (see `gone`).
+    fn forget(&mut self, f: &Flow) {
+        let mut maps = Mapped {
+            mappings: &mut self.mappings,
+            pool_use: &mut self.pool_use,
+            pool: &self.snap.snat.pool,
+            fp: &mut self.fp_events,
+        };
+        gone(&mut self.unkept, &mut self.unkept_len, &mut maps, f);
     }
 
     pub fn flows(&self) -> &FlowTable {
@@ -1555,13 +1560,7 @@ impl Engine {
         } else {
             self.counters.flows_evicted += 1;
         }
-        let mut maps = Mapped {
-            mappings: &mut self.mappings,
-            pool_use: &mut self.pool_use,
-            pool: &self.snap.snat.pool,
-            fp: &mut self.fp_events,
-        };
-        gone(&mut self.unkept, &mut self.unkept_len, &mut maps, &f);
+        self.forget(&f);
         Ok(())
     }
 

@@ -557,13 +557,21 @@ impl std::fmt::Debug for FastPathMap {
 }
 
 impl FastPathMap {
-    /// Install (or replace) one flow direction.
+    /// Install one flow direction, or replace its entry; true when it was not there (one
+    /// syscall for a new entry, two for a replacement).
     pub fn install(
         &mut self,
         key: &flowrec::FlowKey,
         entry: &flowrec::FlowEntry,
-    ) -> Result<(), MapError> {
-        self.0.insert(FpKey(*key), FpValue(*entry), 0)
+    ) -> Result<bool, MapError> {
+        const BPF_NOEXIST: u64 = 1;
+        match self.0.insert(FpKey(*key), FpValue(*entry), BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(_) => self
+                .0
+                .insert(FpKey(*key), FpValue(*entry), 0)
+                .map(|()| false),
+        }
     }
 
     /// Remove one flow direction; false if it was not there.

@@ -398,10 +398,9 @@ fn apply_fast_path(map: &mut crate::bpf::FastPathMap, engine: &mut Engine, entri
         match ev {
             lb::pipeline::FpEvent::Install(dirs) => {
                 for (k, e) in &dirs {
-                    let fresh = map.get(k).is_none();
                     match map.install(k, e) {
-                        Ok(()) if fresh => *entries += 1,
-                        Ok(()) => {}
+                        Ok(true) => *entries += 1,
+                        Ok(false) => {}
                         Err(e) => tracing::debug!(error = %e, "fast-path install refused"),
                     }
                 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::topo::{Topo, PY_POKE, VIP};
+use common::topo::{Topo, VIP};
 
 /// Flow directions the workers have in the fast path, per `lbctl status`.
 fn fast_entries(t: &Topo) -> u64 {
@@ -78,21 +78,7 @@ fn established_flows_run_in_the_fast_path_with_their_bytes_intact() {
     let status = t.lbctl_json(&["status"]);
     assert_eq!(status["fast_path"], true, "on by default");
     let rx_before = t.worker_sum("rx");
-    let o = t
-        .cmd("client", "python3")
-        .args(["-c", &format!("{PY_POKE}{TRANSFER}")])
-        .arg(common::topo::lbctl_path())
-        .arg(&t.socket)
-        .output()
-        .expect("python3");
-    let out = String::from_utf8_lossy(&o.stdout);
-    println!("{out}");
-    assert!(
-        o.status.success() && out.ends_with("ok\n"),
-        "{out}\n{}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        t.lbd_log()
-    );
+    t.client_py_with_lbctl(TRANSFER);
     let fast = t.xdp_stat("fast_path");
     let worker_rx = t.worker_sum("rx") - rx_before;
     println!("fast path packets {fast}, worker packets {worker_rx}");

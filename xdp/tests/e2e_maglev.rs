@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::topo::{lbctl_path, Topo, PY_POKE, VIP};
+use common::topo::{Topo, VIP};
 
 /// HTTP requests (one connection each) from source address `from` in the client
 /// namespace to `VIP2:80`; the backend names that answered.
@@ -249,22 +249,7 @@ fn draining_keeps_connections_and_removal_resets_or_drops_them() {
         &format!("{VIP}:9000/tcp"),
         &["10.1.0.11:9000", "10.1.0.12:9000"],
     );
-    let lbctl = lbctl_path();
-    let o = t
-        .cmd("client", "python3")
-        .args(["-c", &format!("{PY_POKE}{DRAIN_AND_REMOVE}")])
-        .arg(&lbctl)
-        .arg(&t.socket)
-        .output()
-        .expect("python3");
-    let out = String::from_utf8_lossy(&o.stdout);
-    println!("{out}");
-    assert!(
-        o.status.success() && out.ends_with("ok\n"),
-        "{out}\n{}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        t.lbd_log()
-    );
+    t.client_py_with_lbctl(DRAIN_AND_REMOVE);
     assert!(t.worker_sum("resets_sent") >= 1);
     assert!(t.worker_drop("backend_removed") >= 2);
 }

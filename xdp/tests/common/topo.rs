@@ -376,6 +376,28 @@ impl Topo {
         self.py("client", code)
     }
 
+    /// Run a client program (python3, in the client namespace) that drives lbd itself:
+    /// [`PY_POKE`] comes first, and it gets lbctl's path and lbd's socket as its two
+    /// arguments. It must succeed and print "ok" last; its output is returned.
+    pub fn client_py_with_lbctl(&self, code: &str) -> String {
+        let o = self
+            .cmd("client", "python3")
+            .args(["-c", &format!("{PY_POKE}{code}")])
+            .arg(lbctl_path())
+            .arg(&self.socket)
+            .output()
+            .expect("python3");
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        println!("{out}");
+        assert!(
+            o.status.success() && out.ends_with("ok\n"),
+            "{out}\n{}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.lbd_log()
+        );
+        out
+    }
+
     /// Run a python3 program in namespace `ns`; return stdout (asserting success).
     pub fn py(&self, ns: &str, code: &str) -> String {
         let o = self
