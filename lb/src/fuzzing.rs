@@ -91,9 +91,9 @@ pub fn frames(data: &[u8]) {
 fn check_one(e: &mut Engine, frame: &mut [u8], hops: u8, workers: u16) {
     let before = frame.to_vec();
     let (_, l4_was_ok) = verify(&before);
-    let turned = e.counters.hairpinned;
+    let turned = e.counters().hairpinned;
     let v = e.process_probe(frame, hops);
-    if e.counters.hairpinned != turned {
+    if e.counters().hairpinned != turned {
         // Turned around (hairpinning): rewritten into the packet the egress address
         // receives, whatever happens to it next; it must still be a valid packet.
         assert!(

@@ -21,5 +21,5 @@ pub mod snapshot;
 pub mod wire;
 
 pub use counters::{Counters, DropReason};
-pub use pipeline::{Engine, Verdict};
+pub use pipeline::{Engine, Event, Verdict};
 pub use snapshot::{DatapathConfig, Snapshot, Timeouts};

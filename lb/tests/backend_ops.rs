@@ -370,8 +370,8 @@ fn removing_a_backend_resets_its_clients_with_the_sequence_number_they_expect() 
     assert_eq!(u16::from_be_bytes([r[36], r[37]]), cport);
     assert_eq!((word(r, 38), word(r, 42)), (7000, 3000));
     assert_eq!(r[47], TcpFlags::RST | TcpFlags::ACK);
-    assert_eq!(e.counters.resets_sent, 2);
-    assert_eq!(e.counters.drops[DropReason::BackendRemoved as usize], 2);
+    assert_eq!(e.counters().resets_sent, 2);
+    assert_eq!(e.counters().drops[DropReason::BackendRemoved as usize], 2);
     let _ = snat_port;
 }
 
@@ -386,7 +386,7 @@ fn with_on_remove_drop_the_clients_get_nothing() {
         let mut f = seg(client(0), cport, TcpFlags::ACK, 5000, 9000);
         assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::BackendRemoved));
     }
-    assert_eq!(e.counters.resets_sent, 0);
+    assert_eq!(e.counters().resets_sent, 0);
 }
 
 /// Run the clock from `from` for `secs` seconds in 100 ms batches.

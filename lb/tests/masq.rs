@@ -13,7 +13,7 @@ use lb::wire::build::{fragment, ip_packet, verify, FrameSpec};
 use lb::wire::icmp;
 use lb::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use lb::wire::TcpFlags;
-use lb::{DropReason, Engine, Snapshot, Verdict};
+use lb::{DropReason, Engine, Event, Snapshot, Verdict};
 use std::sync::Arc;
 
 const SEC: u64 = 1_000_000_000;
@@ -72,7 +72,7 @@ fn udp_round_trip_restores_the_pod_tuple() {
     // The flow is reused, not recreated.
     let (_, f) = run(&mut e, &out);
     assert_eq!(f, sent.build());
-    assert_eq!(e.counters.flows_created, 1);
+    assert_eq!(e.counters().flows_created, 1);
 }
 
 #[test]
@@ -212,7 +212,7 @@ fn icmp_errors_reach_the_pod_translated() {
             Some(28),
         );
     }
-    assert_eq!(e.counters.icmp_errors, 6);
+    assert_eq!(e.counters().icmp_errors, 6);
 }
 
 #[test]
@@ -262,7 +262,7 @@ fn ports_are_reused_per_remote_and_exhaustion_is_counted() {
         let port = u16::from_be_bytes([f[34], f[35]]);
         assert!(got.contains(&port) && (i >= 2 || port == got[i]));
     }
-    assert_eq!(e.counters.drops[DropReason::PortsExhausted as usize], 1);
+    assert_eq!(e.counters().drops[DropReason::PortsExhausted as usize], 1);
     // Established flows still work.
     let (v, _) = run(&mut e, &from_pod(POD_A, REMOTE, PROTO_UDP, 30000, 53));
     assert_eq!(v, TX_EXT);
@@ -291,7 +291,7 @@ fn a_new_non_masquerade_cidr_changes_new_flows_only() {
     let snap = with_policy(e.snapshot(), "nonMasqueradeCIDRs: [20.0.0.0/24]\n", 2);
     e.set_snapshot(Arc::clone(&snap));
     assert_eq!(
-        e.take_kept(),
+        kept(&mut e),
         vec![lb::flow::FlowKey {
             src: POD_A,
             dst: REMOTE,
@@ -300,7 +300,7 @@ fn a_new_non_masquerade_cidr_changes_new_flows_only() {
             proto: PROTO_UDP
         }]
     );
-    assert!(e.take_kept().is_empty(), "reported once");
+    assert!(kept(&mut e).is_empty(), "reported once");
     // The established flow keeps its translation.
     let (v, f) = run(&mut e, &old);
     assert_eq!(v, TX_EXT);
@@ -310,7 +310,7 @@ fn a_new_non_masquerade_cidr_changes_new_flows_only() {
     let (v, f) = run(&mut e, &new);
     assert_eq!(v, TX_EXT);
     assert_eq!(&f[26..30], &POD_A);
-    assert_eq!(e.counters.routed, 1);
+    assert_eq!(e.counters().routed, 1);
     // Now PRIVATE (10.0.0.0/8) is no longer in the list: it is masqueraded.
     let (_, f) = run(&mut e, &from_pod(POD_A, PRIVATE, PROTO_UDP, 40000, 53));
     assert_eq!(&f[26..30], &EGRESS);
@@ -319,7 +319,10 @@ fn a_new_non_masquerade_cidr_changes_new_flows_only() {
     let mut unkept = Vec::new();
     for _ in 0..64 {
         e.begin_batch(SEC * 1000);
-        unkept.extend(e.take_unkept());
+        unkept.extend(e.take_events().filter_map(|ev| match ev {
+            Event::Unkept(k) => Some(k),
+            _ => None,
+        }));
     }
     assert_eq!(unkept.len(), 1);
     assert_eq!(unkept[0].sport, 40000);
@@ -623,7 +626,7 @@ fn hairpinning_between_two_pods() {
         };
         assert_eq!(f, at_b.build(), "POD_B sees POD_A's outside endpoint");
         assert_eq!(verify(&f), (true, true));
-        let turned: u64 = engines.iter().map(|e| e.counters.hairpinned).sum();
+        let turned: u64 = engines.iter().map(|e| e.counters().hairpinned).sum();
         assert_eq!(turned, 2);
         // POD_A's mapping serves both its remote and the hairpin: one mapping each.
         let maps: usize = engines.iter().map(|e| e.mappings()).sum();
@@ -701,9 +704,9 @@ fn too_big_for_the_egress_link_draws_fragmentation_needed() {
         sent += 1;
     }
     assert_eq!(sent, lb::pipeline::ICMP_BURST);
-    assert_eq!(e.counters.icmp_sent, lb::pipeline::ICMP_BURST);
+    assert_eq!(e.counters().icmp_sent, lb::pipeline::ICMP_BURST);
     assert_eq!(
-        e.counters.drops[DropReason::TooBig as usize],
+        e.counters().drops[DropReason::TooBig as usize],
         1,
         "rate-limited"
     );
@@ -940,4 +943,14 @@ fn simultaneous_open_goes_through() {
     assert_eq!(flow.state, FlowState::Established);
     assert!(flow.assured);
     assert_eq!(e.flows().len(), 1);
+}
+
+/// The forward keys of flows the last policy change kept (`Event::Kept`).
+fn kept(e: &mut Engine) -> Vec<lb::flow::FlowKey> {
+    e.take_events()
+        .filter_map(|ev| match ev {
+            Event::Kept(k) => Some(k),
+            _ => None,
+        })
+        .collect()
 }

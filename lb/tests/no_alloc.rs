@@ -4,7 +4,7 @@
 use lb::fixtures::{self, BACKEND, CLIENT, CLIENT_MAC, LB_MAC, SNAT, VIP};
 use lb::wire::build::FrameSpec;
 use lb::wire::TcpFlags;
-use lb::{Engine, Verdict};
+use lb::{Engine, Event, Verdict};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -118,7 +118,7 @@ fn process_allocates_nothing() {
         "allocations on the packet path"
     );
     assert_eq!(replies.len(), 1000);
-    assert!(e.counters.flows_expired > 0);
+    assert!(e.counters().flows_expired > 0);
 }
 
 #[test]
@@ -164,11 +164,17 @@ fn masquerading_allocates_nothing() {
     for f in frames.iter_mut() {
         assert!(matches!(e.process(f), Verdict::Tx { .. }));
     }
-    let installed = e.take_fast_path().count();
+    let installed = e
+        .take_events()
+        .filter(|ev| matches!(ev, Event::FastInstall(_)))
+        .count();
     for _ in 0..100 {
         e.begin_batch(u64::MAX / 2);
     }
-    let removed = e.take_fast_path().count();
+    let removed = e
+        .take_events()
+        .filter(|ev| matches!(ev, Event::FastRemove(_)))
+        .count();
     watch(false);
     assert_eq!(
         ALLOCS.load(Ordering::Relaxed) - before,
@@ -180,6 +186,6 @@ fn masquerading_allocates_nothing() {
         (500, 500),
         "the UDP flows came and went"
     );
-    assert_eq!(e.counters.icmp_errors, 500);
-    assert_eq!(e.counters.routed, 1);
+    assert_eq!(e.counters().icmp_errors, 500);
+    assert_eq!(e.counters().routed, 1);
 }

@@ -8,7 +8,7 @@ use lb::service::{Op, ServiceTable};
 use lb::wire::build::{verify, FrameSpec};
 use lb::wire::ipv4::PROTO_UDP;
 use lb::wire::TcpFlags;
-use lb::{DropReason, Engine, Snapshot, Verdict};
+use lb::{DropReason, Engine, Event, Snapshot, Verdict};
 use proptest::prelude::*;
 use std::sync::Arc;
 
@@ -133,7 +133,7 @@ fn same_flow_keeps_its_port_and_backend() {
     let mut b = seg(40000, TcpFlags::ACK);
     assert_eq!(e.process(&mut b), Verdict::Tx { iface: 0 });
     assert_eq!(sport(&a), sport(&b));
-    assert_eq!(e.counters.flows_created, 1);
+    assert_eq!(e.counters().flows_created, 1);
     let mut c = syn(40001).build();
     e.process(&mut c);
     assert_ne!(
@@ -208,7 +208,7 @@ fn tcp_states_and_timeouts() {
         e.begin_batch(now);
     }
     assert_eq!(e.flows().len(), 0);
-    assert_eq!(e.counters.flows_expired, 1);
+    assert_eq!(e.counters().flows_expired, 1);
     // An established flow survives the SYN timeout; a FIN makes it short-lived.
     let mut f = syn(40001).build();
     e.process(&mut f);
@@ -333,12 +333,15 @@ fn unresolved_neighbour_is_requested_not_guessed() {
         f, before,
         "a held frame is untouched, so it can be processed again"
     );
-    assert_eq!(e.take_resolve_requests().collect::<Vec<_>>(), vec![BACKEND]);
-    assert_eq!(e.take_resolve_requests().count(), 0);
+    assert_eq!(
+        e.take_events().collect::<Vec<_>>(),
+        vec![Event::Resolve(BACKEND)]
+    );
+    assert_eq!(e.take_events().count(), 0);
     // Once the neighbour is known, the same frame goes out.
     e.set_snapshot(Arc::new(fixtures::snapshot()));
     assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
-    assert_eq!(e.counters.held, 1);
+    assert_eq!(e.counters().held, 1);
 }
 
 /// Send the client's SYN from `cport`; the SNAT port it went out from.
@@ -409,7 +412,7 @@ fn a_flow_whose_packets_moved_queues_is_found_by_probing() {
     // chain counts it.
     let mut stray = seg(cport(0, 3), TcpFlags::ACK);
     assert_eq!(other.process(&mut stray), Verdict::Probe(1));
-    assert_eq!(other.counters.flow_probes, 1);
+    assert_eq!(other.counters().flow_probes, 1);
     assert_eq!(
         owner.process_probe(&mut stray, 1),
         Verdict::Drop(DropReason::NoFlow)
@@ -441,11 +444,11 @@ fn a_new_syn_on_a_closed_flow_reopens_it_with_its_mapping() {
     assert_eq!(e.process(&mut again), Verdict::Tx { iface: 0 });
     assert_eq!(sport(&again), port, "the same SNAT port");
     assert_eq!(e.flows().len(), 1);
-    assert_eq!(e.counters.flows_reopened, 1);
+    assert_eq!(e.counters().flows_reopened, 1);
     let flow = *e.flows().iter().next().expect("flow");
     assert_eq!(flow.state, FlowState::SynSent);
     assert!(!flow.assured, "proven again only by its own handshake");
-    assert_eq!(e.counters.flows_created, 1);
+    assert_eq!(e.counters().flows_created, 1);
 }
 
 /// Open the client connection from `cport` and complete its handshake.
@@ -479,8 +482,8 @@ fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
         let mut f = syn(p).build();
         assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 }, "port {p}");
     }
-    assert_eq!(e.counters.flows_evicted, 100);
-    assert_eq!(e.counters.drops[DropReason::FlowTableFull as usize], 0);
+    assert_eq!(e.counters().flows_evicted, 100);
+    assert_eq!(e.counters().drops[DropReason::FlowTableFull as usize], 0);
     assert_eq!(e.flows().len(), 4);
     for p in [1000, 1001] {
         let mut f = seg(p, TcpFlags::ACK);
@@ -506,7 +509,7 @@ fn full_table_evicts_half_open_flows_and_keeps_established_ones() {
     }
     let mut f = syn(1002).build();
     assert_eq!(e.process(&mut f), Verdict::Drop(DropReason::FlowTableFull));
-    assert_eq!(e.counters.flows_evicted, 0);
+    assert_eq!(e.counters().flows_evicted, 0);
     let mut f = seg(1000, TcpFlags::ACK);
     assert_eq!(e.process(&mut f), Verdict::Tx { iface: 0 });
 }
@@ -555,7 +558,7 @@ fn tiny_port_range_is_exhausted_and_counted() {
         }
     }
     assert_eq!(ok, 2);
-    assert_eq!(e.counters.drops[DropReason::PortsExhausted as usize], 3);
+    assert_eq!(e.counters().drops[DropReason::PortsExhausted as usize], 3);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The C executor of a flow-action record (flowrec.h): what lb's pipeline does to a
- * packet of an established flow (lb/src/pipeline.rs `apply`), byte for byte. Both are
+ * packet of an established flow (lb/src/pipeline/execute.rs `apply`), byte for byte. Both are
  * run over the same fixture rows (xdp/tests/bpf_fixtures.rs) and must agree.
  */
 #ifndef XLB_EXECUTE_H

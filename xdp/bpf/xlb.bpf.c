@@ -175,7 +175,7 @@ static __always_inline int drop(__u32 stat)
 
 /* A source no router accepts (RFC 1812 §5.3.7, RFC 6890): 0/8, 127/8, multicast,
  * 240/4 and the limited broadcast. The same rule as the worker's is_martian
- * (lb/src/pipeline.rs); the fixture rows "source ..." check both. */
+ * (lb/src/pipeline/decide.rs); the fixture rows "source ..." check both. */
 static __always_inline int martian(__be32 saddr)
 {
 	__u8 first = bpf_ntohl(saddr) >> 24;

@@ -24,7 +24,7 @@
 use crate::sys::{IoConfig, WorkerIo, XSK_STATS};
 use crossbeam_channel::{Receiver, Sender};
 use lb::counters::{Counters, COUNTER_SLOTS};
-use lb::{DropReason, Engine, Snapshot, Verdict};
+use lb::{DropReason, Engine, Event, Snapshot, Verdict};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use ringbuf::traits::{Consumer, Observer, Producer};
@@ -225,6 +225,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     // The fast path stamps entries with CLOCK_MONOTONIC; the engine's clock starts here.
     let mono_start = crate::sys::monotonic_ns();
     let mut fast_entries = 0u64;
+    let mut kept = Vec::new();
     if spec.fast_path.is_some() {
         engine.enable_fast_path();
     }
@@ -247,7 +248,15 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         engine.set_snapshot(s);
                         fresh = true;
                     }
-                    let _ = reply.send(engine.take_kept());
+                    let sinks = Sinks {
+                        fast_path: spec.fast_path.as_mut(),
+                        resolve: &spec.resolve,
+                        unkept: &spec.unkept,
+                        kept: &mut kept,
+                        entries: &mut fast_entries,
+                    };
+                    dispatch(&mut engine, sinks);
+                    let _ = reply.send(std::mem::take(&mut kept));
                 }
                 WorkerRequest::Flows { limit, reply } => {
                     let flows: Vec<lb::flow::Flow> =
@@ -271,7 +280,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         io.refill();
         let expired = io.expire_held(now);
         for _ in 0..expired {
-            engine.counters.drop(DropReason::NoNeighbour);
+            engine.dropped(DropReason::NoNeighbour);
         }
         let mut work = 0;
         if fresh {
@@ -281,7 +290,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             work += io.receive(port);
         }
         for ring in &mut spec.inbound {
-            work += drain_ring(ring, &mut io, &mut engine.counters, &mut buf);
+            work += drain_ring(ring, &mut io, &mut engine, &mut buf);
         }
         for i in 0..io.batch_len() {
             let hops = io.hops(i);
@@ -289,8 +298,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             match v {
                 Verdict::Tx { iface } => {
                     if !io.send(i, usize::from(iface)) {
-                        engine.counters.tx -= 1;
-                        engine.counters.drop(DropReason::TxRingFull);
+                        engine.undelivered(v, DropReason::TxRingFull);
                     }
                 }
                 Verdict::Fragments { iface, count } => {
@@ -300,18 +308,13 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         sent &= io.send_copy(port, engine.fragment(k));
                     }
                     if !sent {
-                        engine.counters.tx -= 1;
-                        engine.counters.drop(DropReason::TxRingFull);
+                        engine.undelivered(v, DropReason::TxRingFull);
                         io.release(i);
                     }
                 }
                 Verdict::Icmp { iface } | Verdict::Reset { iface } => {
                     if !io.replace(i, engine.generated()) || !io.send(i, usize::from(iface)) {
-                        match v {
-                            Verdict::Icmp { .. } => engine.counters.icmp_sent -= 1,
-                            _ => engine.counters.resets_sent -= 1,
-                        }
-                        engine.counters.drop(DropReason::TxRingFull);
+                        engine.undelivered(v, DropReason::TxRingFull);
                         io.release(i);
                     }
                 }
@@ -329,25 +332,30 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     if pushed {
                         wake_peer[w] = true;
                     } else {
-                        engine.counters.handoff_out -= 1;
-                        engine.counters.drop(DropReason::HandoffRingFull);
+                        engine.undelivered(v, DropReason::HandoffRingFull);
                     }
                     io.release(i);
                 }
                 Verdict::Hold => {
                     if !io.hold(i, now + HOLD_NS) {
-                        engine.counters.drop(DropReason::NoNeighbour);
+                        engine.undelivered(v, DropReason::NoNeighbour);
                     }
                 }
                 Verdict::Drop(_) => io.release(i),
             }
         }
-        // Fast-path changes before the batch leaves: an ended flow's entries are gone
-        // before a new flow that reuses its NAT port sends its first packet.
-        if let Some(map) = spec.fast_path.as_mut() {
-            apply_fast_path(map, &mut engine, &mut fast_entries);
-            me.fast_entries.store(fast_entries, Ordering::Relaxed);
-        }
+        // The engine's events before the batch leaves: an ended flow's fast-path
+        // entries are gone before a new flow that reuses its NAT port sends its first
+        // packet.
+        let sinks = Sinks {
+            fast_path: spec.fast_path.as_mut(),
+            resolve: &spec.resolve,
+            unkept: &spec.unkept,
+            kept: &mut kept,
+            entries: &mut fast_entries,
+        };
+        dispatch(&mut engine, sinks);
+        me.fast_entries.store(fast_entries, Ordering::Relaxed);
         io.end_batch();
         io.flush();
         io.wake_fill();
@@ -355,12 +363,6 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             if std::mem::take(flag) {
                 spec.peers[w].wake();
             }
-        }
-        for addr in engine.take_resolve_requests() {
-            let _ = spec.resolve.try_send(addr);
-        }
-        for k in engine.take_unkept() {
-            let _ = spec.unkept.try_send(k);
         }
 
         publish(&me, &engine);
@@ -391,12 +393,28 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     }
 }
 
-/// Apply the engine's fast-path changes to the map, in order. An install the map refuses
-/// (full) leaves the flow with the worker, which forwards it as before.
-fn apply_fast_path(map: &mut crate::bpf::FastPathMap, engine: &mut Engine, entries: &mut u64) {
-    for ev in engine.take_fast_path() {
+/// Where the engine's events go.
+struct Sinks<'a> {
+    fast_path: Option<&'a mut crate::bpf::FastPathMap>,
+    resolve: &'a Sender<[u8; 4]>,
+    unkept: &'a Sender<lb::flow::FlowKey>,
+    /// Flows kept by a policy change, for the next `WorkerRequest::Sync`.
+    kept: &'a mut Vec<lb::flow::FlowKey>,
+    /// Fast-path entries this worker has installed.
+    entries: &'a mut u64,
+}
+
+/// Carry out the engine's events in order: fast-path changes on the map (an install the
+/// map refuses, full, leaves the flow with the worker, which forwards it as before),
+/// resolutions and ended keep entries to the daemon, kept flows for the next sync.
+fn dispatch(engine: &mut Engine, mut sinks: Sinks<'_>) {
+    let entries = sinks.entries;
+    for ev in engine.take_events() {
         match ev {
-            lb::pipeline::FpEvent::Install(dirs) => {
+            Event::FastInstall(dirs) => {
+                let Some(map) = sinks.fast_path.as_deref_mut() else {
+                    continue;
+                };
                 for (k, e) in &dirs {
                     match map.install(k, e) {
                         Ok(true) => *entries += 1,
@@ -405,19 +423,29 @@ fn apply_fast_path(map: &mut crate::bpf::FastPathMap, engine: &mut Engine, entri
                     }
                 }
             }
-            lb::pipeline::FpEvent::Remove(keys) => {
+            Event::FastRemove(keys) => {
+                let Some(map) = sinks.fast_path.as_deref_mut() else {
+                    continue;
+                };
                 for k in &keys {
                     if map.remove(k) {
                         *entries = entries.saturating_sub(1);
                     }
                 }
             }
+            Event::Resolve(addr) => {
+                let _ = sinks.resolve.try_send(addr);
+            }
+            Event::Unkept(k) => {
+                let _ = sinks.unkept.try_send(k);
+            }
+            Event::Kept(k) => sinks.kept.push(k),
         }
     }
 }
 
 fn publish(me: &WorkerShared, engine: &Engine) {
-    for (slot, v) in me.counters.iter().zip(engine.counters.to_array()) {
+    for (slot, v) in me.counters.iter().zip(engine.counters().to_array()) {
         slot.store(v, Ordering::Relaxed);
     }
     me.flows
@@ -447,7 +475,7 @@ fn push_frame(p: &mut HeapProd<u8>, frame: &[u8], hops: u8) -> bool {
 fn drain_ring(
     ring: &mut HeapCons<u8>,
     io: &mut WorkerIo,
-    c: &mut Counters,
+    engine: &mut Engine,
     buf: &mut [u8; MAX_FRAME],
 ) -> usize {
     let mut n = 0;
@@ -460,17 +488,17 @@ fn drain_ring(
             break; // the producer has not finished this frame yet
         }
         ring.skip(RING_HEADER);
-        c.handoff_in += 1;
+        engine.handed_in();
         n += 1;
         if len > MAX_FRAME {
             // Cannot happen with push_frame as the only producer; keep the ring in step.
             ring.skip(len);
-            c.drop(DropReason::Oversize);
+            engine.dropped(DropReason::Oversize);
             continue;
         }
         let got = ring.pop_slice(&mut buf[..len]);
         if !io.inject(&buf[..got], hops) {
-            c.drop(DropReason::NoFreeFrame);
+            engine.dropped(DropReason::NoFreeFrame);
         }
     }
     n

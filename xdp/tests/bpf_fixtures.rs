@@ -273,9 +273,9 @@ fn the_c_executor_writes_the_same_bytes_as_the_rust_one() {
         return;
     }
     use lb::fixtures::{BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, LB_MAC, SNAT, VIP};
-    use lb::pipeline::FpEvent;
     use lb::wire::build::{verify, FrameSpec};
     use lb::wire::TcpFlags;
+    use lb::Event;
     const XDP_REDIRECT: u32 = 4;
 
     let mut s = loaded();
@@ -330,8 +330,8 @@ fn the_c_executor_writes_the_same_bytes_as_the_rust_one() {
     };
     let install = |e: &mut lb::Engine, map: &mut xdp::bpf::FastPathMap| {
         let mut n = 0;
-        for ev in e.take_fast_path() {
-            if let FpEvent::Install(dirs) = ev {
+        for ev in e.take_events() {
+            if let Event::FastInstall(dirs) = ev {
                 for (k, v) in &dirs {
                     map.install(k, v).expect("install");
                     n += 1;
