@@ -145,3 +145,62 @@ fn fast_path_flows_time_out_by_what_the_fast_path_forwarded() {
         "its entries left the fast path with it"
     );
 }
+
+/// An echo connection in the fast path while its backend's MAC changes (a replaced NIC,
+/// a VM moved): `{b1}` and `{lb}` are the backend's and the LB's namespaces. Lines
+/// before and after must come back intact, and the later ones again through the fast
+/// path: the old entries, resolved under the old neighbour, are stale from the new
+/// snapshot on, their next packets go to the worker, which takes the new MAC and
+/// installs the flow again.
+const MAC_CHANGE: &str = r#"
+import json, socket, subprocess, sys
+lbctl, sock = sys.argv[1], sys.argv[2]
+
+def xdp(name):
+    out = subprocess.run([lbctl, "--socket", sock, "stats", "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["xdp"][name]
+
+s = socket.create_connection(("10.96.0.10", 9000), timeout=10)
+f = s.makefile("rb")
+def exchange(n, tag):
+    for i in range(n):
+        line = b"%s-%05d-" % (tag, i) + b"x" * 200 + b"\n"
+        s.sendall(line)
+        got = f.readline()
+        assert got == b"b1:" + line, (tag, i, got[:40])
+
+exchange(300, b"before")
+fast, stale = xdp("fast_path"), xdp("fast_path_stale_to_worker")
+print("before: fast path", fast, "stale", stale)
+assert fast >= 300, fast
+
+new = "02:00:00:00:b1:99"
+subprocess.run(["ip", "netns", "exec", "{b1}", "ip", "link", "set", "dev", "eth0", "address", new], check=True)
+subprocess.run(["ip", "netns", "exec", "{lb}", "ip", "neigh", "replace", "10.1.0.11",
+                "lladdr", new, "dev", "lb1", "nud", "reachable"], check=True)
+
+exchange(300, b"after")
+fast2, stale2 = xdp("fast_path"), xdp("fast_path_stale_to_worker")
+print("after: fast path", fast2, "stale", stale2)
+assert stale2 > stale, "the old entries were not used after the change"
+assert fast2 - fast >= 300, fast2 - fast
+print("ok")
+"#;
+
+#[test]
+fn a_backend_mac_change_takes_effect_on_fast_path_flows() {
+    if !common::privileged("fastpath-mac") {
+        return;
+    }
+    let mut t = Topo::up("fpm", 2, 1);
+    t.start_lbd(&[]);
+    t.add_service(&format!("{VIP}:9000/tcp"), &["10.1.0.11:9000"]);
+    let code = MAC_CHANGE
+        .replace("{b1}", &t.ns("b1"))
+        .replace("{lb}", &t.ns("lb"));
+    t.client_py_with_lbctl(&code);
+    // One flow all along: the change moved its packets, it did not end it.
+    assert_eq!(t.worker_sum("flows_created"), 1);
+    assert_eq!(t.worker_sum("flows_expired"), 0);
+}
