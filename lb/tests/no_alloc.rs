@@ -183,8 +183,8 @@ fn masquerading_allocates_nothing() {
     );
     assert_eq!(
         (installed, removed),
-        (500, 500),
-        "the UDP flows came and went"
+        (600, 600),
+        "the UDP and echo flows came and went"
     );
     assert_eq!(e.counters().icmp_errors, 500);
     assert_eq!(e.counters().routed, 1);

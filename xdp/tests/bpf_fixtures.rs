@@ -230,6 +230,65 @@ fn kept_flows_stay_steered_after_a_policy_change() {
     assert_eq!(steer_of(&mut s, &flow.build()), Steer::Pass, "released");
 }
 
+/// The C executor against the Rust one on a masqueraded ICMP echo: installed once the
+/// remote answered, the next request and reply are executed by the steering program
+/// with the same bytes as the engine writes (identifier and checksum translated).
+#[test]
+fn the_c_executor_translates_echo_like_the_rust_one() {
+    if !common::privileged("the_c_executor_translates_echo_like_the_rust_one") {
+        return;
+    }
+    use lb::wire::build::verify;
+    use lb::wire::ipv4::PROTO_ICMP;
+    use lb::Event;
+    const XDP_REDIRECT: u32 = 4;
+
+    let (mut s, _) = masq_loaded(nat::MasqPolicy::defaults());
+    let mut map = s.fast_path_map().expect("fp_flows");
+    let mut e = lb::Engine::new(0, 64, std::sync::Arc::new(mf::snapshot()));
+    e.enable_fast_path();
+    e.begin_batch(1_000_000_000);
+    s.set_fast_path_generation(e.snapshot().generation)
+        .expect("generation");
+    let lo = lo_ifindex();
+    let run = |e: &mut lb::Engine, f: &lb::wire::build::FrameSpec| {
+        let mut b = f.build();
+        assert!(matches!(e.process(&mut b), lb::Verdict::Tx { .. }));
+        b
+    };
+    // Identifier 8 keeps its value on worker 0 (see mf::mapped).
+    let ping = |seq: u16| mf::from_pod(mf::POD_A, mf::REMOTE, PROTO_ICMP, 8, seq);
+    let out = mf::masqueraded(&ping(1), mf::mapped(8));
+    run(&mut e, &ping(1));
+    assert_eq!(e.take_events().count(), 0, "not before an answer");
+    run(&mut e, &mf::answer(&out));
+    let mut installed = 0;
+    for ev in e.take_events() {
+        if let Event::FastInstall(dirs) = ev {
+            for (k, v) in &dirs {
+                map.install(k, v).expect("install");
+                installed += 1;
+            }
+        }
+    }
+    assert_eq!(installed, 2, "both directions installed");
+    let out2 = mf::masqueraded(&ping(2), mf::mapped(8));
+    for (f, side, what) in [
+        (ping(2), Side::Internal, "echo request"),
+        (mf::answer(&out2), Side::External, "echo reply"),
+    ] {
+        s.set_iface_slot(lo, 0, side == Side::Internal, mf::mac_of(side))
+            .expect("slot");
+        let before = s.stats()[Stat::FastPath as usize];
+        let rust = run(&mut e, &f);
+        let (ret, c) = s.test_run_frame(&f.build()).expect("test run");
+        assert_eq!(ret, XDP_REDIRECT, "{what}: executed and redirected");
+        assert_eq!(s.stats()[Stat::FastPath as usize] - before, 1, "{what}");
+        assert_eq!(c, rust, "{what}: C and Rust bytes");
+        assert_eq!(verify(&c), (true, true), "{what}: checksums");
+    }
+}
+
 /// The flowrec layout both sides assert: every `_Static_assert` of xdp/bpf/flowrec.h,
 /// read from the header, against `flowrec::LAYOUT` (so the numbers are one list).
 #[test]

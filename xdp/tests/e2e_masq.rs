@@ -114,12 +114,17 @@ fn servers_see_the_egress_address_unless_the_policy_keeps_the_pod_address() {
     // ping through the NAT: the server sees echo requests from the egress address only.
     count_pings(&t, "srv");
     count_pings(&t, "nm");
+    let fast = t.xdp_stat("fast_path");
     assert!(
         ping(&t, POD_A, SRV),
         "ping through the NAT\n{}",
         t.lbd_log()
     );
     assert!(ping(&t, POD_B, SRV));
+    // Once answered, an echo runs in the fast path: of each ping's three requests and
+    // replies, the last two of each.
+    let fast = t.xdp_stat("fast_path") - fast;
+    assert!(fast >= 8, "{fast} echo packets in the fast path");
     assert!(ping(&t, POD_A, NM), "ping to the non-masquerade server");
     assert!(t.nft_counter("srv", "egress") >= 6);
     assert_eq!(t.nft_counter("srv", "pod"), 0, "no pod address leaked");
@@ -391,6 +396,8 @@ fn a_policy_change_applies_to_new_flows_only() {
     let config = t.dir().join("ip-masq-agent.yaml");
     let mut echo = Echo::connect(&t, POD_A, SRV);
     assert!(echo.say("?peer").starts_with("srv:peer 203.0.113.7:"));
+    // Established, the connection runs in the XDP fast path.
+    assert!(t.xdp_stat("fast_path") >= 1, "{}", t.lbctl(&["stats"]));
     assert_eq!(peer_addr(&http_peer(&t, POD_A, SRV)), EGRESS);
 
     // While the connection runs, srv's network joins the non-masquerade list.
@@ -410,6 +417,15 @@ fn a_policy_change_applies_to_new_flows_only() {
     for i in 0..5 {
         assert_eq!(echo.say(&format!("line {i}")), format!("srv:line {i}"));
     }
+    // ...from the workers: a kept flow leaves the fast path (the new policy's
+    // generation made its entries stale; its next packet reached its worker).
+    let fast: u64 = t.lbctl_json(&["status"])["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["fast_path_entries"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(fast, 0, "{}", t.lbctl(&["status"]));
     let status = t.lbctl_json(&["status"]);
     assert!(
         status["masquerading"]["kept_flows"].as_u64() >= Some(1),

@@ -501,7 +501,8 @@ impl State {
     /// revalidation) while it qualifies, removed when it stops qualifying. A flow
     /// qualifies when both ends proved real and nothing about its packets needs a
     /// worker: a TCP connection established by its handshake (the worker still sees every
-    /// SYN, FIN and RST), a UDP flow with an answer; not hairpinned, kept or ended.
+    /// SYN, FIN and RST), a UDP flow or an ICMP echo with an answer; not hairpinned,
+    /// kept or ended.
     pub(super) fn fast_sync(&mut self, snap: &Snapshot, slot: u32) {
         let Some(f) = self.flows.get_mut(slot) else {
             return;
@@ -513,8 +514,8 @@ impl State {
             && !f.removed
             && match f.keys[0].proto {
                 PROTO_TCP => f.state == FlowState::Established,
-                PROTO_UDP => true,
-                _ => false,
+                // UDP, ICMP echo (an ICMP flow is an echo; errors have no flow).
+                _ => true,
             };
         if qualifies && (!f.fast || f.fast_gen != f.generation) {
             let entry = |dir: usize| {
