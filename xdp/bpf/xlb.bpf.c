@@ -142,7 +142,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, XLB_MAX_MASQ_KEEP);
-	__type(key, struct xlb_flow_key);
+	__type(key, struct xlb_fkey);
 	__type(value, __u32);
 } masq_keep SEC(".maps");
 
@@ -383,7 +383,7 @@ static __always_inline int masq_out(struct xdp_md *ctx, struct iphdr *ip, void *
 				    int later)
 {
 	struct xlb_lpm_key dk = { .prefixlen = 32, .addr = ip->daddr };
-	struct xlb_flow_key fk = {};
+	struct xlb_fkey fk = {};
 	void *l4 = (void *)ip + ip->ihl * 4;
 	int bad = later ||
 		  l4_ports(l4, end, ip->protocol, &fk.sport, &fk.dport) < 0;
@@ -401,9 +401,10 @@ static __always_inline int masq_out(struct xdp_md *ctx, struct iphdr *ip, void *
 	if (bpf_map_lookup_elem(&masq_skip, &dk)) {
 		if (bad)
 			return pass(XLB_STAT_PASS);
-		fk.saddr = ip->saddr;
-		fk.daddr = ip->daddr;
+		__builtin_memcpy(fk.src, &ip->saddr, 4);
+		__builtin_memcpy(fk.dst, &ip->daddr, 4);
 		fk.proto = ip->protocol;
+		fk.family = XLB_FAMILY_IPV4;
 		if (!bpf_map_lookup_elem(&masq_keep, &fk))
 			return pass(XLB_STAT_PASS);
 		if (ip->ttl <= 1)

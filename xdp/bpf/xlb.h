@@ -56,17 +56,6 @@ struct xlb_lpm_key {
 	__be32 addr;
 };
 
-/* A 5-tuple as it arrives, network byte order. ICMP echo: request (id, 0), reply
- * (0, id), as lb::flow::FlowKey keys them. */
-struct xlb_flow_key {
-	__be32 saddr;
-	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
-
 /* An IPv4 datagram in fragments (RFC 791: source, destination, protocol and
  * identification name it), network byte order. */
 struct xlb_frag_key {
@@ -109,7 +98,6 @@ enum xlb_stat {
 
 _Static_assert(sizeof(struct xlb_iface) == 16, "xlb_iface: see xdp/src/abi.rs");
 _Static_assert(__builtin_offsetof(struct xlb_iface, mac) == 8, "xlb_iface.mac");
-_Static_assert(sizeof(struct xlb_flow_key) == 16, "xlb_flow_key: see xdp/src/abi.rs");
 _Static_assert(sizeof(struct xlb_endpoint) == 8, "xlb_endpoint: see xdp/src/abi.rs");
 _Static_assert(sizeof(struct xlb_snat_range) == 8, "xlb_snat_range: see xdp/src/abi.rs");
 _Static_assert(sizeof(struct xlb_frag_key) == 12, "xlb_frag_key");

@@ -50,34 +50,8 @@ pub struct Iface {
 /// `XLB_IFACE_INTERNAL`: flag in `Iface::flags`.
 pub const IFACE_INTERNAL: u32 = 1;
 
-/// `struct xlb_flow_key`: a 5-tuple, network byte order.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FlowKey {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
-    pub sport: [u8; 2],
-    pub dport: [u8; 2],
-    pub proto: u8,
-    pub pad: [u8; 3],
-}
-
-impl From<&lb::flow::FlowKey> for FlowKey {
-    fn from(k: &lb::flow::FlowKey) -> Self {
-        FlowKey {
-            saddr: k.src,
-            daddr: k.dst,
-            sport: k.sport.to_be_bytes(),
-            dport: k.dport.to_be_bytes(),
-            proto: k.proto,
-            pad: [0; 3],
-        }
-    }
-}
-
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
 const _: () = assert!(core::mem::size_of::<SnatRange>() == 8);
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Iface>() == 16);
 const _: () = assert!(core::mem::offset_of!(Iface, mac) == 8);
 
@@ -158,5 +132,56 @@ impl Stat {
             Stat::FastPath => "fast_path",
             Stat::FastPathStale => "fast_path_stale_to_worker",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `enum xlb_stat` in xdp/bpf/xlb.h, as (UPPER_SNAKE name, number) pairs.
+    fn c_stats() -> Vec<(String, u32)> {
+        let h = include_str!("../bpf/xlb.h");
+        let body = h
+            .split("enum xlb_stat {")
+            .nth(1)
+            .and_then(|b| b.split("};").next())
+            .expect("enum xlb_stat in xlb.h");
+        body.lines()
+            .filter_map(|l| {
+                let (name, rest) = l.trim().strip_prefix("XLB_STAT_")?.split_once('=')?;
+                let n = rest.trim().trim_end_matches(|c: char| !c.is_ascii_digit());
+                let n = n.split(',').next()?.trim().parse().ok()?;
+                Some((name.trim().to_string(), n))
+            })
+            .collect()
+    }
+
+    fn upper_snake(s: Stat) -> String {
+        let mut out = String::new();
+        for (i, c) in format!("{s:?}").chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+        out
+    }
+
+    /// One list of XDP counters: the C enum and this one agree name for name and number
+    /// for number, and the C side's XLB_STAT_MAX is the count.
+    #[test]
+    fn the_c_counter_list_is_this_one() {
+        let c = c_stats();
+        let mut rust: Vec<(String, u32)> = Stat::ALL
+            .iter()
+            .map(|&s| (upper_snake(s), s as u32))
+            .collect();
+        rust.push(("MAX".to_string(), Stat::COUNT));
+        assert_eq!(c, rust);
+        let mut names: Vec<&str> = Stat::ALL.iter().map(|s| s.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Stat::ALL.len(), "stat names are distinct");
     }
 }

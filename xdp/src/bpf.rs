@@ -11,14 +11,14 @@
 //! therefore steers a subset of both the old and the new configuration. A failed insert
 //! (a full map) rolls back what the call added and reports which map and key failed.
 
-use crate::abi::{Endpoint, FlowKey, Iface, SnatRange, Stat, IFACE_INTERNAL, SNAT_ANY_SOURCE};
+use crate::abi::{Endpoint, Iface, SnatRange, Stat, IFACE_INTERNAL, SNAT_ANY_SOURCE};
 use crate::sys::{FpKey, FpValue};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, XskMap};
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::Ebpf;
 use lb::service::ServiceTable;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::RawFd;
 
 /// `XLB_MAX_QUEUES` in xlb.h.
@@ -227,8 +227,8 @@ pub struct Steering {
     iface_slots: HashMap<MapData, u32, Iface>,
     masq_src: LpmTrie<MapData, [u8; 4], u32>,
     masq_skip: LpmTrie<MapData, [u8; 4], u32>,
-    masq_keep: HashMap<MapData, FlowKey, u32>,
-    kept: BTreeSet<FlowKey>,
+    masq_keep: HashMap<MapData, FpKey, u32>,
+    kept: HashSet<flowrec::FlowKey>,
     stats: PerCpuArray<MapData, u64>,
     fp_flows: MapData,
     fp_generation: Array<MapData, u64>,
@@ -292,7 +292,7 @@ impl Steering {
             masq_src: take(&mut ebpf, "masq_src")?,
             masq_skip: take(&mut ebpf, "masq_skip")?,
             masq_keep: take(&mut ebpf, "masq_keep")?,
-            kept: BTreeSet::new(),
+            kept: HashSet::new(),
             stats: take(&mut ebpf, "stats")?,
             fp_flows: match ebpf.take_map("fp_flows") {
                 Some(Map::HashMap(m)) => m,
@@ -454,12 +454,12 @@ impl Steering {
     /// Steer the 5-tuple `k` (a masqueraded flow's forward key) to the workers even if
     /// the policy now keeps its destination's source.
     pub fn keep(&mut self, k: &lb::flow::FlowKey) -> Result<(), BpfError> {
-        let key = FlowKey::from(k);
+        let key = flowrec::FlowKey::v4(k.src, k.dst, k.sport, k.dport, k.proto);
         if self.kept.contains(&key) {
             return Ok(());
         }
         self.masq_keep
-            .insert(key, 1, 0)
+            .insert(FpKey(key), 1, 0)
             .map_err(|source| BpfError::Insert {
                 map: "masq_keep",
                 key: format!("{k:?}"),
@@ -471,9 +471,9 @@ impl Steering {
 
     /// The flow of `k` has ended: stop steering its 5-tuple.
     pub fn unkeep(&mut self, k: &lb::flow::FlowKey) {
-        let key = FlowKey::from(k);
+        let key = flowrec::FlowKey::v4(k.src, k.dst, k.sport, k.dport, k.proto);
         if self.kept.remove(&key) {
-            let _ = self.masq_keep.remove(&key);
+            let _ = self.masq_keep.remove(&FpKey(key));
         }
     }
 

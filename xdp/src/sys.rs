@@ -27,8 +27,6 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 unsafe impl aya::Pod for crate::abi::Endpoint {}
 // SAFETY: as above.
 unsafe impl aya::Pod for crate::abi::SnatRange {}
-// SAFETY: as above (`FlowKey` spells its padding out as a zeroed field).
-unsafe impl aya::Pod for crate::abi::FlowKey {}
 // SAFETY: as above (`Iface` spells its padding out as a zeroed field).
 unsafe impl aya::Pod for crate::abi::Iface {}
 

@@ -321,6 +321,41 @@ fn the_c_header_asserts_the_same_layout_as_flowrec() {
     assert_eq!(asserted, rust);
 }
 
+/// The numbers xdp/bpf/flowrec.h defines (limits, families, action kinds and flags)
+/// against `flowrec::CONSTANTS`.
+#[test]
+fn the_c_header_defines_the_same_numbers_as_flowrec() {
+    let h =
+        std::fs::read_to_string(common::topo::repo().join("xdp/bpf/flowrec.h")).expect("flowrec.h");
+    let number = |v: &str| -> u64 {
+        let v = v.trim().trim_start_matches('(').trim_end_matches(')');
+        match v.split_once("<<") {
+            Some((a, b)) => {
+                let a: u64 = a.trim().trim_end_matches('u').parse().expect("a number");
+                a << b.trim().parse::<u64>().expect("a shift")
+            }
+            None => v.trim_end_matches('u').parse().expect("a number"),
+        }
+    };
+    let mut defined = std::collections::BTreeMap::new();
+    for line in h.lines().map(str::trim) {
+        if let Some(d) = line.strip_prefix("#define XLB_") {
+            if let Some((name, v)) = d.split_once(char::is_whitespace) {
+                defined.insert(format!("XLB_{name}"), number(v));
+            }
+        } else if let Some(e) = line.strip_prefix("XLB_ACT_") {
+            let (name, v) = e.split_once('=').expect("an enumerator with its value");
+            let v = v.split(',').next().expect("value");
+            defined.insert(format!("XLB_ACT_{}", name.trim()), number(v));
+        }
+    }
+    let rust: std::collections::BTreeMap<String, u64> = flowrec::CONSTANTS
+        .iter()
+        .map(|(n, v)| (n.to_string(), *v))
+        .collect();
+    assert_eq!(defined, rust);
+}
+
 /// The C executor against the Rust one: the same established flow's packets, both
 /// directions, TCP with data and UDP, through `lb::Engine` and through the steering
 /// program with the engine's installed fast-path entries; the bytes must be equal, and

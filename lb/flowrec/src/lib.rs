@@ -209,6 +209,21 @@ pub mod limits {
     pub const FAST_PATH_ENTRIES: u32 = 1 << 20;
 }
 
+/// Every number xdp/bpf/flowrec.h defines (`#define` and `enum xlb_action_kind`), by its
+/// C name: a test reads the header and compares, so the numbers are one list.
+pub const CONSTANTS: &[(&str, u64)] = &[
+    ("XLB_FAMILY_IPV4", FAMILY_IPV4 as u64),
+    ("XLB_FAMILY_IPV6", FAMILY_IPV6 as u64),
+    ("XLB_ENCAP_MAX", ENCAP_MAX as u64),
+    ("XLB_FAST_PATH_ENTRIES", limits::FAST_PATH_ENTRIES as u64),
+    ("XLB_ACT_SAME_IFACE", ACTION_SAME_IFACE as u64),
+    ("XLB_ACT_NAT", ActionKind::Nat as u64),
+    ("XLB_ACT_L2DSR", ActionKind::L2Dsr as u64),
+    ("XLB_ACT_IPIP", ActionKind::Ipip as u64),
+    ("XLB_ACT_GUE", ActionKind::Gue as u64),
+    ("XLB_ACT_ROUTE", ActionKind::Route as u64),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
