@@ -7,11 +7,6 @@
  *                nftables runs on the core the other systems under test get;
  *   xb_xsk       every IPv4 frame into the AF_XDP socket of its rx queue (the bare
  *                forwarder's steering), anything else to the kernel;
- *   xb_natfast   a model of the XDP fast path xlb lacks: look the 5-tuple up in a hash
- *                map of established flows, apply the flow's rewrite (addresses, ports,
- *                checksums, TTL, MACs) and redirect; a miss goes to the kernel. The
- *                harness fills the map with the generator's flows, so this measures
- *                what executing the workers' per-flow rewrite in XDP would cost.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -83,83 +78,6 @@ int xb_xsk(struct xdp_md *ctx)
 	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
 	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
-}
-
-struct nat_key {
-	__be32 saddr, daddr;
-	__be16 sport, dport;
-	__u8 proto, pad[3];
-};
-
-struct nat_val {
-	__be32 saddr, daddr;
-	__be16 sport, dport;
-	__u8 dmac[6], smac[6];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 20);
-	__type(key, struct nat_key);
-	__type(value, struct nat_val);
-} nat_flows SEC(".maps");
-
-SEC("xdp")
-int xb_natfast(struct xdp_md *ctx)
-{
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = (void *)(eth + 1);
-	struct udphdr *l4 = (void *)(ip + 1);
-	struct nat_key k = {};
-	struct nat_val *v;
-	__u32 s, old_ports, new_ports;
-	__u16 old_ttl, new_ttl;
-	__u16 *check;
-
-	if ((void *)(l4 + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5)
-		return XDP_PASS;
-	if (ip->protocol == IPPROTO_UDP)
-		check = &l4->check;
-	else if (ip->protocol == IPPROTO_TCP && (void *)l4 + 20 <= end)
-		check = (void *)l4 + 16;
-	else
-		return XDP_PASS;
-	if (ip->ttl <= 1)
-		return XDP_PASS;
-	k.saddr = ip->saddr;
-	k.daddr = ip->daddr;
-	k.sport = l4->source;
-	k.dport = l4->dest;
-	k.proto = ip->protocol;
-	v = bpf_map_lookup_elem(&nat_flows, &k);
-	if (!v)
-		return XDP_PASS;
-	old_ttl = *(__u16 *)&ip->ttl;
-	ip->ttl--;
-	new_ttl = *(__u16 *)&ip->ttl;
-	s = add32(~ip->check & 0xffff, ip->saddr, v->saddr);
-	s = add32(s, ip->daddr, v->daddr);
-	s = add32(s, old_ttl, new_ttl);
-	ip->check = fold(s);
-	old_ports = ((__u32)l4->source << 16) | l4->dest;
-	new_ports = ((__u32)v->sport << 16) | v->dport;
-	if (!(ip->protocol == IPPROTO_UDP && *check == 0)) {
-		s = add32(~*check & 0xffff, ip->saddr, v->saddr);
-		s = add32(s, ip->daddr, v->daddr);
-		s = add32(s, old_ports, new_ports);
-		*check = fold(s);
-		if (ip->protocol == IPPROTO_UDP && *check == 0)
-			*check = 0xffff;
-	}
-	ip->saddr = v->saddr;
-	ip->daddr = v->daddr;
-	l4->source = v->sport;
-	l4->dest = v->dport;
-	__builtin_memcpy(eth->h_dest, v->dmac, 6);
-	__builtin_memcpy(eth->h_source, v->smac, 6);
-	return bpf_redirect(out_ifindex, 0);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

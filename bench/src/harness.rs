@@ -9,7 +9,7 @@
 //! the stack on that CPU.
 
 use crate::cost::Case;
-use crate::report::{self, CostResult, Latency, Meta, PpsPoint, Results};
+use crate::report::{self, CostResult, Latency, Meta, PpsPoint, Results, TcpPoint};
 use crate::stats::Summary;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -28,6 +28,11 @@ const BACKENDS: [&str; 3] = ["10.20.0.11", "10.20.0.12", "10.20.0.13"];
 const SINK_PORTS: &str = "9-24";
 const NAT_PORTS: &str = "1024-59999";
 const ECHO_PORT: u16 = 7;
+/// The TCP measurements' servers in xb-srv, on every backend address: iperf3 and nginx.
+const IPERF_PORT: u16 = 5201;
+const HTTP_PORT: u16 = 80;
+/// wrk's keep-alive connections (one thread).
+pub const WRK_CONNECTIONS: u32 = 16;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -36,8 +41,6 @@ const ECHO_PORT: u16 = 7;
 pub enum Scenario {
     /// (d) XDP MAC rewrite + redirect to the backend side: the machine's ceiling.
     XdpRedirect,
-    /// A minimal model of an XDP fast path: hash lookup + SNAT rewrite + redirect.
-    XdpNatModel,
     /// (c) bare MAC-swap forwarder on xlb's AF_XDP I/O layer: the userspace ceiling.
     XskFwd,
     /// (a) lbd, SNAT mode, VIP → 3 backends (established flows in the XDP fast path).
@@ -53,9 +56,8 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::XdpRedirect,
-        Scenario::XdpNatModel,
         Scenario::XskFwd,
         Scenario::XlbSnat,
         Scenario::XlbSnatWorkers,
@@ -67,7 +69,6 @@ impl Scenario {
     pub fn label(self) -> &'static str {
         match self {
             Scenario::XdpRedirect => "XDP redirect (ceiling)",
-            Scenario::XdpNatModel => "XDP NAT (fast-path model)",
             Scenario::XskFwd => "AF_XDP fwd (bare)",
             Scenario::XlbSnat => "xlb SNAT",
             Scenario::XlbSnatWorkers => "xlb SNAT, workers only",
@@ -83,6 +84,15 @@ impl Scenario {
 
     fn has_latency(self) -> bool {
         matches!(self, Scenario::XlbSnat | Scenario::NftDnat)
+    }
+
+    /// Established TCP through the VIP with real stacks (iperf3, wrk): the load
+    /// balancers, with and without xlb's fast path.
+    fn has_tcp(self) -> bool {
+        matches!(
+            self,
+            Scenario::XlbSnat | Scenario::XlbSnatWorkers | Scenario::NftDnat
+        )
     }
 }
 
@@ -127,6 +137,9 @@ pub struct RunOptions {
     /// Latency: seconds per system [default: 10; smoke: 1].
     #[arg(long)]
     pub latency_seconds: Option<f64>,
+    /// TCP (iperf3, wrk): whole seconds per run [default: 5; smoke: 1].
+    #[arg(long)]
+    pub tcp_seconds: Option<u32>,
     /// Skip the callgrind/engine costs.
     #[arg(long)]
     pub no_cost: bool,
@@ -141,6 +154,7 @@ struct Plan {
     seconds: f64,
     warmup: f64,
     latency_seconds: f64,
+    tcp_seconds: u32,
 }
 
 impl Plan {
@@ -174,6 +188,7 @@ impl Plan {
             latency_seconds: o
                 .latency_seconds
                 .unwrap_or(if o.smoke { 1.0 } else { 10.0 }),
+            tcp_seconds: o.tcp_seconds.unwrap_or(if o.smoke { 1 } else { 5 }),
         }
     }
 }
@@ -385,7 +400,13 @@ fn start_lbd(bins: &Bins, o: &RunOptions, dir: &Path, s: Scenario) -> Result<Sut
         std::thread::sleep(Duration::from_millis(100));
     }
     if !s.egress() {
-        for (port, proto) in [(9, "udp"), (9, "tcp"), (ECHO_PORT, "udp")] {
+        for (port, proto) in [
+            (9, "udp"),
+            (9, "tcp"),
+            (ECHO_PORT, "udp"),
+            (IPERF_PORT, "tcp"),
+            (HTTP_PORT, "tcp"),
+        ] {
             let fe = format!("{VIP}:{port}/{proto}");
             let mut a = vec!["service".to_string(), "add".into(), fe];
             for b in BACKENDS {
@@ -418,14 +439,14 @@ fn nft_rules(s: Scenario) -> String {
     } else {
         format!(
             "table ip xbench {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
-             ip daddr {VIP} meta l4proto {{ tcp, udp }} th dport {{ {ECHO_PORT}, 9 }} dnat to numgen random mod 3 map {{ {backends} }}\n  }}\n  \
+             ip daddr {VIP} meta l4proto {{ tcp, udp }} th dport {{ {ECHO_PORT}, 9, {IPERF_PORT}, {HTTP_PORT} }} dnat to numgen random mod 3 map {{ {backends} }}\n  }}\n  \
              chain post {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
              ct status dnat oifname \"lbout\" masquerade fully-random\n  }}\n}}\n"
         )
     }
 }
 
-fn start_sut(bins: &Bins, o: &RunOptions, plan: &Plan, dir: &Path, s: Scenario) -> Result<Sut> {
+fn start_sut(bins: &Bins, o: &RunOptions, dir: &Path, s: Scenario) -> Result<Sut> {
     let srv_mac = mac_of(SRV_NS, "srv0")?;
     let me = bins.me.clone();
     let log = dir.join(format!("{s:?}.log"));
@@ -447,30 +468,6 @@ fn start_sut(bins: &Bins, o: &RunOptions, plan: &Plan, dir: &Path, s: Scenario) 
     };
     match s {
         Scenario::XdpRedirect => reference(&["redirect", "--out", "lbout", "--next-hop", &srv_mac]),
-        Scenario::XdpNatModel => {
-            let max = plan.flows.iter().copied().max().unwrap_or(1).to_string();
-            let mut a = vec![
-                "natfast",
-                "--out",
-                "lbout",
-                "--next-hop",
-                &srv_mac,
-                "--flows",
-                &max,
-                "--src",
-                "10.99.0.1",
-                "--dst",
-                VIP,
-                "--snat",
-                "10.20.0.1",
-                "--proto",
-                &o.proto,
-            ];
-            for b in BACKENDS {
-                a.extend(["--backend", b]);
-            }
-            reference(&a)
-        }
         Scenario::XskFwd => {
             let a: Vec<String> = [
                 me.as_str(),
@@ -660,6 +657,110 @@ fn latency(bins: &Bins, o: &RunOptions, plan: &Plan, s: Scenario, dir: &Path) ->
     Ok(l)
 }
 
+/// Established TCP through the VIP with real stacks, `plan.runs` times: one iperf3
+/// stream (Gbit/s received) and keep-alive HTTP with wrk against nginx (requests/s).
+/// Clients in xb-gen, servers in xb-srv, all on the generator's CPU, as the generator
+/// is; what the system under test does in its own context runs on its CPU.
+fn tcp(o: &RunOptions, plan: &Plan, s: Scenario, dir: &Path) -> Result<TcpPoint> {
+    let cpu = o.gen_cpu.to_string();
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx-error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n\
+             fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen {HTTP_PORT}; keepalive_requests 1000000;\n\
+             location / {{ return 200 \"ok\\n\"; }} }} }}\n"
+        ),
+    )?;
+    let srv = |args: &[&str], log: &str| -> Result<Proc> {
+        let mut a = vec!["taskset".to_string(), "-c".into(), cpu.clone()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        Proc::spawn(SRV_NS, &a, &dir.join(log))
+    };
+    let _nginx = srv(&["nginx", "-c", &conf.to_string_lossy()], "nginx.log")?;
+    let iperf_log = dir.join("iperf3-server.log");
+    let _iperf = srv(
+        &[
+            "iperf3",
+            "-s",
+            "-p",
+            &IPERF_PORT.to_string(),
+            "--logfile",
+            &iperf_log.to_string_lossy(),
+        ],
+        "iperf3-server.err",
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let client = |args: &[&str]| -> Result<String> {
+        let mut a = vec!["ip", "netns", "exec", GEN_NS, "taskset", "-c", &cpu];
+        a.extend_from_slice(args);
+        sh(&a)
+    };
+    let secs = plan.tcp_seconds.max(1).to_string();
+    let (mut gbps, mut rps, mut errors) = (Vec::new(), Vec::new(), 0u64);
+    for _ in 0..plan.runs {
+        let out = client(&[
+            "iperf3",
+            "-c",
+            VIP,
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &secs,
+            "-J",
+        ])?;
+        let j: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+        let bps = j["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("iperf3 reported no received rate: {out}"))?;
+        gbps.push(bps / 1e9);
+        let out = client(&[
+            "wrk",
+            "-t1",
+            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-d{secs}s"),
+            &format!("http://{VIP}:{HTTP_PORT}/"),
+        ])?;
+        let (r, e) = wrk_figures(&out)?;
+        rps.push(r);
+        errors += e;
+    }
+    Ok(TcpPoint {
+        scenario: s,
+        iperf3: Summary::of(&gbps),
+        iperf3_runs: gbps,
+        wrk: Summary::of(&rps),
+        wrk_runs: rps,
+        wrk_errors: errors,
+    })
+}
+
+/// wrk's requests/s and its errors (socket errors and non-2xx answers).
+pub fn wrk_figures(out: &str) -> Result<(f64, u64)> {
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no Requests/sec in wrk's output: {out}"))?;
+    let mut errors = 0;
+    for l in out.lines().map(str::trim) {
+        if let Some(rest) = l.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if let Some(n) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += n.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    Ok((rps, errors))
+}
+
 /// Instructions per packet of each engine case, from two callgrind runs.
 fn costs(bins: &Bins, pb: &ProgressBar) -> Result<CostResult> {
     let collected = |case: Case, n: u32| -> Result<u64> {
@@ -724,7 +825,8 @@ pub fn run(o: RunOptions) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let points = plan.scenarios.len() * plan.flows.len() * plan.sizes.len() * plan.runs;
     let lat = plan.scenarios.iter().filter(|s| s.has_latency()).count();
-    let pb = ProgressBar::new((points + lat + usize::from(!o.no_cost)) as u64);
+    let tcps = plan.scenarios.iter().filter(|s| s.has_tcp()).count();
+    let pb = ProgressBar::new((points + lat + tcps + usize::from(!o.no_cost)) as u64);
     pb.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
             .progress_chars("=> "),
@@ -733,8 +835,10 @@ pub fn run(o: RunOptions) -> Result<()> {
         meta: Meta::now(&o, plan.runs, plan.warmup, plan.seconds),
         pps: Vec::new(),
         latency: Vec::new(),
+        tcp: Vec::new(),
         cost: None,
     };
+    results.meta.tcp_seconds = plan.tcp_seconds;
     let outcome = (|| -> Result<()> {
         for &s in &plan.scenarios {
             pb.set_message(format!("{}: setting up", s.label()));
@@ -755,7 +859,7 @@ pub fn run(o: RunOptions) -> Result<()> {
                 &logs.join("sink.log"),
             )?);
             sink.0.ready()?;
-            let sut = start_sut(&bins, &o, &plan, &logs, s)?;
+            let sut = start_sut(&bins, &o, &logs, s)?;
             let dst_mac = mac_of(LB_NS, "lbin")?;
             for &size in &plan.sizes {
                 for &flows in &plan.flows {
@@ -821,6 +925,22 @@ pub fn run(o: RunOptions) -> Result<()> {
                 ),
                 );
                 results.latency.push(l);
+                pb.inc(1);
+            }
+            if s.has_tcp() {
+                pb.set_message(format!("{}: TCP (iperf3, wrk)", s.label()));
+                let t = tcp(&o, &plan, s, &logs)?;
+                say(
+                    &pb,
+                    format!(
+                        "{:<24} iperf3 {:.2} Gbit/s  wrk {:.0} requests/s ({} errors)",
+                        s.label(),
+                        t.iperf3.median,
+                        t.wrk.median,
+                        t.wrk_errors
+                    ),
+                );
+                results.tcp.push(t);
                 pb.inc(1);
             }
             if let Ok(stats) = sut.lbctl(&["stats"]) {

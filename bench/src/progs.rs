@@ -220,17 +220,6 @@ pub enum Reference {
     Cpu { cpu: u32 },
     /// IPv4 into the AF_XDP socket of the rx queue (the bare forwarder's steering).
     Xsk,
-    /// The fast-path model: established flows rewritten and redirected in XDP out of
-    /// `out` to `next_hop`; flows come from [`Fwd::add_nat_flow`].
-    NatFast { out: String, next_hop: [u8; 6] },
-}
-
-/// A flow for the fast-path model: the packet's 5-tuple and what it becomes.
-#[derive(Debug, Clone, Copy)]
-pub struct NatFlow {
-    pub from: (Ipv4Addr, u16, Ipv4Addr, u16),
-    pub to: (Ipv4Addr, u16, Ipv4Addr, u16),
-    pub proto: u8,
 }
 
 pub struct Fwd {
@@ -248,7 +237,6 @@ impl Fwd {
                 mac_u64(mac(out)?),
                 0,
             ),
-            Reference::NatFast { out, .. } => ("xb_natfast", ifindex(out)?, 0, 0, 0),
             Reference::Cpu { cpu } => ("xb_cpu", 0, 0, 0, *cpu),
             Reference::Xsk => ("xb_xsk", 0, 0, 0, 0),
         };
@@ -268,34 +256,6 @@ impl Fwd {
                 .with_context(|| format!("cpumap entry for CPU {cpu}"))?;
         }
         Ok(Fwd { ebpf })
-    }
-
-    /// Add a flow to the fast-path model's map (Reference::NatFast); `macs` are the
-    /// next hop's and the outgoing interface's.
-    pub fn add_nat_flow(&mut self, f: &NatFlow, macs: ([u8; 6], [u8; 6])) -> Result<()> {
-        let m = self
-            .ebpf
-            .map_mut("nat_flows")
-            .ok_or_else(|| anyhow!("nat_flows missing"))?;
-        let mut map: aya::maps::HashMap<&mut MapData, [u8; 16], [u8; 24]> =
-            aya::maps::HashMap::try_from(m)?;
-        let tuple = |t: (Ipv4Addr, u16, Ipv4Addr, u16)| {
-            let mut b = [0u8; 12];
-            b[..4].copy_from_slice(&t.0.octets());
-            b[4..8].copy_from_slice(&t.2.octets());
-            b[8..10].copy_from_slice(&t.1.to_be_bytes());
-            b[10..12].copy_from_slice(&t.3.to_be_bytes());
-            b
-        };
-        let mut k = [0u8; 16];
-        k[..12].copy_from_slice(&tuple(f.from));
-        k[12] = f.proto;
-        let mut v = [0u8; 24];
-        v[..12].copy_from_slice(&tuple(f.to));
-        v[12..18].copy_from_slice(&macs.0);
-        v[18..].copy_from_slice(&macs.1);
-        map.insert(k, v, 0)?;
-        Ok(())
     }
 
     /// Put an AF_XDP socket into the XSKMAP at `queue` (Reference::Xsk).

@@ -29,6 +29,9 @@ pub struct Meta {
     pub warmup_s: f64,
     pub seconds: f64,
     pub latency_rate: u32,
+    /// Seconds per TCP run (absent in reports from before TCP was measured).
+    #[serde(default)]
+    pub tcp_seconds: u32,
 }
 
 fn first_line(path: &str, key: Option<&str>) -> String {
@@ -66,6 +69,7 @@ impl Meta {
             warmup_s,
             seconds,
             latency_rate: o.latency_rate,
+            tcp_seconds: 0,
         }
     }
 }
@@ -95,6 +99,19 @@ pub struct Latency {
     pub max_us: f64,
 }
 
+/// Established TCP through the VIP with real stacks (see `harness::tcp`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TcpPoint {
+    pub scenario: Scenario,
+    /// One iperf3 stream, Gbit/s received: summary and runs.
+    pub iperf3: Summary,
+    pub iperf3_runs: Vec<f64>,
+    /// wrk, keep-alive: requests/s, summary and runs, and errors over all runs.
+    pub wrk: Summary,
+    pub wrk_runs: Vec<f64>,
+    pub wrk_errors: u64,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CostResult {
     pub instructions_per_packet: Vec<(Case, f64)>,
@@ -110,6 +127,9 @@ pub struct Results {
     pub meta: Meta,
     pub pps: Vec<PpsPoint>,
     pub latency: Vec<Latency>,
+    /// Absent in reports from before TCP was measured.
+    #[serde(default)]
+    pub tcp: Vec<TcpPoint>,
     pub cost: Option<CostResult>,
 }
 
@@ -123,6 +143,13 @@ impl Results {
 
     fn ratio(&self, a: Scenario, b: Scenario, flows: u32, size: usize) -> Option<f64> {
         let (x, y) = (self.median(a, flows, size)?, self.median(b, flows, size)?);
+        (y > 0.0).then(|| x / y)
+    }
+
+    /// `a`'s TCP figure over `b`'s (`f` picks iperf3 or wrk).
+    fn tcp_ratio(&self, a: Scenario, b: Scenario, f: fn(&TcpPoint) -> f64) -> Option<f64> {
+        let get = |s| self.tcp.iter().find(|t| t.scenario == s).map(f);
+        let (x, y) = (get(a)?, get(b)?);
         (y > 0.0).then(|| x / y)
     }
 
@@ -197,9 +224,9 @@ pub fn markdown(r: &Results) -> String {
         rule.push_str("---:|");
     }
     head.push_str(
-        " xlb / nft (LB) | xlb / workers only | xlb / XDP redirect | xlb / nft (egress) | XDP NAT model / xlb |",
+        " xlb / nft (LB) | xlb / workers only | xlb / XDP redirect | xlb / nft (egress) |",
     );
-    rule.push_str("---:|---:|---:|---:|---:|");
+    rule.push_str("---:|---:|---:|---:|");
     let _ = writeln!(m, "{head}\n{rule}");
     for &size in &sizes {
         for &f in &flows {
@@ -223,12 +250,11 @@ pub fn markdown(r: &Results) -> String {
             let x = |v: Option<f64>| opt(v, |v| format!("{v:.2}×"));
             let _ = writeln!(
                 m,
-                " {} | {} | {} | {} | {} |",
+                " {} | {} | {} | {} |",
                 x(r.ratio(Scenario::XlbSnat, Scenario::NftDnat, f, size)),
                 x(r.ratio(Scenario::XlbSnat, Scenario::XlbSnatWorkers, f, size)),
                 x(r.ratio(Scenario::XlbSnat, Scenario::XdpRedirect, f, size)),
                 x(r.ratio(Scenario::XlbMasq, Scenario::NftMasq, f, size)),
-                x(r.ratio(Scenario::XdpNatModel, Scenario::XlbSnat, f, size)),
             );
         }
     }
@@ -253,6 +279,37 @@ pub fn markdown(r: &Results) -> String {
                 l.max_us,
                 l.received,
                 l.sent
+            );
+        }
+    }
+    if !r.tcp.is_empty() {
+        let _ = writeln!(
+            m,
+            "\n### TCP through the VIP (established connections, real stacks; median, min–max of {} runs of {} s)\n",
+            meta.runs, meta.tcp_seconds
+        );
+        let _ = writeln!(
+            m,
+            "One iperf3 stream, and wrk keep-alive HTTP ({WRK} connections, one thread) against \
+             nginx; clients in `xb-gen`, servers on the backends' addresses in `xb-srv`.\n",
+            WRK = crate::harness::WRK_CONNECTIONS
+        );
+        let _ = writeln!(
+            m,
+            "| system | iperf3 Gbit/s | wrk requests/s | wrk errors |\n|---|---:|---:|---:|"
+        );
+        for t in &r.tcp {
+            let _ = writeln!(
+                m,
+                "| {} | {:.2} ({:.2}–{:.2}) | {:.0} ({:.0}–{:.0}) | {} |",
+                t.scenario.label(),
+                t.iperf3.median,
+                t.iperf3.min,
+                t.iperf3.max,
+                t.wrk.median,
+                t.wrk.min,
+                t.wrk.max,
+                t.wrk_errors
             );
         }
     }
@@ -323,6 +380,18 @@ pub fn markdown(r: &Results) -> String {
             .map(|v| v * 100.0),
         " %",
         &|v| v >= 85.0,
+    );
+    target(
+        "single-stream iperf3 through xlb ≥ 1.0× nftables",
+        r.tcp_ratio(Scenario::XlbSnat, Scenario::NftDnat, |t| t.iperf3.median),
+        "×",
+        &|v| v >= 1.0,
+    );
+    target(
+        "keep-alive HTTP (wrk) through xlb ≥ 1.0× nftables",
+        r.tcp_ratio(Scenario::XlbSnat, Scenario::NftDnat, |t| t.wrk.median),
+        "×",
+        &|v| v >= 1.0,
     );
     let engine = |c: Case| Some(r.instr(c)? - r.instr(Case::Copy).unwrap_or(0.0));
     target(
@@ -580,6 +649,16 @@ pub fn check(r: &Results) -> Result<()> {
             ));
         }
     }
+    for t in &r.tcp {
+        if t.iperf3.min <= 0.0 || t.wrk.min <= 0.0 {
+            bad.push(format!(
+                "{}: TCP through the VIP moved nothing (iperf3 {:.2} Gbit/s, wrk {:.0} requests/s)",
+                t.scenario.label(),
+                t.iperf3.min,
+                t.wrk.min
+            ));
+        }
+    }
     if let Some(c) = &r.cost {
         for (case, v) in &c.instructions_per_packet {
             if *v <= 0.0 {
@@ -615,6 +694,7 @@ mod tests {
                 warmup_s: 0.3,
                 seconds: 0.5,
                 latency_rate: 2000,
+                tcp_seconds: 1,
             },
             pps: vec![PpsPoint {
                 scenario: Scenario::XlbSnat,
@@ -634,6 +714,7 @@ mod tests {
                 p999_us: 900.0,
                 max_us: 1000.0,
             }],
+            tcp: Vec::new(),
             cost: None,
         }
     }
@@ -671,5 +752,49 @@ mod tests {
             m.contains("| xlb SNAT ≥ 3× nftables (1 k flows, 64 B) | 2.00× | no |"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn tcp_figures_have_their_table_their_targets_and_their_check() {
+        let mut r = results(3.0e5, 1990);
+        let point = |s, gbps: f64, rps: f64| TcpPoint {
+            scenario: s,
+            iperf3: Summary::of(&[gbps]),
+            iperf3_runs: vec![gbps],
+            wrk: Summary::of(&[rps]),
+            wrk_runs: vec![rps],
+            wrk_errors: 0,
+        };
+        r.tcp.push(point(Scenario::XlbSnat, 3.0, 40_000.0));
+        r.tcp.push(point(Scenario::NftDnat, 2.0, 50_000.0));
+        let m = markdown(&r);
+        assert!(
+            m.contains("| xlb SNAT | 3.00 (3.00–3.00) | 40000 (40000–40000) | 0 |"),
+            "{m}"
+        );
+        assert!(
+            m.contains("| single-stream iperf3 through xlb ≥ 1.0× nftables | 1.50× | yes |"),
+            "{m}"
+        );
+        assert!(
+            m.contains("| keep-alive HTTP (wrk) through xlb ≥ 1.0× nftables | 0.80× | no |"),
+            "{m}"
+        );
+        assert!(check(&r).is_ok());
+        r.tcp.push(point(Scenario::XlbSnatWorkers, 0.0, 10.0));
+        let e = check(&r)
+            .expect_err("a TCP run that moved nothing")
+            .to_string();
+        assert!(e.contains("xlb SNAT, workers only: TCP"), "{e}");
+    }
+
+    #[test]
+    fn wrk_output_is_read_with_its_errors() {
+        let out = "Running 1s test @ http://10.96.0.10:80/\n  1 threads and 16 connections\n\
+                   \x20 Socket errors: connect 0, read 2, write 0, timeout 1\n\
+                   \x20 Non-2xx or 3xx responses: 4\nRequests/sec:  12345.67\nTransfer/sec:      1.23MB\n";
+        let (rps, errors) = crate::harness::wrk_figures(out).expect("figures");
+        assert_eq!((rps, errors), (12345.67, 7));
+        assert!(crate::harness::wrk_figures("no figures").is_err());
     }
 }

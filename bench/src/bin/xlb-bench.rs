@@ -124,28 +124,6 @@ enum RefMode {
         #[arg(long, value_parser = progs::parse_mac)]
         next_hop: [u8; 6],
     },
-    /// The XDP fast-path model: established flows (the generator's first FLOWS, as the
-    /// `gen` defaults lay them out) rewritten to SNAT:port → backend and redirected.
-    Natfast {
-        #[arg(long)]
-        out: String,
-        #[arg(long, value_parser = progs::parse_mac)]
-        next_hop: [u8; 6],
-        #[arg(long)]
-        flows: u32,
-        #[arg(long)]
-        src: Ipv4Addr,
-        #[arg(long)]
-        dst: Ipv4Addr,
-        #[arg(long, default_value_t = 9)]
-        dport: u16,
-        #[arg(long)]
-        snat: Ipv4Addr,
-        #[arg(long = "backend", required = true)]
-        backends: Vec<Ipv4Addr>,
-        #[arg(long, value_parser = ["udp", "tcp"], default_value = "udp")]
-        proto: String,
-    },
     /// Every frame to the kernel's stack on CPU (cpumap), e.g. for nftables.
     Cpu {
         #[arg(long, default_value_t = 1)]
@@ -339,41 +317,11 @@ fn xsk_fwd(input: &str, out: &str, next_hop: [u8; 6], cpu: usize, busy: bool) ->
 }
 
 fn reference(iface: &str, mode: RefMode) -> Result<()> {
-    let mut flows = Vec::new();
-    let mut macs = ([0u8; 6], [0u8; 6]);
     let r = match mode {
         RefMode::Redirect { out, next_hop } => Reference::Redirect { out, next_hop },
         RefMode::Cpu { cpu } => Reference::Cpu { cpu },
-        RefMode::Natfast {
-            out,
-            next_hop,
-            flows: n,
-            src,
-            dst,
-            dport,
-            snat,
-            backends,
-            proto,
-        } => {
-            macs = (next_hop, progs::mac(&out)?);
-            let per_addr = 50_000u32; // gen's --ports-per-addr default
-            for i in 0..n {
-                let b = backends[i as usize % backends.len()];
-                let client = Ipv4Addr::from(u32::from(src) + i / per_addr);
-                let sport = 1024 + (i % per_addr) as u16;
-                flows.push(progs::NatFlow {
-                    from: (client, sport, dst, dport),
-                    to: (snat, 1024 + (i % 60_000) as u16, b, dport),
-                    proto: if proto == "tcp" { 6 } else { 17 },
-                });
-            }
-            Reference::NatFast { out, next_hop }
-        }
     };
-    let mut fwd = Fwd::attach(iface, &r)?;
-    for f in &flows {
-        fwd.add_nat_flow(f, macs)?;
-    }
+    let _fwd = Fwd::attach(iface, &r)?;
     println!("ready");
     let stop = until_stdin_closes();
     while !stop.load(Ordering::Relaxed) {
