@@ -197,8 +197,12 @@ pub struct TranslationView {
     /// Seconds since the last packet.
     pub idle_s: f64,
     pub worker: u16,
+    /// Packets each way, by the worker and the XDP fast path together.
     pub packets_out: u64,
     pub packets_in: u64,
+    /// Its two directions are executed in XDP (the fast path) now.
+    #[serde(default)]
+    pub fast_path: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -44,6 +44,14 @@ impl core::hash::Hash for FlowKey {
     }
 }
 
+impl FlowKey {
+    /// The same 5-tuple as the flow-action record keys it (`flowrec::FlowKey`, what the
+    /// XDP fast path and its maps use).
+    pub fn flowrec(&self) -> flowrec::FlowKey {
+        flowrec::FlowKey::v4(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
     /// Client → VIP.

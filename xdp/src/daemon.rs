@@ -30,7 +30,7 @@ use control::proto::{
 };
 use control::server::{Handler, Peer};
 use crossbeam_channel::{Receiver, Sender};
-use lb::flow::{Flow, FlowKey, FlowKind};
+use lb::flow::{FlowKey, FlowKind};
 use lb::netview::{NetView, NextHopError};
 use lb::service::{Op, ServiceTable};
 use lb::snapshot::{DatapathConfig, MasqState, NatAddr, SnatConfig};
@@ -352,7 +352,8 @@ fn endpoint(addr: [u8; 4], port: u16, proto: u8) -> String {
     }
 }
 
-fn translation(f: &Flow, worker: u16, now: u64) -> TranslationView {
+fn translation(c: &crate::worker::FlowCopy, worker: u16, now: u64) -> TranslationView {
+    let f = &c.flow;
     let (k, out) = (f.keys[0], f.rewrite[0]);
     let proto = match k.proto {
         lb::wire::ipv4::PROTO_TCP => "tcp",
@@ -377,8 +378,9 @@ fn translation(f: &Flow, worker: u16, now: u64) -> TranslationView {
         state: f.state.name().into(),
         idle_s: (now.saturating_sub(f.last_seen) as f64 / 1e9 * 10.0).round() / 10.0,
         worker,
-        packets_out: u64::from(f.packets[0]),
-        packets_in: u64::from(f.packets[1]),
+        packets_out: u64::from(f.packets[0]) + c.fast_packets[0],
+        packets_in: u64::from(f.packets[1]) + c.fast_packets[1],
+        fast_path: f.fast,
     }
 }
 

@@ -104,13 +104,22 @@ pub enum WorkerRequest {
     /// A copy of up to `limit` flows, and the worker's clock (ns) to age them.
     Flows {
         limit: usize,
-        reply: Sender<(Vec<lb::flow::Flow>, u64, bool)>,
+        reply: Sender<(Vec<FlowCopy>, u64, bool)>,
     },
     /// Live load-balanced flows by service and backend.
     BackendFlows(Sender<BackendFlows>),
 }
 
 pub use lb::pipeline::BackendFlows;
+
+/// A flow as `lbctl nat list` shows it: the worker's copy with what the XDP fast path did
+/// for it folded in (last seen, in the worker's clock), and the packets the fast path
+/// forwarded in each direction.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowCopy {
+    pub flow: lb::flow::Flow,
+    pub fast_packets: [u64; 2],
+}
 
 /// Everything a worker thread needs; built by the daemon, moved into the thread.
 pub struct WorkerSpec {
@@ -259,8 +268,13 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     let _ = reply.send(std::mem::take(&mut kept));
                 }
                 WorkerRequest::Flows { limit, reply } => {
-                    let flows: Vec<lb::flow::Flow> =
-                        engine.flows().iter().take(limit).copied().collect();
+                    let map = spec.fast_path.as_ref();
+                    let flows: Vec<FlowCopy> = engine
+                        .flows()
+                        .iter()
+                        .take(limit)
+                        .map(|f| flow_copy(f, map, mono_start))
+                        .collect();
                     let truncated = engine.flows().len() > limit;
                     let _ = reply.send((flows, now, truncated));
                 }
@@ -391,6 +405,31 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             last_work = start.elapsed().as_nanos() as u64;
         }
     }
+}
+
+/// `f` with the fast path's packets and last-seen (one lookup a direction, for
+/// installed flows only; an operator's request, not per packet).
+fn flow_copy(
+    f: &lb::flow::Flow,
+    map: Option<&crate::bpf::FastPathMap>,
+    mono_start: u64,
+) -> FlowCopy {
+    let mut c = FlowCopy {
+        flow: *f,
+        fast_packets: [0; 2],
+    };
+    let Some(map) = map.filter(|_| f.fast) else {
+        return c;
+    };
+    for (d, k) in f.keys.iter().enumerate() {
+        if let Some(e) = map.get(&k.flowrec()) {
+            c.fast_packets[d] = e.packets;
+            if e.last_seen != 0 {
+                c.flow.last_seen = c.flow.last_seen.max(e.last_seen.saturating_sub(mono_start));
+            }
+        }
+    }
+    c
 }
 
 /// Where the engine's events go.

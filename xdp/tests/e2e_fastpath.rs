@@ -86,8 +86,23 @@ fn established_flows_run_in_the_fast_path_with_their_bytes_intact() {
     // all of it in XDP, the workers seeing handshakes, the first datagrams and the end.
     assert!(fast >= 20_000, "fast path carried {fast}");
     assert!(worker_rx * 20 < fast, "workers saw {worker_rx} of {fast}");
-    // The UDP flow is still there, in the fast path.
+    // The UDP flow is still there, in the fast path; `nat list` counts what the fast
+    // path forwarded for it (the worker saw only its first exchange).
     assert!(fast_entries(&t) >= 2, "{}", t.lbctl(&["status"]));
+    let nat = t.lbctl_json(&["nat", "list"]);
+    let udp = nat["translations"]
+        .as_array()
+        .expect("translations")
+        .iter()
+        .find(|x| x["proto"] == "udp")
+        .cloned()
+        .unwrap_or_else(|| panic!("no UDP translation: {nat}"));
+    assert_eq!(udp["fast_path"], true, "{udp}");
+    for dir in ["packets_out", "packets_in"] {
+        let n = udp[dir].as_u64().unwrap_or(0);
+        assert!(n >= 1990, "{dir}: {n} of the 2000 datagrams counted: {udp}");
+    }
+    assert!(t.lbctl(&["nat", "list"]).contains(" xdp"));
 }
 
 /// A UDP flow kept alive by datagrams every 0.5 s for 14 s, with a 5 s UDP timeout (the

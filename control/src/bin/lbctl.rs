@@ -482,7 +482,7 @@ fn print_nat(n: &NatView) {
         return;
     }
     out!(
-        "{:<10} {:<5} {:<21} {:<21} {:<21} {:<12} {:>8} {:>6}",
+        "{:<10} {:<5} {:<21} {:<21} {:<21} {:<12} {:>8} {:>6} {:>10} {:>10}  PATH",
         "KIND",
         "PROTO",
         "INSIDE",
@@ -490,11 +490,13 @@ fn print_nat(n: &NatView) {
         "REMOTE",
         "STATE",
         "IDLE",
-        "WORKER"
+        "WORKER",
+        "PKTS OUT",
+        "PKTS IN"
     );
     for t in &n.translations {
         out!(
-            "{:<10} {:<5} {:<21} {:<21} {:<21} {:<12} {:>7.1}s {:>6}",
+            "{:<10} {:<5} {:<21} {:<21} {:<21} {:<12} {:>7.1}s {:>6} {:>10} {:>10}  {}",
             t.kind,
             t.proto,
             t.inside,
@@ -502,7 +504,10 @@ fn print_nat(n: &NatView) {
             t.remote,
             t.state,
             t.idle_s,
-            t.worker
+            t.worker,
+            t.packets_out,
+            t.packets_in,
+            if t.fast_path { "xdp" } else { "worker" }
         );
     }
     if n.truncated {

@@ -8,7 +8,7 @@
 use super::classify::{FragKey, Kind, Parsed};
 use super::execute::{rewrite, set_hop, Step};
 use super::{
-    fp_key, removal, timeout, Event, FragTarget, State, Verdict, CLOSING_SEQ_WINDOW, EVICT_SCAN,
+    removal, timeout, Event, FragTarget, State, Verdict, CLOSING_SEQ_WINDOW, EVICT_SCAN,
     FRAG_TIMEOUT_NS, MAX_PORT_TRIES, SEC,
 };
 use super::{AffinityKey, Sticky, AFFINITY_CAPACITY};
@@ -526,7 +526,7 @@ impl State {
                     .get(usize::from(rw.iface))
                     .map(|i| i.ifindex);
                 (
-                    fp_key(&f.keys[dir]),
+                    f.keys[dir].flowrec(),
                     flowrec::FlowEntry {
                         generation: f.generation,
                         last_seen: 0,
@@ -545,8 +545,10 @@ impl State {
                 f.fast_gen = f.generation;
             }
         } else if !qualifies && f.fast {
-            self.events
-                .push(Event::FastRemove([fp_key(&f.keys[0]), fp_key(&f.keys[1])]));
+            self.events.push(Event::FastRemove([
+                f.keys[0].flowrec(),
+                f.keys[1].flowrec(),
+            ]));
             f.fast = false;
         }
     }

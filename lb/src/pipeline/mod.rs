@@ -309,11 +309,6 @@ struct Mapped<'a> {
     events: &'a mut Events,
 }
 
-/// The flowrec key of a flow key.
-fn fp_key(k: &FlowKey) -> flowrec::FlowKey {
-    flowrec::FlowKey::v4(k.src, k.dst, k.sport, k.dport, k.proto)
-}
-
 /// One mapping more (`up`) or fewer on `addr`, if it is a pool address.
 fn count_use(
     pool_use: &mut [u64; nat::MAX_POOL],
@@ -371,8 +366,10 @@ fn map_key(f: &Flow) -> MapKey {
 /// kept masqueraded flow) its keep entry, reported.
 fn gone(maps: &mut Mapped<'_>, f: &Flow) {
     if f.fast {
-        maps.events
-            .push(Event::FastRemove([fp_key(&f.keys[0]), fp_key(&f.keys[1])]));
+        maps.events.push(Event::FastRemove([
+            f.keys[0].flowrec(),
+            f.keys[1].flowrec(),
+        ]));
     }
     if f.mapped {
         let key = map_key(f);
@@ -614,7 +611,7 @@ impl Engine {
             let mut idle = ended || now.saturating_sub(f.last_seen) > limit;
             // The fast path may have forwarded it since the worker last did.
             if idle && !ended && f.fast {
-                let seen = f.keys.iter().filter_map(|k| fp_seen(&fp_key(k))).max();
+                let seen = f.keys.iter().filter_map(|k| fp_seen(&k.flowrec())).max();
                 if let Some(t) = seen.filter(|&t| now.saturating_sub(t) <= limit) {
                     f.last_seen = t;
                     idle = false;
