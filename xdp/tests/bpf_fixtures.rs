@@ -5,6 +5,7 @@ mod common;
 
 use lb::fixtures::{self, Steer};
 use lb::masq_fixtures::{self as mf, Side};
+use lb::wire::build::verify;
 use lb::wire::ipv4::PROTO_UDP;
 use xdp::abi::Stat;
 use xdp::bpf::{Steering, SteeringState};
@@ -228,6 +229,200 @@ fn kept_flows_stay_steered_after_a_policy_change() {
     s.unkeep(&key);
     assert_eq!(s.kept(), 0);
     assert_eq!(steer_of(&mut s, &flow.build()), Steer::Pass, "released");
+}
+
+/// One row of the executor table: a frame, and the addresses and ports its action
+/// gives it.
+struct ActionRow {
+    name: &'static str,
+    frame: Vec<u8>,
+    to: ([u8; 4], [u8; 4], u16, u16),
+}
+
+/// The executor table: `(frame, action) → frame` rows covering what the executors
+/// treat differently (protocols, echo request and reply, odd lengths, a UDP datagram
+/// without checksum, one whose translated checksum computes to 0, TTL 2, Ethernet
+/// padding after the packet).
+fn action_rows() -> Vec<ActionRow> {
+    use lb::fixtures::{BACKEND, CLIENT, LB_MAC, SNAT, VIP};
+    use lb::wire::build::FrameSpec;
+    use lb::wire::ipv4::{PROTO_ICMP, PROTO_TCP};
+    use lb::wire::TcpFlags;
+    let spec = |proto: u8, payload: &[u8]| FrameSpec {
+        dst_mac: LB_MAC,
+        src: CLIENT,
+        dst: VIP,
+        proto,
+        sport: 40000,
+        dport: 80,
+        flags: TcpFlags::ACK | TcpFlags::PSH,
+        payload: payload.to_vec(),
+        ..FrameSpec::default()
+    };
+    let fwd = (SNAT, BACKEND, 61000, 8080);
+    let mut rows = vec![
+        ActionRow {
+            name: "tcp data",
+            frame: spec(PROTO_TCP, b"GET / HTTP/1.1\r\n\r\n").build(),
+            to: fwd,
+        },
+        ActionRow {
+            name: "tcp, one byte",
+            frame: spec(PROTO_TCP, b"x").build(),
+            to: fwd,
+        },
+        ActionRow {
+            name: "tcp, addresses only",
+            frame: spec(PROTO_TCP, b"ok").build(),
+            to: (SNAT, BACKEND, 40000, 80),
+        },
+        ActionRow {
+            name: "udp data",
+            frame: spec(PROTO_UDP, &[7u8; 100]).build(),
+            to: fwd,
+        },
+        ActionRow {
+            name: "udp, odd length",
+            frame: spec(PROTO_UDP, b"seven!!").build(),
+            to: fwd,
+        },
+        ActionRow {
+            name: "udp, ttl 2",
+            frame: FrameSpec {
+                ttl: 2,
+                ..spec(PROTO_UDP, b"last hop")
+            }
+            .build(),
+            to: fwd,
+        },
+        ActionRow {
+            name: "icmp echo request",
+            frame: FrameSpec {
+                sport: 0x1234,
+                dport: 7,
+                icmp_type: lb::wire::icmp::ECHO_REQUEST,
+                ..spec(PROTO_ICMP, b"ping")
+            }
+            .build(),
+            to: (SNAT, BACKEND, 0x4321, 0),
+        },
+        ActionRow {
+            name: "icmp echo reply",
+            frame: FrameSpec {
+                sport: 0x4321,
+                dport: 7,
+                icmp_type: lb::wire::icmp::ECHO_REPLY,
+                ..spec(PROTO_ICMP, b"pong")
+            }
+            .build(),
+            to: (SNAT, BACKEND, 0, 0x1234),
+        },
+    ];
+    // No UDP checksum (0): it stays 0.
+    let mut none = spec(PROTO_UDP, b"no checksum").build();
+    none[34 + 6..34 + 8].copy_from_slice(&[0, 0]);
+    rows.push(ActionRow {
+        name: "udp without checksum",
+        frame: none,
+        to: fwd,
+    });
+    // Ethernet padding after a short packet: the executors leave it.
+    let mut padded = spec(PROTO_UDP, b"hi").build();
+    padded.extend_from_slice(&[0; 16]);
+    rows.push(ActionRow {
+        name: "udp, ethernet padding",
+        frame: padded,
+        to: fwd,
+    });
+    // A datagram whose translated checksum computes to 0, which UDP sends as 0xffff.
+    let zero = (0..=u16::MAX)
+        .map(|v| spec(PROTO_UDP, &v.to_be_bytes()).build())
+        .find(|f| {
+            let mut out = f.clone();
+            let a = row_action(f, fwd);
+            lb::pipeline::execute::execute_action(&mut out, &a).is_ok()
+                && out[40..42] == [0xff, 0xff]
+        })
+        .expect("a payload whose translated UDP checksum is 0");
+    rows.push(ActionRow {
+        name: "udp, translated checksum 0 (sent as 0xffff)",
+        frame: zero,
+        to: fwd,
+    });
+    rows
+}
+
+/// The frame's key as the fast path looks it up, and the action of its row.
+fn row_key(frame: &[u8]) -> lb::flow::FlowKey {
+    let (ihl, proto) = (usize::from(frame[14] & 0x0f) * 4, frame[23]);
+    let l4 = &frame[14 + ihl..];
+    let word = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+    let (sport, dport) = match (proto, l4[0]) {
+        (1, 8) => (word(4), 0),
+        (1, _) => (0, word(4)),
+        _ => (word(0), word(2)),
+    };
+    lb::flow::FlowKey {
+        src: [frame[26], frame[27], frame[28], frame[29]],
+        dst: [frame[30], frame[31], frame[32], frame[33]],
+        sport,
+        dport,
+        proto,
+    }
+}
+
+fn row_action(frame: &[u8], to: ([u8; 4], [u8; 4], u16, u16)) -> flowrec::Action {
+    let from = row_key(frame);
+    let to = lb::flow::FlowKey {
+        src: to.0,
+        dst: to.1,
+        sport: to.2,
+        dport: to.3,
+        proto: from.proto,
+    };
+    let macs = (fixtures::LB_MAC, fixtures::BACKEND_MAC);
+    lb::pipeline::execute::nat_action(&from, &to, macs, 1500, lo_ifindex())
+}
+
+/// Every row of the executor table through the Rust executor and, by
+/// BPF_PROG_TEST_RUN, through the C one (the row's action installed as a current
+/// fast-path entry): the same bytes, and checksums right by full recomputation.
+#[test]
+fn the_executors_agree_on_every_row_of_the_action_table() {
+    if !common::privileged("the_executors_agree_on_every_row_of_the_action_table") {
+        return;
+    }
+    const XDP_REDIRECT: u32 = 4;
+    let mut s = loaded();
+    let mut map = s.fast_path_map().expect("fp_flows");
+    s.set_fast_path_generation(7).expect("generation");
+    let rows = action_rows();
+    assert!(rows.len() >= 11);
+    for row in rows {
+        let what = row.name;
+        let action = row_action(&row.frame, row.to);
+        let key = row_key(&row.frame).flowrec();
+        let entry = flowrec::FlowEntry {
+            generation: 7,
+            last_seen: 0,
+            packets: 0,
+            bytes: 0,
+            worker: 0,
+            slot: 0,
+            action,
+        };
+        map.install(&key, &entry).expect("install");
+        let mut rust = row.frame.clone();
+        lb::pipeline::execute::execute_action(&mut rust, &action).expect("rust executes");
+        assert_ne!(rust, row.frame, "{what}: rewritten");
+        let (ret, c) = s.test_run_frame(&row.frame).expect("test run");
+        assert_eq!(ret, XDP_REDIRECT, "{what}: executed and redirected");
+        assert_eq!(c, rust, "{what}: C and Rust bytes");
+        assert_eq!(verify(&c), (true, true), "{what}: checksums");
+        let hit = map.get(&key).expect("entry");
+        assert_eq!(hit.packets, 1, "{what}: counted once");
+        assert!(map.remove(&key));
+    }
 }
 
 /// The C executor against the Rust one on a masqueraded ICMP echo: installed once the

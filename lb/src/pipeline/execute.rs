@@ -466,6 +466,51 @@ pub(super) fn rewrite(
     }
 }
 
+/// The NAT action turning packets with key `from` into `to`'s addresses and ports, sent
+/// from `src_mac` to `dst_mac` out of `ifindex` (MTU `mtu`): what a worker installs for
+/// a flow direction, checksum deltas included.
+pub fn nat_action(
+    from: &FlowKey,
+    to: &FlowKey,
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    mtu: u16,
+    ifindex: u32,
+) -> flowrec::Action {
+    let hop = NextHop {
+        iface: 0,
+        src_mac,
+        dst_mac,
+        mtu,
+    };
+    action(
+        &rewrite(from, to.src, to.dst, to.sport, to.dport, hop),
+        ifindex,
+    )
+}
+
+/// Execute a NAT flow-action record on a frame as a worker applies its flow's rewrite:
+/// the Rust half of the executor contract with `xdp/bpf/execute.h` (tests hold the two
+/// to the same bytes). An error when the frame does not classify; the frame is then
+/// untouched.
+pub fn execute_action(frame: &mut [u8], a: &flowrec::Action) -> Result<(), DropReason> {
+    let p = super::classify::classify(frame)?;
+    let v4 = |b: [u8; 16]| [b[0], b[1], b[2], b[3]];
+    let rw = Rewrite {
+        src: v4(a.src),
+        dst: v4(a.dst),
+        sport: u16::from_be_bytes(a.sport),
+        dport: u16::from_be_bytes(a.dport),
+        src_mac: a.src_mac,
+        dst_mac: a.dst_mac,
+        iface: 0,
+        mtu: a.mtu,
+        ip_delta: Delta(a.ip_delta),
+        l4_delta: Delta(a.l4_delta),
+    };
+    apply(frame, &p, &rw);
+    Ok(())
+}
+
 /// The flow-action record of a rewrite, sent out of `ifindex`: what the XDP fast path
 /// executes (`xdp/bpf/execute.h`) to the same bytes as [`apply`].
 pub fn action(rw: &Rewrite, ifindex: u32) -> flowrec::Action {
