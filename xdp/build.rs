@@ -4,5 +4,17 @@ include!("build_bpf.rs");
 
 fn main() {
     // The DSR backend decapsulator will join the steering program.
-    compile_bpf(&["xlb"], &["bpf/xlb.h", "bpf/flowrec.h", "bpf/execute.h"]);
+    compile_bpf(
+        &["xlb"],
+        &[
+            "bpf/xlb.h",
+            "bpf/flowrec.h",
+            "bpf/execute.h",
+            "bpf/maps.h",
+            "bpf/parse.h",
+            "bpf/fastpath.h",
+            "bpf/icmp.h",
+            "bpf/csum.h",
+        ],
+    );
 }

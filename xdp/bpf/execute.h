@@ -14,30 +14,8 @@
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include "flowrec.h"
-
-/* The ICMP header (RFC 792); linux/icmp.h drags in libc headers. */
-struct icmphdr {
-	__u8 type;
-	__u8 code;
-	__sum16 checksum;
-	__be16 id;	/* echo; "unused" or next-hop MTU in errors */
-	__be16 sequence;
-};
-
-/* RFC 1624 eqn. 3: HC' = ~(~HC + delta), one's-complement, on a native-order value. */
-static __always_inline __u16 csum_add_delta(__u16 field, __u16 delta)
-{
-	__u32 acc = (__u32)(__u16)~field + delta;
-
-	acc = (acc & 0xffff) + (acc >> 16);
-	acc = (acc & 0xffff) + (acc >> 16);
-	return (__u16)~acc;
-}
-
-static __always_inline void csum_apply(__sum16 *field, __u16 delta)
-{
-	*field = bpf_htons(csum_add_delta(bpf_ntohs(*field), delta));
-}
+#include "icmp.h"
+#include "csum.h"
 
 /* Execute NAT action `a` on the IPv4 packet `ip` (TTL >= 2, no options checked by the
  * caller) whose L4 header is at `l4`. Nothing is written unless the whole rewrite can
