@@ -9,9 +9,15 @@
 
 use lb::netview::{IfaceInfo, NeighbourEntry, NetView, Route};
 use netlink_packet_core::{
+    DecodeError, DefaultNla, Emitable, Nla, NlasIterator, Parseable, ParseableParametrized,
+};
+use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
+use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
+use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
+use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::neighbour::{
@@ -19,7 +25,10 @@ use netlink_packet_route::neighbour::{
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_sys::{
+    protocols::{NETLINK_GENERIC, NETLINK_ROUTE},
+    Socket, SocketAddr,
+};
 use std::net::{IpAddr, Ipv4Addr};
 
 #[derive(Debug, thiserror::Error)]
@@ -296,4 +305,124 @@ pub fn local_port_range() -> Option<(u16, u16)> {
     let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
     let mut it = s.split_whitespace().filter_map(|x| x.parse().ok());
     Some((it.next()?, it.next()?))
+}
+
+/// `NETDEV_XDP_ACT_NDO_XMIT` (include/uapi/linux/netdev.h): the device takes frames other
+/// devices' XDP programs redirect to it. A veth has it only while its peer runs an XDP
+/// program or has GRO on (kernel commit 8267fc71, "veth: take into account peer device
+/// for NETDEV_XDP_ACT_NDO_XMIT"); without it a redirect into the device is dropped
+/// silently.
+pub const XDP_ACT_NDO_XMIT: u64 = 1 << 2;
+const NETDEV_CMD_DEV_GET: u8 = 1;
+const NETDEV_A_DEV_IFINDEX: u16 = 1;
+const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
+
+/// A message of the kernel's `netdev` generic netlink family: `DEV_GET` by interface
+/// index, answered with the device's attributes.
+#[derive(Debug, Clone)]
+struct NetdevDev {
+    cmd: u8,
+    nlas: Vec<DefaultNla>,
+}
+
+impl GenlFamily for NetdevDev {
+    fn family_name() -> &'static str {
+        "netdev"
+    }
+
+    fn command(&self) -> u8 {
+        self.cmd
+    }
+
+    fn version(&self) -> u8 {
+        1
+    }
+}
+
+impl Emitable for NetdevDev {
+    fn emit(&self, buffer: &mut [u8]) {
+        self.nlas.as_slice().emit(buffer)
+    }
+
+    fn buffer_len(&self) -> usize {
+        self.nlas.as_slice().buffer_len()
+    }
+}
+
+impl ParseableParametrized<[u8], GenlHeader> for NetdevDev {
+    fn parse_with_param(buf: &[u8], header: GenlHeader) -> Result<Self, DecodeError> {
+        let nlas = NlasIterator::new(buf)
+            .map(|nla| nla.and_then(|n| DefaultNla::parse(&n)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(NetdevDev {
+            cmd: header.cmd,
+            nlas,
+        })
+    }
+}
+
+/// One generic netlink request on `sock` and its answer; `Ok(None)` when the kernel
+/// answers with an error (the family or the device is unknown).
+fn genl_request<F>(
+    sock: &mut Socket,
+    payload: GenlMessage<F>,
+) -> Result<Option<GenlMessage<F>>, NetlinkError>
+where
+    F: GenlFamily + Emitable + ParseableParametrized<[u8], GenlHeader> + std::fmt::Debug,
+{
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = 1;
+    let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
+    req.finalize();
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.serialize(&mut buf);
+    sock.send(&buf, 0)?;
+    let (data, _) = sock.recv_from_full()?;
+    let msg = NetlinkMessage::<GenlMessage<F>>::deserialize(&data)
+        .map_err(|e| NetlinkError::Decode(e.to_string()))?;
+    Ok(match msg.payload {
+        NetlinkPayload::InnerMessage(m) => Some(m),
+        _ => None,
+    })
+}
+
+/// The XDP features of interface `ifindex` (`NETDEV_XDP_ACT_*` bits), from the kernel's
+/// `netdev` generic netlink family; `None` on kernels without it (before 6.3).
+pub fn xdp_features(ifindex: u32) -> Result<Option<u64>, NetlinkError> {
+    let mut sock = Socket::new(NETLINK_GENERIC)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    let get_family = GenlMessage::from_payload(GenlCtrl {
+        cmd: GenlCtrlCmd::GetFamily,
+        nlas: vec![GenlCtrlAttrs::FamilyName(NetdevDev::family_name().into())],
+    });
+    let Some(family) = genl_request(&mut sock, get_family)? else {
+        return Ok(None);
+    };
+    let Some(id) = family.payload.nlas.iter().find_map(|a| match a {
+        GenlCtrlAttrs::FamilyId(id) => Some(*id),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    let mut get = GenlMessage::from_payload(NetdevDev {
+        cmd: NETDEV_CMD_DEV_GET,
+        nlas: vec![DefaultNla::new(
+            NETDEV_A_DEV_IFINDEX,
+            ifindex.to_ne_bytes().to_vec(),
+        )],
+    });
+    get.set_resolved_family_id(id);
+    let Some(dev) = genl_request(&mut sock, get)? else {
+        return Ok(None);
+    };
+    Ok(dev.payload.nlas.iter().find_map(|a| {
+        if a.kind() != NETDEV_A_DEV_XDP_FEATURES || a.value_len() != 8 {
+            return None;
+        }
+        let mut v = [0u8; 8];
+        a.emit_value(&mut v);
+        Some(u64::from_ne_bytes(v))
+    }))
 }

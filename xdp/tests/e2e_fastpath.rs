@@ -219,3 +219,40 @@ fn a_backend_mac_change_takes_effect_on_fast_path_flows() {
     assert_eq!(t.worker_sum("flows_created"), 1);
     assert_eq!(t.worker_sum("flows_expired"), 0);
 }
+
+/// With the fast path on, lbd refuses to start when a served veth's peer cannot take
+/// redirected frames (no GRO, no XDP program there: the kernel would drop the fast
+/// path's redirects silently), naming the interface and the way out; with
+/// `--fast-path off` it starts and forwards.
+#[test]
+fn the_fast_path_refuses_interfaces_that_drop_redirects() {
+    if !common::privileged("fastpath-gro") {
+        return;
+    }
+    let mut t = Topo::up("fpg", 1, 1);
+    // lb0's peer is the client's c0.
+    let st = t
+        .cmd("client", "ethtool")
+        .args(["-K", "c0", "gro", "off"])
+        .status()
+        .expect("ethtool");
+    assert!(st.success());
+    let o = t
+        .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
+        .args(["--iface", "lb0", "--iface", "lb1", "--socket"])
+        .arg(t.dir().join("refused.sock"))
+        .output()
+        .expect("lbd");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "lbd started: {err}");
+    assert!(
+        err.contains("interface lb0 cannot take frames redirected by XDP")
+            && err.contains("--fast-path off"),
+        "{err}"
+    );
+    t.start_lbd(&["--fast-path", "off"]);
+    assert_eq!(t.lbctl_json(&["status"])["fast_path"], false);
+    t.add_service(&format!("{VIP}:8080/tcp"), &["10.1.0.11:8080"]);
+    let bodies = t.curl_many(3);
+    assert!(bodies.iter().all(|b| b.contains("b1")), "{bodies:?}");
+}
