@@ -257,14 +257,10 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         engine.set_snapshot(s);
                         fresh = true;
                     }
-                    let sinks = Sinks {
-                        fast_path: spec.fast_path.as_mut(),
-                        resolve: &spec.resolve,
-                        unkept: &spec.unkept,
-                        kept: &mut kept,
-                        entries: &mut fast_entries,
-                    };
-                    dispatch(&mut engine, sinks);
+                    dispatch(
+                        &mut engine,
+                        Sinks::of(&mut spec, &mut kept, &mut fast_entries),
+                    );
                     let _ = reply.send(std::mem::take(&mut kept));
                 }
                 WorkerRequest::Flows { limit, reply } => {
@@ -361,14 +357,10 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         // The engine's events before the batch leaves: an ended flow's fast-path
         // entries are gone before a new flow that reuses its NAT port sends its first
         // packet.
-        let sinks = Sinks {
-            fast_path: spec.fast_path.as_mut(),
-            resolve: &spec.resolve,
-            unkept: &spec.unkept,
-            kept: &mut kept,
-            entries: &mut fast_entries,
-        };
-        dispatch(&mut engine, sinks);
+        dispatch(
+            &mut engine,
+            Sinks::of(&mut spec, &mut kept, &mut fast_entries),
+        );
         me.fast_entries.store(fast_entries, Ordering::Relaxed);
         io.end_batch();
         io.flush();
@@ -441,6 +433,22 @@ struct Sinks<'a> {
     kept: &'a mut Vec<lb::flow::FlowKey>,
     /// Fast-path entries this worker has installed.
     entries: &'a mut u64,
+}
+
+impl<'a> Sinks<'a> {
+    fn of(
+        spec: &'a mut WorkerSpec,
+        kept: &'a mut Vec<lb::flow::FlowKey>,
+        entries: &'a mut u64,
+    ) -> Self {
+        Sinks {
+            fast_path: spec.fast_path.as_mut(),
+            resolve: &spec.resolve,
+            unkept: &spec.unkept,
+            kept,
+            entries,
+        }
+    }
 }
 
 /// Carry out the engine's events in order: fast-path changes on the map (an install the
