@@ -315,6 +315,14 @@ pub struct InterfaceView {
     pub ifindex: u32,
     pub mac: String,
     pub xdp_mode: String,
+    /// It takes frames XDP redirects to it (see `lb::netview::IfaceInfo::redirect`):
+    /// false means the fast path sends no flow out of it.
+    #[serde(default = "yes")]
+    pub takes_redirects: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

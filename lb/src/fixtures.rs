@@ -143,6 +143,7 @@ pub fn net_with_mtu(mtu: u16) -> NetView {
             mac: LB_MAC,
             addr: Some(SNAT),
             mtu,
+            redirect: true,
         }],
         vec![
             Route {

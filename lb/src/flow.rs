@@ -140,8 +140,9 @@ pub struct Flow {
     /// a TCP reset to the client, and the flow goes after the transitory timeout
     /// (`Timeouts::tcp_rst`) counted from the removal.
     pub removed: bool,
-    /// Its two directions are installed in the XDP fast path (`flowrec`), resolved
-    /// under snapshot generation `fast_gen` (the executor ignores other generations).
+    /// Its two directions are installed in the XDP fast path (`flowrec`). `fast_gen`:
+    /// the snapshot generation whose install decision it carries (the executor ignores
+    /// entries of other generations; 0: decide at the next packet).
     pub fast: bool,
     pub fast_gen: u64,
     /// TCP: where the client's sequence space stood when the flow began to close (after

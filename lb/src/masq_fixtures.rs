@@ -88,6 +88,7 @@ pub fn net_with_mtu(int_mtu: u16, ext_mtu: u16) -> NetView {
                 mac: INT_MAC,
                 addr: Some(NODE_INT),
                 mtu: int_mtu,
+                redirect: true,
             },
             IfaceInfo {
                 ifindex: EXT_IFINDEX,
@@ -95,6 +96,7 @@ pub fn net_with_mtu(int_mtu: u16, ext_mtu: u16) -> NetView {
                 mac: EXT_MAC,
                 addr: Some(EGRESS),
                 mtu: ext_mtu,
+                redirect: true,
             },
         ],
         vec![

@@ -22,6 +22,10 @@ pub struct IfaceInfo {
     pub addr: Option<[u8; 4]>,
     /// The link's MTU: larger IPv4 packets do not leave by it (see the pipeline).
     pub mtu: u16,
+    /// It takes frames XDP redirects to it (the kernel's `ndo_xdp_xmit` feature; a veth
+    /// only while its peer runs XDP or has GRO on): the fast path sends no flow out of
+    /// an interface without it.
+    pub redirect: bool,
 }
 
 /// A unicast route from the main table.
@@ -146,6 +150,7 @@ mod tests {
                     mac: [2, 0, 0, 0, 0, 5],
                     addr: Some([10, 0, 0, 1]),
                     mtu: 1500,
+                    redirect: true,
                 },
                 IfaceInfo {
                     ifindex: 7,
@@ -153,6 +158,7 @@ mod tests {
                     mac: [2, 0, 0, 0, 0, 7],
                     addr: None,
                     mtu: 1500,
+                    redirect: true,
                 },
             ],
             vec![

@@ -315,6 +315,7 @@ fn unresolved_neighbour_is_requested_not_guessed() {
             mac: LB_MAC,
             addr: None,
             mtu: 1500,
+            redirect: true,
         }],
         vec![Route {
             dst: [10, 0, 0, 0],
@@ -718,4 +719,74 @@ fn a_clients_flows_share_one_pool_address() {
     }
     let used: std::collections::HashSet<_> = by_client.values().collect();
     assert_eq!(used.len(), 4, "every pool address serves some clients");
+}
+
+/// The fast path follows the kernel's word on each egress interface: an answered UDP
+/// flow is installed while its interfaces take XDP redirects; when a new snapshot says
+/// one no longer does (a veth peer's GRO turned off), the flow's next packet takes it
+/// out of the fast path, later packets cost nothing more, and when the interface takes
+/// redirects again the next packet installs it again.
+#[test]
+fn the_fast_path_follows_the_interfaces_redirect_feature() {
+    let base = one_worker();
+    let with = |generation: u64, redirect: bool| {
+        let mut net = fixtures::net();
+        for i in &mut net.ifaces {
+            i.redirect = redirect;
+        }
+        Arc::new(base.with_net(generation, Arc::new(net)))
+    };
+    let mut e = Engine::new(0, 64, with(1, true));
+    e.enable_fast_path();
+    e.begin_batch(SEC);
+    let query = FrameSpec {
+        src_mac: CLIENT_MAC,
+        dst_mac: LB_MAC,
+        src: CLIENT,
+        dst: VIP,
+        proto: PROTO_UDP,
+        sport: 40000,
+        dport: 53,
+        payload: b"query".to_vec(),
+        ..FrameSpec::default()
+    };
+    let mut q = query.build();
+    assert!(matches!(e.process(&mut q), Verdict::Tx { .. }));
+    let port = sport(&q);
+    let answer = FrameSpec {
+        src_mac: fixtures::BACKEND_MAC,
+        dst_mac: LB_MAC,
+        src: BACKEND,
+        dst: SNAT,
+        proto: PROTO_UDP,
+        sport: 5353,
+        dport: port,
+        payload: b"answer".to_vec(),
+        ..FrameSpec::default()
+    };
+    let kinds = |e: &mut Engine| -> Vec<&'static str> {
+        e.take_events()
+            .map(|ev| match ev {
+                Event::FastInstall(_) => "install",
+                Event::FastRemove(_) => "remove",
+                _ => "other",
+            })
+            .collect()
+    };
+    let send = |e: &mut Engine, f: &FrameSpec| {
+        assert!(matches!(e.process(&mut f.build()), Verdict::Tx { .. }));
+    };
+    assert!(kinds(&mut e).is_empty(), "not before an answer");
+    send(&mut e, &answer);
+    assert_eq!(kinds(&mut e), ["install"]);
+    e.set_snapshot(with(2, false));
+    send(&mut e, &query);
+    assert_eq!(kinds(&mut e), ["remove"], "out of the fast path");
+    send(&mut e, &answer);
+    send(&mut e, &query);
+    assert!(kinds(&mut e).is_empty(), "decided once a generation");
+    e.set_snapshot(with(3, true));
+    send(&mut e, &answer);
+    assert_eq!(kinds(&mut e), ["install"], "back in the fast path");
+    assert_eq!(e.flows().len(), 1, "one flow all along");
 }

@@ -989,6 +989,22 @@ impl Daemon {
     fn refresh_net(&mut self) {
         match self.netlink.dump(&self.ifaces) {
             Ok(net) if net != *self.snap.net => {
+                for (new, old) in net.ifaces.iter().zip(&self.snap.net.ifaces) {
+                    if new.redirect != old.redirect {
+                        match (self.fast_path, new.redirect) {
+                            (true, false) => tracing::warn!(
+                                iface = %new.name,
+                                "the interface stopped taking XDP redirects (a veth peer's GRO turned off?): \
+                                 flows out of it leave the fast path for the workers"
+                            ),
+                            (true, true) => tracing::info!(
+                                iface = %new.name,
+                                "the interface takes XDP redirects again: its flows return to the fast path"
+                            ),
+                            _ => {}
+                        }
+                    }
+                }
                 let s = self.snap.with_net(self.next_generation(), Arc::new(net));
                 self.publish(s);
             }
@@ -1112,6 +1128,7 @@ impl Daemon {
                         .collect::<Vec<_>>()
                         .join(":"),
                     xdp_mode: modes.get(i.name.as_str()).copied().unwrap_or("none").into(),
+                    takes_redirects: i.redirect,
                 })
                 .collect(),
             workers: self

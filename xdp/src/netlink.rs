@@ -152,12 +152,18 @@ impl Netlink {
                 _ => None,
             })
             .unwrap_or(1500);
+        // Unknown (a kernel before 6.3) counts as taking redirects, as it always did.
+        let redirect = xdp_features(ifindex)
+            .ok()
+            .flatten()
+            .is_none_or(|f| f & XDP_ACT_NDO_XMIT != 0);
         Ok(IfaceInfo {
             ifindex,
             name: name.to_string(),
             mac,
             addr: addr.map(|a| a.octets()),
             mtu,
+            redirect,
         })
     }
 

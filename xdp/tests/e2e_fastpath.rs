@@ -256,3 +256,71 @@ fn the_fast_path_refuses_interfaces_that_drop_redirects() {
     let bodies = t.curl_many(3);
     assert!(bodies.iter().all(|b| b.contains("b1")), "{bodies:?}");
 }
+
+/// A UDP flow in the fast path while the client's veth (lb0's peer) loses GRO and gets
+/// it back: lbd sees the interface stop taking redirects (its next refresh), the flow
+/// moves to the workers with every datagram still answered, then returns to the fast
+/// path.
+const GRO_FLIP: &str = r#"
+import json, socket, subprocess, sys, time
+lbctl, sock = sys.argv[1], sys.argv[2]
+
+def lbctl_json(*args):
+    out = subprocess.run([lbctl, "--socket", sock, *args, "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+def fast():
+    return lbctl_json("stats")["xdp"]["fast_path"]
+
+def lb0_takes_redirects():
+    return [i for i in lbctl_json("status")["interfaces"] if i["name"] == "lb0"][0]["takes_redirects"]
+
+def wait_for(redirects):
+    deadline = time.time() + 5
+    while lb0_takes_redirects() != redirects:
+        assert time.time() < deadline, "lbd did not notice"
+        time.sleep(0.1)
+
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+u.connect(("10.96.0.10", 5353))
+def exchange(n, tag):
+    for i in range(n):
+        d = b"%s-%04d" % (tag, i)
+        u.send(d)
+        assert u.recv(100) == b"b1:" + d, (tag, i)
+
+exchange(50, b"before")
+f1 = fast()
+print("fast path before:", f1)
+assert f1 >= 90, f1
+
+subprocess.run(["ethtool", "-K", "c0", "gro", "off"], check=True, capture_output=True)
+wait_for(False)
+exchange(50, b"workers")
+f2 = fast()
+print("fast path while lb0 takes no redirects:", f2 - f1)
+assert f2 - f1 <= 2, f2 - f1
+
+subprocess.run(["ethtool", "-K", "c0", "gro", "on"], check=True, capture_output=True)
+wait_for(True)
+exchange(50, b"again")
+f3 = fast()
+print("fast path again:", f3 - f2)
+assert f3 - f2 >= 90, f3 - f2
+print("ok")
+"#;
+
+#[test]
+fn flows_leave_the_fast_path_while_an_interface_takes_no_redirects() {
+    if !common::privileged("fastpath-gro-flip") {
+        return;
+    }
+    let mut t = Topo::up("fpf", 1, 1);
+    t.start_lbd(&[]);
+    t.add_service(&format!("{VIP}:5353/udp"), &["10.1.0.11:5353"]);
+    t.client_py_with_lbctl(GRO_FLIP);
+    assert_eq!(t.worker_sum("flows_created"), 1, "one flow all along");
+    assert!(t.lbd_log().contains("stopped taking XDP redirects"));
+}

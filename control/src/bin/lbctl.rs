@@ -593,11 +593,16 @@ fn print_status(s: &StatusView) {
     out!("xlb {}", s.version);
     for i in &s.interfaces {
         out!(
-            "Interface:   {} (ifindex {}, {}), XDP {}",
+            "Interface:   {} (ifindex {}, {}), XDP {}{}",
             i.name,
             i.ifindex,
             i.mac,
-            i.xdp_mode
+            i.xdp_mode,
+            if i.takes_redirects {
+                ""
+            } else {
+                "; takes no XDP redirects (a veth peer without GRO or XDP?): its flows stay on the workers"
+            }
         );
     }
     for a in &s.snat_pool {

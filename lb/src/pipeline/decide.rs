@@ -502,7 +502,10 @@ impl State {
     /// qualifies when both ends proved real and nothing about its packets needs a
     /// worker: a TCP connection established by its handshake (the worker still sees every
     /// SYN, FIN and RST), a UDP flow or an ICMP echo with an answer; not hairpinned,
-    /// kept or ended.
+    /// kept or ended. It is installed only when both its egress interfaces take
+    /// redirected frames (`IfaceInfo::redirect`); the decision is made once per
+    /// snapshot generation (`Flow::fast_gen`), so a flow that cannot be installed costs
+    /// nothing per packet.
     pub(super) fn fast_sync(&mut self, snap: &Snapshot, slot: u32) {
         let Some(f) = self.flows.get_mut(slot) else {
             return;
@@ -517,13 +520,14 @@ impl State {
                 // UDP, ICMP echo (an ICMP flow is an echo; errors have no flow).
                 _ => true,
             };
-        if qualifies && (!f.fast || f.fast_gen != f.generation) {
+        if qualifies && f.fast_gen != f.generation {
             let entry = |dir: usize| {
                 let rw = &f.rewrite[dir];
                 let ifindex = snap
                     .net
                     .ifaces
                     .get(usize::from(rw.iface))
+                    .filter(|i| i.redirect)
                     .map(|i| i.ifindex);
                 (
                     f.keys[dir].flowrec(),
@@ -542,14 +546,24 @@ impl State {
             if entries.iter().all(|(_, e)| e.action.ifindex != 0) {
                 self.events.push(Event::FastInstall(entries));
                 f.fast = true;
-                f.fast_gen = f.generation;
+            } else if f.fast {
+                // Installed under an older snapshot, out of an interface that no longer
+                // takes redirects: the worker forwards it from now on.
+                self.events.push(Event::FastRemove([
+                    f.keys[0].flowrec(),
+                    f.keys[1].flowrec(),
+                ]));
+                f.fast = false;
             }
+            f.fast_gen = f.generation;
         } else if !qualifies && f.fast {
             self.events.push(Event::FastRemove([
                 f.keys[0].flowrec(),
                 f.keys[1].flowrec(),
             ]));
             f.fast = false;
+            // It may qualify again (a reopened connection): decide again then.
+            f.fast_gen = 0;
         }
     }
 
