@@ -385,31 +385,20 @@ fn translation(c: &crate::worker::FlowCopy, worker: u16, now: u64) -> Translatio
 }
 
 /// With the fast path on, every served interface must take frames redirected by XDP
-/// (the fast path sends each flow out of its egress interface that way): refused at
-/// start, with what to do, rather than dropped silently later.
+/// (the fast path sends each flow out of its egress interface that way; the kernel's
+/// word, read with the interfaces: `IfaceInfo::redirect`): refused at start, with what
+/// to do, rather than dropped silently later.
 fn check_redirect_targets(ifaces: &[lb::netview::IfaceInfo]) -> Result<(), DaemonError> {
-    for i in ifaces {
-        match crate::netlink::xdp_features(i.ifindex) {
-            Ok(Some(f)) if f & crate::netlink::XDP_ACT_NDO_XMIT == 0 => {
-                return Err(DaemonError::Config(format!(
-                    "interface {} cannot take frames redirected by XDP (its XDP features \
-                     lack ndo_xdp_xmit), which the fast path needs: on a veth, turn GRO on \
-                     at its peer (ethtool -K PEER gro on) or attach an XDP program there; \
-                     on a NIC, its driver must support XDP_REDIRECT as a target; or start \
-                     lbd with --fast-path off",
-                    i.name
-                )))
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => tracing::warn!(
-                iface = %i.name,
-                "the kernel does not report XDP features (Linux 6.3+): not checked that \
-                 the fast path's redirects into it are taken"
-            ),
-            Err(e) => tracing::warn!(iface = %i.name, error = %e, "XDP features not read"),
-        }
+    match ifaces.iter().find(|i| !i.redirect) {
+        Some(i) => Err(DaemonError::Config(format!(
+            "interface {} cannot take frames redirected by XDP (its XDP features lack \
+             ndo_xdp_xmit), which the fast path needs: on a veth, turn GRO on at its peer \
+             (ethtool -K PEER gro on) or attach an XDP program there; on a NIC, its driver \
+             must support XDP_REDIRECT as a target; or start lbd with --fast-path off",
+            i.name
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl Daemon {

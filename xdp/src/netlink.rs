@@ -152,7 +152,8 @@ impl Netlink {
                 _ => None,
             })
             .unwrap_or(1500);
-        // Unknown (a kernel before 6.3) counts as taking redirects, as it always did.
+        // Unknown (a kernel before 6.3 does not report it) counts as taking redirects:
+        // not checked there (docs/operations.md).
         let redirect = xdp_features(ifindex)
             .ok()
             .flatten()
