@@ -3,9 +3,9 @@
 include!("build_bpf.rs");
 
 fn main() {
-    // The DSR backend decapsulator will join the steering program.
+    // The steering program (the edge node) and the DSR backend decapsulator.
     compile_bpf(
-        &["xlb"],
+        &["xlb", "decap"],
         &[
             "bpf/xlb.h",
             "bpf/flowrec.h",

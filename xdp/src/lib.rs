@@ -1,6 +1,7 @@
 //! xlb's I/O crate: everything that touches the kernel.
 //!
 //! - `bpf/` (C): the XDP steering program; [`bpf`] loads it and keeps its maps in step.
+//! - [`decap`]: the DSR backend decapsulator (`bpf/decap.bpf.c`, the `xlb-decap` binary).
 //! - [`sys`]: the only module with `unsafe` (AF_XDP rings and UMEM, rlimits, aya Pod).
 //! - [`netlink`]: interfaces, routes and neighbours from the kernel; asks the kernel to
 //!   resolve a neighbour.
@@ -10,6 +11,7 @@
 pub mod abi;
 pub mod bpf;
 pub mod daemon;
+pub mod decap;
 pub mod netlink;
 pub mod sys;
 pub mod worker;
