@@ -5,7 +5,7 @@
 //! machine's kernel has neither, and many hosts do not load them).
 
 use aya::maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
-use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use std::net::Ipv4Addr;
 
@@ -73,6 +73,13 @@ impl Decap {
     /// Load the decapsulator for outer destinations `addrs` (GUE on UDP port
     /// `gue_port`; 0: IPIP only) and attach it to `iface`: native XDP, else generic.
     pub fn attach(iface: &str, addrs: &[Ipv4Addr], gue_port: u16) -> Result<Decap, DecapError> {
+        let mut d = Decap::load(addrs, gue_port)?;
+        d.mode = d.attach_to(iface)?;
+        Ok(d)
+    }
+
+    /// Load the decapsulator (not attached: for [`Decap::test_run_frame`]).
+    pub fn load(addrs: &[Ipv4Addr], gue_port: u16) -> Result<Decap, DecapError> {
         let mut ebpf = EbpfLoader::new()
             .override_global("gue_port", &gue_port, true)
             .load(DECAP_BPF)?;
@@ -85,11 +92,15 @@ impl Decap {
                 m.insert(a.octets(), 1, 0)?;
             }
         }
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(DecapError::Missing(PROGRAM))?
-            .try_into()?;
-        prog.load()?;
+        program(&mut ebpf)?.load()?;
+        Ok(Decap {
+            ebpf,
+            mode: "detached",
+        })
+    }
+
+    fn attach_to(&mut self, iface: &str) -> Result<&'static str, DecapError> {
+        let prog = program(&mut self.ebpf)?;
         let attach = |prog: &mut Xdp, mode| {
             prog.attach(iface, mode)
                 .map_err(|source| DecapError::Attach {
@@ -97,15 +108,29 @@ impl Decap {
                     source,
                 })
         };
-        let mode = match attach(prog, XdpMode::Driver) {
+        Ok(match attach(prog, XdpMode::Driver) {
             Ok(_) => "native",
             Err(e) => {
                 tracing::debug!(error = %e, "native XDP refused; generic mode");
                 attach(prog, XdpMode::Skb)?;
                 "generic"
             }
+        })
+    }
+
+    /// Run the program once on `frame` (BPF_PROG_TEST_RUN): the XDP action and the
+    /// frame as it left.
+    pub fn test_run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), DecapError> {
+        let prog = program(&mut self.ebpf)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
         };
-        Ok(Decap { ebpf, mode })
+        let r = prog.test_run(opts)?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
     }
 
     /// This decapsulator's counters.
@@ -116,6 +141,13 @@ impl Decap {
             .ok_or(DecapError::Missing("decap_stats"))?;
         sum(&PerCpuArray::try_from(map)?)
     }
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DecapError> {
+    Ok(ebpf
+        .program_mut(PROGRAM)
+        .ok_or(DecapError::Missing(PROGRAM))?
+        .try_into()?)
 }
 
 fn sum<T: std::borrow::Borrow<MapData>>(

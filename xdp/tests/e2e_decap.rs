@@ -135,3 +135,154 @@ fn ipip_and_gue_reach_the_backend_which_answers_from_the_vip() {
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(!link.contains("\"xdp\""), "still attached: {link}");
 }
+
+/// The decapsulator's rows through BPF_PROG_TEST_RUN: what it strips (and to which
+/// bytes), what it passes untouched, and what it drops as unusable, each counted.
+#[test]
+fn decapsulator_rows_through_prog_test_run() {
+    use lb::wire::build::FrameSpec;
+    use lb::wire::checksum::checksum;
+    use xdp::decap::{Decap, DecapStat};
+    const XDP_DROP: u32 = 1;
+    const XDP_PASS: u32 = 2;
+    if !common::privileged("decap-rows") {
+        return;
+    }
+    let me = std::net::Ipv4Addr::new(10, 1, 0, 11);
+    let _ = xdp::sys::raise_memlock_limit();
+    let mut d = Decap::load(&[me], 6080).expect("the decapsulator loads and verifies");
+    // The client's datagram as the backend must get it (Ethernet header included).
+    let inner_frame = FrameSpec {
+        src: [10, 0, 0, 2],
+        dst: [10, 96, 0, 10],
+        proto: lb::wire::ipv4::PROTO_UDP,
+        sport: 40000,
+        dport: 7777,
+        payload: b"hello".to_vec(),
+        ..FrameSpec::default()
+    }
+    .build();
+    let (eth, inner) = inner_frame.split_at(14);
+    // Ethernet + an outer IPv4 header (protocol `proto`, to `dst`, `ihl` words, the
+    // fragment word `frag`) + `rest`.
+    let outer = |proto: u8, dst: [u8; 4], ihl: u8, frag: u16, rest: &[u8]| {
+        let hl = usize::from(ihl) * 4;
+        let mut ip = vec![0u8; hl];
+        ip[0] = 0x40 | ihl;
+        ip[2..4].copy_from_slice(&((hl + rest.len()) as u16).to_be_bytes());
+        ip[6..8].copy_from_slice(&frag.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = proto;
+        ip[12..16].copy_from_slice(&[10, 1, 0, 1]);
+        ip[16..20].copy_from_slice(&dst);
+        let c = checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        [eth, &ip, rest].concat()
+    };
+    let gue = |port: u16, first: u8, proto: u8, rest: &[u8]| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&54321u16.to_be_bytes());
+        b.extend_from_slice(&port.to_be_bytes());
+        b.extend_from_slice(&((8 + 4 + rest.len()) as u16).to_be_bytes());
+        b.extend_from_slice(&[0, 0, first, proto, 0, 0]);
+        b.extend_from_slice(rest);
+        b
+    };
+    let mut v6 = inner.to_vec();
+    v6[0] = 0x60;
+    let mut arp = eth.to_vec();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    // (name, frame, action, the frame it must leave as (None: untouched), the counter)
+    let rows: Vec<(&str, Vec<u8>, u32, Option<Vec<u8>>, DecapStat)> = vec![
+        (
+            "ipip to this backend",
+            outer(4, me.octets(), 5, 0, inner),
+            XDP_PASS,
+            Some(inner_frame.clone()),
+            DecapStat::Ipip,
+        ),
+        (
+            "gue to this backend",
+            outer(17, me.octets(), 5, 0, &gue(6080, 0, 4, inner)),
+            XDP_PASS,
+            Some(inner_frame.clone()),
+            DecapStat::Gue,
+        ),
+        (
+            "ipip to another address",
+            outer(4, [10, 1, 0, 12], 5, 0, inner),
+            XDP_PASS,
+            None,
+            DecapStat::Pass,
+        ),
+        (
+            "udp to another port",
+            outer(17, me.octets(), 5, 0, &gue(6081, 0, 4, inner)),
+            XDP_PASS,
+            None,
+            DecapStat::Pass,
+        ),
+        (
+            "outer header with options",
+            outer(4, me.octets(), 6, 0, inner),
+            XDP_PASS,
+            None,
+            DecapStat::Pass,
+        ),
+        (
+            "outer fragment",
+            outer(4, me.octets(), 5, 0x2000, inner),
+            XDP_PASS,
+            None,
+            DecapStat::Pass,
+        ),
+        ("arp", arp, XDP_PASS, None, DecapStat::Pass),
+        (
+            "gue of another version",
+            outer(17, me.octets(), 5, 0, &gue(6080, 0x40, 4, inner)),
+            XDP_DROP,
+            None,
+            DecapStat::Bad,
+        ),
+        (
+            "gue carrying another protocol",
+            outer(17, me.octets(), 5, 0, &gue(6080, 0, 41, inner)),
+            XDP_DROP,
+            None,
+            DecapStat::Bad,
+        ),
+        (
+            "ipip whose inner packet is not IPv4",
+            outer(4, me.octets(), 5, 0, &v6),
+            XDP_DROP,
+            None,
+            DecapStat::Bad,
+        ),
+        (
+            "ipip with a truncated inner header",
+            outer(4, me.octets(), 5, 0, &inner[..12]),
+            XDP_DROP,
+            None,
+            DecapStat::Bad,
+        ),
+    ];
+    for (name, frame, action, want, stat) in rows {
+        let before = d.counters().expect("counters");
+        let (ret, out) = d.test_run_frame(&frame).expect("test run");
+        let after = d.counters().expect("counters");
+        assert_eq!(ret, action, "{name}: action");
+        if ret == XDP_PASS {
+            assert_eq!(out, want.unwrap_or(frame), "{name}: bytes");
+        }
+        for s in DecapStat::ALL {
+            let want = u64::from(s == stat || s == DecapStat::Rx);
+            assert_eq!(
+                after[s as usize] - before[s as usize],
+                want,
+                "{name}: {}",
+                s.name()
+            );
+        }
+    }
+}
