@@ -136,6 +136,16 @@ fn ipip_and_gue_reach_the_backend_which_answers_from_the_vip() {
     assert!(!link.contains("\"xdp\""), "still attached: {link}");
 }
 
+/// A decapsulator row: its name, the frame, the XDP action, the frame it must leave as
+/// (None: untouched) and the counter it counts under.
+type Row = (
+    &'static str,
+    Vec<u8>,
+    u32,
+    Option<Vec<u8>>,
+    xdp::decap::DecapStat,
+);
+
 /// The decapsulator's rows through BPF_PROG_TEST_RUN: what it strips (and to which
 /// bytes), what it passes untouched, and what it drops as unusable, each counted.
 #[test]
@@ -193,8 +203,7 @@ fn decapsulator_rows_through_prog_test_run() {
     let mut arp = eth.to_vec();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
-    // (name, frame, action, the frame it must leave as (None: untouched), the counter)
-    let rows: Vec<(&str, Vec<u8>, u32, Option<Vec<u8>>, DecapStat)> = vec![
+    let rows: Vec<Row> = vec![
         (
             "ipip to this backend",
             outer(4, me.octets(), 5, 0, inner),
