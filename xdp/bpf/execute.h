@@ -74,4 +74,30 @@ static __always_inline int xlb_exec_nat4(struct ethhdr *eth, struct iphdr *ip, v
 	return 0;
 }
 
+/* Execute L2 DSR action `a`: the frame goes to the backend's MAC (from the egress
+ * interface's), the IP packet untouched: the backend, which holds the VIP, answers the
+ * client itself. */
+static __always_inline void xlb_exec_l2dsr(struct ethhdr *eth, const struct xlb_action *a)
+{
+	__builtin_memcpy(eth->h_dest, a->dst_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, a->src_mac, ETH_ALEN);
+}
+
+/* Execute action `a` of whichever kind on the IPv4 packet `ip` (L4 header at `l4`):
+ * 0, or -1 when it cannot be executed here (the frame is then untouched and goes to a
+ * worker): a kind this executor does not carry out, or a header out of the frame. */
+static __always_inline int xlb_exec(struct ethhdr *eth, struct iphdr *ip, void *l4, void *end,
+				    const struct xlb_action *a)
+{
+	switch (a->kind) {
+	case XLB_ACT_NAT:
+		return xlb_exec_nat4(eth, ip, l4, end, a);
+	case XLB_ACT_L2DSR:
+		xlb_exec_l2dsr(eth, a);
+		return 0;
+	default:
+		return -1;
+	}
+}
+
 #endif

@@ -73,7 +73,7 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct ethhdr *eth, str
 	for (int i = 0; i < ETH_ALEN; i++)
 		if (eth->h_dest[i] != ifc->mac[i])
 			return -1;
-	if (xlb_exec_nat4(eth, ip, l4, end, &v->action))
+	if (xlb_exec(eth, ip, l4, end, &v->action))
 		return -1;
 	v->last_seen = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&v->packets, 1);

@@ -66,7 +66,8 @@ pub fn v4(a: [u8; 4]) -> [u8; 16] {
 pub enum ActionKind {
     /// Rewrite addresses and ports (full NAT), MACs, TTL and checksums; send.
     Nat = 1,
-    /// Rewrite the destination MAC only (L2 direct server return).
+    /// Rewrite the MACs only, the IP packet untouched (L2 direct server return: the
+    /// backend holds the VIP and answers the client itself).
     L2Dsr = 2,
     /// Prepend `encap` (an outer IPv4 header) and send (IPIP direct server return).
     Ipip = 3,

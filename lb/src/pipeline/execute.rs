@@ -488,12 +488,21 @@ pub fn nat_action(
     )
 }
 
-/// Execute a NAT flow-action record on a frame as a worker applies its flow's rewrite:
-/// the Rust half of the executor contract with `xdp/bpf/execute.h` (tests hold the two
-/// to the same bytes). An error when the frame does not classify; the frame is then
-/// untouched.
+/// Execute a flow-action record on a frame as a worker applies its flow's rewrite: the
+/// Rust half of the executor contract with `xdp/bpf/execute.h` (tests hold the two to
+/// the same bytes). NAT and L2 DSR; an error, the frame untouched, when the frame does
+/// not classify or the action is of another kind.
 pub fn execute_action(frame: &mut [u8], a: &flowrec::Action) -> Result<(), DropReason> {
     let p = super::classify::classify(frame)?;
+    if a.kind == flowrec::ActionKind::L2Dsr as u8 {
+        // To the backend's MAC; the IP packet untouched.
+        frame[0..6].copy_from_slice(&a.dst_mac);
+        frame[6..12].copy_from_slice(&a.src_mac);
+        return Ok(());
+    }
+    if a.kind != flowrec::ActionKind::Nat as u8 {
+        return Err(DropReason::UnsupportedProtocol);
+    }
     let v4 = |b: [u8; 16]| [b[0], b[1], b[2], b[3]];
     let rw = Rewrite {
         src: v4(a.src),
