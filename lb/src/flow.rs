@@ -34,6 +34,7 @@ pub struct FlowKey {
 /// Two words instead of the derived field-by-field (and length-prefixed array) hashing:
 /// callgrind counted ~29 instructions per lookup for the derived one.
 impl core::hash::Hash for FlowKey {
+    #[inline(always)]
     fn hash<H: core::hash::Hasher>(&self, h: &mut H) {
         let addrs =
             u64::from(u32::from_ne_bytes(self.src)) | u64::from(u32::from_ne_bytes(self.dst)) << 32;
