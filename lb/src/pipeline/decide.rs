@@ -25,6 +25,17 @@ use nat::{port_owner, MapKey, Outside, PortRange};
 /// Code of "communication administratively prohibited" (RFC 1812 §5.2.7.1).
 const ADMIN_PROHIBITED: u8 = 13;
 
+/// A new translated flow's outside: its address and port range, the remote it goes to,
+/// the next hops of its two directions, its kind, and whether it is hairpinned.
+struct Translation {
+    outside: [u8; 4],
+    range: PortRange,
+    remote: ([u8; 4], u16),
+    hops: (NextHop, NextHop),
+    kind: FlowKind,
+    hairpin: bool,
+}
+
 impl State {
     /// Decide what becomes of a classified frame.
     #[inline(always)]
@@ -425,39 +436,16 @@ impl State {
                 .ok_or(DropReason::NoBackend)?,
         };
         let baddr = backend.addr.octets();
-        let fwd_hop = self.hop(snap, baddr)?;
-        let rev_hop = self.hop(snap, k.src)?;
-        let reply = |port: u16| FlowKey {
-            src: baddr,
-            dst: nat.addr,
-            sport: backend.port,
-            dport: port,
-            proto: k.proto,
-        };
-        let mk = MapKey {
-            inside: k.src,
-            port: k.sport,
-            proto: k.proto,
+        let hops = (self.hop(snap, baddr)?, self.hop(snap, k.src)?);
+        let to = Translation {
             outside: nat.addr,
+            range: nat.ports,
+            remote: (baddr, backend.port),
+            hops,
+            kind: FlowKind::Lb,
+            hairpin: false,
         };
-        let port = match self.map_port(snap, &mk, nat.ports, |f, port| {
-            !f.contains_key(&reply(port))
-        }) {
-            Ok(port) => port,
-            Err(r) => return self.refuse(snap, p, r),
-        };
-        let rev_key = reply(port);
-        let fwd = rewrite(&k, nat.addr, baddr, port, backend.port, fwd_hop);
-        let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
-        let step = self.open_flow(
-            snap,
-            p,
-            [k, rev_key],
-            [fwd, rev],
-            FlowKind::Lb,
-            false,
-            Dir::Forward,
-        )?;
+        let step = self.open_translated(snap, p, to)?;
         if let Some(t) = sticky {
             self.remember(ak, &backend, now.saturating_add(t));
         }
@@ -735,12 +723,34 @@ impl State {
             false => self.hop(snap, k.dst)?,
         };
         let rev_hop = self.hop(snap, k.src)?;
-        // The reply key for a candidate port. For an echo request (id, 0) it is (0, id'):
-        // the same formula, because k.dport is 0.
+        let to = Translation {
+            outside: egress,
+            range: snap.snat.ports,
+            remote: (k.dst, k.dport),
+            hops: (fwd_hop, rev_hop),
+            kind: FlowKind::Masq,
+            hairpin,
+        };
+        self.open_translated(snap, p, to)
+    }
+
+    /// Open a translated flow for `p`'s inside endpoint: out from `to.outside` and a
+    /// port of `to.range` (the endpoint's mapping, see `map_port`) to `to.remote`;
+    /// answers go back to the endpoint from where it sent them. The reply key of a
+    /// candidate port is `remote → outside:port`; for an echo request `(id, 0)` that is
+    /// `(0, id')`, the same formula, because its "destination port" is 0.
+    fn open_translated(
+        &mut self,
+        snap: &Snapshot,
+        p: &Parsed,
+        to: Translation,
+    ) -> Result<Step, DropReason> {
+        let k = p.key;
+        let (raddr, rport) = to.remote;
         let reply = |port: u16| FlowKey {
-            src: k.dst,
-            dst: egress,
-            sport: k.dport,
+            src: raddr,
+            dst: to.outside,
+            sport: rport,
             dport: port,
             proto: k.proto,
         };
@@ -748,23 +758,23 @@ impl State {
             inside: k.src,
             port: k.sport,
             proto: k.proto,
-            outside: egress,
+            outside: to.outside,
         };
-        let range = snap.snat.ports;
-        let port = match self.map_port(snap, &mk, range, |f, port| !f.contains_key(&reply(port))) {
+        let port = match self.map_port(snap, &mk, to.range, |f, port| !f.contains_key(&reply(port)))
+        {
             Ok(port) => port,
             Err(r) => return self.refuse(snap, p, r),
         };
         let rev_key = reply(port);
-        let fwd = rewrite(&k, egress, k.dst, port, k.dport, fwd_hop);
-        let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, rev_hop);
+        let fwd = rewrite(&k, to.outside, raddr, port, rport, to.hops.0);
+        let rev = rewrite(&rev_key, k.dst, k.src, k.dport, k.sport, to.hops.1);
         self.open_flow(
             snap,
             p,
             [k, rev_key],
             [fwd, rev],
-            FlowKind::Masq,
-            hairpin,
+            to.kind,
+            to.hairpin,
             Dir::Forward,
         )
     }
