@@ -72,6 +72,37 @@ pub fn is_prime(n: u32) -> bool {
     true
 }
 
+/// How many of `m` slots each of `weights` (all > 0) gets: its share `m·w/W` rounded by
+/// largest remainders (Hamilton), so each is within one slot of its share and they sum to
+/// `m`; ties go in turn order, so equal weights give the first `m mod N` backends one
+/// slot more, as the paper's round robin does. A backend whose share rounds to 0 gets
+/// one slot from the backend furthest above its share: every backend with weight is in
+/// the table.
+fn quotas(weights: &[u64], m: u64) -> Vec<u64> {
+    let total: u64 = weights.iter().sum::<u64>().max(1);
+    let mut q: Vec<u64> = weights.iter().map(|&w| m * w / total).collect();
+    let rest = m.saturating_sub(q.iter().sum());
+    let mut by_rest: Vec<usize> = (0..weights.len()).collect();
+    by_rest.sort_by_key(|&k| (std::cmp::Reverse(m * weights[k] % total), k));
+    for &k in by_rest.iter().take(rest as usize) {
+        q[k] += 1;
+    }
+    // Surplus over the share, in units of 1/total slot.
+    let surplus = |q: &[u64], k: usize| (q[k] * total) as i128 - i128::from(m * weights[k]);
+    for k in 0..q.len() {
+        if q[k] == 0 {
+            let donor = (0..q.len())
+                .filter(|&d| q[d] > 1)
+                .max_by_key(|&d| (surplus(&q, d), std::cmp::Reverse(d)));
+            if let Some(d) = donor {
+                q[d] -= 1;
+                q[k] = 1;
+            }
+        }
+    }
+    q
+}
+
 impl Maglev {
     /// Build the table for `backends` (in the caller's order; the returned indices refer
     /// to it) with table size `m` and hash seed `seed`.
@@ -117,18 +148,25 @@ impl Maglev {
         let wmax = weights.iter().copied().max().unwrap_or(1);
         // Credits start at wmax − w: every backend earns its first turn in round one.
         let mut credit: Vec<u64> = weights.iter().map(|&w| wmax - w).collect();
+        // Turns interleave by weight, and each backend's number of turns is its quota:
+        // its weight's share of M, within one slot (see `quotas`). Without the quota the
+        // last, partial round favoured the backends first in turn order.
+        let mut quota = quotas(&weights, m64);
         // `pos[k]` is permutation_k[next_k], advanced by `+ skip mod M` with a conditional
         // subtraction instead of a division per step (same sequence as the paper's
         // `(offset + j·skip) mod M`, so the table is unchanged).
         let mut pos: Vec<u32> = perm.iter().map(|&(offset, _)| offset).collect();
         let mut filled = 0u32;
         'fill: loop {
+            let mut took = false;
             for (k, &i) in order.iter().enumerate() {
                 credit[k] += weights[k];
-                if credit[k] < wmax {
+                if credit[k] < wmax || quota[k] == 0 {
                     continue;
                 }
+                took = true;
                 credit[k] -= wmax;
+                quota[k] -= 1;
                 let skip = perm[k].1;
                 let mut c = pos[k];
                 while table[c as usize] != EMPTY {
@@ -146,6 +184,20 @@ impl Maglev {
                 filled += 1;
                 if filled == m {
                     break 'fill;
+                }
+            }
+            if !took {
+                // Only backends short of credit have turns left (light ones, once the
+                // heavy ones met their quota): skip the rounds in which nobody would
+                // take one. The same turns, in the same order, without the empty rounds.
+                let empty = (0..order.len())
+                    .filter(|&k| quota[k] > 0)
+                    .map(|k| (wmax - credit[k]).div_ceil(weights[k]))
+                    .min()
+                    .unwrap_or(1)
+                    .saturating_sub(1);
+                for (c, w) in credit.iter_mut().zip(&weights) {
+                    *c += empty * w;
                 }
             }
         }
