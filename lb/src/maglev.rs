@@ -423,6 +423,24 @@ mod tests {
     }
 
     proptest! {
+        /// Quotas sum to M; each is within one slot of its weight's share, except that a
+        /// backend whose share rounds to 0 gets one slot (and its donor one less); every
+        /// weight gets a slot when M allows.
+        #[test]
+        fn quotas_sum_to_m_and_follow_the_shares(weights in proptest::collection::vec(1u64..=10_000, 1..200), m in prop::sample::select(vec![251u64, 4_099, 65_537])) {
+            let q = quotas(&weights, m);
+            prop_assert_eq!(q.iter().sum::<u64>(), m);
+            let total: u64 = weights.iter().sum();
+            let forced = weights.iter().filter(|&&w| m * w < total).count() as f64;
+            for (k, &w) in weights.iter().enumerate() {
+                let share = m as f64 * w as f64 / total as f64;
+                if weights.len() as u64 <= m {
+                    prop_assert!(q[k] >= 1, "weight {} has no slot", w);
+                }
+                prop_assert!((q[k] as f64 - share).abs() < 1.0 + forced, "weight {}: {} slots, share {:.2}", w, q[k], share);
+            }
+        }
+
         /// Weights are ratios: every backend's share is its weight over the sum within
         /// two slots, whatever the weights' scale (up to service::MAX_WEIGHT), and no
         /// backend with weight is left without entries.
