@@ -15,7 +15,7 @@ use crate::abi::{Endpoint, Iface, SnatRange, Stat, IFACE_INTERNAL, SNAT_ANY_SOUR
 use crate::sys::{FpKey, FpValue};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, XskMap};
-use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::Ebpf;
 use lb::service::ServiceTable;
 use std::collections::{BTreeMap, HashSet};
@@ -527,24 +527,27 @@ impl Steering {
     /// Run the program once on `frame` (BPF_PROG_TEST_RUN); the XDP action and the frame
     /// as the program left it.
     pub fn test_run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), BpfError> {
-        let prog = program(&mut self.ebpf)?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::new()
-        };
-        let r = prog
-            .test_run(opts)
-            .map_err(|e| BpfError::Program("xlb_steer", e))?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        test_run_xdp(program(&mut self.ebpf)?, frame).map_err(|e| BpfError::Program("xlb_steer", e))
     }
 
     /// Run the program once on `frame` (BPF_PROG_TEST_RUN); returns the XDP action.
     pub fn test_run(&mut self, frame: &[u8]) -> Result<u32, BpfError> {
         self.test_run_frame(frame).map(|(ret, _)| ret)
     }
+}
+
+/// Run an XDP program once on `frame` (BPF_PROG_TEST_RUN, room for the frame to grow
+/// by 256 bytes): its action and the frame as it left.
+pub fn test_run_xdp(prog: &mut Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::new()
+    };
+    let r = prog.test_run(opts)?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
 }
 
 /// A worker's handle on the fast-path flow map (`fp_flows`, see `flowrec`).

@@ -5,7 +5,7 @@
 //! machine's kernel has neither, and many hosts do not load them).
 
 use aya::maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
-use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use std::net::Ipv4Addr;
 
@@ -121,16 +121,7 @@ impl Decap {
     /// Run the program once on `frame` (BPF_PROG_TEST_RUN): the XDP action and the
     /// frame as it left.
     pub fn test_run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), DecapError> {
-        let prog = program(&mut self.ebpf)?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::new()
-        };
-        let r = prog.test_run(opts)?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        Ok(crate::bpf::test_run_xdp(program(&mut self.ebpf)?, frame)?)
     }
 
     /// This decapsulator's counters.

@@ -422,6 +422,19 @@ fn row_action(frame: &[u8], to: ([u8; 4], [u8; 4], u16, u16)) -> flowrec::Action
     lb::pipeline::execute::nat_action(&from, &to, macs, 1500, lo_ifindex())
 }
 
+/// A current (generation 7) fast-path entry of the table's tests carrying `action`.
+fn table_entry(action: flowrec::Action) -> flowrec::FlowEntry {
+    flowrec::FlowEntry {
+        generation: 7,
+        last_seen: 0,
+        packets: 0,
+        bytes: 0,
+        worker: 0,
+        slot: 0,
+        action,
+    }
+}
+
 /// Every row of the executor table through the Rust executor and, by
 /// BPF_PROG_TEST_RUN, through the C one (the row's action installed as a current
 /// fast-path entry): the same bytes, and checksums right by full recomputation.
@@ -443,15 +456,7 @@ fn the_executors_agree_on_every_row_of_the_action_table() {
             false => row_action(&row.frame, row.to),
         };
         let key = row_key(&row.frame).flowrec();
-        let entry = flowrec::FlowEntry {
-            generation: 7,
-            last_seen: 0,
-            packets: 0,
-            bytes: 0,
-            worker: 0,
-            slot: 0,
-            action,
-        };
+        let entry = table_entry(action);
         map.install(&key, &entry).expect("install");
         let mut rust = row.frame.clone();
         lb::pipeline::execute::execute_action(&mut rust, &action).expect("rust executes");
@@ -472,15 +477,7 @@ fn the_executors_agree_on_every_row_of_the_action_table() {
         ..l2dsr_action()
     };
     let key = row_key(&row.frame).flowrec();
-    let entry = flowrec::FlowEntry {
-        generation: 7,
-        last_seen: 0,
-        packets: 0,
-        bytes: 0,
-        worker: 0,
-        slot: 0,
-        action,
-    };
+    let entry = table_entry(action);
     map.install(&key, &entry).expect("install");
     let (ret, c) = s.test_run_frame(&row.frame).expect("test run");
     assert_ne!(ret, XDP_REDIRECT, "an IPIP action is not executed in C yet");
