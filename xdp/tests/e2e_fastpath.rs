@@ -7,17 +7,6 @@ mod common;
 
 use common::topo::{Topo, VIP};
 
-/// Flow directions the workers have in the fast path, per `lbctl status`.
-fn fast_entries(t: &Topo) -> u64 {
-    let status = t.lbctl_json(&["status"]);
-    status["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .map(|w| w["fast_path_entries"].as_u64().unwrap_or(0))
-        .sum()
-}
-
 /// A 20 MB exchange through the TCP echo service and 2000 datagrams through the UDP one,
 /// every byte checked; then, with `--on-remove reset`, the echo connection's backend is
 /// removed and its next segment must draw a reset.
@@ -88,7 +77,7 @@ fn established_flows_run_in_the_fast_path_with_their_bytes_intact() {
     assert!(worker_rx * 20 < fast, "workers saw {worker_rx} of {fast}");
     // The UDP flow is still there, in the fast path; `nat list` counts what the fast
     // path forwarded for it (the worker saw only its first exchange).
-    assert!(fast_entries(&t) >= 2, "{}", t.lbctl(&["status"]));
+    assert!(t.fast_entries() >= 2, "{}", t.lbctl(&["status"]));
     let nat = t.lbctl_json(&["nat", "list"]);
     let udp = nat["translations"]
         .as_array()
@@ -155,7 +144,7 @@ fn fast_path_flows_time_out_by_what_the_fast_path_forwarded() {
     }
     assert_eq!(live(&t), 0, "expired once idle");
     assert_eq!(
-        fast_entries(&t),
+        t.fast_entries(),
         0,
         "its entries left the fast path with it"
     );
@@ -172,9 +161,7 @@ import json, socket, subprocess, sys
 lbctl, sock = sys.argv[1], sys.argv[2]
 
 def xdp(name):
-    out = subprocess.run([lbctl, "--socket", sock, "stats", "-o", "json"],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out)["xdp"][name]
+    return lbctl_json("stats")["xdp"][name]
 
 s = socket.create_connection(("10.96.0.10", 9000), timeout=10)
 f = s.makefile("rb")
@@ -264,11 +251,6 @@ fn the_fast_path_refuses_interfaces_that_drop_redirects() {
 const GRO_FLIP: &str = r#"
 import json, socket, subprocess, sys, time
 lbctl, sock = sys.argv[1], sys.argv[2]
-
-def lbctl_json(*args):
-    out = subprocess.run([lbctl, "--socket", sock, *args, "-o", "json"],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out)
 
 def fast():
     return lbctl_json("stats")["xdp"]["fast_path"]

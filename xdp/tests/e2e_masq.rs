@@ -419,13 +419,7 @@ fn a_policy_change_applies_to_new_flows_only() {
     }
     // ...from the workers: a kept flow leaves the fast path (the new policy's
     // generation made its entries stale; its next packet reached its worker).
-    let fast: u64 = t.lbctl_json(&["status"])["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .map(|w| w["fast_path_entries"].as_u64().unwrap_or(0))
-        .sum();
-    assert_eq!(fast, 0, "{}", t.lbctl(&["status"]));
+    assert_eq!(t.fast_entries(), 0, "{}", t.lbctl(&["status"]));
     let status = t.lbctl_json(&["status"]);
     assert!(
         status["masquerading"]["kept_flows"].as_u64() >= Some(1),

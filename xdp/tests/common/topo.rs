@@ -14,7 +14,13 @@ pub const VIP: &str = "10.96.0.10";
 /// `(socket, file, …)` tuple) whose backend went away and says what came back: "data",
 /// "eof", "reset" or "timeout".
 pub const PY_POKE: &str = r#"
-import socket
+import json, socket, subprocess, sys
+
+def lbctl_json(*args):
+    """`lbctl ARGS -o json` against the test's lbd (argv 1 and 2), decoded."""
+    out = subprocess.run([sys.argv[1], "--socket", sys.argv[2], *args, "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
 
 def poke(c, word):
     s = c[0]
@@ -328,6 +334,16 @@ impl Topo {
             .expect("workers")
             .iter()
             .map(|w| w["drops"][reason].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    /// Flow directions the workers have in the XDP fast path, per `lbctl status`.
+    pub fn fast_entries(&self) -> u64 {
+        self.lbctl_json(&["status"])["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| w["fast_path_entries"].as_u64().unwrap_or(0))
             .sum()
     }
 
