@@ -184,7 +184,8 @@ pub struct CheckView {
 /// One active translation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TranslationView {
-    /// "masquerade" or "snat" (load balancing).
+    /// "masquerade", "snat" (load balancing), or a DSR forwarding: "dsr-l2", "dsr-ipip",
+    /// "dsr-gue" (one direction: `packets_in` stays 0).
     pub kind: String,
     pub proto: String,
     /// The inside endpoint (pod, or the load-balanced client).
@@ -290,7 +291,8 @@ pub struct BackendView {
 pub struct ServiceView {
     pub id: u32,
     pub frontend: String,
-    /// "snat" (full NAT); DSR modes come later.
+    /// The forwarding mode (`lb::service::Mode`'s name), with GUE's port
+    /// ("dsr-gue:6080"); what each protocol gets is `Mode::dsr`.
     pub mode: String,
     /// Affinity, affinity timeout, outcome of backend removal, chosen table size.
     #[serde(default)]
@@ -416,6 +418,12 @@ pub struct WorkerStats {
     /// TCP resets sent to clients of removed backends.
     #[serde(default)]
     pub resets_sent: u64,
+    /// Load-balanced flows opened by direct server return.
+    #[serde(default)]
+    pub dsr_flows: u64,
+    /// Packets sent to backends inside an outer header (DSR over IPIP or GUE).
+    #[serde(default)]
+    pub encapsulated: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -441,6 +449,8 @@ impl WorkerStats {
             hairpinned: c.hairpinned,
             icmp_sent: c.icmp_sent,
             resets_sent: c.resets_sent,
+            dsr_flows: c.dsr_flows,
+            encapsulated: c.encapsulated,
             drops: lb::DropReason::ALL
                 .iter()
                 .filter(|r| c.drops[**r as usize] > 0)
@@ -646,7 +656,7 @@ mod tests {
             parse_request(s.as_bytes()).map(|p| p.request),
             Ok(r.request)
         );
-        let with_options = r#"{"version":1,"type":"service_add","frontend":"10.0.0.10:80/tcp","options":{"affinity":"client-ip","affinity_timeout_s":600,"on_remove":"drop","table_size":2039}}"#;
+        let with_options = r#"{"version":1,"type":"service_add","frontend":"10.0.0.10:80/tcp","options":{"affinity":"client-ip","affinity_timeout_s":600,"on_remove":"drop","table_size":2039,"mode":"dsr-gue","gue_port":7000}}"#;
         assert_eq!(
             parse_request(with_options.as_bytes()).map(|p| p.request),
             Ok(Request::ServiceAdd {
@@ -657,6 +667,8 @@ mod tests {
                     affinity_timeout_s: Some(600),
                     on_remove: lb::service::OnRemove::Drop,
                     table_size: Some(2039),
+                    mode: lb::service::Mode::DsrGue,
+                    gue_port: Some(7000),
                 },
             })
         );

@@ -118,6 +118,10 @@ pub struct Counters {
     pub icmp_sent: u64,
     /// TCP resets xlb sent to clients of a removed backend (`on_remove: reset`).
     pub resets_sent: u64,
+    /// Load-balanced flows opened by direct server return (also in `flows_created`).
+    pub dsr_flows: u64,
+    /// Packets sent to a backend inside an outer header (DSR over IPIP or GUE).
+    pub encapsulated: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -149,6 +153,8 @@ impl Counters {
             self.hairpinned,
             self.icmp_sent,
             self.resets_sent,
+            self.dsr_flows,
+            self.encapsulated,
         ]);
         a[SCALARS..].copy_from_slice(&self.drops);
         a
@@ -173,11 +179,13 @@ impl Counters {
             hairpinned: a[12],
             icmp_sent: a[13],
             resets_sent: a[14],
+            dsr_flows: a[15],
+            encapsulated: a[16],
             drops,
         }
     }
 }
 
-const SCALARS: usize = 15;
+const SCALARS: usize = 17;
 /// Length of [`Counters::to_array`].
 pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

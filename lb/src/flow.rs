@@ -80,6 +80,49 @@ pub struct Rewrite {
     pub ip_delta: Delta,
     /// TCP/UDP checksum delta (pseudo-header addresses and ports).
     pub l4_delta: Delta,
+    /// What is done to the packet. For the DSR kinds `dst`/`dport` name the backend
+    /// (the packet itself keeps the VIP); for IPIP and GUE `src`/`dst` are the outer
+    /// header's addresses and `sport`/`dport` the outer UDP ports (GUE), and `mtu` is the
+    /// link's MTU less the encapsulation.
+    pub fwd: Forwarding,
+}
+
+/// How a direction's packets are forwarded (`flowrec::ActionKind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Forwarding {
+    /// Addresses, ports, MACs, TTL and checksums rewritten (full NAT, masquerading).
+    #[default]
+    Nat,
+    /// Direct server return on the link: the backend's MAC, the IP packet untouched.
+    L2Dsr,
+    /// Direct server return in an outer IPv4 header (protocol 4).
+    Ipip,
+    /// Direct server return in outer IPv4 + UDP + GUE (variant 0, protocol 4).
+    Gue,
+}
+
+impl Forwarding {
+    /// Bytes the forwarding puts in front of the IP packet.
+    pub const fn overhead(self) -> usize {
+        match self {
+            Forwarding::Nat | Forwarding::L2Dsr => 0,
+            Forwarding::Ipip => 20,
+            Forwarding::Gue => 20 + 8 + 4,
+        }
+    }
+
+    pub fn is_dsr(self) -> bool {
+        self != Forwarding::Nat
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarding::Nat => "nat",
+            Forwarding::L2Dsr => "dsr-l2",
+            Forwarding::Ipip => "dsr-ipip",
+            Forwarding::Gue => "dsr-gue",
+        }
+    }
 }
 
 /// TCP-aware flow state; UDP flows stay in `Udp`.
@@ -168,6 +211,22 @@ impl Flow {
     /// A load-balanced flow's backend: where its forward rewrite sends packets.
     pub fn backend(&self) -> ([u8; 4], u16) {
         (self.rewrite[0].dst, self.rewrite[0].dport)
+    }
+
+    /// A DSR flow: xlb sees only the client's direction (the backend answers the
+    /// client directly), so only `keys[0]` and `rewrite[0]` mean anything and only
+    /// `keys[0]` is indexed.
+    pub fn one_way(&self) -> bool {
+        self.rewrite[0].fwd.is_dsr()
+    }
+
+    /// The directions xlb sees: 2, or 1 for a DSR flow.
+    pub fn directions(&self) -> usize {
+        if self.one_way() {
+            1
+        } else {
+            2
+        }
     }
 }
 
@@ -296,13 +355,13 @@ impl FlowTable {
         self.slots.get_mut(slot as usize).and_then(Option::as_mut)
     }
 
-    /// Insert a flow under both its keys. The caller has checked that neither key is
+    /// Insert a flow under both its keys (a DSR flow: its one). The caller has checked that neither key is
     /// present (the pipeline looks both up first); a present key is taken over.
     pub fn insert(&mut self, flow: Flow) -> Result<u32, TableFull> {
         let slot = self.free.pop().ok_or(TableFull)?;
-        let keys = flow.keys;
+        let (keys, n) = (flow.keys, flow.directions());
         self.slots[slot as usize] = Some(flow);
-        for (d, k) in keys.iter().enumerate() {
+        for (d, k) in keys.iter().enumerate().take(n) {
             let h = self.hasher.hash_one(k);
             let (slots, hasher) = (&self.slots, &self.hasher);
             let v = slot << 1 | d as u32;
@@ -322,8 +381,9 @@ impl FlowTable {
     }
 
     pub fn remove(&mut self, slot: u32) -> Option<Flow> {
-        let keys = self.slots.get(slot as usize)?.as_ref()?.keys;
-        for (d, k) in keys.iter().enumerate() {
+        let f = self.slots.get(slot as usize)?.as_ref()?;
+        let (keys, n) = (f.keys, f.directions());
+        for (d, k) in keys.iter().enumerate().take(n) {
             let v = slot << 1 | d as u32;
             // Only the entry naming this slot and direction (another flow may have taken
             // the key over).

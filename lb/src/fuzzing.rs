@@ -115,6 +115,26 @@ fn check_one(e: &mut Engine, frame: &mut [u8], hops: u8, workers: u16) {
                 "a valid L4 checksum went bad: {before:02x?} → {frame:02x?}"
             );
         }
+        Verdict::Encap { len, .. } => {
+            // Direct server return: the client's IP packet travels unchanged behind a
+            // valid outer header that counts it whole.
+            let len = usize::from(len);
+            assert_eq!(
+                &frame[14..14 + len],
+                &before[14..14 + len],
+                "inner packet changed"
+            );
+            let hdr = e.encap_header();
+            let mut out = frame[..14].to_vec();
+            out.extend_from_slice(hdr);
+            out.extend_from_slice(&frame[14..14 + len]);
+            assert!(verify(&out).0, "an outer header with a bad checksum");
+            let inner = usize::from(u16::from_be_bytes([before[16], before[17]]));
+            assert_eq!(
+                usize::from(u16::from_be_bytes([hdr[2], hdr[3]])),
+                hdr.len() + inner
+            );
+        }
         Verdict::ToWorker(n) | Verdict::Probe(n) => {
             assert!(n < workers && n != e.worker(), "hand-off to {n}");
             assert_eq!(frame, &before[..], "a handed-over frame is untouched");

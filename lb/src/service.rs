@@ -207,6 +207,103 @@ impl FromStr for OnRemove {
     }
 }
 
+/// How a service's packets reach its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Full NAT: the client's packets leave from a SNAT address and port, the backend's
+    /// replies come back through xlb.
+    #[default]
+    Snat,
+    /// Direct server return, backends on this node's L2 segment: only the destination
+    /// MAC changes.
+    DsrL2,
+    /// Direct server return, the client's packet inside an outer IPv4 header (IPIP).
+    DsrIpip,
+    /// Direct server return, the client's packet inside outer IPv4 + UDP + GUE.
+    DsrGue,
+    /// Cilium's hybrid mode: TCP by DSR (L2), UDP by SNAT.
+    Hybrid,
+    /// TCP by DSR over IPIP, UDP by SNAT.
+    HybridIpip,
+    /// TCP by DSR over GUE, UDP by SNAT.
+    HybridGue,
+}
+
+/// How a DSR service's packets are carried to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dsr {
+    L2,
+    Ipip,
+    Gue,
+}
+
+/// GUE's UDP destination port unless a service sets one (`--gue-port`; the
+/// backends' `xlb-decap --gue-port` must match).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+impl Mode {
+    pub const ALL: [Mode; 7] = [
+        Mode::Snat,
+        Mode::DsrL2,
+        Mode::DsrIpip,
+        Mode::DsrGue,
+        Mode::Hybrid,
+        Mode::HybridIpip,
+        Mode::HybridGue,
+    ];
+
+    /// What new flows of protocol `proto` get: DSR of a kind, or SNAT (`None`).
+    pub fn dsr(self, proto: Proto) -> Option<Dsr> {
+        match (self, proto) {
+            (Mode::Snat, _) => None,
+            (Mode::DsrL2, _) => Some(Dsr::L2),
+            (Mode::DsrIpip, _) => Some(Dsr::Ipip),
+            (Mode::DsrGue, _) => Some(Dsr::Gue),
+            (Mode::Hybrid | Mode::HybridIpip | Mode::HybridGue, Proto::Udp) => None,
+            (Mode::Hybrid, Proto::Tcp) => Some(Dsr::L2),
+            (Mode::HybridIpip, Proto::Tcp) => Some(Dsr::Ipip),
+            (Mode::HybridGue, Proto::Tcp) => Some(Dsr::Gue),
+        }
+    }
+
+    /// Whether any protocol is carried by GUE.
+    pub fn uses_gue(self) -> bool {
+        matches!(self, Mode::DsrGue | Mode::HybridGue)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Snat => "snat",
+            Mode::DsrL2 => "dsr-l2",
+            Mode::DsrIpip => "dsr-ipip",
+            Mode::DsrGue => "dsr-gue",
+            Mode::Hybrid => "hybrid",
+            Mode::HybridIpip => "hybrid-ipip",
+            Mode::HybridGue => "hybrid-gue",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
+                format!("{s:?} is not a forwarding mode: {}", names.join(", "))
+            })
+    }
+}
+
 /// An affinity timeout as operators write it: seconds, or a number with `s`, `m` or `h`
 /// (`10800`, `3h`, `30m`).
 pub fn parse_duration_s(s: &str) -> Result<u32, String> {
@@ -233,6 +330,10 @@ pub struct ServiceOptions {
     pub on_remove: OnRemove,
     /// Maglev table size, one of [`TABLE_SIZES`]; none: the daemon's `--maglev-size`.
     pub table_size: Option<u32>,
+    /// How new flows reach the backends (a flow keeps the mode it opened with).
+    pub mode: Mode,
+    /// GUE's UDP destination port (GUE modes only); none: [`DEFAULT_GUE_PORT`].
+    pub gue_port: Option<u16>,
 }
 
 impl ServiceOptions {
@@ -348,6 +449,15 @@ pub enum ConfigError {
     },
     #[error("an affinity timeout needs --affinity client-ip")]
     TimeoutWithoutAffinity,
+    #[error("--gue-port needs a GUE mode (dsr-gue or hybrid-gue), not {0}")]
+    GuePortWithoutGue(Mode),
+    #[error("{frontend} forwards by DSR ({mode}): backend {addr}:{port} must listen on the service's port {want} (the packet reaches it unchanged)", want = frontend.port)]
+    DsrPort {
+        frontend: Frontend,
+        mode: Mode,
+        addr: Ipv4Addr,
+        port: u16,
+    },
     #[error("affinity timeout {0} s is outside 1..={max} s", max = MAX_AFFINITY_TIMEOUT_S)]
     AffinityTimeout(u32),
 }
@@ -378,6 +488,11 @@ fn check_unicast(what: &'static str, addr: Ipv4Addr) -> Result<(), ConfigError> 
 }
 
 fn check_options(o: &ServiceOptions) -> Result<(), ConfigError> {
+    match o.gue_port {
+        Some(_) if !o.mode.uses_gue() => return Err(ConfigError::GuePortWithoutGue(o.mode)),
+        Some(0) => return Err(ConfigError::ZeroPort { what: "GUE" }),
+        _ => {}
+    }
     if let Some(m) = o.table_size.filter(|m| !TABLE_SIZES.contains(m)) {
         return Err(ConfigError::TableSize(m));
     }
@@ -403,6 +518,24 @@ fn check_fits(svc: &ServiceSpec, default_size: u32) -> Result<(), ConfigError> {
         });
     }
     Ok(())
+}
+
+/// A DSR service's packets reach the backend unchanged, port included: every backend
+/// listens on the frontend's port (as IPVS's direct routing requires).
+fn check_dsr_ports(svc: &ServiceSpec) -> Result<(), ConfigError> {
+    let f = svc.frontend;
+    if svc.options.mode.dsr(f.proto).is_none() {
+        return Ok(());
+    }
+    match svc.backends.iter().find(|b| b.port != f.port) {
+        Some(b) => Err(ConfigError::DsrPort {
+            frontend: f,
+            mode: svc.options.mode,
+            addr: b.addr,
+            port: b.port,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn check_backend(b: &BackendSpec) -> Result<(), ConfigError> {
@@ -585,6 +718,7 @@ impl ServiceTable {
         }
         if let Some(svc) = op_frontend(op).and_then(|f| next.services.get(f)) {
             check_fits(svc, self.default_table_size)?;
+            check_dsr_ports(svc)?;
         }
         Ok(next)
     }
@@ -634,6 +768,91 @@ mod tests {
             assert!(m <= crate::maglev::MAX_TABLE_SIZE, "{m}");
         }
         assert!(TABLE_SIZES.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn modes_parse_and_say_what_each_protocol_gets() {
+        for m in Mode::ALL {
+            assert_eq!(m.name().parse::<Mode>(), Ok(m));
+            let json = serde_json::to_string(&m).expect("json");
+            assert_eq!(json, format!("\"{}\"", m.name()));
+        }
+        let e = "dsr".parse::<Mode>().expect_err("not a mode");
+        assert!(e.contains("dsr-l2") && e.contains("hybrid-gue"), "{e}");
+        assert_eq!(Mode::Hybrid.dsr(Proto::Tcp), Some(Dsr::L2));
+        assert_eq!(Mode::Hybrid.dsr(Proto::Udp), None);
+        assert_eq!(Mode::HybridGue.dsr(Proto::Tcp), Some(Dsr::Gue));
+        assert_eq!(Mode::DsrIpip.dsr(Proto::Udp), Some(Dsr::Ipip));
+        assert_eq!(Mode::Snat.dsr(Proto::Tcp), None);
+    }
+
+    #[test]
+    fn dsr_services_keep_the_port_and_gue_port_needs_gue() {
+        let f = fe("10.0.0.10:80/tcp");
+        let dsr = ServiceOptions {
+            mode: Mode::DsrIpip,
+            ..ServiceOptions::default()
+        };
+        let add = |backends: Vec<BackendSpec>, options| Op::AddService {
+            frontend: f,
+            backends,
+            options,
+        };
+        let t0 = ServiceTable::with_table_size(1021);
+        let e = t0
+            .apply(&add(vec![be("10.1.0.2:8080")], dsr))
+            .expect_err("port differs");
+        assert!(matches!(e, ConfigError::DsrPort { port: 8080, .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("must listen on the service's port 80"),
+            "{e}"
+        );
+        let t = t0
+            .apply(&add(vec![be("10.1.0.2:80")], dsr))
+            .expect("same port");
+        // A backend added later, and a mode change, are held to the same rule.
+        assert!(t
+            .apply(&Op::AddBackend {
+                frontend: f,
+                backend: be("10.1.0.3:81"),
+            })
+            .is_err());
+        let snat = t0
+            .apply(&add(vec![be("10.1.0.2:8080")], ServiceOptions::default()))
+            .expect("snat maps ports");
+        assert!(snat
+            .apply(&Op::SetOptions {
+                frontend: f,
+                options: dsr,
+            })
+            .is_err());
+        // Hybrid on a UDP service is SNAT: any port.
+        let u = fe("10.0.0.10:53/udp");
+        let hybrid = ServiceOptions {
+            mode: Mode::Hybrid,
+            ..ServiceOptions::default()
+        };
+        assert!(t0
+            .apply(&Op::AddService {
+                frontend: u,
+                backends: vec![be("10.1.0.2:5353")],
+                options: hybrid,
+            })
+            .is_ok());
+        let gue_port = |mode| ServiceOptions {
+            mode,
+            gue_port: Some(7000),
+            ..ServiceOptions::default()
+        };
+        assert_eq!(
+            t0.apply(&add(vec![be("10.1.0.2:80")], gue_port(Mode::DsrIpip)))
+                .err(),
+            Some(ConfigError::GuePortWithoutGue(Mode::DsrIpip))
+        );
+        assert!(t0
+            .apply(&add(vec![be("10.1.0.2:80")], gue_port(Mode::DsrGue)))
+            .is_ok());
     }
 
     #[test]
@@ -704,6 +923,8 @@ mod tests {
             affinity_timeout_s: Some(10_800),
             on_remove: OnRemove::Drop,
             table_size: Some(2039),
+            mode: Mode::DsrGue,
+            gue_port: Some(7000),
         };
         let t2 = t
             .apply(&Op::SetOptions {

@@ -104,6 +104,9 @@ pub struct SnatConfig {
     /// Ports of the egress (masquerading) address: a host address, so a range the host's
     /// own sockets do not use.
     pub ports: PortRange,
+    /// The outer source of DSR tunnels (IPIP, GUE) to backends (`lbd --encap-source`);
+    /// none: the address of the interface the tunnel leaves by.
+    pub encap_source: Option<[u8; 4]>,
 }
 
 impl SnatConfig {
@@ -112,6 +115,7 @@ impl SnatConfig {
         SnatConfig {
             pool: Arc::from([NatAddr { addr, ports }]),
             ports,
+            encap_source: None,
         }
     }
 

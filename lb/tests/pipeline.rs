@@ -670,6 +670,7 @@ fn a_clients_flows_share_one_pool_address() {
     cfg.snat = lb::snapshot::SnatConfig {
         pool: Arc::from(pool),
         ports: cfg.snat.ports,
+        encap_source: None,
     };
     let mut by_client = std::collections::HashMap::new();
     for last in 2..40u8 {
@@ -767,8 +768,8 @@ fn the_fast_path_follows_the_interfaces_redirect_feature() {
     let kinds = |e: &mut Engine| -> Vec<&'static str> {
         e.take_events()
             .map(|ev| match ev {
-                Event::FastInstall(_) => "install",
-                Event::FastRemove(_) => "remove",
+                Event::FastInstall(..) => "install",
+                Event::FastRemove(..) => "remove",
                 _ => "other",
             })
             .collect()

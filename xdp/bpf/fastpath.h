@@ -28,6 +28,7 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct xlb_iface *ifc;
 	__u64 *gen;
 	__u16 tot;
+	int ret;
 
 	if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
 		return -1;
@@ -73,8 +74,11 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct ethhdr *eth, str
 	for (int i = 0; i < ETH_ALEN; i++)
 		if (eth->h_dest[i] != ifc->mac[i])
 			return -1;
-	if (xlb_exec(eth, ip, l4, end, &v->action))
+	ret = xlb_exec(ctx, eth, ip, l4, end, tot, &v->action);
+	if (ret == -1)
 		return -1;
+	if (ret)
+		return XDP_ABORTED;
 	v->last_seen = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, tot);
@@ -82,7 +86,10 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct ethhdr *eth, str
 	/* A redirect also when the egress is the ingress interface (one-armed): XDP_TX into
 	 * a veth whose peer has GRO but no XDP program lost about half the frames in the
 	 * one-armed end-to-end test; the redirect delivered them all. */
-	return bpf_redirect(v->action.ifindex, 0);
+	ret = bpf_redirect(v->action.ifindex, 0);
+	/* Never negative (XDP_REDIRECT with flags 0); said so the verifier knows the
+	 * caller, whose packet pointers a tunnel action invalidated, does not go on. */
+	return ret < 0 ? XDP_ABORTED : ret;
 }
 
 #endif

@@ -31,9 +31,9 @@ struct xlb_fkey {
 
 enum xlb_action_kind {
 	XLB_ACT_NAT = 1,	/* addresses, ports, MACs, TTL, checksums */
-	XLB_ACT_L2DSR = 2,	/* MACs only, the IP packet untouched (executed; no decide rule yet) */
-	XLB_ACT_IPIP = 3,	/* reserved: prepend encap (outer IPv4) */
-	XLB_ACT_GUE = 4,	/* reserved: prepend encap (outer IPv4 + UDP + GUE) */
+	XLB_ACT_L2DSR = 2,	/* MACs only, the IP packet untouched (direct server return) */
+	XLB_ACT_IPIP = 3,	/* prepend encap (outer IPv4), direct server return */
+	XLB_ACT_GUE = 4,	/* prepend encap (outer IPv4 + UDP + GUE), direct server return */
 	XLB_ACT_ROUTE = 5,	/* reserved: MACs and TTL only */
 };
 

@@ -113,6 +113,8 @@ pub struct DaemonConfig {
     /// SNAT pool (`--snat-addr`); empty: the last interface's primary address.
     pub snat_addrs: Vec<nat::NatAddrSpec>,
     pub snat_ports: PortRange,
+    /// Outer source of DSR tunnels (`--encap-source`); none: the egress interface's.
+    pub encap_source: Option<Ipv4Addr>,
     pub queues: Option<u32>,
     pub cores: Vec<usize>,
     pub flows_per_worker: usize,
@@ -360,15 +362,23 @@ fn translation(c: &crate::worker::FlowCopy, worker: u16, now: u64) -> Translatio
         lb::wire::ipv4::PROTO_UDP => "udp",
         _ => "icmp",
     };
-    let kind = match f.kind {
-        FlowKind::Masq => "masquerade",
-        FlowKind::Lb => "snat",
+    let kind = match (f.kind, f.one_way()) {
+        (FlowKind::Masq, _) => "masquerade",
+        (FlowKind::Lb, false) => "snat",
+        (FlowKind::Lb, true) => out.fwd.name(),
+    };
+    // A DSR flow keeps the client's address: its "outside" is the client itself (L2)
+    // or the tunnel's source.
+    let outside = match out.fwd {
+        lb::flow::Forwarding::Nat => endpoint(out.src, out.sport, k.proto),
+        lb::flow::Forwarding::L2Dsr => endpoint(k.src, k.sport, k.proto),
+        _ => format!("{} (tunnel)", Ipv4Addr::from(out.src)),
     };
     TranslationView {
         kind: kind.into(),
         proto: proto.into(),
         inside: endpoint(k.src, k.sport, k.proto),
-        outside: endpoint(out.src, out.sport, k.proto),
+        outside,
         // An echo's remote has no identifier of its own.
         remote: if k.proto == lb::wire::ipv4::PROTO_ICMP {
             Ipv4Addr::from(out.dst).to_string()
@@ -585,6 +595,7 @@ impl Daemon {
             snat: SnatConfig {
                 pool: Arc::from(pool),
                 ports: dc.snat_ports,
+                encap_source: dc.encap_source.map(|a| a.octets()),
             },
             timeouts: dc.timeouts,
             maglev_size: dc.maglev_size,
@@ -842,6 +853,11 @@ impl Daemon {
         if let Err(e) = self.check_addresses(&op) {
             return ResponseEnvelope::error(ErrorKind::Invalid, e);
         }
+        if let Some(svc) = op_service(&op).and_then(|f| next.get(f)) {
+            if let Err(e) = check_dsr_l2(svc, &self.snap.net) {
+                return ResponseEnvelope::error(ErrorKind::Invalid, e);
+            }
+        }
         let snap = match Snapshot::build(
             self.next_generation(),
             &self.cfg,
@@ -915,7 +931,8 @@ impl Daemon {
                 weight,
             } => format!("backend {addr}:{port} of {frontend} now has weight {weight}"),
             Op::SetOptions { frontend, options } => format!(
-                "service {frontend}: affinity {}{}, on-remove {}, table size {}",
+                "service {frontend}: mode {} (for new flows), affinity {}{}, on-remove {}, table size {}",
+                mode_view(options),
                 options.affinity,
                 options
                     .affinity_timeout_s
@@ -1059,7 +1076,7 @@ impl Daemon {
             services.push(ServiceView {
                 id: spec.id,
                 frontend: spec.frontend.to_string(),
-                mode: "snat".into(),
+                mode: mode_view(&spec.options),
                 options: spec.options,
                 backends: spec
                     .backends
@@ -1581,5 +1598,60 @@ impl Daemon {
             self.resolving
                 .retain(|_, t| now.duration_since(*t) < RESOLVE_BACKOFF * 10);
         }
+    }
+}
+
+/// The service an operation adds to or changes.
+fn op_service(op: &Op) -> Option<&lb::service::Frontend> {
+    match op {
+        Op::AddService { frontend, .. }
+        | Op::SetOptions { frontend, .. }
+        | Op::AddBackend { frontend, .. } => Some(frontend),
+        _ => None,
+    }
+}
+
+/// L2 DSR only changes the destination MAC, so each backend must be a neighbour: on a
+/// subnet directly connected to an interface xlb serves (no gateway between).
+fn check_dsr_l2(svc: &lb::service::ServiceSpec, net: &lb::netview::NetView) -> Result<(), String> {
+    let f = svc.frontend;
+    if svc.options.mode.dsr(f.proto) != Some(lb::service::Dsr::L2) {
+        return Ok(());
+    }
+    for b in &svc.backends {
+        let route = net.route(b.addr.octets());
+        let served = route.and_then(|r| net.ifaces.iter().find(|i| i.ifindex == r.ifindex));
+        match (route, served) {
+            (Some(r), Some(_)) if r.gateway.is_none() => {}
+            (Some(r), Some(i)) => {
+                return Err(format!(
+                    "{f} forwards by L2 DSR ({}): backend {} is reached through gateway {} on {}, not directly; \
+                     L2 DSR needs backends on a subnet of an interface xlb serves (use dsr-ipip or dsr-gue across routers)",
+                    svc.options.mode,
+                    b.addr,
+                    std::net::Ipv4Addr::from(r.gateway.unwrap_or_default()),
+                    i.name
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "{f} forwards by L2 DSR ({}): backend {} is not on a subnet directly connected to an interface xlb serves",
+                    svc.options.mode, b.addr
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A service's mode as listed: its name, and GUE's port.
+fn mode_view(o: &lb::service::ServiceOptions) -> String {
+    match o.mode.uses_gue() {
+        true => format!(
+            "{}:{}",
+            o.mode,
+            o.gue_port.unwrap_or(lb::service::DEFAULT_GUE_PORT)
+        ),
+        false => o.mode.to_string(),
     }
 }

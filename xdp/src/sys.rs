@@ -453,6 +453,39 @@ impl WorkerIo {
         io::Write::write_all(&mut cur, bytes).is_ok()
     }
 
+    /// Grow batch frame `i` in place for an encapsulation: put `bytes` at offset `at`,
+    /// followed by the `keep` bytes that were there (what lies after them, Ethernet
+    /// padding, goes). False, and the frame is unchanged, if the frame is shorter than
+    /// `at + keep` or its data segment has no room.
+    ///
+    /// xsk-rs 0.11 keeps a descriptor's address private, so the packet cannot start
+    /// earlier in the frame's headroom (what `bpf_xdp_adjust_head` does in XDP): the
+    /// `keep` bytes move up instead, one copy of the IP packet. Only packets of DSR
+    /// tunnel flows not yet in the XDP fast path pay it.
+    pub fn insert(&mut self, i: usize, at: usize, bytes: &[u8], keep: usize) -> bool {
+        let Some(slot) = self.batch.get_mut(i) else {
+            return false;
+        };
+        // SAFETY: descriptors in `batch` are owned by userspace (ownership rule); the
+        // exclusive borrow of `self` means no other reference to the frame exists.
+        let mut data = unsafe { self.umem.data_mut(&mut slot.desc) };
+        let total = at + bytes.len() + keep;
+        if data.contents().len() < at + keep {
+            return false;
+        }
+        {
+            let mut cur = data.cursor();
+            if cur.buf_len() < total {
+                return false;
+            }
+            cur.set_pos(total);
+        }
+        let c = data.contents_mut();
+        c.copy_within(at..at + keep, at + bytes.len());
+        c[at..at + bytes.len()].copy_from_slice(bytes);
+        true
+    }
+
     /// Queue a copy of `bytes` for transmission on `port`, in a free frame. False if no
     /// frame is free, it does not fit one, or the port's TX backlog is full.
     pub fn send_copy(&mut self, port: usize, bytes: &[u8]) -> bool {

@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 
 /// Longest park (the loop also notices stop requests this often).
 const PARK: Duration = Duration::from_millis(20);
+/// Ethernet header length: where a DSR tunnel's outer headers go.
+const ETH_LEN: usize = 14;
 /// Bytes of each hand-off ring (≈ 250 full-size frames).
 pub const HANDOFF_RING_BYTES: usize = 512 * 1024;
 /// Largest frame a hand-off carries.
@@ -322,6 +324,16 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         io.release(i);
                     }
                 }
+                Verdict::Encap { iface, len } => {
+                    let hdr = engine.encap_header();
+                    if !io.insert(i, ETH_LEN, hdr, usize::from(len)) {
+                        engine.undelivered(v, DropReason::Oversize);
+                        io.release(i);
+                    } else if !io.send(i, usize::from(iface)) {
+                        engine.undelivered(v, DropReason::TxRingFull);
+                        io.release(i);
+                    }
+                }
                 Verdict::Icmp { iface } | Verdict::Reset { iface } => {
                     if !io.replace(i, engine.generated()) || !io.send(i, usize::from(iface)) {
                         engine.undelivered(v, DropReason::TxRingFull);
@@ -413,7 +425,7 @@ fn flow_copy(
     let Some(map) = map.filter(|_| f.fast) else {
         return c;
     };
-    for (d, k) in f.keys.iter().enumerate() {
+    for (d, k) in f.keys.iter().enumerate().take(f.directions()) {
         if let Some(e) = map.get(&k.flowrec()) {
             c.fast_packets[d] = e.packets;
             if e.last_seen != 0 {
@@ -458,11 +470,11 @@ fn dispatch(engine: &mut Engine, mut sinks: Sinks<'_>) {
     let entries = sinks.entries;
     for ev in engine.take_events() {
         match ev {
-            Event::FastInstall(dirs) => {
+            Event::FastInstall(dirs, n) => {
                 let Some(map) = sinks.fast_path.as_deref_mut() else {
                     continue;
                 };
-                for (k, e) in &dirs {
+                for (k, e) in dirs.iter().take(n.into()) {
                     match map.install(k, e) {
                         Ok(true) => *entries += 1,
                         Ok(false) => {}
@@ -470,11 +482,11 @@ fn dispatch(engine: &mut Engine, mut sinks: Sinks<'_>) {
                     }
                 }
             }
-            Event::FastRemove(keys) => {
+            Event::FastRemove(keys, n) => {
                 let Some(map) = sinks.fast_path.as_deref_mut() else {
                     continue;
                 };
-                for k in &keys {
+                for k in keys.iter().take(n.into()) {
                     if map.remove(k) {
                         *entries = entries.saturating_sub(1);
                     }

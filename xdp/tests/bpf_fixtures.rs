@@ -4,6 +4,7 @@
 mod common;
 
 use lb::fixtures::{self, Steer};
+use lb::flow::Forwarding;
 use lb::masq_fixtures::{self as mf, Side};
 use lb::wire::build::verify;
 use lb::wire::ipv4::PROTO_UDP;
@@ -237,8 +238,8 @@ struct ActionRow {
     name: &'static str,
     frame: Vec<u8>,
     to: ([u8; 4], [u8; 4], u16, u16),
-    /// An L2 DSR action (MACs only) instead of NAT to `to`.
-    l2dsr: bool,
+    /// NAT to `to`, or a direct server return action to the backend (`to`'s unused).
+    fwd: Forwarding,
 }
 
 /// The executor table: `(frame, action) → frame` rows covering what the executors
@@ -267,31 +268,31 @@ fn action_rows() -> Vec<ActionRow> {
             name: "tcp data",
             frame: spec(PROTO_TCP, b"GET / HTTP/1.1\r\n\r\n").build(),
             to: fwd,
-            l2dsr: false,
+            fwd: Forwarding::Nat,
         },
         ActionRow {
             name: "tcp, one byte",
             frame: spec(PROTO_TCP, b"x").build(),
             to: fwd,
-            l2dsr: false,
+            fwd: Forwarding::Nat,
         },
         ActionRow {
             name: "tcp, addresses only",
             frame: spec(PROTO_TCP, b"ok").build(),
             to: (SNAT, BACKEND, 40000, 80),
-            l2dsr: false,
+            fwd: Forwarding::Nat,
         },
         ActionRow {
             name: "udp data",
             frame: spec(PROTO_UDP, &[7u8; 100]).build(),
             to: fwd,
-            l2dsr: false,
+            fwd: Forwarding::Nat,
         },
         ActionRow {
             name: "udp, odd length",
             frame: spec(PROTO_UDP, b"seven!!").build(),
             to: fwd,
-            l2dsr: false,
+            fwd: Forwarding::Nat,
         },
         ActionRow {
             name: "udp, ttl 2",
@@ -301,7 +302,7 @@ fn action_rows() -> Vec<ActionRow> {
             }
             .build(),
             to: fwd,
-            l2dsr: false,
+            fwd: Forwarding::Nat,
         },
         ActionRow {
             name: "icmp echo request",
@@ -313,7 +314,7 @@ fn action_rows() -> Vec<ActionRow> {
             }
             .build(),
             to: (SNAT, BACKEND, 0x4321, 0),
-            l2dsr: false,
+            fwd: Forwarding::Nat,
         },
         ActionRow {
             name: "icmp echo reply",
@@ -325,7 +326,7 @@ fn action_rows() -> Vec<ActionRow> {
             }
             .build(),
             to: (SNAT, BACKEND, 0, 0x1234),
-            l2dsr: false,
+            fwd: Forwarding::Nat,
         },
     ];
     // No UDP checksum (0): it stays 0.
@@ -335,7 +336,7 @@ fn action_rows() -> Vec<ActionRow> {
         name: "udp without checksum",
         frame: none,
         to: fwd,
-        l2dsr: false,
+        fwd: Forwarding::Nat,
     });
     // Ethernet padding after a short packet: the executors leave it.
     let mut padded = spec(PROTO_UDP, b"hi").build();
@@ -344,16 +345,14 @@ fn action_rows() -> Vec<ActionRow> {
         name: "udp, ethernet padding",
         frame: padded,
         to: fwd,
-        l2dsr: false,
+        fwd: Forwarding::Nat,
     });
     // A datagram whose translated checksum computes to 0, which UDP sends as 0xffff.
     let zero = (0..=u16::MAX)
         .map(|v| spec(PROTO_UDP, &v.to_be_bytes()).build())
         .find(|f| {
-            let mut out = f.clone();
             let a = row_action(f, fwd);
-            lb::pipeline::execute::execute_action(&mut out, &a).is_ok()
-                && out[40..42] == [0xff, 0xff]
+            rust_exec(f, &a).is_ok_and(|out| out[40..42] == [0xff, 0xff])
         })
         .expect("a payload whose translated UDP checksum is 0");
     // L2 DSR: the MACs only, whatever the protocol.
@@ -365,16 +364,101 @@ fn action_rows() -> Vec<ActionRow> {
             name,
             frame: spec(proto, payload).build(),
             to: fwd,
-            l2dsr: true,
+            fwd: Forwarding::L2Dsr,
         });
     }
     rows.push(ActionRow {
         name: "udp, translated checksum 0 (sent as 0xffff)",
         frame: zero,
         to: fwd,
-        l2dsr: false,
+        fwd: Forwarding::Nat,
     });
+    // DSR tunnels: the packet whole behind the outer headers, whatever it carries (its
+    // TOS copied out, Ethernet padding left behind the outer packet).
+    let mut tos = spec(PROTO_TCP, b"GET / with dscp").build();
+    tos[15] = 0xb8;
+    fix_ip_checksum(&mut tos);
+    let mut padded = spec(PROTO_UDP, b"hi").build();
+    padded.extend_from_slice(&[0; 16]);
+    for (fwd_kind, names) in [
+        (
+            Forwarding::Ipip,
+            [
+                "ipip, tcp",
+                "ipip, udp",
+                "ipip, echo",
+                "ipip, tos",
+                "ipip, padding",
+            ],
+        ),
+        (
+            Forwarding::Gue,
+            [
+                "gue, tcp",
+                "gue, udp",
+                "gue, echo",
+                "gue, tos",
+                "gue, padding",
+            ],
+        ),
+    ] {
+        let echo = FrameSpec {
+            sport: 0x1234,
+            dport: 7,
+            icmp_type: lb::wire::icmp::ECHO_REQUEST,
+            ..spec(PROTO_ICMP, b"ping")
+        };
+        let frames = [
+            spec(PROTO_TCP, b"GET / HTTP/1.1\r\n\r\n").build(),
+            spec(PROTO_UDP, &[7u8; 333]).build(),
+            echo.build(),
+            tos.clone(),
+            padded.clone(),
+        ];
+        for (name, frame) in names.into_iter().zip(frames) {
+            rows.push(ActionRow {
+                name,
+                frame,
+                to: fwd,
+                fwd: fwd_kind,
+            });
+        }
+    }
     rows
+}
+
+/// Recompute a built frame's IPv4 header checksum (after a test changed the header).
+fn fix_ip_checksum(frame: &mut [u8]) {
+    use lb::wire::checksum::{fold, sum};
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = !fold(sum(&frame[14..34]));
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The DSR action of the table's rows: to the backend's MAC, out of the loopback; for
+/// the tunnels from the SNAT address to the backend, GUE from port 0xc123 to 6080.
+fn dsr_action(fwd: Forwarding) -> flowrec::Action {
+    let rw = lb::flow::Rewrite {
+        src: fixtures::SNAT,
+        dst: fixtures::BACKEND,
+        sport: 0xc123,
+        dport: 6080,
+        src_mac: fixtures::LB_MAC,
+        dst_mac: fixtures::BACKEND_MAC,
+        mtu: 1500 - fwd.overhead() as u16,
+        fwd,
+        ..lb::flow::Rewrite::default()
+    };
+    lb::pipeline::execute::action(&rw, lo_ifindex())
+}
+
+/// Run the Rust executor on a copy of `frame` with room to grow: the frame it makes.
+fn rust_exec(frame: &[u8], a: &flowrec::Action) -> Result<Vec<u8>, lb::DropReason> {
+    let mut buf = frame.to_vec();
+    buf.resize(frame.len() + flowrec::ENCAP_MAX, 0);
+    let n = lb::pipeline::execute::execute_action(&mut buf, frame.len(), a)?;
+    buf.truncate(n);
+    Ok(buf)
 }
 
 /// The frame's key as the fast path looks it up, and the action of its row.
@@ -393,19 +477,6 @@ fn row_key(frame: &[u8]) -> lb::flow::FlowKey {
         sport,
         dport,
         proto,
-    }
-}
-
-/// The L2 DSR action of the table's rows: to the backend's MAC, out of the loopback.
-fn l2dsr_action() -> flowrec::Action {
-    flowrec::Action {
-        kind: flowrec::ActionKind::L2Dsr as u8,
-        family: flowrec::FAMILY_IPV4,
-        ifindex: lo_ifindex(),
-        src_mac: fixtures::LB_MAC,
-        dst_mac: fixtures::BACKEND_MAC,
-        mtu: 1500,
-        ..flowrec::Action::default()
     }
 }
 
@@ -448,43 +519,88 @@ fn the_executors_agree_on_every_row_of_the_action_table() {
     let mut map = s.fast_path_map().expect("fp_flows");
     s.set_fast_path_generation(7).expect("generation");
     let rows = action_rows();
-    assert!(rows.len() >= 13);
+    assert!(rows.len() >= 23);
     for row in rows {
         let what = row.name;
-        let action = match row.l2dsr {
-            true => l2dsr_action(),
-            false => row_action(&row.frame, row.to),
+        let action = match row.fwd {
+            Forwarding::Nat => row_action(&row.frame, row.to),
+            dsr => dsr_action(dsr),
         };
         let key = row_key(&row.frame).flowrec();
         let entry = table_entry(action);
         map.install(&key, &entry).expect("install");
-        let mut rust = row.frame.clone();
-        lb::pipeline::execute::execute_action(&mut rust, &action).expect("rust executes");
+        let rust = rust_exec(&row.frame, &action).expect("rust executes");
         assert_ne!(rust, row.frame, "{what}: rewritten");
         let (ret, c) = s.test_run_frame(&row.frame).expect("test run");
         assert_eq!(ret, XDP_REDIRECT, "{what}: executed and redirected");
         assert_eq!(c, rust, "{what}: C and Rust bytes");
-        assert_eq!(verify(&c), (true, true), "{what}: checksums");
+        let n = row.fwd.overhead();
+        if n > 0 {
+            check_tunnel(what, &row.frame, &c, &action);
+        } else {
+            assert_eq!(verify(&c), (true, true), "{what}: checksums");
+        }
         let hit = map.get(&key).expect("entry");
         assert_eq!(hit.packets, 1, "{what}: counted once");
         assert!(map.remove(&key));
     }
-    // A kind neither executor carries out yet (IPIP needs the frame to grow): the C
-    // fast path leaves the frame to the workers untouched, the Rust executor refuses.
+    // A kind neither executor carries out (Route is reserved): the C fast path leaves
+    // the frame to the workers untouched, the Rust executor refuses.
     let row = &action_rows()[0];
     let action = flowrec::Action {
-        kind: flowrec::ActionKind::Ipip as u8,
-        ..l2dsr_action()
+        kind: flowrec::ActionKind::Route as u8,
+        ..dsr_action(Forwarding::L2Dsr)
     };
     let key = row_key(&row.frame).flowrec();
     let entry = table_entry(action);
     map.install(&key, &entry).expect("install");
     let (ret, c) = s.test_run_frame(&row.frame).expect("test run");
-    assert_ne!(ret, XDP_REDIRECT, "an IPIP action is not executed in C yet");
+    assert_ne!(ret, XDP_REDIRECT, "a route action is not executed in C");
     assert_eq!(c, row.frame, "untouched");
-    let mut rust = row.frame.clone();
-    assert!(lb::pipeline::execute::execute_action(&mut rust, &action).is_err());
-    assert_eq!(rust, row.frame);
+    assert!(rust_exec(&row.frame, &action).is_err());
+}
+
+/// A tunnelled frame, checked field by field against what a decapsulator expects: the
+/// Ethernet header to the backend, the outer IPv4 header (valid checksum, DF, TTL 64,
+/// the inner TOS, lengths counting the packet but not the padding, the tunnel's
+/// addresses), for GUE the UDP and GUE headers; behind them the client's frame's bytes
+/// unchanged.
+fn check_tunnel(what: &str, frame: &[u8], out: &[u8], a: &flowrec::Action) {
+    use lb::wire::checksum::{fold, sum};
+    let n = usize::from(a.encap_len);
+    let inner_len = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    assert_eq!(&out[0..6], &fixtures::BACKEND_MAC, "{what}: dst mac");
+    assert_eq!(&out[6..12], &fixtures::LB_MAC, "{what}: src mac");
+    assert_eq!(&out[12..14], &[0x08, 0x00], "{what}: ethertype");
+    let ip = &out[14..34];
+    assert_eq!(fold(sum(ip)), 0xffff, "{what}: outer checksum");
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(ip[1], frame[15], "{what}: inner TOS");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+        n + inner_len,
+        "{what}: outer length"
+    );
+    assert_eq!(&ip[6..8], &[0x40, 0], "{what}: DF");
+    assert_eq!(ip[8], 64, "{what}: TTL");
+    assert_eq!(&ip[12..16], &fixtures::SNAT);
+    assert_eq!(&ip[16..20], &fixtures::BACKEND);
+    if n == 20 {
+        assert_eq!(ip[9], 4, "{what}: IPIP");
+    } else {
+        assert_eq!(ip[9], 17, "{what}: UDP");
+        let udp = &out[34..42];
+        assert_eq!(udp[0..4], [0xc1, 0x23, 0x17, 0xc0], "{what}: ports");
+        let ulen = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+        assert_eq!(ulen, 8 + 4 + inner_len, "{what}: UDP length");
+        assert_eq!(udp[6..8], [0, 0], "{what}: no UDP checksum");
+        assert_eq!(out[42..46], [0, 4, 0, 0], "{what}: GUE variant 0, IPv4");
+    }
+    assert_eq!(
+        &out[14 + n..],
+        &frame[14..],
+        "{what}: the client's packet unchanged"
+    );
 }
 
 /// The C executor against the Rust one on a masqueraded ICMP echo: installed once the
@@ -521,8 +637,8 @@ fn the_c_executor_translates_echo_like_the_rust_one() {
     run(&mut e, &mf::answer(&out));
     let mut installed = 0;
     for ev in e.take_events() {
-        if let Event::FastInstall(dirs) = ev {
-            for (k, v) in &dirs {
+        if let Event::FastInstall(dirs, n) = ev {
+            for (k, v) in dirs.iter().take(n.into()) {
                 map.install(k, v).expect("install");
                 installed += 1;
             }
@@ -682,7 +798,7 @@ fn the_c_executor_writes_the_same_bytes_as_the_rust_one() {
     let install = |e: &mut lb::Engine, map: &mut xdp::bpf::FastPathMap| {
         let mut n = 0;
         for ev in e.take_events() {
-            if let Event::FastInstall(dirs) = ev {
+            if let Event::FastInstall(dirs, _) = ev {
                 for (k, v) in &dirs {
                     map.install(k, v).expect("install");
                     n += 1;

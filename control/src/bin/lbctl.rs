@@ -29,7 +29,7 @@ use control::client::{Client, ClientError};
 use control::proto::{
     CheckView, IpmasqView, NatView, Outcome, Reply, Request, ServiceView, StatsView, StatusView,
 };
-use lb::service::{Affinity, BackendSpec, Frontend, OnRemove, ServiceOptions};
+use lb::service::{Affinity, BackendSpec, Frontend, Mode, OnRemove, ServiceOptions};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -148,6 +148,17 @@ struct OptionArgs {
     /// backends keeps shares within about 1 % of the weights.
     #[arg(long)]
     table_size: Option<u32>,
+    /// How new flows reach the backends: snat (full NAT, the default); dsr-l2 (the
+    /// backend's MAC, backends on this node's L2 segment), dsr-ipip or dsr-gue (the
+    /// client's packet tunnelled to the backend; run xlb-decap there): backends answer
+    /// clients directly, from the VIP; hybrid, hybrid-ipip, hybrid-gue: TCP by that DSR,
+    /// UDP by SNAT. Established flows keep the mode they opened with.
+    #[arg(long)]
+    mode: Option<Mode>,
+    /// GUE's UDP destination port (dsr-gue, hybrid-gue; default 6080): the backends'
+    /// `xlb-decap --gue-port`.
+    #[arg(long)]
+    gue_port: Option<u16>,
 }
 
 #[derive(Clone, Copy)]
@@ -182,6 +193,15 @@ impl OptionArgs {
         }
         if let Some(m) = self.table_size {
             o.table_size = Some(m);
+        }
+        if let Some(m) = self.mode {
+            o.mode = m;
+            if !m.uses_gue() && self.gue_port.is_none() {
+                o.gue_port = None;
+            }
+        }
+        if let Some(p) = self.gue_port {
+            o.gue_port = Some(p);
         }
         o
     }
@@ -521,7 +541,7 @@ fn print_services(services: &[ServiceView]) {
         return;
     }
     out!(
-        "{:<4} {:<22} {:<5} {:<22} {:>6} {:<9} {:>7} {:>8}  {}",
+        "{:<4} {:<22} {:<11} {:<22} {:>6} {:<9} {:>7} {:>8}  {}",
         "ID",
         "FRONTEND",
         "MODE",
@@ -560,7 +580,7 @@ fn print_services(services: &[ServiceView]) {
         );
         if s.backends.is_empty() {
             out!(
-                "{:<4} {:<22} {:<5} {:<22}",
+                "{:<4} {:<22} {:<11} {:<22}",
                 s.id,
                 s.frontend,
                 s.mode,
@@ -574,7 +594,7 @@ fn print_services(services: &[ServiceView]) {
                 (String::new(), "", "")
             };
             out!(
-                "{:<4} {:<22} {:<5} {:<22} {:>6} {:<9} {:>6.1}% {:>8}  {}",
+                "{:<4} {:<22} {:<11} {:<22} {:>6} {:<9} {:>6.1}% {:>8}  {}",
                 id,
                 fe,
                 mode,
@@ -729,6 +749,14 @@ fn print_stats(s: &StatsView) {
         );
     }
     for w in &s.workers {
+        if w.dsr_flows > 0 || w.encapsulated > 0 {
+            out!(
+                "  worker {} dsr flows {}, packets encapsulated {}",
+                w.id,
+                w.dsr_flows,
+                w.encapsulated
+            );
+        }
         for (reason, n) in &w.drops {
             out!("  worker {} drop {:<22} {:>10}", w.id, reason, n);
         }

@@ -59,8 +59,8 @@ pub fn v4(a: [u8; 4]) -> [u8; 16] {
     b
 }
 
-/// What an action does (`enum xlb_action_kind`). Only `Nat` is executed today; the
-/// other kinds are reserved for direct server return and routing.
+/// What an action does (`enum xlb_action_kind`). `Nat` and the direct server return
+/// kinds are executed; `Route` is reserved.
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActionKind {
@@ -70,8 +70,11 @@ pub enum ActionKind {
     /// backend holds the VIP and answers the client itself).
     L2Dsr = 2,
     /// Prepend `encap` (an outer IPv4 header) and send (IPIP direct server return).
+    /// The template's total length, TOS and checksum are zero: the executor sets the
+    /// total length, copies the inner TOS and computes the checksum.
     Ipip = 3,
-    /// Prepend `encap` (outer IPv4, UDP and GUE headers) and send.
+    /// Prepend `encap` (outer IPv4, UDP and GUE headers) and send: as `Ipip`, and the
+    /// UDP length is set (the UDP checksum stays 0).
     Gue = 4,
     /// Forward untranslated (new MACs, TTL).
     Route = 5,
@@ -110,7 +113,7 @@ pub struct Action {
     /// New addresses.
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// Encapsulation template (reserved for direct server return).
+    /// Encapsulation template (IPIP, GUE): the outer headers, `encap_len` bytes.
     pub encap: [u8; ENCAP_MAX],
 }
 

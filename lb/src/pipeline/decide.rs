@@ -13,14 +13,18 @@ use super::{
 };
 use super::{AffinityKey, Sticky, AFFINITY_CAPACITY};
 use crate::counters::DropReason;
-use crate::flow::{Dir, Flow, FlowKey, FlowKind, FlowState, FlowTable, Rewrite};
+use crate::flow::{Dir, Flow, FlowKey, FlowKind, FlowState, FlowTable, Forwarding, Rewrite};
 use crate::hash::flow_hash;
 use crate::netview::{NextHop, NextHopError};
-use crate::service::{Affinity, BackendSpec, OnRemove};
+use crate::service::{Affinity, BackendSpec, Dsr, OnRemove, Proto, DEFAULT_GUE_PORT};
 use crate::snapshot::{FrontendKey, MasqState, Snapshot};
 use crate::wire::icmp;
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use nat::{port_owner, MapKey, Outside, PortRange};
+
+/// GUE's outer UDP source ports: the top quarter of the port space (the dynamic range),
+/// 14 bits of the flow hash.
+const GUE_SPORT_BASE: u16 = 0xc000;
 
 /// Code of "communication administratively prohibited" (RFC 1812 §5.2.7.1).
 const ADMIN_PROHIBITED: u8 = 13;
@@ -269,16 +273,19 @@ impl State {
         let now = self.now;
         let f = self.flows.get_mut(slot).ok_or(DropReason::NoFlow)?;
         let mtu = f.rewrite[dir as usize].mtu;
+        let one_way = f.one_way();
         if p.df && p.ip_len() > usize::from(mtu) {
-            return self.too_big(snap, p, mtu);
+            return self.too_big(snap, p, mtu, one_way);
         }
         if p.key.proto == PROTO_TCP {
             let fl = p.flags;
             // The handshake in TCP's order (see FlowState): the server's SYN+ACK, then
             // the client's ACK. Any reply alone proves nothing (a backend answers
-            // spoofed SYNs too).
-            let completes =
-                f.state == FlowState::SynRecv && dir == Dir::Forward && fl.ack() && !fl.syn();
+            // spoofed SYNs too). A DSR flow never sees the server: the client's ACK of
+            // the SYN+ACK it got completes it.
+            let answered =
+                f.state == FlowState::SynRecv || (one_way && f.state == FlowState::SynSent);
+            let completes = answered && dir == Dir::Forward && fl.ack() && !fl.syn();
             f.assured |= completes;
             let was_closing = matches!(f.state, FlowState::Fin | FlowState::Rst);
             f.state = if fl.rst() {
@@ -301,8 +308,9 @@ impl State {
                     Dir::Reverse => p.ack,
                 };
             }
-        } else if dir == Dir::Reverse {
-            // A UDP or ICMP answer: the far end is real.
+        } else if dir == Dir::Reverse || (one_way && f.packets[0] > 0) {
+            // A UDP or ICMP answer: the far end is real. (A DSR flow sees no answer: its
+            // client's second datagram is the best sign that it is real.)
             f.assured = true;
         }
         f.last_seen = now;
@@ -334,7 +342,7 @@ impl State {
         if let (false, Ok(h)) = (f.hairpin, snap.net.next_hop(fwd_to)) {
             set_hop(&mut f.rewrite[0], h);
         }
-        if let Ok(h) = snap.net.next_hop(f.keys[0].src) {
+        if let (false, Ok(h)) = (f.one_way(), snap.net.next_hop(f.keys[0].src)) {
             set_hop(&mut f.rewrite[1], h);
         }
         f.generation = snap.generation;
@@ -364,8 +372,19 @@ impl State {
             return Err(DropReason::BackendRemoved);
         }
         self.counters.drop(DropReason::BackendRemoved);
-        // The reset travels the flow's reverse way, to the client's current next hop.
-        let mut rw = f.rewrite[Dir::Reverse as usize];
+        // The reset travels the flow's reverse way, to the client's current next hop (a
+        // DSR flow has no reverse action: the reset comes from the VIP all the same).
+        let k = f.keys[0];
+        let mut rw = match f.one_way() {
+            false => f.rewrite[Dir::Reverse as usize],
+            true => Rewrite {
+                src: k.dst,
+                dst: k.src,
+                sport: k.dport,
+                dport: k.sport,
+                ..Rewrite::default()
+            },
+        };
         if let Ok(h) = snap.net.next_hop(rw.dst) {
             set_hop(&mut rw, h);
         }
@@ -391,24 +410,33 @@ impl State {
     ) -> Result<Step, DropReason> {
         let k = p.key;
         let svc = snap.services.get(&fk).ok_or(DropReason::NotForUs)?;
-        let nat = snap.snat.pick(k.src).ok_or(DropReason::NotForUs)?;
         let opts = svc.spec.options;
+        let dsr = Proto::from_number(k.proto).and_then(|pr| opts.mode.dsr(pr));
+        // A DSR flow takes no NAT port: it lives where its client's packets arrive.
+        let nat = match dsr {
+            Some(_) => None,
+            None => Some(snap.snat.pick(k.src).ok_or(DropReason::NotForUs)?),
+        };
         let sticky = match (opts.affinity, opts.affinity_timeout_s) {
             (Affinity::ClientIp, Some(t)) => Some(u64::from(t) * SEC),
             _ => None,
         };
         // A client with a remembered backend opens its flows on its affinity home, any
         // other inside endpoint on its port's home.
-        let home = match sticky {
-            Some(_) => self.affinity_home(snap, k.src),
-            None => self.go_home(snap, nat.ports, k.sport),
+        let home = match (sticky, nat) {
+            (Some(_), _) => self.affinity_home(snap, k.src),
+            (None, Some(nat)) => self.go_home(snap, nat.ports, k.sport),
+            (None, None) => None,
         };
         if let Some(v) = home {
             return Ok(v);
         }
-        // Only a SYN opens a TCP flow: a mid-stream segment would reach the backend from a
-        // new SNAT port, which the backend can only reset.
-        if k.proto == PROTO_TCP && !p.flags.is_opening_syn() {
+        // Only a SYN opens a SNAT TCP flow: a mid-stream segment would reach the backend
+        // from a new SNAT port, which the backend can only reset. A DSR segment reaches
+        // the backend unchanged, so one whose flow is gone (lbd restarted, the flow
+        // expired) is taken up again: Maglev gives it the same backend while the backend
+        // set is unchanged.
+        if k.proto == PROTO_TCP && !p.flags.is_opening_syn() && dsr.is_none() {
             return self.probe_next(snap).ok_or(DropReason::NoFlow);
         }
         let sport = match opts.affinity {
@@ -436,6 +464,14 @@ impl State {
                 .ok_or(DropReason::NoBackend)?,
         };
         let baddr = backend.addr.octets();
+        let (Some(nat), None) = (nat, dsr) else {
+            let dsr = dsr.ok_or(DropReason::NotForUs)?;
+            let step = self.open_dsr(snap, p, &backend, dsr, h, opts.gue_port)?;
+            if let Some(t) = sticky {
+                self.remember(ak, &backend, now.saturating_add(t));
+            }
+            return Ok(step);
+        };
         let hops = (self.hop(snap, baddr)?, self.hop(snap, k.src)?);
         let to = Translation {
             outside: nat.addr,
@@ -450,6 +486,60 @@ impl State {
             self.remember(ak, &backend, now.saturating_add(t));
         }
         Ok(step)
+    }
+
+    /// Open a DSR flow to `backend`: one direction, no NAT port. The packet keeps the
+    /// VIP and goes to the backend's MAC (L2), or inside an outer IPv4 header from the
+    /// encapsulation source to the backend (IPIP, GUE; GUE's UDP source port from the
+    /// flow hash `h`, so a backend's NIC spreads flows over its queues). The flow's MTU
+    /// is the link's less the encapsulation: a larger DF packet draws "fragmentation
+    /// needed" with it.
+    fn open_dsr(
+        &mut self,
+        snap: &Snapshot,
+        p: &Parsed,
+        backend: &BackendSpec,
+        dsr: Dsr,
+        h: u64,
+        gue_port: Option<u16>,
+    ) -> Result<Step, DropReason> {
+        let k = p.key;
+        let baddr = backend.addr.octets();
+        let hop = self.hop(snap, baddr)?;
+        let fwd = match dsr {
+            Dsr::L2 => Forwarding::L2Dsr,
+            Dsr::Ipip => Forwarding::Ipip,
+            Dsr::Gue => Forwarding::Gue,
+        };
+        let src = match fwd {
+            Forwarding::L2Dsr => k.src,
+            _ => snap
+                .snat
+                .encap_source
+                .or_else(|| snap.net.ifaces.get(usize::from(hop.iface))?.addr)
+                .ok_or(DropReason::NoRoute)?,
+        };
+        let (sport, dport) = match fwd {
+            Forwarding::Gue => (
+                GUE_SPORT_BASE | (h as u16 & 0x3fff),
+                gue_port.unwrap_or(DEFAULT_GUE_PORT),
+            ),
+            _ => (k.sport, backend.port),
+        };
+        let rw = Rewrite {
+            src,
+            dst: baddr,
+            sport,
+            dport,
+            src_mac: hop.src_mac,
+            dst_mac: hop.dst_mac,
+            iface: hop.iface,
+            mtu: hop.mtu.saturating_sub(fwd.overhead() as u16),
+            fwd,
+            ..Rewrite::default()
+        };
+        self.counters.dsr_flows += 1;
+        self.open_flow(snap, p, [k, k], [rw, rw], FlowKind::Lb, false, Dir::Forward)
     }
 
     /// The affinity home of `client` (see `affinity`), when it is another worker and the
@@ -530,25 +620,26 @@ impl State {
                     },
                 )
             };
+            // A DSR flow has one direction (its second entry repeats the first and is
+            // not installed).
+            let n = f.directions() as u8;
             let entries = [entry(0), entry(1)];
-            if entries.iter().all(|(_, e)| e.action.ifindex != 0) {
-                self.events.push(Event::FastInstall(entries));
+            if entries
+                .iter()
+                .take(n.into())
+                .all(|(_, e)| e.action.ifindex != 0)
+            {
+                self.events.push(Event::FastInstall(entries, n));
                 f.fast = true;
             } else if f.fast {
                 // Installed under an older snapshot, out of an interface that no longer
                 // takes redirects: the worker forwards it from now on.
-                self.events.push(Event::FastRemove([
-                    f.keys[0].flowrec(),
-                    f.keys[1].flowrec(),
-                ]));
+                self.events.push(super::fast_remove(f));
                 f.fast = false;
             }
             f.fast_gen = f.generation;
         } else if !qualifies && f.fast {
-            self.events.push(Event::FastRemove([
-                f.keys[0].flowrec(),
-                f.keys[1].flowrec(),
-            ]));
+            self.events.push(super::fast_remove(f));
             f.fast = false;
             // It may qualify again (a reopened connection): decide again then.
             f.fast_gen = 0;
@@ -595,12 +686,13 @@ impl State {
         };
         let mtu = rewrite[first as usize].mtu;
         if p.df && p.ip_len() > usize::from(mtu) {
-            return self.too_big(snap, p, mtu);
+            return self.too_big(snap, p, mtu, flow.one_way());
         }
         self.make_room(snap)?;
         let key = super::map_key(&flow);
         let fresh = self.mappings.port(&key).is_none();
-        flow.mapped = self.mappings.acquire(key, rewrite[0].sport);
+        // A DSR flow holds no NAT port.
+        flow.mapped = !flow.one_way() && self.mappings.acquire(key, rewrite[0].sport);
         let Ok(slot) = self.flows.insert(flow) else {
             if flow.mapped {
                 self.mappings.release(&key);
@@ -783,7 +875,7 @@ impl State {
     fn route(&mut self, snap: &Snapshot, p: &Parsed) -> Result<Step, DropReason> {
         let hop = self.hop(snap, p.key.dst)?;
         if p.df && p.ip_len() > usize::from(hop.mtu) {
-            return self.too_big(snap, p, hop.mtu);
+            return self.too_big(snap, p, hop.mtu, false);
         }
         self.counters.routed += 1;
         Ok(Step::Route(hop))
@@ -815,9 +907,17 @@ impl State {
 
     /// A DF packet larger than its egress link's `mtu`: ICMP fragmentation needed back
     /// to its sender with that MTU (RFC 1191, RFC 4787 REQ-13). (Without DF the packet
-    /// is translated and cut into fragments by execute.)
-    fn too_big(&mut self, snap: &Snapshot, p: &Parsed, mtu: u16) -> Result<Step, DropReason> {
-        self.unreachable(snap, p, icmp::FRAG_NEEDED, mtu, DropReason::TooBig)
+    /// is translated and cut into fragments by execute.) A DSR flow's (`from_vip`) comes
+    /// from the VIP the client sent to, with the MTU left inside the encapsulation.
+    fn too_big(
+        &mut self,
+        snap: &Snapshot,
+        p: &Parsed,
+        mtu: u16,
+        from_vip: bool,
+    ) -> Result<Step, DropReason> {
+        let from = from_vip.then_some(p.key.dst);
+        self.unreachable_from(snap, p, icmp::FRAG_NEEDED, mtu, DropReason::TooBig, from)
     }
 
     /// No NAT port for a new flow: counted, and ICMP communication administratively
@@ -845,12 +945,27 @@ impl State {
         mtu: u16,
         reason: DropReason,
     ) -> Result<Step, DropReason> {
-        let from = snap
-            .net
-            .ifaces
-            .iter()
-            .find(|i| p.dst_mac == i.mac)
-            .and_then(|i| i.addr)
+        self.unreachable_from(snap, p, code, mtu, reason, None)
+    }
+
+    /// As [`State::unreachable`], from `from` when given.
+    fn unreachable_from(
+        &mut self,
+        snap: &Snapshot,
+        p: &Parsed,
+        code: u8,
+        mtu: u16,
+        reason: DropReason,
+        from: Option<[u8; 4]>,
+    ) -> Result<Step, DropReason> {
+        let from = from
+            .or_else(|| {
+                snap.net
+                    .ifaces
+                    .iter()
+                    .find(|i| p.dst_mac == i.mac)
+                    .and_then(|i| i.addr)
+            })
             .ok_or(reason)?;
         if self.icmp_tokens == 0 {
             return Err(reason);

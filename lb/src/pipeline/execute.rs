@@ -7,7 +7,7 @@
 use super::classify::{Kind, Parsed};
 use super::Verdict;
 use crate::counters::DropReason;
-use crate::flow::{Dir, FlowKey, Rewrite};
+use crate::flow::{Dir, FlowKey, Forwarding, Rewrite};
 use crate::netview::NextHop;
 use crate::wire::checksum::{addr_words, fold, sum, Delta, TTL_DECREMENT};
 use crate::wire::ethernet::ETHERTYPE_IPV4;
@@ -72,6 +72,9 @@ pub(super) enum Done {
 /// Where the packets the engine originates are written.
 #[derive(Debug)]
 pub(super) struct Scratch {
+    /// The outer headers of the last [`Verdict::Encap`].
+    encap: [u8; flowrec::ENCAP_MAX],
+    encap_len: usize,
     /// The last ICMP error or TCP reset originated ([`Verdict::Icmp`], [`Verdict::Reset`]).
     generated: [u8; GENERATED],
     generated_len: usize,
@@ -83,6 +86,8 @@ pub(super) struct Scratch {
 impl Scratch {
     pub fn new() -> Scratch {
         Scratch {
+            encap: [0; flowrec::ENCAP_MAX],
+            encap_len: 0,
             generated: [0; GENERATED],
             generated_len: 0,
             split: [0; SPLIT_BYTES],
@@ -92,6 +97,10 @@ impl Scratch {
 
     pub fn generated(&self) -> &[u8] {
         &self.generated[..self.generated_len]
+    }
+
+    pub fn encap(&self) -> &[u8] {
+        &self.encap[..self.encap_len]
     }
 
     pub fn fragment(&self, k: usize) -> &[u8] {
@@ -113,12 +122,33 @@ pub(super) fn execute(
 ) -> Result<Done, DropReason> {
     let v = match step {
         Step::Verdict(v) => v,
-        Step::Nat { rw, around } => {
+        Step::Nat { rw, around } if rw.fwd == Forwarding::Nat => {
             apply(frame, p, &rw);
             if around {
                 return Ok(Done::TurnAround { dport: rw.dport });
             }
             send(s, frame, p, rw.iface, rw.mtu)?
+        }
+        // Direct server return: the IP packet is left as the client sent it. Decide
+        // answered DF packets over the MTU; the others are not fragmented here.
+        Step::Nat { rw, .. } => {
+            if p.ip_len() > usize::from(rw.mtu) {
+                return Err(DropReason::TooBig);
+            }
+            frame[0..6].copy_from_slice(&rw.dst_mac);
+            frame[6..12].copy_from_slice(&rw.src_mac);
+            if rw.fwd == Forwarding::L2Dsr {
+                Verdict::Tx { iface: rw.iface }
+            } else {
+                let n = encap_template(&rw, &mut s.encap);
+                let tos = frame[p.l3 + 1];
+                finish_encap(&mut s.encap[..n], tos, p.ip_len());
+                s.encap_len = n;
+                Verdict::Encap {
+                    iface: rw.iface,
+                    len: (frame.len() - p.l3) as u16,
+                }
+            }
         }
         Step::Fragment(rw) => {
             frame[0..6].copy_from_slice(&rw.dst_mac);
@@ -419,12 +449,61 @@ fn decrement_ttl(ip: &mut [u8], delta: Delta) {
     write_u16(ip, 10, delta.apply(c));
 }
 
-/// Point a rewrite at next hop `h`.
+/// Point a rewrite at next hop `h` (its MTU less what the rewrite's encapsulation
+/// takes).
 pub(super) fn set_hop(rw: &mut Rewrite, h: NextHop) {
     rw.iface = h.iface;
     rw.src_mac = h.src_mac;
     rw.dst_mac = h.dst_mac;
-    rw.mtu = h.mtu;
+    rw.mtu = h.mtu.saturating_sub(rw.fwd.overhead() as u16);
+}
+
+/// Outer IPv4 header of a DSR tunnel: version 4, 20 bytes, DF, TTL 64.
+const OUTER_TTL: u8 = 64;
+/// IPv4 protocol number of IPv4-in-IPv4 (RFC 2003), GUE's inner protocol too.
+const PROTO_IPIP: u8 = 4;
+
+/// Write the outer headers of DSR tunnel direction `rw` into `out` and return their
+/// length (0 for other forwardings): IPv4 from `rw.src` to `rw.dst` (DF, TTL 64,
+/// identification 0) for IPIP; for GUE that header (protocol UDP), then UDP from
+/// `rw.sport` to `rw.dport` with checksum 0 (RFC 768 allows it over IPv4) and a GUE
+/// variant-0 header without extensions carrying protocol 4. The total length, TOS,
+/// header checksum and UDP length are left 0 for [`finish_encap`]: this template is
+/// what a flow-action record carries (`Action::encap`).
+pub fn encap_template(rw: &Rewrite, out: &mut [u8; flowrec::ENCAP_MAX]) -> usize {
+    let proto = match rw.fwd {
+        Forwarding::Ipip => PROTO_IPIP,
+        Forwarding::Gue => PROTO_UDP,
+        Forwarding::Nat | Forwarding::L2Dsr => return 0,
+    };
+    out[..20].copy_from_slice(&[
+        0x45, 0, 0, 0, 0, 0, 0x40, 0, OUTER_TTL, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]);
+    out[12..16].copy_from_slice(&rw.src);
+    out[16..20].copy_from_slice(&rw.dst);
+    if rw.fwd == Forwarding::Gue {
+        out[20..32].fill(0);
+        write_u16(out, 20, rw.sport);
+        write_u16(out, 22, rw.dport);
+        // GUE: version 0, C 0, no extension words; inner protocol IPv4; no flags.
+        out[29] = PROTO_IPIP;
+    }
+    rw.fwd.overhead()
+}
+
+/// Complete an encapsulation template for an inner packet of `inner_len` bytes with
+/// TOS `tos`: total length, the inner TOS (RFC 2003 §3.1), header checksum, and for
+/// GUE the UDP length. The XDP executor (`xdp/bpf/execute.h`) does the same.
+pub fn finish_encap(hdr: &mut [u8], tos: u8, inner_len: usize) {
+    let n = hdr.len();
+    hdr[1] = tos;
+    write_u16(hdr, 2, (n + inner_len) as u16);
+    write_u16(hdr, 10, 0);
+    let c = !fold(sum(&hdr[..20]));
+    write_u16(hdr, 10, c);
+    if n > 20 {
+        write_u16(hdr, 24, (n - 20 + inner_len) as u16);
+    }
 }
 
 /// The rewrite turning packets with key `from` into `src:sport → dst:dport` via `hop`,
@@ -463,6 +542,7 @@ pub(super) fn rewrite(
         mtu: hop.mtu,
         ip_delta: ip_delta.plus(TTL_DECREMENT),
         l4_delta,
+        fwd: Forwarding::Nat,
     }
 }
 
@@ -488,19 +568,44 @@ pub fn nat_action(
     )
 }
 
-/// Execute a flow-action record on a frame as a worker applies its flow's rewrite: the
-/// Rust half of the executor contract with `xdp/bpf/execute.h` (tests hold the two to
-/// the same bytes). NAT and L2 DSR; an error, the frame untouched, when the frame does
-/// not classify or the action is of another kind.
-pub fn execute_action(frame: &mut [u8], a: &flowrec::Action) -> Result<(), DropReason> {
+/// Execute a flow-action record on the frame in `buf[..len]` as a worker applies its
+/// flow's rewrite, and return the frame's new length: the Rust half of the executor
+/// contract with `xdp/bpf/execute.h` (tests hold the two to the same bytes). An
+/// encapsulating action grows the frame in place (`buf` needs the room); Ethernet
+/// padding stays behind the packet, outside the outer header's length. An error, the
+/// frame untouched, when the frame does not classify, the room is short, or the action
+/// is of another kind.
+pub fn execute_action(
+    buf: &mut [u8],
+    len: usize,
+    a: &flowrec::Action,
+) -> Result<usize, DropReason> {
+    let frame = buf.get_mut(..len).ok_or(DropReason::Oversize)?;
     let p = super::classify::classify(frame)?;
-    if a.kind == flowrec::ActionKind::L2Dsr as u8 {
+    let kind = a.kind;
+    if kind == flowrec::ActionKind::L2Dsr as u8 {
         // To the backend's MAC; the IP packet untouched.
         frame[0..6].copy_from_slice(&a.dst_mac);
         frame[6..12].copy_from_slice(&a.src_mac);
-        return Ok(());
+        return Ok(len);
     }
-    if a.kind != flowrec::ActionKind::Nat as u8 {
+    if kind == flowrec::ActionKind::Ipip as u8 || kind == flowrec::ActionKind::Gue as u8 {
+        let n = usize::from(a.encap_len);
+        let inner = p.ip_len();
+        let end = len + n;
+        if !(20..=flowrec::ENCAP_MAX).contains(&n) || end > buf.len() {
+            return Err(DropReason::Oversize);
+        }
+        let tos = buf[p.l3 + 1];
+        buf.copy_within(p.l3..len, p.l3 + n);
+        let hdr = &mut buf[p.l3..p.l3 + n];
+        hdr.copy_from_slice(&a.encap[..n]);
+        finish_encap(hdr, tos, inner);
+        buf[0..6].copy_from_slice(&a.dst_mac);
+        buf[6..12].copy_from_slice(&a.src_mac);
+        return Ok(end);
+    }
+    if kind != flowrec::ActionKind::Nat as u8 {
         return Err(DropReason::UnsupportedProtocol);
     }
     let v4 = |b: [u8; 16]| [b[0], b[1], b[2], b[3]];
@@ -515,16 +620,22 @@ pub fn execute_action(frame: &mut [u8], a: &flowrec::Action) -> Result<(), DropR
         mtu: a.mtu,
         ip_delta: Delta(a.ip_delta),
         l4_delta: Delta(a.l4_delta),
+        fwd: Forwarding::Nat,
     };
     apply(frame, &p, &rw);
-    Ok(())
+    Ok(len)
 }
 
 /// The flow-action record of a rewrite, sent out of `ifindex`: what the XDP fast path
-/// executes (`xdp/bpf/execute.h`) to the same bytes as [`apply`].
+/// executes (`xdp/bpf/execute.h`) to the same bytes as the engine.
 pub fn action(rw: &Rewrite, ifindex: u32) -> flowrec::Action {
-    flowrec::Action {
-        kind: flowrec::ActionKind::Nat as u8,
+    let mut a = flowrec::Action {
+        kind: match rw.fwd {
+            Forwarding::Nat => flowrec::ActionKind::Nat,
+            Forwarding::L2Dsr => flowrec::ActionKind::L2Dsr,
+            Forwarding::Ipip => flowrec::ActionKind::Ipip,
+            Forwarding::Gue => flowrec::ActionKind::Gue,
+        } as u8,
         family: flowrec::FAMILY_IPV4,
         ifindex,
         src_mac: rw.src_mac,
@@ -537,5 +648,7 @@ pub fn action(rw: &Rewrite, ifindex: u32) -> flowrec::Action {
         src: flowrec::v4(rw.src),
         dst: flowrec::v4(rw.dst),
         ..flowrec::Action::default()
-    }
+    };
+    a.encap_len = encap_template(rw, &mut a.encap) as u8;
+    a
 }

@@ -141,6 +141,14 @@ pub enum Verdict {
         iface: u8,
         count: u8,
     },
+    /// Put the outer headers the engine wrote ([`Engine::encap_header`]) between the
+    /// frame's Ethernet header and the `len` bytes after it (the IP packet and any
+    /// Ethernet padding), and send it out of interface `iface`: direct server return
+    /// through a tunnel. The MACs are already rewritten.
+    Encap {
+        iface: u8,
+        len: u16,
+    },
     /// Keep the unmodified frame and process it again after the next snapshot: a next
     /// hop's MAC is unknown and resolution was requested (the kernel's unresolved queue,
     /// `unres_qlen`, does the same). The I/O layer bounds how many and how long.
@@ -164,11 +172,12 @@ pub enum Event {
     Kept(FlowKey),
     /// A kept flow ended: its keep entry can go.
     Unkept(FlowKey),
-    /// An established flow's two directions, to install (or replace) in the XDP fast
-    /// path (`flowrec`).
-    FastInstall([(flowrec::FlowKey, flowrec::FlowEntry); 2]),
-    /// A fast-path flow's two directions, to remove (it ended, or no longer qualifies).
-    FastRemove([flowrec::FlowKey; 2]),
+    /// An established flow's directions (the first `n`: 2, or 1 for a DSR flow), to
+    /// install (or replace) in the XDP fast path (`flowrec`).
+    FastInstall([(flowrec::FlowKey, flowrec::FlowEntry); 2], u8),
+    /// A fast-path flow's directions (the first `n`), to remove (it ended, or no longer
+    /// qualifies).
+    FastRemove([flowrec::FlowKey; 2], u8),
 }
 
 /// The event queue, reserved at start, with the bounds of its resolve and unkept
@@ -361,15 +370,20 @@ fn map_key(f: &Flow) -> MapKey {
     }
 }
 
+/// The event removing `f`'s fast-path entries.
+fn fast_remove(f: &Flow) -> Event {
+    Event::FastRemove(
+        [f.keys[0].flowrec(), f.keys[1].flowrec()],
+        f.directions() as u8,
+    )
+}
+
 /// What a flow leaving the table takes with it: its fast-path entries, its count in its
 /// mapping (and the mapping, with its pool address's use, when it was the last), and (a
 /// kept masqueraded flow) its keep entry, reported.
 fn gone(maps: &mut Mapped<'_>, f: &Flow) {
     if f.fast {
-        maps.events.push(Event::FastRemove([
-            f.keys[0].flowrec(),
-            f.keys[1].flowrec(),
-        ]));
+        maps.events.push(fast_remove(f));
     }
     if f.mapped {
         let key = map_key(f);
@@ -479,6 +493,10 @@ impl Engine {
         let c = &mut self.st.counters;
         match v {
             Verdict::Tx { .. } | Verdict::Fragments { .. } => c.tx = c.tx.saturating_sub(1),
+            Verdict::Encap { .. } => {
+                c.tx = c.tx.saturating_sub(1);
+                c.encapsulated = c.encapsulated.saturating_sub(1);
+            }
             Verdict::Icmp { .. } => c.icmp_sent = c.icmp_sent.saturating_sub(1),
             Verdict::Reset { .. } => c.resets_sent = c.resets_sent.saturating_sub(1),
             Verdict::ToWorker(_) | Verdict::Probe(_) => {
@@ -611,7 +629,12 @@ impl Engine {
             let mut idle = ended || now.saturating_sub(f.last_seen) > limit;
             // The fast path may have forwarded it since the worker last did.
             if idle && !ended && f.fast {
-                let seen = f.keys.iter().filter_map(|k| fp_seen(&k.flowrec())).max();
+                let seen = f
+                    .keys
+                    .iter()
+                    .take(f.directions())
+                    .filter_map(|k| fp_seen(&k.flowrec()))
+                    .max();
                 if let Some(t) = seen.filter(|&t| now.saturating_sub(t) <= limit) {
                     f.last_seen = t;
                     idle = false;
@@ -633,6 +656,11 @@ impl Engine {
     /// The ICMP error or TCP reset of the last [`Verdict::Icmp`] or [`Verdict::Reset`].
     pub fn generated(&self) -> &[u8] {
         self.st.scratch.generated()
+    }
+
+    /// The outer headers of the last [`Verdict::Encap`].
+    pub fn encap_header(&self) -> &[u8] {
+        self.st.scratch.encap()
     }
 
     /// Process one frame in place.
@@ -661,6 +689,10 @@ impl Engine {
         let c = &mut st.counters;
         match v {
             Verdict::Tx { .. } | Verdict::Fragments { .. } => c.tx += 1,
+            Verdict::Encap { .. } => {
+                c.tx += 1;
+                c.encapsulated += 1;
+            }
             Verdict::Icmp { .. } => c.icmp_sent += 1,
             Verdict::Reset { .. } => c.resets_sent += 1,
             Verdict::ToWorker(_) => c.handoff_out += 1,

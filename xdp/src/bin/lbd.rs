@@ -90,6 +90,10 @@ struct Args {
     /// workers in pairs, round-robin.
     #[arg(long, visible_alias = "nat-ports", default_value = "61000-65535")]
     snat_ports: PortRange,
+    /// Outer source address of DSR tunnels (services in dsr-ipip, dsr-gue and their
+    /// hybrid modes) [default: the address of the interface a tunnel leaves by].
+    #[arg(long)]
+    encap_source: Option<std::net::Ipv4Addr>,
     /// Masquerade traffic from this CIDR (e.g. the pod CIDR); repeat for more. Enables
     /// egress masquerading with ip-masq-agent semantics.
     #[arg(long = "masquerade-from")]
@@ -215,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             0
         }),
         snat_ports: a.snat_ports,
+        encap_source: a.encap_source,
         queues: a.queues,
         cores: a.cores,
         flows_per_worker: a.flows_per_worker as usize,
