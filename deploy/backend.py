@@ -6,7 +6,8 @@
 HTTP: GET / answers "backend NAME\n" (HTTP/1.0, one request per connection);
       GET /peer answers "peer ADDR:PORT\n", the client address this server sees.
 UDP:  each datagram is answered with b"NAME:" + datagram; the datagram "?peer" with
-      "NAME:peer ADDR:PORT".
+      "NAME:peer ADDR:PORT". Answers come from the address the datagram was sent to
+      (IP_PKTINFO): a DSR backend answers from the VIP.
 TCP echo: each line received is answered with "NAME:" + line, until the peer closes;
       the line "?peer" with "NAME:peer ADDR:PORT".
 The peer answers let tests check which source address NAT gave a flow.
@@ -43,16 +44,27 @@ def http_server(name, port):
     return S(("0.0.0.0", port), H).serve_forever
 
 
+# Linux's IP_PKTINFO (python's socket module lacks the name before 3.13).
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+
+
 def udp_server(name, port):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
     s.bind(("0.0.0.0", port))
 
     def serve():
         while True:
-            data, peer = s.recvfrom(65535)
+            data, anc, _, peer = s.recvmsg(65535, socket.CMSG_SPACE(12))
             if data == b"?peer":
                 data = f"peer {peer[0]}:{peer[1]}".encode()
-            s.sendto(name.encode() + b":" + data, peer)
+            # Answer from the address the datagram was sent to (struct in_pktinfo's
+            # ipi_addr as ipi_spec_dst): a DSR backend's is the VIP, not eth0's.
+            reply = []
+            for level, kind, info in anc:
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                    reply = [(level, kind, bytes(4) + info[8:12] + bytes(4))]
+            s.sendmsg([name.encode() + b":" + data], reply, 0, peer)
 
     return serve
 

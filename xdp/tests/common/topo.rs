@@ -86,6 +86,41 @@ impl Topo {
         t
     }
 
+    /// The direct-server-return topology (deploy/dsr-topology.sh): client → router →
+    /// edge node `lb` (one-armed on lb0) and backends on one segment, whose answers go
+    /// to the router, not through the edge node. Each backend runs deploy/backend.py and
+    /// xlb-decap (GUE on 6080), and holds the VIP on lo.
+    pub fn dsr_up(tag: &str, queues: u32, backends: u32) -> Topo {
+        let mut t = Topo::build(
+            "deploy/dsr-topology.sh",
+            tag,
+            &[&queues.to_string(), &backends.to_string()],
+        );
+        for i in 1..=backends {
+            let b = format!("b{i}");
+            t.start_server(&b);
+            t.spawn_ready(
+                &b,
+                env!("CARGO_BIN_EXE_xlb-decap"),
+                &["run", "--iface", "eth0", "--gue-port", "6080"],
+            );
+        }
+        t
+    }
+
+    /// Start `prog args` in namespace `short`, its output discarded; it is killed with
+    /// the topology.
+    pub fn spawn(&mut self, short: &str, prog: &str, args: &[&str]) {
+        let c = self
+            .cmd(short, prog)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        self.children.push(c);
+    }
+
     fn build(script: &'static str, tag: &str, args: &[&str]) -> Topo {
         let prefix = format!(
             "x{}{}",
