@@ -38,7 +38,9 @@ up() {
   ns xb-lb ip addr add 10.10.0.1/24 dev lbin
   ns xb-lb ip addr add 10.20.0.1/24 dev lbout
   ns xb-lb ip link set lbin up
-  ns xb-lb ip link set lbout up
+  # The backend side carries DSR tunnels: MTU 1600 leaves room for a full-size client
+  # packet in IPIP or GUE (docs/operations.md, MTU planning).
+  ns xb-lb ip link set lbout mtu 1600 up
   ns xb-lb ip route add 10.99.0.0/16 via 10.10.0.2
   ns xb-lb ip route add 10.244.0.0/16 via 10.10.0.2
   ns xb-lb ip route add 20.0.0.0/8 via 10.20.0.11
@@ -49,7 +51,7 @@ up() {
   ns xb-lb sysctl -qw net.ipv4.ip_local_port_range="60000 65000"
   for i in 11 12 13; do ns xb-srv ip addr add "10.20.0.$i/24" dev srv0; done
   ns xb-srv ip addr add 20.0.0.10/32 dev srv0
-  ns xb-srv ip link set srv0 up
+  ns xb-srv ip link set srv0 mtu 1600 up
   ns xb-srv ip route add default via 10.20.0.1
   ns xb-srv ethtool -K srv0 tx off >/dev/null
   ns xb-srv ethtool -K srv0 gro on >/dev/null

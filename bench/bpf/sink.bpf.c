@@ -3,6 +3,9 @@
  * xlb-bench sink: counts (per CPU) and drops IPv4 TCP/UDP frames to destination ports
  * port_lo..=port_hi; everything else passes, so ARP and the latency echo keep working.
  *
+ * A packet tunnelled to a backend (IPIP, or GUE to UDP port gue_port: direct server
+ * return) is judged, and counted, by the packet inside; it is never answered.
+ *
  * With answer_first, the first UDP datagram of each flow is answered instead (addresses,
  * ports and MACs swapped, XDP_TX; the checksums stay valid), as a server would: the flow
  * is then established both ways, which is what a load balancer's fast path (and
@@ -19,6 +22,7 @@
 volatile const __u32 port_lo = 9;
 volatile const __u32 port_hi = 9;
 volatile const __u32 answer_first = 0;
+volatile const __u32 gue_port = 6080;
 
 struct flow {
 	__be32 saddr;
@@ -55,7 +59,24 @@ int xb_sink(struct xdp_md *ctx)
 	__u32 key = 0, dport;
 	__u64 *c;
 
+	int tunnelled = 0;
+
 	if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return XDP_PASS;
+	if (ip->protocol == IPPROTO_IPIP) {
+		ip = (void *)(ip + 1);
+		tunnelled = 1;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		l4 = (void *)(ip + 1);
+		if ((void *)(l4 + 1) > end)
+			return XDP_PASS;
+		if (bpf_ntohs(l4->dest) == gue_port) {
+			/* UDP, then GUE's 4-byte header. */
+			ip = (void *)(l4 + 1) + 4;
+			tunnelled = 1;
+		}
+	}
+	if ((void *)(ip + 1) > end)
 		return XDP_PASS;
 	if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
 		return XDP_PASS;
@@ -65,7 +86,7 @@ int xb_sink(struct xdp_md *ctx)
 	dport = bpf_ntohs(l4->dest);
 	if (dport < port_lo || dport > port_hi)
 		return XDP_PASS;
-	if (answer_first && ip->protocol == IPPROTO_UDP) {
+	if (answer_first && !tunnelled && ip->protocol == IPPROTO_UDP) {
 		struct flow f = {
 			.saddr = ip->saddr,
 			.daddr = ip->daddr,

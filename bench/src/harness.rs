@@ -53,10 +53,14 @@ pub enum Scenario {
     XlbMasq,
     /// (e) nftables masquerade with the same non-masquerade list.
     NftMasq,
+    /// (f) lbd, L2 direct server return (the backend's MAC; one direction).
+    XlbDsrL2,
+    /// (f) lbd, direct server return over IPIP (the frame grows by 20 bytes).
+    XlbDsrIpip,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::XdpRedirect,
         Scenario::XskFwd,
         Scenario::XlbSnat,
@@ -64,6 +68,8 @@ impl Scenario {
         Scenario::NftDnat,
         Scenario::XlbMasq,
         Scenario::NftMasq,
+        Scenario::XlbDsrL2,
+        Scenario::XlbDsrIpip,
     ];
 
     pub fn label(self) -> &'static str {
@@ -75,6 +81,17 @@ impl Scenario {
             Scenario::NftDnat => "nftables DNAT+masq",
             Scenario::XlbMasq => "xlb egress masq",
             Scenario::NftMasq => "nftables masq",
+            Scenario::XlbDsrL2 => "xlb DSR L2",
+            Scenario::XlbDsrIpip => "xlb DSR IPIP",
+        }
+    }
+
+    /// The service mode lbd runs the scenario's services in.
+    fn mode(self) -> &'static str {
+        match self {
+            Scenario::XlbDsrL2 => "dsr-l2",
+            Scenario::XlbDsrIpip => "dsr-ipip",
+            _ => "snat",
         }
     }
 
@@ -408,7 +425,13 @@ fn start_lbd(bins: &Bins, o: &RunOptions, dir: &Path, s: Scenario) -> Result<Sut
             (HTTP_PORT, "tcp"),
         ] {
             let fe = format!("{VIP}:{port}/{proto}");
-            let mut a = vec!["service".to_string(), "add".into(), fe];
+            let mut a = vec![
+                "service".to_string(),
+                "add".into(),
+                fe,
+                "--mode".into(),
+                s.mode().into(),
+            ];
             for b in BACKENDS {
                 a.extend(["-b".into(), format!("{b}:{port}")]);
             }
@@ -491,9 +514,11 @@ fn start_sut(bins: &Bins, o: &RunOptions, dir: &Path, s: Scenario) -> Result<Sut
                 lbctl: None,
             })
         }
-        Scenario::XlbSnat | Scenario::XlbSnatWorkers | Scenario::XlbMasq => {
-            start_lbd(bins, o, dir, s)
-        }
+        Scenario::XlbSnat
+        | Scenario::XlbSnatWorkers
+        | Scenario::XlbMasq
+        | Scenario::XlbDsrL2
+        | Scenario::XlbDsrIpip => start_lbd(bins, o, dir, s),
         Scenario::NftDnat | Scenario::NftMasq => {
             let rules = dir.join(format!("{s:?}.nft"));
             std::fs::write(&rules, nft_rules(s))?;

@@ -224,9 +224,9 @@ pub fn markdown(r: &Results) -> String {
         rule.push_str("---:|");
     }
     head.push_str(
-        " xlb / nft (LB) | xlb / workers only | xlb / XDP redirect | xlb / nft (egress) |",
+        " xlb / nft (LB) | xlb / workers only | xlb / XDP redirect | xlb / nft (egress) | DSR L2 / XDP redirect | DSR IPIP / DSR L2 |",
     );
-    rule.push_str("---:|---:|---:|---:|");
+    rule.push_str("---:|---:|---:|---:|---:|---:|");
     let _ = writeln!(m, "{head}\n{rule}");
     for &size in &sizes {
         for &f in &flows {
@@ -250,11 +250,13 @@ pub fn markdown(r: &Results) -> String {
             let x = |v: Option<f64>| opt(v, |v| format!("{v:.2}×"));
             let _ = writeln!(
                 m,
-                " {} | {} | {} | {} |",
+                " {} | {} | {} | {} | {} | {} |",
                 x(r.ratio(Scenario::XlbSnat, Scenario::NftDnat, f, size)),
                 x(r.ratio(Scenario::XlbSnat, Scenario::XlbSnatWorkers, f, size)),
                 x(r.ratio(Scenario::XlbSnat, Scenario::XdpRedirect, f, size)),
                 x(r.ratio(Scenario::XlbMasq, Scenario::NftMasq, f, size)),
+                x(r.ratio(Scenario::XlbDsrL2, Scenario::XdpRedirect, f, size)),
+                x(r.ratio(Scenario::XlbDsrIpip, Scenario::XlbDsrL2, f, size)),
             );
         }
     }
@@ -369,6 +371,20 @@ pub fn markdown(r: &Results) -> String {
         &|v| v >= 85.0,
     );
     target(
+        "xlb DSR L2 (established flows) ≥ 90 % of the XDP redirect ceiling (1 k flows, 64 B)",
+        r.ratio(Scenario::XlbDsrL2, Scenario::XdpRedirect, 1000, 64)
+            .map(|v| v * 100.0),
+        " %",
+        &|v| v >= 90.0,
+    );
+    target(
+        "xlb DSR over IPIP costs ≤ 10 % against L2 DSR (1 k flows, 64 B)",
+        r.ratio(Scenario::XlbDsrIpip, Scenario::XlbDsrL2, 1000, 64)
+            .map(|v| (1.0 - v) * 100.0),
+        " %",
+        &|v| v <= 10.0,
+    );
+    target(
         "xlb egress masquerading ≥ 3× nftables masquerade (1 k flows, 64 B)",
         r.ratio(Scenario::XlbMasq, Scenario::NftMasq, 1000, 64),
         "×",
@@ -426,7 +442,7 @@ pub fn markdown(r: &Results) -> String {
     m
 }
 
-const COLORS: [RGBColor; 7] = [
+const COLORS: [RGBColor; 9] = [
     RGBColor(90, 90, 90),
     RGBColor(148, 103, 189),
     RGBColor(150, 150, 150),
@@ -434,6 +450,8 @@ const COLORS: [RGBColor; 7] = [
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+    RGBColor(140, 86, 75),
 ];
 
 fn color(s: Scenario) -> RGBColor {
