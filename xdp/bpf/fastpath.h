@@ -26,7 +26,7 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct xlb_fkey k = {};
 	struct xlb_fp_value *v;
 	struct xlb_iface *ifc;
-	__u64 *gen;
+	__u64 *gen, *clock;
 	__u16 tot;
 	int ret;
 
@@ -68,7 +68,7 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct ethhdr *eth, str
 	}
 	if (ip->ttl <= 1 || tot > v->action.mtu)
 		return -1;
-	ifc = bpf_map_lookup_elem(&iface_slots, &ifindex);
+	ifc = iface_of(ifindex);
 	if (!ifc)
 		return -1;
 	for (int i = 0; i < ETH_ALEN; i++)
@@ -79,9 +79,16 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct ethhdr *eth, str
 		return -1;
 	if (ret)
 		return XDP_ABORTED;
-	v->last_seen = bpf_ktime_get_ns();
-	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, tot);
+	/* No clock read and no locked instruction per packet (measured: together they cost
+	 * the fast path about a tenth of its rate): lbd's clock (fp_clock, 50 ms steps), and
+	 * plain increments. RSS hashes a flow direction to one queue, so one CPU updates an
+	 * entry at a time; should two ever race, a packet goes uncounted in `lbctl nat
+	 * list`, nothing else depends on the counts. */
+	clock = bpf_map_lookup_elem(&fp_clock, &zero);
+	if (clock)
+		v->last_seen = *clock;
+	v->packets += 1;
+	v->bytes += tot;
 	count(XLB_STAT_FAST_PATH);
 	/* A redirect also when the egress is the ingress interface (one-armed): XDP_TX into
 	 * a veth whose peer has GRO but no XDP program lost about half the frames in the

@@ -83,7 +83,7 @@ static __always_inline int to_worker(struct xdp_md *ctx, struct iphdr *ip, __u32
 	__u32 key, bad;
 	long ret;
 
-	ifc = bpf_map_lookup_elem(&iface_slots, &ifindex);
+	ifc = iface_of(ifindex);
 	if (!ifc || (void *)(eth + 1) > end)
 		return drop(XLB_STAT_NO_XSK);
 	bad = unfit(eth, ip, end, ifc);
@@ -266,7 +266,7 @@ int xlb_steer(struct xdp_md *ctx)
 	}
 
 	/* (c) masquerade sources on the cluster side. */
-	ifc = bpf_map_lookup_elem(&iface_slots, &ifindex);
+	ifc = iface_of(ifindex);
 	if (ifc && (ifc->flags & XLB_IFACE_INTERNAL)) {
 		struct xlb_lpm_key sk = { .prefixlen = 32, .addr = ip->saddr };
 

@@ -10,6 +10,8 @@
 
 #define XLB_MAX_QUEUES 64
 #define XLB_MAX_IFACES 16
+/* Slots of the direct-mapped interface cache (iface_cache), a power of two. */
+#define XLB_IFACE_CACHE 4096
 #define XLB_MAX_FRONTENDS 4096
 #define XLB_MAX_VIPS 4096
 #define XLB_MAX_SNAT_ADDRS 16
@@ -96,7 +98,14 @@ enum xlb_stat {
 	XLB_STAT_MAX = 21,
 };
 
+/* An iface_cache slot: the interface whose ifindex maps to it (0: none). */
+struct xlb_iface_cached {
+	__u32 ifindex;
+	struct xlb_iface iface;
+};
+
 _Static_assert(sizeof(struct xlb_iface) == 16, "xlb_iface: see xdp/src/abi.rs");
+_Static_assert(sizeof(struct xlb_iface_cached) == 20, "xlb_iface_cached: see xdp/src/abi.rs");
 _Static_assert(__builtin_offsetof(struct xlb_iface, mac) == 8, "xlb_iface.mac");
 _Static_assert(sizeof(struct xlb_endpoint) == 8, "xlb_endpoint: see xdp/src/abi.rs");
 _Static_assert(sizeof(struct xlb_snat_range) == 8, "xlb_snat_range: see xdp/src/abi.rs");

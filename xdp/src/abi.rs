@@ -47,12 +47,25 @@ pub struct Iface {
     pub pad: [u8; 2],
 }
 
+/// `struct xlb_iface_cached`: a slot of the direct-mapped interface cache.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IfaceCached {
+    /// The interface in this slot (0: none).
+    pub ifindex: u32,
+    pub iface: Iface,
+}
+
+/// `XLB_IFACE_CACHE`: slots of the interface cache (a power of two).
+pub const IFACE_CACHE: u32 = 4096;
+
 /// `XLB_IFACE_INTERNAL`: flag in `Iface::flags`.
 pub const IFACE_INTERNAL: u32 = 1;
 
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
 const _: () = assert!(core::mem::size_of::<SnatRange>() == 8);
 const _: () = assert!(core::mem::size_of::<Iface>() == 16);
+const _: () = assert!(core::mem::size_of::<IfaceCached>() == 20);
 const _: () = assert!(core::mem::offset_of!(Iface, mac) == 8);
 
 /// `enum xlb_stat`: indices of the steering program's per-CPU counters.

@@ -11,7 +11,9 @@
 //! therefore steers a subset of both the old and the new configuration. A failed insert
 //! (a full map) rolls back what the call added and reports which map and key failed.
 
-use crate::abi::{Endpoint, Iface, SnatRange, Stat, IFACE_INTERNAL, SNAT_ANY_SOURCE};
+use crate::abi::{
+    Endpoint, Iface, IfaceCached, SnatRange, Stat, IFACE_CACHE, IFACE_INTERNAL, SNAT_ANY_SOURCE,
+};
 use crate::sys::{FpKey, FpValue};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, XskMap};
@@ -225,6 +227,7 @@ pub struct Steering {
     snat: HashMap<MapData, [u8; 4], SnatRange>,
     xsks: XskMap<MapData>,
     iface_slots: HashMap<MapData, u32, Iface>,
+    iface_cache: Array<MapData, IfaceCached>,
     masq_src: LpmTrie<MapData, [u8; 4], u32>,
     masq_skip: LpmTrie<MapData, [u8; 4], u32>,
     masq_keep: HashMap<MapData, FpKey, u32>,
@@ -232,6 +235,7 @@ pub struct Steering {
     stats: PerCpuArray<MapData, u64>,
     fp_flows: MapData,
     fp_generation: Array<MapData, u64>,
+    fp_clock: Array<MapData, u64>,
     current: SteeringState,
     attached: Vec<(String, &'static str)>,
 }
@@ -289,6 +293,7 @@ impl Steering {
             snat: take(&mut ebpf, "snat_addrs")?,
             xsks: take(&mut ebpf, "xsks")?,
             iface_slots: take(&mut ebpf, "iface_slots")?,
+            iface_cache: take(&mut ebpf, "iface_cache")?,
             masq_src: take(&mut ebpf, "masq_src")?,
             masq_skip: take(&mut ebpf, "masq_skip")?,
             masq_keep: take(&mut ebpf, "masq_keep")?,
@@ -299,6 +304,7 @@ impl Steering {
                 _ => return Err(BpfError::MissingMap("fp_flows")),
             },
             fp_generation: take(&mut ebpf, "fp_generation")?,
+            fp_clock: take(&mut ebpf, "fp_clock")?,
             ebpf,
             current: SteeringState::default(),
             attached: Vec::new(),
@@ -356,7 +362,22 @@ impl Steering {
                 map: "iface_slots",
                 key: format!("ifindex {ifindex}"),
                 source,
-            })
+            })?;
+        // Also in its cache slot, unless another interface holds it (the program then
+        // finds this one in iface_slots).
+        let at = ifindex & (IFACE_CACHE - 1);
+        let held = self.iface_cache.get(&at, 0).map(|c| c.ifindex).unwrap_or(0);
+        if held == 0 || held == ifindex {
+            let c = IfaceCached { ifindex, iface: v };
+            self.iface_cache
+                .set(at, c, 0)
+                .map_err(|source| BpfError::Insert {
+                    map: "iface_cache",
+                    key: format!("slot {at}"),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Register the AF_XDP socket `fd` for rx queue `queue` of the interface in `slot`.
@@ -520,6 +541,17 @@ impl Steering {
             .set(0, generation, 0)
             .map_err(|source| BpfError::Map {
                 map: "fp_generation",
+                source,
+            })
+    }
+
+    /// Stamp the fast path's clock (`fp_clock`, what it stamps entries' last_seen with)
+    /// with `now`, CLOCK_MONOTONIC in ns ([`crate::sys::monotonic_ns`]).
+    pub fn set_fast_path_clock(&mut self, now: u64) -> Result<(), BpfError> {
+        self.fp_clock
+            .set(0, now, 0)
+            .map_err(|source| BpfError::Map {
+                map: "fp_clock",
                 source,
             })
     }

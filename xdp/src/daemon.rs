@@ -619,6 +619,7 @@ impl Daemon {
         }
         let mut steering = Steering::load()?;
         steering.set_fast_path_generation(snap.generation)?;
+        steering.set_fast_path_clock(crate::sys::monotonic_ns())?;
         for (slot, iface) in snap.net.ifaces.iter().enumerate() {
             // Masquerade sources arrive on the cluster side: every interface but the
             // egress one, or the only one.
@@ -1579,6 +1580,13 @@ impl Daemon {
     }
 
     fn tick_inner(&mut self) {
+        // The fast path's clock (see maps.h, fp_clock): one step per tick.
+        if let Err(e) = self
+            .steering
+            .set_fast_path_clock(crate::sys::monotonic_ns())
+        {
+            tracing::warn!(error = %e, "fast-path clock not stamped");
+        }
         let mut asked = false;
         while let Ok(addr) = self.resolve_rx.try_recv() {
             asked |= self.request_resolution(addr, false);

@@ -29,6 +29,8 @@ unsafe impl aya::Pod for crate::abi::Endpoint {}
 unsafe impl aya::Pod for crate::abi::SnatRange {}
 // SAFETY: as above (`Iface` spells its padding out as a zeroed field).
 unsafe impl aya::Pod for crate::abi::Iface {}
+// SAFETY: as above: two `repr(C)` plain-data fields, 20 bytes, no padding.
+unsafe impl aya::Pod for crate::abi::IfaceCached {}
 
 /// A fast-path map key (`struct xlb_fkey`) as aya's maps take it.
 #[repr(transparent)]
@@ -46,8 +48,8 @@ unsafe impl aya::Pod for FpKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FpValue {}
 
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps the fast path's
-/// `last_seen`.
+/// CLOCK_MONOTONIC in ns (`bpf_ktime_get_ns`'s clock): lbd stamps the fast path's clock
+/// with it (`fp_clock`, what entries' `last_seen` is), and workers compare with it.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
