@@ -540,6 +540,25 @@ mod tests {
     }
 
     #[test]
+    fn a_one_way_flow_is_indexed_by_its_client_key_only() {
+        let mut t = FlowTable::with_capacity(4);
+        let mut f = flow(9, 0);
+        f.rewrite[0].fwd = Forwarding::Gue;
+        f.keys[1] = f.keys[0];
+        assert!(f.one_way() && f.directions() == 1);
+        let s = t.insert(f).expect("room");
+        assert_eq!(t.lookup(&key(9, false)), Some((s, Dir::Forward)));
+        // Its reverse key is nobody's.
+        assert_eq!(t.lookup(&key(9, true)), None);
+        let other = t.insert(flow(10, 0)).expect("room");
+        assert_eq!(t.lookup(&key(10, true)), Some((other, Dir::Reverse)));
+        assert!(t.remove(s).is_some());
+        assert_eq!(t.lookup(&key(9, false)), None);
+        assert_eq!(t.lookup(&key(10, false)), Some((other, Dir::Forward)));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
     fn expiry_is_bounded_per_step() {
         let mut t = FlowTable::with_capacity(100);
         for n in 0..100 {

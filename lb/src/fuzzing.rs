@@ -30,8 +30,11 @@ const CAPACITY: usize = 32;
 pub fn frames(data: &[u8]) {
     let mut b = Bytes::new(data);
     let (snap, seeds): (Snapshot, Vec<Vec<u8>>) = if b.u8() & 1 == 0 {
+        // The load balancer, in a forwarding mode the input picks (SNAT, or DSR of a
+        // kind: one-direction flows, tunnels).
+        let mode = crate::service::Mode::ALL[usize::from(b.u8()) % crate::service::Mode::ALL.len()];
         (
-            fixtures::snapshot(),
+            dsr_snapshot(mode),
             fixtures::fixtures().into_iter().map(|f| f.frame).collect(),
         )
     } else {
@@ -86,6 +89,27 @@ pub fn frames(data: &[u8]) {
         let hops = b.u8() % 2;
         check_one(&mut engines[w], &mut frame, hops, workers);
     }
+}
+
+/// The fixture configuration with its two services in `mode`, their backends on the
+/// frontends' ports (as DSR requires).
+fn dsr_snapshot(mode: crate::service::Mode) -> Snapshot {
+    use crate::service::{Op, ServiceOptions, ServiceTable};
+    let mut t = ServiceTable::default();
+    for (f, b) in fixtures::frontends().into_iter().zip(fixtures::backends()) {
+        t = t
+            .apply(&Op::AddService {
+                frontend: f,
+                backends: vec![crate::service::BackendSpec { port: f.port, ..b }],
+                options: ServiceOptions {
+                    mode,
+                    ..ServiceOptions::default()
+                },
+            })
+            .expect("the fixture services are valid in every mode");
+    }
+    Snapshot::build(1, &fixtures::config(), &t, Arc::new(fixtures::net()), None)
+        .expect("fixture snapshot builds")
 }
 
 fn check_one(e: &mut Engine, frame: &mut [u8], hops: u8, workers: u16) {

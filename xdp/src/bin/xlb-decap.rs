@@ -31,8 +31,9 @@ enum Cmd {
     Run {
         #[arg(long)]
         iface: String,
-        /// GUE's UDP port (the edge node's --gue-port); without it only IPIP.
-        #[arg(long, default_value_t = 0)]
+        /// GUE's UDP port: the edge node's services' --gue-port (default 6080 on both);
+        /// 0: IPIP only.
+        #[arg(long, default_value_t = lb::service::DEFAULT_GUE_PORT)]
         gue_port: u16,
         /// Outer destination addresses to decapsulate for [default: IFACE's IPv4
         /// addresses].
