@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A test/demo backend that names itself.
 
-  backend.py NAME [--http PORT] [--udp PORT] [--tcp-echo PORT]
+  backend.py NAME [--http PORT]... [--udp PORT] [--tcp-echo PORT]
 
 HTTP: GET / answers "backend NAME\n" (HTTP/1.0, one request per connection);
       GET /peer answers "peer ADDR:PORT\n", the client address this server sees.
@@ -89,12 +89,14 @@ def tcp_echo(name, port):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("name")
-    p.add_argument("--http", type=int)
+    p.add_argument("--http", type=int, action="append", default=[], help="repeat for more ports")
     p.add_argument("--udp", type=int)
     p.add_argument("--tcp-echo", type=int)
     a = p.parse_args()
     threads = []
-    for fn, port in ((http_server, a.http), (udp_server, a.udp), (tcp_echo, a.tcp_echo)):
+    servers = [(http_server, port) for port in a.http]
+    servers += [(udp_server, a.udp), (tcp_echo, a.tcp_echo)]
+    for fn, port in servers:
         if port:
             # Bound (and listening) here, before "ready": whoever waits for it can send.
             serve = fn(a.name, port)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# xlb demo, in network namespaces, two parts (DEMO=lb or DEMO=masq runs one):
+# xlb demo, in network namespaces, three parts (DEMO=lb, masq or dsr runs one):
 #  lb:   a client, an LB node running lbd (XDP + AF_XDP workers on 2-queue veths) and
 #        three backends running HTTP servers that name themselves. Sends REQUESTS
 #        (default 300) HTTP requests through the VIP with curl, shows which backend
@@ -7,6 +7,11 @@
 #  masq: two pods behind an edge node running lbd as an egress NAT with ip-masq-agent
 #        semantics; servers report the source address they see. Shows lbctl ipmasq
 #        check/list and nat list, then changes the ip-masq-agent file while running.
+#  dsr:  direct server return: a client behind a router, an edge node running lbd
+#        one-armed, three backends on the router's segment running xlb-decap; the
+#        backends answer the client through the router, not the edge node. One
+#        service per mode (dsr-l2, dsr-gue); each backend reports the client address it
+#        saw, and the edge node's counters show the one direction it carried.
 # Cleans up on exit, Ctrl-C or failure. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +20,7 @@ REQUESTS=${REQUESTS:-300}
 DEMO=${DEMO:-all}
 P=xdemo
 M=xmasq
+D=xdsr
 RUN=/tmp/xlb-demo
 VIP=10.96.0.10
 
@@ -25,6 +31,7 @@ cleanup() {
   stop_pids
   deploy/topology.sh down "$P"
   deploy/masq-topology.sh down "$M"
+  deploy/dsr-topology.sh down "$D"
   rm -rf "$RUN"
 }
 trap cleanup EXIT
@@ -131,14 +138,64 @@ s.sendto(b'?peer', ('20.0.0.10', 5353)); print('  udp from 10.244.1.3:%d, server
   if ((bad)); then echo "masquerading did not behave as shown above" >&2; exit 1; fi
 }
 
+dsr_demo() {
+  echo "== topology: $D-client → $D-rtr → $D-sw bridge → $D-lb (lb0, one-armed) and $D-b1..b3"
+  echo "   the backends' default route is the router: their answers skip the edge node"
+  deploy/dsr-topology.sh up "$D" 2 3
+  mkdir -p "$RUN"
+  for i in 1 2 3; do
+    start_server "$D-b$i" "b$i" --http 8080 --http 80
+    ip netns exec "$D-b$i" "$DECAP" run --iface eth0 >"$RUN/decap-b$i.log" 2>&1 &
+    pids+=($!); disown
+  done
+  echo "== starting lbd on lb0"
+  start_lbd "$D-lb" --iface lb0
+  echo
+  echo "== two services: $VIP:8080 by L2 DSR, $VIP:80 by DSR over GUE (backends on the same ports)"
+  "$LBCTL" service add "$VIP:8080/tcp" --mode dsr-l2 -b 10.1.0.11:8080 -b 10.1.0.12:8080 -b 10.1.0.13:8080
+  "$LBCTL" service add "$VIP:80/tcp" --mode dsr-gue -b 10.1.0.11:80 -b 10.1.0.12:80 -b 10.1.0.13:80
+  "$LBCTL" service list
+  local bad=0
+  for port in 8080 80; do
+    echo
+    echo "== $REQUESTS HTTP requests to http://$VIP:$port/, then /peer"
+    ip netns exec "$D-client" curl -s --max-time 5 "http://$VIP:$port/?[1-$REQUESTS]" > "$RUN/bodies"
+    sort "$RUN/bodies" | uniq -c | sed 's/^/  /'
+    [[ $(wc -l < "$RUN/bodies") -eq $REQUESTS ]] || bad=1
+    seen=$(ip netns exec "$D-client" curl -s --max-time 5 "http://$VIP:$port/peer")
+    echo "  the backend saw the client as: $seen (the client is 10.0.0.2)"
+    [[ $seen == "peer 10.0.0.2:"* ]] || bad=1
+  done
+  echo
+  echo "== packets counted by the kernel on each link (the edge node forwards the client's"
+  echo "   direction only; the backends' answers go through the router, never through it)"
+  stat() { ip netns exec "$1" cat "/sys/class/net/$2/statistics/$3"; }
+  local sent got edge back=0
+  sent=$(stat "$D-client" c0 tx_packets); got=$(stat "$D-client" c0 rx_packets)
+  edge=$(stat "$D-lb" lb0 rx_packets)
+  for i in 1 2 3; do back=$((back + $(stat "$D-b$i" eth0 tx_packets))); done
+  echo "  client sent $sent packets and received $got"
+  echo "  the backends sent $back packets; the edge node received $edge (about what the client sent)"
+  ((edge < sent + got)) || bad=1
+  echo
+  echo "== lbctl stats (dsr flows, packets encapsulated for GUE)"
+  "$LBCTL" stats
+  echo
+  echo "== xlb-decap status on b1"
+  ip netns exec "$D-b1" "$DECAP" status
+  if ((bad)); then echo "direct server return did not behave as shown above" >&2; exit 1; fi
+}
+
 deploy/install-deps.sh
 echo "== building xlb (release)"
 cargo build --release --workspace --locked -q
 LBD=$PWD/target/release/lbd
 LBCTL=$PWD/target/release/lbctl
+DECAP=$PWD/target/release/xlb-decap
 case "$DEMO" in
   lb) lb_demo ;;
   masq) masq_demo ;;
-  all) lb_demo; cleanup; echo; masq_demo ;;
-  *) echo "DEMO must be lb, masq or all" >&2; exit 2 ;;
+  dsr) dsr_demo ;;
+  all) lb_demo; cleanup; echo; masq_demo; cleanup; echo; dsr_demo ;;
+  *) echo "DEMO must be lb, masq, dsr or all" >&2; exit 2 ;;
 esac
