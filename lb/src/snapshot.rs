@@ -34,6 +34,12 @@ pub struct Timeouts {
     pub udp: u64,
     /// ICMP echo flows (masquerading).
     pub icmp: u64,
+    /// Established TCP flows forwarded by direct server return. xlb sees neither the
+    /// backend's FIN nor its RST, so a closed connection looks established until it
+    /// idles out; and an expired DSR flow loses nothing (its client's next segment
+    /// reaches the backend Maglev gives it, the same while the backend set is
+    /// unchanged). So shorter than SNAT's, as IPVS's direct routing: 15 min.
+    pub dsr_established: u64,
 }
 
 impl Default for Timeouts {
@@ -51,6 +57,7 @@ impl Default for Timeouts {
             tcp_rst: TRANSITORY,
             udp: 300 * SEC,
             icmp: 60 * SEC,
+            dsr_established: 900 * SEC,
         }
     }
 }

@@ -391,3 +391,28 @@ fn a_dsr_flow_keeps_its_backend_while_others_come_and_go_and_a_mode_change_is_fo
     assert_eq!(e.process(&mut syn), Verdict::Tx { iface: 0 });
     assert_eq!(&syn[26..30], &SNAT);
 }
+
+#[test]
+fn an_idle_established_dsr_flow_expires_sooner_and_its_client_keeps_its_backend() {
+    let mut e = engine(&table(Proto::Tcp, 4, Mode::DsrL2), 1500);
+    let mut syn = client(PROTO_TCP, 43000, TcpFlags::SYN, b"").build();
+    e.process(&mut syn);
+    let b = mac_backend(&syn);
+    let mut ack = client(PROTO_TCP, 43000, TcpFlags::ACK, b"").build();
+    e.process(&mut ack);
+    let t = lb::Timeouts::default();
+    assert!(t.dsr_established < t.tcp_established);
+    // Just within the DSR timeout: the same flow.
+    e.begin_batch(SEC + t.dsr_established);
+    let mut d = client(PROTO_TCP, 43000, TcpFlags::ACK, b"x").build();
+    assert_eq!(e.process(&mut d), Verdict::Tx { iface: 0 });
+    assert_eq!(e.counters().flows_expired, 0);
+    // Silent for longer (the backend closed it, unseen): gone; the client's next segment
+    // opens a flow to the same backend.
+    e.begin_batch(2 * SEC + 2 * t.dsr_established);
+    let mut d = client(PROTO_TCP, 43000, TcpFlags::ACK, b"y").build();
+    assert_eq!(e.process(&mut d), Verdict::Tx { iface: 0 });
+    assert_eq!(mac_backend(&d), b);
+    assert_eq!(e.counters().flows_expired, 1);
+    assert_eq!(e.counters().flows_created, 2);
+}

@@ -102,9 +102,11 @@ for k in sorted(seen):
 
 #[test]
 fn every_dsr_mode_is_answered_by_every_backend_directly_with_the_client_address() {
-    let Some(t) = start("dmodes", 3) else {
+    let Some(mut t) = start("dmodes", 3) else {
         return;
     };
+    // iperf3 on b1, bound to the VIP (see the PMTU test), for a one-backend service.
+    t.spawn("b1", "iperf3", &["-s", "-p", "5201", "-B", VIP]);
     for mode in ["dsr-l2", "dsr-ipip", "dsr-gue"] {
         let (edge_tcp, edge_udp) = (
             bridge_counter(&t, "tcp-to-edge"),
@@ -177,8 +179,24 @@ fn every_dsr_mode_is_answered_by_every_backend_directly_with_the_client_address(
         } else {
             assert!(tunnelled >= 60, "{mode}: {tunnelled} packets tunnelled");
         }
-        t.lbctl(&["service", "remove", &format!("{VIP}:8080/tcp")]);
-        t.lbctl(&["service", "remove", &format!("{VIP}:5353/udp")]);
+        // iperf3, TCP and a UDP stream, through the VIP to b1 (sized to fit the tunnel:
+        // this test is not about PMTU).
+        add(&t, &format!("{VIP}:5201/tcp"), mode, 1, 5201, &[]);
+        add(&t, &format!("{VIP}:5201/udp"), mode, 1, 5201, &[]);
+        let (got, v) = iperf3(&t, &["-t", "1", "-M", "1400"]);
+        assert!(
+            v["error"].is_null() && got > 5_000_000,
+            "{mode}: {got} bytes: {v}"
+        );
+        let (got, v) = iperf3(&t, &["-u", "-b", "20M", "-t", "1", "-l", "1200"]);
+        let lost = v["end"]["sum"]["lost_percent"].as_f64().unwrap_or(100.0);
+        assert!(
+            v["error"].is_null() && got > 1_500_000 && lost < 5.0,
+            "{mode}: {got} bytes, {lost} % lost: {v}"
+        );
+        for fe in ["8080/tcp", "5353/udp", "5201/tcp", "5201/udp"] {
+            t.lbctl(&["service", "remove", &format!("{VIP}:{fe}")]);
+        }
     }
     assert!(t.worker_sum("dsr_flows") >= 3 * 61);
     // The backends' decapsulators did the tunnels' work.

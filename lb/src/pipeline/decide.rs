@@ -229,7 +229,7 @@ impl State {
         let Some(f) = self.flows.get_mut(slot) else {
             return false;
         };
-        let idle = now.saturating_sub(f.last_seen) > timeout(&snap.timeouts, f.state);
+        let idle = now.saturating_sub(f.last_seen) > timeout(&snap.timeouts, f);
         let reused = !idle
             && dir == Dir::Forward
             && p.key.proto == PROTO_TCP
@@ -719,7 +719,7 @@ impl State {
             return Ok(());
         }
         let (now, t) = (self.now, snap.timeouts);
-        let idle = |f: &Flow| now.saturating_sub(f.last_seen) > timeout(&t, f.state);
+        let idle = |f: &Flow| now.saturating_sub(f.last_seen) > timeout(&t, f);
         let f = self
             .flows
             .evict_oldest(EVICT_SCAN, |f| !f.assured || idle(f))

@@ -348,9 +348,11 @@ fn removal(snap: &Snapshot, f: &Flow) -> Option<OnRemove> {
     }
 }
 
-fn timeout(t: &Timeouts, s: FlowState) -> u64 {
-    match s {
+/// A flow's idle timeout in its state.
+fn timeout(t: &Timeouts, f: &Flow) -> u64 {
+    match f.state {
         FlowState::SynSent | FlowState::SynRecv => t.tcp_syn,
+        FlowState::Established if f.one_way() => t.dsr_established,
         FlowState::Established => t.tcp_established,
         FlowState::Fin => t.tcp_fin,
         FlowState::Rst => t.tcp_rst,
@@ -621,11 +623,7 @@ impl Engine {
                     None => {}
                 }
             }
-            let limit = if f.removed {
-                t.tcp_rst
-            } else {
-                timeout(&t, f.state)
-            };
+            let limit = if f.removed { t.tcp_rst } else { timeout(&t, f) };
             let mut idle = ended || now.saturating_sub(f.last_seen) > limit;
             // The fast path may have forwarded it since the worker last did.
             if idle && !ended && f.fast {
@@ -718,7 +716,7 @@ impl Engine {
         let t = self.snap.timeouts;
         let mut m = hashbrown::HashMap::new();
         for f in self.st.flows.iter() {
-            let idle = self.st.now.saturating_sub(f.last_seen) > timeout(&t, f.state);
+            let idle = self.st.now.saturating_sub(f.last_seen) > timeout(&t, f);
             let closing = matches!(f.state, FlowState::Fin | FlowState::Rst);
             if f.kind == FlowKind::Lb && !f.removed && !idle && !closing {
                 let (addr, port) = f.backend();

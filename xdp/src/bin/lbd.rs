@@ -171,6 +171,11 @@ struct Args {
     /// recommended).
     #[arg(long, default_value_t = secs(Timeouts::default().udp), value_parser = timeout_s)]
     timeout_udp: u64,
+    /// Idle timeout of established TCP flows forwarded by direct server return, in
+    /// seconds: xlb sees only the client's side, and an expired DSR flow's next segment
+    /// still reaches its backend (Maglev), so shorter than --timeout-tcp-established.
+    #[arg(long, default_value_t = secs(Timeouts::default().dsr_established), value_parser = timeout_s)]
+    timeout_dsr_established: u64,
     /// Idle timeout of ICMP echo flows, in seconds (RFC 5508: at least 60 s).
     #[arg(long, default_value_t = secs(Timeouts::default().icmp), value_parser = timeout_s)]
     timeout_icmp: u64,
@@ -231,6 +236,7 @@ fn main() -> anyhow::Result<()> {
             tcp_rst: a.timeout_tcp_rst * SEC,
             udp: a.timeout_udp * SEC,
             icmp: a.timeout_icmp * SEC,
+            dsr_established: a.timeout_dsr_established * SEC,
         },
         io: IoConfig {
             ring_size: a.ring_size,
