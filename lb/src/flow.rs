@@ -208,9 +208,14 @@ impl Flow {
         }
     }
 
-    /// A load-balanced flow's backend: where its forward rewrite sends packets.
+    /// A load-balanced flow's backend: where its forward rewrite sends packets. A DSR
+    /// flow's backend listens on the frontend's port (the service table holds DSR
+    /// services to that), and its rewrite's ports may be a tunnel's.
     pub fn backend(&self) -> ([u8; 4], u16) {
-        (self.rewrite[0].dst, self.rewrite[0].dport)
+        match self.one_way() {
+            true => (self.rewrite[0].dst, self.keys[0].dport),
+            false => (self.rewrite[0].dst, self.rewrite[0].dport),
+        }
     }
 
     /// A DSR flow: xlb sees only the client's direction (the backend answers the

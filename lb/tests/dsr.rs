@@ -304,6 +304,24 @@ fn a_mid_stream_segment_without_a_flow_goes_to_the_backend_maglev_gives_it() {
     let mut data = client(PROTO_TCP, 41000, TcpFlags::ACK | TcpFlags::PSH, b"more").build();
     assert_eq!(e2.process(&mut data), Verdict::Tx { iface: 0 });
     assert_eq!(mac_backend(&data), b, "the same backend");
+    // It is established, and the client's next segment makes it assured (then it goes
+    // to the fast path); a RST without a flow reaches the backend but opens nothing
+    // lasting.
+    let flow = *e2.flows().iter().next().expect("taken up");
+    assert_eq!(flow.state, FlowState::Established);
+    assert!(!flow.assured);
+    let mut more = client(PROTO_TCP, 41000, TcpFlags::ACK, b"again").build();
+    e2.process(&mut more);
+    let flow = *e2.flows().iter().next().expect("taken up");
+    assert!(flow.assured && flow.fast);
+    let mut rst = client(PROTO_TCP, 41999, TcpFlags::RST, b"").build();
+    assert_eq!(e2.process(&mut rst), Verdict::Tx { iface: 0 });
+    let closed = e2
+        .flows()
+        .iter()
+        .find(|f| f.keys[0].sport == 41999)
+        .expect("flow");
+    assert_eq!(closed.state, FlowState::Rst);
     // SNAT cannot do that: the backend would see a new source port.
     let mut e3 = engine(&table(Proto::Tcp, 4, Mode::Snat), 1500);
     let mut data = client(PROTO_TCP, 41000, TcpFlags::ACK, b"more").build();
@@ -343,53 +361,69 @@ fn hybrid_sends_tcp_by_dsr_and_udp_by_snat() {
 
 #[test]
 fn a_dsr_flow_keeps_its_backend_while_others_come_and_go_and_a_mode_change_is_for_new_flows() {
-    let t = table(Proto::Tcp, 4, Mode::DsrIpip);
-    let mut e = engine(&t, 1500);
-    let mut syn = client(PROTO_TCP, 42000, TcpFlags::SYN, b"").build();
-    assert!(matches!(e.process(&mut syn), Verdict::Encap { .. }));
-    let b = e.encap_header()[19] - 1;
-    let f = frontend(Proto::Tcp);
-    let mut t2 = t.clone();
-    for i in (1..=4).filter(|&i| i != b) {
-        t2 = t2
-            .apply(&Op::RemoveBackend {
-                frontend: f,
-                addr: backend(i).into(),
-                port: 80,
-            })
-            .expect("remove");
-    }
-    for i in 5..=8 {
-        t2 = t2
-            .apply(&Op::AddBackend {
-                frontend: f,
-                backend: BackendSpec {
+    for mode in [Mode::DsrL2, Mode::DsrIpip, Mode::DsrGue] {
+        let t = table(Proto::Tcp, 4, mode);
+        let mut e = engine(&t, 1500);
+        // The backend a DSR frame went to: its MAC's (L2) or the tunnel's destination.
+        let sent = |e: &mut Engine, flags: u8, payload: &[u8]| {
+            let mut f = client(PROTO_TCP, 42000, flags, payload).build();
+            match e.process(&mut f) {
+                Verdict::Tx { .. } if mode == Mode::DsrL2 => mac_backend(&f),
+                Verdict::Encap { .. } => e.encap_header()[19] - 1,
+                v => panic!("{mode}: {v:?}"),
+            }
+        };
+        let b = sent(&mut e, TcpFlags::SYN, b"");
+        sent(&mut e, TcpFlags::ACK, b"");
+        let f = frontend(Proto::Tcp);
+        let mut t2 = t.clone();
+        for i in (1..=4).filter(|&i| i != b) {
+            t2 = t2
+                .apply(&Op::RemoveBackend {
+                    frontend: f,
                     addr: backend(i).into(),
                     port: 80,
-                    weight: 10,
-                },
+                })
+                .expect("remove");
+        }
+        for i in 5..=8 {
+            t2 = t2
+                .apply(&Op::AddBackend {
+                    frontend: f,
+                    backend: BackendSpec {
+                        addr: backend(i).into(),
+                        port: 80,
+                        weight: 10,
+                    },
+                })
+                .expect("add");
+        }
+        let t2 = t2
+            .apply(&Op::SetOptions {
+                frontend: f,
+                options: ServiceOptions::default(),
             })
-            .expect("add");
-    }
-    let t2 = t2
-        .apply(&Op::SetOptions {
-            frontend: f,
-            options: ServiceOptions::default(),
-        })
-        .expect("to snat");
-    swap(&mut e, &t2);
-    for _ in 0..3 {
-        let mut d = client(PROTO_TCP, 42000, TcpFlags::ACK, b"data").build();
-        assert!(
-            matches!(e.process(&mut d), Verdict::Encap { .. }),
-            "the flow keeps its mode"
+            .expect("to snat");
+        swap(&mut e, &t2);
+        for _ in 0..3 {
+            assert_eq!(
+                sent(&mut e, TcpFlags::ACK, b"data"),
+                b,
+                "{mode}: its mode and backend"
+            );
+        }
+        let flow = *e.flows().iter().next().expect("the flow");
+        assert_eq!(flow.backend(), (backend(b), 80), "{mode}");
+        assert_eq!(
+            e.counters().flows_created,
+            1,
+            "{mode}: the same flow throughout"
         );
-        assert_eq!(e.encap_header()[19] - 1, b, "and its backend");
+        // A new connection gets the new mode.
+        let mut syn = client(PROTO_TCP, 42001, TcpFlags::SYN, b"").build();
+        assert_eq!(e.process(&mut syn), Verdict::Tx { iface: 0 });
+        assert_eq!(&syn[26..30], &SNAT, "{mode}");
     }
-    // A new connection gets the new mode.
-    let mut syn = client(PROTO_TCP, 42001, TcpFlags::SYN, b"").build();
-    assert_eq!(e.process(&mut syn), Verdict::Tx { iface: 0 });
-    assert_eq!(&syn[26..30], &SNAT);
 }
 
 #[test]

@@ -379,9 +379,12 @@ fn translation(c: &crate::worker::FlowCopy, worker: u16, now: u64) -> Translatio
         proto: proto.into(),
         inside: endpoint(k.src, k.sport, k.proto),
         outside,
-        // An echo's remote has no identifier of its own.
+        // An echo's remote has no identifier of its own; a DSR flow's is its backend.
         remote: if k.proto == lb::wire::ipv4::PROTO_ICMP {
             Ipv4Addr::from(out.dst).to_string()
+        } else if f.one_way() {
+            let (addr, port) = f.backend();
+            endpoint(addr, port, k.proto)
         } else {
             endpoint(out.dst, out.dport, k.proto)
         },

@@ -286,7 +286,9 @@ impl State {
             let answered =
                 f.state == FlowState::SynRecv || (one_way && f.state == FlowState::SynSent);
             let completes = answered && dir == Dir::Forward && fl.ack() && !fl.syn();
-            f.assured |= completes;
+            // A DSR flow taken up mid-stream: the client's second segment.
+            let resumed = one_way && f.state == FlowState::Established && f.packets[0] > 0;
+            f.assured |= completes || resumed;
             let was_closing = matches!(f.state, FlowState::Fin | FlowState::Rst);
             f.state = if fl.rst() {
                 FlowState::Rst
@@ -538,8 +540,27 @@ impl State {
             fwd,
             ..Rewrite::default()
         };
+        let step = self.open_flow(snap, p, [k, k], [rw, rw], FlowKind::Lb, false, Dir::Forward)?;
         self.counters.dsr_flows += 1;
-        self.open_flow(snap, p, [k, k], [rw, rw], FlowKind::Lb, false, Dir::Forward)
+        // Taken up mid-stream (see `new_flow`): in the state its segment says, assured
+        // by the client's next one (see `forward`).
+        let fl = p.flags;
+        if k.proto == PROTO_TCP && !fl.is_opening_syn() {
+            if let Some(f) = self
+                .last_flow
+                .and_then(|(slot, _)| self.flows.get_mut(slot))
+            {
+                f.state = if fl.rst() {
+                    FlowState::Rst
+                } else if fl.fin() {
+                    FlowState::Fin
+                } else {
+                    FlowState::Established
+                };
+                f.fwd_seq = p.seq;
+            }
+        }
+        Ok(step)
     }
 
     /// The affinity home of `client` (see `affinity`), when it is another worker and the
