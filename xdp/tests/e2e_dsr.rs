@@ -25,26 +25,19 @@ fn count_answers(t: &Topo) {
     );
 }
 
-/// The packet count of counter `name` in the bridge's table (`Topo::nft_counter` reads
-/// the inet family's).
+/// The packet count of counter `name` in the bridge's table.
 fn bridge_counter(t: &Topo, name: &str) -> u64 {
-    let o = t
-        .cmd("sw", "nft")
-        .args(["-j", "list", "table", "bridge", "xlbtest"])
-        .output()
-        .expect("nft");
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("nft json");
-    for item in v["nftables"].as_array().expect("nftables") {
-        let r = &item["rule"];
-        if r["comment"].as_str() == Some(name) {
-            for e in r["expr"].as_array().expect("expr") {
-                if let Some(n) = e["counter"]["packets"].as_u64() {
-                    return n;
-                }
-            }
-        }
-    }
-    panic!("no counter {name}");
+    t.nft_counter_in("sw", "bridge", name)
+}
+
+/// Field `field` of every item of list `list` in lbctl's JSON answer `v`.
+fn column<'a>(v: &'a serde_json::Value, list: &str, field: &str) -> Vec<&'a str> {
+    v[list]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|x| x[field].as_str().unwrap_or(""))
+        .collect()
 }
 
 fn start(test: &str, backends: u32) -> Option<Topo> {
@@ -117,12 +110,7 @@ fn every_dsr_mode_is_answered_by_every_backend_directly_with_the_client_address(
         add(&t, &format!("{VIP}:8080/tcp"), mode, 3, 8080, &[]);
         add(&t, &format!("{VIP}:5353/udp"), mode, 3, 5353, &[]);
         let list = t.lbctl_json(&["service", "list"]);
-        let modes: Vec<&str> = list["services"]
-            .as_array()
-            .expect("services")
-            .iter()
-            .map(|s| s["mode"].as_str().unwrap_or(""))
-            .collect();
+        let modes = column(&list, "services", "mode");
         let want = if mode == "dsr-gue" {
             "dsr-gue:6080"
         } else {
@@ -345,12 +333,7 @@ print(data.decode())
         "UDP by SNAT from lb0: {said}"
     );
     let nat = t.lbctl_json(&["nat", "list"]);
-    let kinds: Vec<&str> = nat["translations"]
-        .as_array()
-        .expect("translations")
-        .iter()
-        .map(|f| f["kind"].as_str().unwrap_or(""))
-        .collect();
+    let kinds = column(&nat, "translations", "kind");
     assert!(
         kinds.contains(&"dsr-l2") && kinds.contains(&"snat"),
         "{nat}"

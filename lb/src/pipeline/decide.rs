@@ -938,7 +938,7 @@ impl State {
         from_vip: bool,
     ) -> Result<Step, DropReason> {
         let from = from_vip.then_some(p.key.dst);
-        self.unreachable_from(snap, p, icmp::FRAG_NEEDED, mtu, DropReason::TooBig, from)
+        self.unreachable(snap, p, icmp::FRAG_NEEDED, mtu, DropReason::TooBig, from)
     }
 
     /// No NAT port for a new flow: counted, and ICMP communication administratively
@@ -949,28 +949,16 @@ impl State {
         p: &Parsed,
         reason: DropReason,
     ) -> Result<Step, DropReason> {
-        let step = self.unreachable(snap, p, ADMIN_PROHIBITED, 0, reason)?;
+        let step = self.unreachable(snap, p, ADMIN_PROHIBITED, 0, reason, None)?;
         self.counters.drop(reason);
         Ok(step)
     }
 
     /// An ICMP destination unreachable (code `code`, next-hop MTU `mtu`) back to the
-    /// sender, from the address of the interface the packet came in on: `reason` when
-    /// the rate limit or a missing address prevents it; `Hold` (via NoNeighbour) while
-    /// the way back is being resolved.
+    /// sender, from `from`, else from the address of the interface the packet came in
+    /// on: `reason` when the rate limit or a missing address prevents it; `Hold` (via
+    /// NoNeighbour) while the way back is being resolved.
     fn unreachable(
-        &mut self,
-        snap: &Snapshot,
-        p: &Parsed,
-        code: u8,
-        mtu: u16,
-        reason: DropReason,
-    ) -> Result<Step, DropReason> {
-        self.unreachable_from(snap, p, code, mtu, reason, None)
-    }
-
-    /// As [`State::unreachable`], from `from` when given.
-    fn unreachable_from(
         &mut self,
         snap: &Snapshot,
         p: &Parsed,

@@ -403,9 +403,14 @@ impl Topo {
 
     /// The packet count of the counter commented `name` in table inet xlbtest of `ns`.
     pub fn nft_counter(&self, ns: &str, name: &str) -> u64 {
+        self.nft_counter_in(ns, "inet", name)
+    }
+
+    /// The same in table `family` xlbtest (a bridge's counters: family "bridge").
+    pub fn nft_counter_in(&self, ns: &str, family: &str, name: &str) -> u64 {
         let o = self
             .cmd(ns, "nft")
-            .args(["-j", "list", "table", "inet", "xlbtest"])
+            .args(["-j", "list", "table", family, "xlbtest"])
             .output()
             .expect("nft");
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("nft json");
