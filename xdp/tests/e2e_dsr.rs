@@ -64,16 +64,7 @@ fn add(t: &Topo, frontend: &str, mode: &str, n: u32, port: u16, extra: &[&str]) 
 /// curl from the client to `http://VIP:PORT/PATH` (a curl URL glob allowed): the lines
 /// it got.
 fn curl(t: &Topo, port: u16, path: &str) -> Vec<String> {
-    let o = t
-        .cmd("client", "curl")
-        .args(["-s", "--max-time", "5"])
-        .arg(format!("http://{VIP}:{port}/{path}"))
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    t.curl_vip("client", &format!(":{port}/{path}"))
 }
 
 /// 30 UDP datagrams "?peer" to VIP:5353 from fresh sockets: every answer must come from
@@ -348,34 +339,23 @@ fn l2_dsr_refuses_a_backend_behind_a_router() {
     let Some(t) = start("dcheck", 1) else {
         return;
     };
-    let o = t.try_lbctl(&[
-        "service",
-        "add",
-        &format!("{VIP}:8080/tcp"),
-        "--mode",
-        "dsr-l2",
-        "-b",
-        "10.1.0.11:8080",
-        "-b",
-        "10.7.0.5:8080",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    // `service add VIP:8080/tcp --mode MODE -b BACKEND`: refused, with its error.
+    let refused = |mode: &str, backend: &[&str]| {
+        let mut a = vec!["service", "add", "10.96.0.10:8080/tcp", "--mode", mode];
+        for b in backend {
+            a.extend(["-b", b]);
+        }
+        let o = t.try_lbctl(&a);
+        assert!(!o.status.success(), "{mode} {backend:?} accepted");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = refused("dsr-l2", &["10.1.0.11:8080", "10.7.0.5:8080"]);
     assert!(
         err.contains("10.7.0.5") && err.contains("gateway 10.1.0.1"),
         "{err}"
     );
-    let o = t.try_lbctl(&[
-        "service",
-        "add",
-        &format!("{VIP}:8080/tcp"),
-        "--mode",
-        "dsr-ipip",
-        "-b",
-        "10.1.0.11:80",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("port 8080"), "{err}");
+    let err = refused("dsr-ipip", &["10.1.0.11:80"]);
+    assert!(err.contains("port 8080"), "{err}");
     // Nothing was added; a tunnel reaches a routed backend.
     let list = t.lbctl_json(&["service", "list"]);
     assert_eq!(list["services"].as_array().map(Vec::len), Some(0), "{list}");

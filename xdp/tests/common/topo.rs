@@ -476,10 +476,16 @@ impl Topo {
     }
 
     pub fn curl_many_from(&self, ns: &str, n: u32) -> Vec<String> {
+        self.curl_vip(ns, &format!("/?[1-{n}]"))
+    }
+
+    /// curl in namespace `ns` to `http://VIP` followed by `rest` (`:PORT/PATH`, a curl
+    /// URL glob allowed): the lines it got.
+    pub fn curl_vip(&self, ns: &str, rest: &str) -> Vec<String> {
         let o = self
             .cmd(ns, "curl")
             .args(["-s", "--max-time", "5", "--retry", "0"])
-            .arg(format!("http://{VIP}/?[1-{n}]"))
+            .arg(format!("http://{VIP}{rest}"))
             .output()
             .expect("curl");
         String::from_utf8_lossy(&o.stdout)
