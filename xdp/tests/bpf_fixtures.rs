@@ -560,6 +560,45 @@ fn the_executors_agree_on_every_row_of_the_action_table() {
     assert!(rust_exec(&row.frame, &action).is_err());
 }
 
+/// Two served interfaces whose ifindexes share an `iface_cache` slot: the one registered
+/// second (here the loopback, BPF_PROG_TEST_RUN's ingress) is found in the hash map, so
+/// its fast-path flows still execute.
+#[test]
+fn an_interface_whose_cache_slot_is_taken_is_found_in_the_hash() {
+    if !common::privileged("an_interface_whose_cache_slot_is_taken_is_found_in_the_hash") {
+        return;
+    }
+    const XDP_REDIRECT: u32 = 4;
+    let _ = xdp::sys::raise_memlock_limit();
+    let mut s = Steering::load().expect("the program loads and verifies");
+    let cfg = fixtures::config();
+    s.add_new(&SteeringState::new(&fixtures::table(), &cfg.snat.pool))
+        .expect("maps");
+    let lo = lo_ifindex();
+    // Another interface first, in the slot the loopback's ifindex maps to.
+    s.set_iface_slot(lo + xdp::abi::IFACE_CACHE, 1, false, [2, 0, 0, 0, 0, 0x77])
+        .expect("slot");
+    s.set_iface_slot(lo, 0, false, fixtures::LB_MAC)
+        .expect("slot");
+    s.set_fast_path_generation(7).expect("generation");
+    let mut map = s.fast_path_map().expect("fp_flows");
+    let row = &action_rows()[0];
+    let key = row_key(&row.frame).flowrec();
+    map.install(&key, &table_entry(row_action(&row.frame, row.to)))
+        .expect("install");
+    let (ret, _) = s.test_run_frame(&row.frame).expect("test run");
+    assert_eq!(ret, XDP_REDIRECT, "executed: the loopback was found");
+    assert_eq!(map.get(&key).map(|e| e.packets), Some(1));
+    // A frame to the other interface's MAC is not ours on the loopback.
+    let mut foreign = row.frame.clone();
+    foreign[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x77]);
+    let (ret, _) = s.test_run_frame(&foreign).expect("test run");
+    assert_ne!(
+        ret, XDP_REDIRECT,
+        "not executed for another interface's MAC"
+    );
+}
+
 /// A tunnelled frame, checked field by field against what a decapsulator expects: the
 /// Ethernet header to the backend, the outer IPv4 header (valid checksum, DF, TTL 64,
 /// the inner TOS, lengths counting the packet but not the padding, the tunnel's
