@@ -585,6 +585,19 @@ impl Daemon {
                  (--queues {n}) or reduce the NIC's channels (ethtool -L {i} combined {queues})"
             );
         }
+        if let Some(a) = dc.encap_source {
+            if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+                return Err(DaemonError::Config(format!(
+                    "--encap-source {a}: the outer source of DSR tunnels must be a unicast address"
+                )));
+            }
+            if !local.contains(&a) {
+                tracing::warn!(
+                    addr = %a,
+                    "--encap-source is not an address of this node: backends' answers to tunnel errors will not reach it"
+                );
+            }
+        }
         let workers = queues as u16;
         for p in &pool {
             p.ports

@@ -307,6 +307,14 @@ fn bad_flags_are_refused_with_the_limit_and_leave_nothing_behind() {
             &["--snat-addr", "10.0.0.1-10.0.1.0"],
             "more than 15 addresses",
         ),
+        (
+            &["--encap-source", "224.0.0.5"],
+            "must be a unicast address",
+        ),
+        (
+            &["--encap-source", "nonsense"],
+            "invalid IPv4 address syntax",
+        ),
     ];
     for (args, needle) in cases {
         let o = lbd(args);
