@@ -1,12 +1,14 @@
 //! xlb's control plane: the request/response protocol `lbd` speaks on its Unix socket
 //! ([`proto`], documented in docs/protocol.md), the mio event loop that serves it
-//! ([`server`]), and the blocking client `lbctl` uses ([`client`]).
+//! ([`server`]), the blocking client `lbctl` uses ([`client`]), and the desired state
+//! as a file with the plan that applies it ([`desired`]).
 //!
 //! This crate never touches frames or the kernel's datapath; `lbd` (in the `xdp` crate)
 //! implements [`server::Handler`].
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod desired;
 pub mod fuzzing;
 pub mod proto;
 pub mod server;

@@ -74,6 +74,15 @@ pub enum Request {
         #[serde(default)]
         limit: Option<usize>,
     },
+    /// The desired state: every service with its backends and options.
+    Export {},
+    /// Make the services those of `state` in one change, or none; with `dry_run`, only
+    /// say what would change.
+    Apply {
+        state: crate::desired::DesiredState,
+        #[serde(default)]
+        dry_run: bool,
+    },
 }
 
 impl Request {
@@ -88,6 +97,7 @@ impl Request {
                 | Request::BackendAdd { .. }
                 | Request::BackendRemove { .. }
                 | Request::BackendSetWeight { .. }
+                | Request::Apply { dry_run: false, .. }
         )
     }
 }
@@ -139,13 +149,26 @@ impl ErrorBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Reply {
-    Done { message: String },
-    Services { services: Vec<ServiceView> },
+    Done {
+        message: String,
+    },
+    Services {
+        services: Vec<ServiceView>,
+    },
     Status(Box<StatusView>),
     Stats(StatsView),
     Ipmasq(IpmasqView),
     Check(CheckView),
     Nat(NatView),
+    /// `export`: the desired state.
+    State {
+        state: crate::desired::DesiredState,
+    },
+    /// `apply`: what changed (or would, with `dry_run`), one line each.
+    Applied {
+        changes: Vec<String>,
+        dry_run: bool,
+    },
 }
 
 /// One non-masquerade rule: the CIDR and where it comes from ("default",
@@ -483,7 +506,7 @@ pub struct StatsView {
 
 /// Serde through `Display`/`FromStr`, so frontends and backends read as operators write
 /// them ("10.0.0.10:80/tcp", "10.1.0.2:8080@2").
-mod as_string {
+pub(crate) mod as_string {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
     use std::fmt::Display;
     use std::str::FromStr;
@@ -503,7 +526,7 @@ mod as_string {
     }
 }
 
-mod as_strings {
+pub(crate) mod as_strings {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
     use std::fmt::Display;
     use std::str::FromStr;

@@ -325,14 +325,17 @@ pub struct ServiceOptions {
     pub affinity: Affinity,
     /// Seconds a client keeps its backend after its last new connection
     /// (`affinity: client-ip` only; none: for as long as the backend set is unchanged).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_timeout_s: Option<u32>,
     /// Outcome for the flows of a backend removed with `backend remove`.
     pub on_remove: OnRemove,
     /// Maglev table size, one of [`TABLE_SIZES`]; none: the daemon's `--maglev-size`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub table_size: Option<u32>,
     /// How new flows reach the backends (a flow keeps the mode it opened with).
     pub mode: Mode,
     /// GUE's UDP destination port (GUE modes only); none: [`DEFAULT_GUE_PORT`].
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub gue_port: Option<u16>,
 }
 

@@ -23,6 +23,7 @@ use crate::netlink::{local_port_range, Netlink};
 use crate::sys::IoConfig;
 use crate::worker::WorkerRequest;
 use crate::worker::{self, WorkerShared, WorkerSpec, HANDOFF_RING_BYTES};
+use control::desired::DesiredState;
 use control::proto::{
     BackendView, CheckView, ErrorKind, InterfaceView, IpmasqRule, IpmasqView, MasqStatusView,
     NatView, Outcome, Reply, Request, ResponseEnvelope, ServiceView, SocketStats, StatsView,
@@ -861,20 +862,88 @@ impl Daemon {
         Ok(())
     }
 
+    /// What the service table cannot check about `op` (addresses of this node, L2
+    /// reachability), against the table `next` it leads to.
+    fn check_op(&self, op: &Op, next: &ServiceTable) -> Result<(), String> {
+        self.check_addresses(op)?;
+        if let Some(svc) = op_service(op).and_then(|f| next.get(f)) {
+            check_dsr_l2(svc, &self.snap.net)?;
+        }
+        Ok(())
+    }
+
     /// Validate `op` whole, then apply it to the maps and workers in the safe order.
     fn apply(&mut self, op: Op) -> ResponseEnvelope {
         let next = match self.table.apply(&op) {
             Ok(t) => t,
             Err(e) => return ResponseEnvelope::error(ErrorKind::Invalid, e.to_string()),
         };
-        if let Err(e) = self.check_addresses(&op) {
+        if let Err(e) = self.check_op(&op, &next) {
             return ResponseEnvelope::error(ErrorKind::Invalid, e);
         }
-        if let Some(svc) = op_service(&op).and_then(|f| next.get(f)) {
-            if let Err(e) = check_dsr_l2(svc, &self.snap.net) {
-                return ResponseEnvelope::error(ErrorKind::Invalid, e);
+        if let Err((kind, e)) = self.commit(next) {
+            return ResponseEnvelope::error(kind, e);
+        }
+        self.done(&op)
+    }
+
+    /// Make the services those of `state` in one change (`lbctl apply -f`): the plan's
+    /// operations are validated as each alone would be, then the table they lead to is
+    /// committed at once, so clients see the old services or the new, never a mix.
+    fn apply_state(&mut self, state: DesiredState, dry_run: bool) -> ResponseEnvelope {
+        let invalid = |e: String| {
+            ResponseEnvelope::error(ErrorKind::Invalid, format!("nothing changed: {e}"))
+        };
+        let ops = match control::desired::plan(&self.table, &state) {
+            Ok(o) => o,
+            Err(e) => return invalid(e.to_string()),
+        };
+        let next = match control::desired::apply_all(&self.table, &ops) {
+            Ok(t) => t,
+            Err(e) => return invalid(e.to_string()),
+        };
+        for op in &ops {
+            if let Err(e) = self.check_op(op, &next) {
+                return invalid(e);
             }
         }
+        // A backend that is a VIP of the new table (check_op sees the current VIPs).
+        let vips: Vec<Ipv4Addr> = next.services().map(|s| s.frontend.addr).collect();
+        for s in next.services() {
+            if let Some(b) = s.backends.iter().find(|b| vips.contains(&b.addr)) {
+                return invalid(format!(
+                    "backend {} of {} is a VIP: traffic would loop through xlb",
+                    b.addr, s.frontend
+                ));
+            }
+        }
+        let changes: Vec<String> = ops
+            .iter()
+            .map(|o| control::desired::Change(o).to_string())
+            .collect();
+        if !dry_run && !ops.is_empty() {
+            if let Err((kind, e)) = self.commit(next) {
+                return ResponseEnvelope::error(kind, e);
+            }
+            let mut fresh = Vec::new();
+            for op in &ops {
+                match op {
+                    Op::AddService { backends, .. } => {
+                        fresh.extend(backends.iter().map(|b| b.addr.octets()))
+                    }
+                    Op::AddBackend { backend, .. } => fresh.push(backend.addr.octets()),
+                    _ => {}
+                }
+            }
+            self.prime(fresh);
+            tracing::info!(changes = changes.len(), "desired state applied");
+        }
+        ResponseEnvelope::ok(Reply::Applied { changes, dry_run })
+    }
+
+    /// Put the service table `next` in force: maps and workers in the safe order (stale
+    /// entries out, the snapshot to the workers, new entries in), or nothing on error.
+    fn commit(&mut self, next: ServiceTable) -> Result<(), (ErrorKind, String)> {
         let snap = match Snapshot::build(
             self.next_generation(),
             &self.cfg,
@@ -883,13 +952,13 @@ impl Daemon {
             Some(&self.snap),
         ) {
             Ok(s) => s,
-            Err(e) => return ResponseEnvelope::error(ErrorKind::Invalid, e.to_string()),
+            Err(e) => return Err((ErrorKind::Invalid, e.to_string())),
         };
         let old_state = self.steering.current().clone();
         let new_state = steering_state(&next, &self.cfg, &self.snap);
         if let Err(e) = self.steering.remove_stale(&new_state) {
             let _ = self.steering.add_new(&old_state);
-            return ResponseEnvelope::error(ErrorKind::Datapath, format!("nothing changed: {e}"));
+            return Err((ErrorKind::Datapath, format!("nothing changed: {e}")));
         }
         let old_snap = Arc::clone(&self.snap);
         self.publish(snap);
@@ -898,10 +967,15 @@ impl Daemon {
             let _ = self.steering.add_new(&old_state);
             let restored = old_snap.with_net(self.next_generation(), Arc::clone(&self.snap.net));
             self.publish(restored);
-            return ResponseEnvelope::error(ErrorKind::Datapath, format!("nothing changed: {e}"));
+            return Err((ErrorKind::Datapath, format!("nothing changed: {e}")));
         }
         self.table = next;
-        let msg = match &op {
+        Ok(())
+    }
+
+    /// The answer to an applied `op` (and what follows it: resolving new backends).
+    fn done(&mut self, op: &Op) -> ResponseEnvelope {
+        let msg = match op {
             Op::AddService {
                 frontend, backends, ..
             } => {
@@ -1592,6 +1666,10 @@ impl Daemon {
                 destination,
             } => self.ipmasq_check(source, destination),
             Request::NatList { limit } => self.nat_list(limit.unwrap_or(10_000)),
+            Request::Export {} => ResponseEnvelope::ok(Reply::State {
+                state: DesiredState::of(&self.table),
+            }),
+            Request::Apply { state, dry_run } => self.apply_state(state, dry_run),
         }
     }
 

@@ -26,6 +26,7 @@ fn stdout_failed(e: std::io::Error) -> ! {
 
 use clap::{Parser, Subcommand, ValueEnum};
 use control::client::{Client, ClientError};
+use control::desired;
 use control::proto::{
     CheckView, IpmasqView, NatView, Outcome, Reply, Request, ServiceView, StatsView, StatusView,
 };
@@ -94,6 +95,38 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NatCmd,
     },
+    /// Print the services, their backends and options as a file `lbctl apply -f` takes.
+    Export {
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+        output: FileFormat,
+    },
+    /// Make lbd's services those of FILE, in one change (or none), and print what
+    /// changed: services added, removed or with new options, backends added, removed
+    /// or reweighted. Services the file leaves as they are keep their flows.
+    Apply {
+        /// YAML, or JSON when it ends in .json (see `lbctl export`).
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// Print what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// The desired-state file formats.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum FileFormat {
+    Yaml,
+    Json,
+}
+
+impl FileFormat {
+    fn of(f: FileFormat) -> desired::Format {
+        match f {
+            FileFormat::Yaml => desired::Format::Yaml,
+            FileFormat::Json => desired::Format::Json,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -267,7 +300,29 @@ enum BackendCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mut export = None;
     let (req, format) = match cli.cmd {
+        Cmd::Export { output } => {
+            export = Some(FileFormat::of(output));
+            (Request::Export {}, Format::Table)
+        }
+        Cmd::Apply { ref file, dry_run } => {
+            let json = file.extension().is_some_and(|e| e == "json");
+            let fmt = match json {
+                true => desired::Format::Json,
+                false => desired::Format::Yaml,
+            };
+            let state = std::fs::read_to_string(file)
+                .map_err(|e| e.to_string())
+                .and_then(|text| desired::DesiredState::parse(&text, fmt));
+            match state {
+                Ok(state) => (Request::Apply { state, dry_run }, Format::Table),
+                Err(e) => {
+                    eprintln!("lbctl: {}: {e}", file.display());
+                    return ExitCode::from(1);
+                }
+            }
+        }
         Cmd::Service {
             cmd:
                 ServiceCmd::Add {
@@ -402,6 +457,20 @@ fn main() -> ExitCode {
             eprintln!("lbctl: {}", error.message);
             ExitCode::from(1)
         }
+        Outcome::Ok {
+            result: Reply::State { state },
+        } if export.is_some() => match state.to_text(export.unwrap_or(desired::Format::Yaml)) {
+            Ok(text) => {
+                if let Err(e) = std::io::stdout().lock().write_all(text.as_bytes()) {
+                    stdout_failed(e)
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lbctl: {e}");
+                ExitCode::from(1)
+            }
+        },
         Outcome::Ok { result } => {
             if format == Format::Json {
                 match serde_json::to_string_pretty(&result) {
@@ -466,6 +535,20 @@ fn print_table(r: &Reply) {
         Reply::Ipmasq(v) => print_ipmasq(v),
         Reply::Check(c) => print_check(c),
         Reply::Nat(n) => print_nat(n),
+        Reply::State { state } => match state.to_text(desired::Format::Yaml) {
+            Ok(t) => out!("{}", t.trim_end()),
+            Err(e) => out!("{e}"),
+        },
+        Reply::Applied { changes, dry_run } => {
+            for c in changes {
+                out!("{c}");
+            }
+            match (changes.len(), dry_run) {
+                (0, _) => out!("no changes"),
+                (n, true) => out!("dry run: {n} change(s) would be made; nothing changed"),
+                (n, false) => out!("{n} change(s) applied"),
+            }
+        }
     }
 }
 

@@ -1,0 +1,122 @@
+//! The desired state as a file, end to end: `lbctl apply -f` makes lbd's services those
+//! of the file in one change and prints the diff, `--dry-run` changes nothing, a
+//! malformed or invalid file changes nothing and says where, and `lbctl export` prints
+//! what `apply` takes back unchanged. Real curl through the VIP. Run as root (CI does).
+
+mod common;
+
+use common::topo::{tally, Topo};
+
+const A: &str = "
+services:
+  - frontend: 10.96.0.10:80/tcp
+    backends: [10.1.0.11:8080, 10.1.0.12:8080]
+  - frontend: 10.96.0.10:53/udp
+    backends: [10.1.0.11:5353]
+";
+
+const B: &str = "
+services:
+  - frontend: 10.96.0.10:80/tcp
+    backends: [10.1.0.12:8080, 10.1.0.13:8080@2]
+  - frontend: 10.96.0.10:53/udp
+    backends: [10.1.0.11:5353]
+    options: {affinity: client-ip}
+";
+
+/// The backends that answered 60 requests.
+fn answered(t: &Topo) -> Vec<String> {
+    let bodies = t.curl_many(60);
+    assert_eq!(bodies.len(), 60, "{}", t.lbd_log());
+    tally(&bodies).into_keys().collect()
+}
+
+#[test]
+fn apply_makes_the_services_those_of_the_file_and_export_gives_the_file_back() {
+    let Some(t) = Topo::start("apply", 2, 3) else {
+        return;
+    };
+    let file = |name: &str, text: &str| {
+        let p = t.dir().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_string_lossy().into_owned()
+    };
+    let a = file("a.yaml", A);
+    let out = t.lbctl(&["apply", "-f", &a]);
+    assert!(
+        out.contains("+ service 10.96.0.10:80/tcp with 10.1.0.11:8080@1, 10.1.0.12:8080@1"),
+        "{out}"
+    );
+    assert!(out.contains("2 change(s) applied"), "{out}");
+    assert_eq!(answered(&t), ["backend b1", "backend b2"]);
+
+    // The same file again: nothing to do.
+    assert!(t.lbctl(&["apply", "-f", &a]).contains("no changes"));
+
+    // A dry run of B says what would change and changes nothing.
+    let b = file("b.yaml", B);
+    let out = t.lbctl(&["apply", "-f", &b, "--dry-run"]);
+    for line in [
+        "- backend 10.1.0.11:8080 of 10.96.0.10:80/tcp",
+        "+ backend 10.1.0.13:8080@2 of 10.96.0.10:80/tcp",
+        "~ service 10.96.0.10:53/udp options: mode snat, affinity client-ip",
+        "dry run: 3 change(s) would be made; nothing changed",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+    assert_eq!(answered(&t), ["backend b1", "backend b2"]);
+
+    // A malformed file (a misspelt key on line 4) and an invalid one change nothing;
+    // the errors say where and what.
+    let bad = file(
+        "bad.yaml",
+        "services:\n  - frontend: 10.96.0.10:80/tcp\n    backends: [10.1.0.13:8080]\n    option: {}\n",
+    );
+    let o = t.try_lbctl(&["apply", "-f", &bad]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("bad.yaml") && err.contains("line 4") && err.contains("option"),
+        "{err}"
+    );
+    let invalid = file(
+        "invalid.json",
+        r#"{"services": [{"frontend": "10.96.0.10:80/tcp", "backends": ["10.1.0.13:8080@99999"]}]}"#,
+    );
+    let o = t.try_lbctl(&["apply", "-f", &invalid]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("nothing changed") && err.contains("99999"),
+        "{err}"
+    );
+    assert_eq!(answered(&t), ["backend b1", "backend b2"]);
+
+    // B for real: one change, the new set only.
+    let out = t.lbctl(&["apply", "-f", &b]);
+    assert!(out.contains("3 change(s) applied"), "{out}");
+    assert_eq!(answered(&t), ["backend b2", "backend b3"]);
+
+    // Export gives B back: applying it changes nothing, in either format.
+    let yaml = t.lbctl(&["export"]);
+    assert!(
+        yaml.contains("10.1.0.13:8080@2") && yaml.contains("affinity: client-ip"),
+        "{yaml}"
+    );
+    let json = t.lbctl(&["export", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v["services"].as_array().map(Vec::len), Some(2), "{v}");
+    for (name, text) in [("e.yaml", yaml.as_str()), ("e.json", json.as_str())] {
+        let p = file(name, text);
+        assert!(
+            t.lbctl(&["apply", "-f", &p]).contains("no changes"),
+            "{name}"
+        );
+    }
+    // An empty file removes every service.
+    let none = file("none.yaml", "services: []\n");
+    assert!(t
+        .lbctl(&["apply", "-f", &none])
+        .contains("2 change(s) applied"));
+    assert!(t.lbctl(&["service", "list"]).contains("no services"));
+}
