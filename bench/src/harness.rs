@@ -383,6 +383,7 @@ fn start_lbd(bins: &Bins, o: &RunOptions, dir: &Path, s: Scenario) -> Result<Sut
         NAT_PORTS,
         "--log",
         "warn",
+        "--no-state",
     ]
     .iter()
     .map(|s| s.to_string())

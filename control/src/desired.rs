@@ -14,6 +14,7 @@ use lb::service::{BackendSpec, ConfigError, Frontend, Op, ServiceOptions, Servic
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// What the operator wants lbd to run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +73,91 @@ impl DesiredState {
             Format::Json => serde_json::to_string_pretty(self)
                 .map(|s| s + "\n")
                 .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The format a file's name says: JSON when it ends in `.json`, else YAML.
+pub fn format_of(path: &Path) -> Format {
+    match path.extension().is_some_and(|e| e == "json") {
+        true => Format::Json,
+        false => Format::Yaml,
+    }
+}
+
+/// Read the state file at `path`: `None` when there is none; an error naming the file
+/// (and the line, for what does not parse) otherwise.
+pub fn load(path: &Path) -> Result<Option<DesiredState>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => DesiredState::parse(&text, format_of(path))
+            .map(Some)
+            .map_err(|e| format!("state file {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("state file {}: {e}", path.display())),
+    }
+}
+
+/// A state written to a temporary file beside `path`, flushed to disk, not yet in
+/// place: [`Pending::finish`] renames it over `path` (atomic) and flushes the directory;
+/// dropping it removes the temporary file. So a crash leaves the old state or the new,
+/// never a mix, and a change is written before it is made.
+#[derive(Debug)]
+pub struct Pending {
+    tmp: PathBuf,
+    path: PathBuf,
+    done: bool,
+}
+
+/// Write `state` for `path` (creating its directory, mode 0700, if missing).
+pub fn prepare(path: &Path, state: &DesiredState) -> std::io::Result<Pending> {
+    use std::io::Write;
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !dir.as_os_str().is_empty() && !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let text = state
+        .to_text(format_of(path))
+        .map_err(std::io::Error::other)?;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let mut f = std::fs::File::create(&tmp)?;
+    let p = Pending {
+        tmp,
+        path: path.to_path_buf(),
+        done: false,
+    };
+    if format_of(path) == Format::Yaml {
+        f.write_all(b"# lbd's state, written by lbd at each change; `lbctl apply -f` takes it.\n")?;
+    }
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(p)
+}
+
+impl Pending {
+    /// Put the state in place: rename over the file, then flush the directory.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.done = true;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
         }
     }
 }
@@ -338,6 +424,30 @@ services:
             .expect("svc");
         assert_eq!(s.options.mode, Mode::DsrIpip);
         assert_eq!(s.backends[0].port, 80);
+    }
+
+    #[test]
+    fn the_state_file_is_written_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("xlb-state-{}", std::process::id()));
+        let path = dir.join("sub").join("state.yaml");
+        assert_eq!(load(&path), Ok(None), "no file yet");
+        let d = DesiredState::of(&table(TWO));
+        prepare(&path, &d).expect("write").finish().expect("rename");
+        assert_eq!(load(&path), Ok(Some(d.clone())));
+        // A prepared state that is dropped (the change failed) leaves the old one and
+        // no temporary file.
+        drop(prepare(&path, &DesiredState::default()).expect("write"));
+        assert_eq!(load(&path), Ok(Some(d)));
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        assert_eq!(names, ["state.yaml"]);
+        // A corrupt file is an error naming it and the line.
+        std::fs::write(&path, "services:\n  - frontend: nonsense\n").expect("write");
+        let e = load(&path).expect_err("corrupt");
+        assert!(e.contains("state.yaml") && e.contains("line 2"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

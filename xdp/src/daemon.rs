@@ -174,6 +174,8 @@ pub struct Daemon {
     unserved: Vec<String>,
     /// The node's own IPv4 addresses (at start).
     local: Vec<Ipv4Addr>,
+    /// Where every committed service change is written (`--state-file`), if anywhere.
+    state_file: Option<std::path::PathBuf>,
     /// Why lbd must stop (an interface vanished); read by `lbd` after the loop ends.
     fatal: Option<String>,
 }
@@ -781,6 +783,7 @@ impl Daemon {
             masq,
             resolving: HashMap::new(),
             next_refresh: Instant::now() + REFRESH,
+            state_file: None,
             stop,
             unserved,
             local,
@@ -891,32 +894,12 @@ impl Daemon {
     /// operations are validated as each alone would be, then the table they lead to is
     /// committed at once, so clients see the old services or the new, never a mix.
     fn apply_state(&mut self, state: DesiredState, dry_run: bool) -> ResponseEnvelope {
-        let invalid = |e: String| {
-            ResponseEnvelope::error(ErrorKind::Invalid, format!("nothing changed: {e}"))
-        };
-        let ops = match control::desired::plan(&self.table, &state) {
-            Ok(o) => o,
-            Err(e) => return invalid(e.to_string()),
-        };
-        let next = match control::desired::apply_all(&self.table, &ops) {
-            Ok(t) => t,
-            Err(e) => return invalid(e.to_string()),
-        };
-        for op in &ops {
-            if let Err(e) = self.check_op(op, &next) {
-                return invalid(e);
+        let (ops, next) = match self.plan_state(&state) {
+            Ok(p) => p,
+            Err(e) => {
+                return ResponseEnvelope::error(ErrorKind::Invalid, format!("nothing changed: {e}"))
             }
-        }
-        // A backend that is a VIP of the new table (check_op sees the current VIPs).
-        let vips: Vec<Ipv4Addr> = next.services().map(|s| s.frontend.addr).collect();
-        for s in next.services() {
-            if let Some(b) = s.backends.iter().find(|b| vips.contains(&b.addr)) {
-                return invalid(format!(
-                    "backend {} of {} is a VIP: traffic would loop through xlb",
-                    b.addr, s.frontend
-                ));
-            }
-        }
+        };
         let changes: Vec<String> = ops
             .iter()
             .map(|o| control::desired::Change(o).to_string())
@@ -941,9 +924,85 @@ impl Daemon {
         ResponseEnvelope::ok(Reply::Applied { changes, dry_run })
     }
 
-    /// Put the service table `next` in force: maps and workers in the safe order (stale
-    /// entries out, the snapshot to the workers, new entries in), or nothing on error.
+    /// The operations that make the services those of `state`, and the table they lead
+    /// to, validated whole (as each would be alone, and against this node).
+    fn plan_state(&self, state: &DesiredState) -> Result<(Vec<Op>, ServiceTable), String> {
+        let ops = control::desired::plan(&self.table, state).map_err(|e| e.to_string())?;
+        let next = control::desired::apply_all(&self.table, &ops).map_err(|e| e.to_string())?;
+        for op in &ops {
+            self.check_op(op, &next)?;
+        }
+        // A backend that is a VIP of the new table (check_op sees the current VIPs).
+        let vips: Vec<Ipv4Addr> = next.services().map(|s| s.frontend.addr).collect();
+        for s in next.services() {
+            if let Some(b) = s.backends.iter().find(|b| vips.contains(&b.addr)) {
+                return Err(format!(
+                    "backend {} of {} is a VIP: traffic would loop through xlb",
+                    b.addr, s.frontend
+                ));
+            }
+        }
+        Ok((ops, next))
+    }
+
+    /// Put the services of the state file in force at start, before lbd answers, and
+    /// write every committed change to `path` from then on. An error (a service the
+    /// node cannot run any more) names the file.
+    pub fn restore(
+        &mut self,
+        path: std::path::PathBuf,
+        state: Option<DesiredState>,
+    ) -> Result<usize, String> {
+        let mut n = 0;
+        if let Some(state) = state {
+            let (ops, next) = self
+                .plan_state(&state)
+                .map_err(|e| format!("state file {}: {e}", path.display()))?;
+            n = next.len();
+            if !ops.is_empty() {
+                self.commit(next)
+                    .map_err(|(_, e)| format!("state file {}: {e}", path.display()))?;
+                let fresh = self
+                    .table
+                    .services()
+                    .flat_map(|s| s.backends.iter().map(|b| b.addr.octets()))
+                    .collect();
+                self.prime(fresh);
+            }
+        }
+        self.state_file = Some(path);
+        Ok(n)
+    }
+
+    /// Put the service table `next` in force: written to the state file first (not yet
+    /// in place), then maps and workers in the safe order (stale entries out, the
+    /// snapshot to the workers, new entries in), then the state file put in place; or
+    /// nothing on error.
     fn commit(&mut self, next: ServiceTable) -> Result<(), (ErrorKind, String)> {
+        let pending = match &self.state_file {
+            Some(path) => Some(
+                control::desired::prepare(path, &DesiredState::of(&next)).map_err(|e| {
+                    (
+                        ErrorKind::Datapath,
+                        format!(
+                            "nothing changed: cannot write the state file {}: {e}",
+                            path.display()
+                        ),
+                    )
+                })?,
+            ),
+            None => None,
+        };
+        self.commit_datapath(next)?;
+        if let Some(p) = pending {
+            if let Err(e) = p.finish() {
+                tracing::error!(error = %e, "the change is in force but the state file was not replaced: a restart would lose it");
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_datapath(&mut self, next: ServiceTable) -> Result<(), (ErrorKind, String)> {
         let snap = match Snapshot::build(
             self.next_generation(),
             &self.cfg,

@@ -120,3 +120,119 @@ fn apply_makes_the_services_those_of_the_file_and_export_gives_the_file_back() {
         .contains("2 change(s) applied"));
     assert!(t.lbctl(&["service", "list"]).contains("no services"));
 }
+
+/// lbd's services survive a SIGKILL: every change is in the state file, which the next
+/// lbd restores before it answers. A state file that does not parse stops lbd with the
+/// file and line; `--no-state` starts empty.
+#[test]
+fn services_come_back_after_lbd_is_killed() {
+    if !common::privileged("services_come_back_after_lbd_is_killed") {
+        return;
+    }
+    let mut t = Topo::up("persist", 2, 3);
+    let path = t.dir().join("state").join("lbd.yaml");
+    let state = path.to_string_lossy().into_owned();
+    t.start_lbd(&["--state-file", &state]);
+    t.add_service("10.96.0.10:80/tcp", &["10.1.0.11:8080", "10.1.0.12:8080@2"]);
+    t.lbctl(&["backend", "add", "10.96.0.10:80/tcp", "10.1.0.13:8080"]);
+    t.lbctl(&[
+        "backend",
+        "set-weight",
+        "10.96.0.10:80/tcp",
+        "10.1.0.12:8080",
+        "3",
+    ]);
+    t.lbctl(&[
+        "service",
+        "set",
+        "10.96.0.10:80/tcp",
+        "--affinity",
+        "client-ip",
+        "--on-remove",
+        "drop",
+    ]);
+    t.add_service("10.96.0.10:53/udp", &["10.1.0.11:5353"]);
+    let before = t.lbctl_json(&["export"]);
+    assert_eq!(
+        before["services"].as_array().map(Vec::len),
+        Some(2),
+        "{before}"
+    );
+    let saved = std::fs::read_to_string(&path).expect("the state file");
+    assert!(
+        saved.contains("10.1.0.12:8080@3") && saved.contains("on_remove: drop"),
+        "{saved}"
+    );
+
+    t.kill_lbd();
+    let started = std::time::Instant::now();
+    t.start_lbd(&["--state-file", &state]);
+    // The first request answered through the restored service.
+    let mut first = None;
+    while started.elapsed() < std::time::Duration::from_secs(10) {
+        if !t.curl_vip("client", "/").is_empty() {
+            first = Some(started.elapsed());
+            break;
+        }
+    }
+    let first = first.expect("a request answered after the restart");
+    println!(
+        "restart to first forwarded request: {} ms",
+        first.as_millis()
+    );
+    assert_eq!(
+        t.lbctl_json(&["export"]),
+        before,
+        "the same services, backends, options"
+    );
+    let list = t.lbctl_json(&["service", "list"]);
+    let web = list["services"]
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["frontend"] == "10.96.0.10:80/tcp"))
+        .expect("the web service");
+    let weights: Vec<u64> = web["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["weight"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(weights, [1, 3, 1], "{list}");
+    // Client-ip affinity came back too: one client, one backend.
+    let bodies = t.curl_many(20);
+    assert_eq!(tally(&bodies).len(), 1, "{bodies:?}");
+
+    // A state file that does not parse: lbd refuses to start, naming it and the line.
+    t.kill_lbd();
+    std::fs::write(
+        &path,
+        "services:\n  - frontend: 10.96.0.10:80/tcp\n    weight: 3\n",
+    )
+    .expect("write");
+    let o = t
+        .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
+        .args([
+            "--iface",
+            "lb0",
+            "--iface",
+            "lb1",
+            "--state-file",
+            &state,
+            "--socket",
+        ])
+        .arg(t.dir().join("corrupt.sock"))
+        .output()
+        .expect("lbd");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("lbd.yaml") && err.contains("line 3") && err.contains("weight"),
+        "{err}"
+    );
+    // --no-state starts without services and leaves the file alone.
+    t.start_lbd(&["--no-state"]);
+    assert!(t.lbctl(&["service", "list"]).contains("no services"));
+    t.add_service("10.96.0.10:80/tcp", &["10.1.0.11:8080"]);
+    assert!(std::fs::read_to_string(&path)
+        .expect("file")
+        .contains("weight: 3"));
+}

@@ -226,7 +226,7 @@ fn the_fast_path_refuses_interfaces_that_drop_redirects() {
     assert!(st.success());
     let o = t
         .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
-        .args(["--iface", "lb0", "--iface", "lb1", "--socket"])
+        .args(["--no-state", "--iface", "lb0", "--iface", "lb1", "--socket"])
         .arg(t.dir().join("refused.sock"))
         .output()
         .expect("lbd");

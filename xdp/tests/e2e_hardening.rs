@@ -274,7 +274,7 @@ fn bad_flags_are_refused_with_the_limit_and_leave_nothing_behind() {
     let sock_s = sock.to_string_lossy().into_owned();
     let lbd = |args: &[&str]| {
         t.cmd("lb", env!("CARGO_BIN_EXE_lbd"))
-            .args(["--iface", "lb0", "--socket", &sock_s])
+            .args(["--no-state", "--iface", "lb0", "--socket", &sock_s])
             .args(args)
             .output()
             .expect("lbd")
@@ -441,7 +441,7 @@ fn the_control_thread_never_waits_for_the_network_and_retries_are_idempotent() {
     // A second lbd on the same interface says what is wrong and leaves the first alone.
     let o = t
         .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
-        .args(["--iface", "lb0", "--socket"])
+        .args(["--no-state", "--iface", "lb0", "--socket"])
         .arg(t.dir().join("second.sock"))
         .output()
         .expect("second lbd");

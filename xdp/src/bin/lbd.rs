@@ -90,6 +90,14 @@ struct Args {
     /// workers in pairs, round-robin.
     #[arg(long, visible_alias = "nat-ports", default_value = "61000-65535")]
     snat_ports: PortRange,
+    /// Where lbd keeps its services: restored at start (before lbd answers), rewritten
+    /// atomically at every change. YAML, or JSON when it ends in .json (the format of
+    /// `lbctl export`).
+    #[arg(long, default_value = "/var/lib/xlb/state.yaml")]
+    state_file: std::path::PathBuf,
+    /// Keep no state: start without services, write nothing.
+    #[arg(long)]
+    no_state: bool,
     /// Outer source address of DSR tunnels (services in dsr-ipip, dsr-gue and their
     /// hybrid modes) [default: the address of the interface a tunnel leaves by].
     #[arg(long)]
@@ -261,9 +269,24 @@ fn main() -> anyhow::Result<()> {
         mode: a.socket_mode,
         group: a.socket_group,
     };
+    // The state file is read before anything is set up: one that does not parse stops
+    // lbd here, naming the file and line.
+    let state = match a.no_state {
+        true => None,
+        false => Some(control::desired::load(&a.state_file).map_err(anyhow::Error::msg)?),
+    };
     let mut sock = ControlSocket::bind(&a.socket, &opts).context("binding the control socket")?;
     // A failure from here on drops `sock`, which removes the socket it created.
     let mut daemon = Daemon::start(cfg, Arc::clone(&stop)).context("starting lbd")?;
+    if let Some(state) = state {
+        match daemon.restore(a.state_file.clone(), state) {
+            Ok(n) => tracing::info!(services = n, file = %a.state_file.display(), "state restored"),
+            Err(e) => {
+                daemon.shutdown();
+                return Err(anyhow::Error::msg(e));
+            }
+        }
+    }
     tracing::info!(socket = %sock.path().display(), "lbd ready");
     let served = serve(&mut sock, &mut daemon, &stop, Duration::from_millis(50));
     let fatal = daemon.fatal();

@@ -284,6 +284,10 @@ impl Topo {
         if !extra.contains(&"--flows-per-worker") {
             cmd.args(["--flows-per-worker", "16384"]);
         }
+        // No state file unless the test names one (the default is the host's).
+        if !extra.contains(&"--state-file") && !extra.contains(&"--no-state") {
+            cmd.arg("--no-state");
+        }
         let child = cmd
             .arg("--socket")
             .arg(&self.socket)
@@ -496,6 +500,14 @@ impl Topo {
 }
 
 impl Topo {
+    /// Kill lbd with SIGKILL, as a crash or an OOM kill would: nothing of lbd runs.
+    pub fn kill_lbd(&mut self) {
+        if let Some(mut c) = self.lbd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Stop lbd as an operator would (SIGINT, then SIGKILL after 5 s).
     pub fn stop_lbd(&mut self) {
         if let Some(mut c) = self.lbd.take() {
