@@ -288,7 +288,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     tracing::info!(socket = %sock.path().display(), "lbd ready");
+    // systemd's Type=notify: ready once the workers run and the state is restored (a
+    // no-op without NOTIFY_SOCKET).
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not tell systemd lbd is ready");
+    }
     let served = serve(&mut sock, &mut daemon, &stop, Duration::from_millis(50));
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let fatal = daemon.fatal();
     daemon.shutdown();
     tracing::info!("lbd stopped");
