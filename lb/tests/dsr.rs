@@ -265,6 +265,11 @@ fn too_big_for_the_tunnel_draws_frag_needed_from_the_vip() {
     let mut e = engine(&table(Proto::Tcp, 2, Mode::DsrGue), 1500);
     let mut syn = client(PROTO_TCP, 40000, TcpFlags::SYN, b"").build();
     assert!(matches!(e.process(&mut syn), Verdict::Encap { .. }));
+    // A first packet too big for the tunnel opens no flow.
+    let mut big_syn = client(PROTO_TCP, 40001, TcpFlags::SYN, &[0xab; 1460]).build();
+    assert_eq!(e.process(&mut big_syn), Verdict::Icmp { iface: 0 });
+    assert_eq!(e.counters().dsr_flows, 1, "only the first connection's");
+    assert_eq!(e.flows().len(), 1);
     // 1500 bytes with DF fit the link but not the link less GUE's 32.
     let big = || client(PROTO_TCP, 40000, TcpFlags::ACK, &[0xab; 1460]);
     let mut f = big().build();

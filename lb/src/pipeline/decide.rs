@@ -541,15 +541,16 @@ impl State {
             ..Rewrite::default()
         };
         let step = self.open_flow(snap, p, [k, k], [rw, rw], FlowKind::Lb, false, Dir::Forward)?;
+        // The flow opened (a packet too big for it opens none: it draws frag-needed).
+        let Some((slot, _)) = self.last_flow else {
+            return Ok(step);
+        };
         self.counters.dsr_flows += 1;
         // Taken up mid-stream (see `new_flow`): in the state its segment says, assured
         // by the client's next one (see `forward`).
         let fl = p.flags;
         if k.proto == PROTO_TCP && !fl.is_opening_syn() {
-            if let Some(f) = self
-                .last_flow
-                .and_then(|(slot, _)| self.flows.get_mut(slot))
-            {
+            if let Some(f) = self.flows.get_mut(slot) {
                 f.state = if fl.rst() {
                     FlowState::Rst
                 } else if fl.fin() {
