@@ -24,7 +24,8 @@ sed "s|/usr/local/|$PREFIX/|g" deploy/systemd/xlb-lbd.service > "$DESTDIR/etc/sy
 chmod 0644 "$DESTDIR/etc/systemd/system/xlb-lbd.service"
 if [[ ! -e $DESTDIR/etc/xlb/lbd.env ]]; then
   cat > "$DESTDIR/etc/xlb/lbd.env" <<'ENV'
-# lbd's command-line settings (lbd --help): the interfaces it serves at least.
+# lbd's command-line settings (lbd --help): the interfaces it serves at least. Or leave
+# this empty and put them in /etc/xlb/lbd.toml (docs/operations.md, Starting lbd).
 LBD_ARGS="--iface eth0"
 ENV
 fi

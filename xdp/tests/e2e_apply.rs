@@ -236,3 +236,53 @@ fn services_come_back_after_lbd_is_killed() {
         .expect("file")
         .contains("weight: 3"));
 }
+
+/// lbd's settings from a TOML file (`--config`): the file's flags apply, the command
+/// line's win, and an unknown key or a file that does not parse stops lbd naming it.
+#[test]
+fn lbd_takes_its_settings_from_a_file_and_the_command_line_wins() {
+    if !common::privileged("lbd_takes_its_settings_from_a_file_and_the_command_line_wins") {
+        return;
+    }
+    let mut t = Topo::up("config", 1, 1);
+    let conf = t.dir().join("lbd.toml");
+    std::fs::write(
+        &conf,
+        "# lbd's settings\niface = [\"lb0\", \"lb1\"]\nsnat-ports = \"62000-65535\"\nno-state = true\nfast-path = \"off\"\n",
+    )
+    .expect("write");
+    let c = conf.to_string_lossy().into_owned();
+    // The interfaces come from the file (none on the command line); --snat-ports from
+    // the command line replaces the file's.
+    t.start_lbd_on(&[], &["--config", &c, "--snat-ports", "63000-65535"]);
+    let st = t.lbctl_json(&["status"]);
+    assert_eq!(st["snat_ports"], "63000-65535", "{st}");
+    let ifaces: Vec<&str> = st["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .map(|i| i["name"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ifaces, ["lb0", "lb1"], "{st}");
+    assert_eq!(st["fast_path"], false, "{st}");
+    t.stop_lbd();
+
+    let run = |text: &str| {
+        std::fs::write(&conf, text).expect("write");
+        let o = t
+            .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
+            .args(["--config", &c, "--socket"])
+            .arg(t.dir().join("bad.sock"))
+            .output()
+            .expect("lbd");
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = run("iface = [\"lb0\"]\nsnat-port = \"62000-65535\"\n");
+    assert!(
+        err.contains("lbd.toml") && err.contains("unknown setting `snat-port`"),
+        "{err}"
+    );
+    let err = run("iface = [\"lb0\"]\nsnat-ports = 62000-65535\n");
+    assert!(err.contains("lbd.toml") && err.contains("line 2"), "{err}");
+}

@@ -74,6 +74,12 @@ fn mode(s: &str) -> Result<u32, String> {
     about = "xlb's L4 load balancer and egress NAT daemon (XDP + AF_XDP, Maglev, SNAT, masquerading)"
 )]
 struct Args {
+    /// Settings file (TOML): each key a long flag below, e.g. `iface = ["eth0"]`,
+    /// `snat-ports = "61000-65535"`, `fast-path = "on"`, `no-state = true`; a flag on
+    /// the command line wins over the file's. Unknown keys are errors [default:
+    /// /etc/xlb/lbd.toml when it exists].
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Interface to serve (repeat for two-armed: clients on one, backends on another).
     #[arg(long = "iface", required = true)]
     ifaces: Vec<String>,
@@ -207,8 +213,83 @@ struct Args {
     log: String,
 }
 
+/// The settings file lbd reads when `--config` names none and it exists.
+const DEFAULT_CONFIG: &str = "/etc/xlb/lbd.toml";
+
+/// `argv` with the settings file's settings in front, as flags: the command line's own
+/// flags come after them and replace them (a flag given on the command line drops the
+/// file's value for it, repeated flags included). An unknown key, a value that is not
+/// a string, number, boolean or list of those, or a file that does not parse is an
+/// error naming the file (and the line).
+fn with_config(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    use clap::CommandFactory;
+    let flag = |a: &std::ffi::OsString| -> Option<String> {
+        let a = a.to_str()?.strip_prefix("--")?;
+        Some(a.split('=').next().unwrap_or(a).to_string())
+    };
+    let mut path = None;
+    for (i, a) in argv.iter().enumerate().skip(1) {
+        match a.to_str() {
+            Some("--config") => path = argv.get(i + 1).map(PathBuf::from),
+            Some(s) if s.starts_with("--config=") => path = Some(PathBuf::from(&s[9..])),
+            _ => {}
+        }
+    }
+    let path = match path {
+        Some(p) => p,
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
+        None => return Ok(argv),
+    };
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(&path).with_context(|| format!("settings file {shown}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("settings file {shown}: {e}"))?;
+    let cmd = Args::command();
+    let known: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+    let on_cli: Vec<String> = argv.iter().skip(1).filter_map(flag).collect();
+    let scalar = |key: &str, v: &toml::Value| -> anyhow::Result<std::ffi::OsString> {
+        match v {
+            toml::Value::String(s) => Ok(s.into()),
+            toml::Value::Integer(n) => Ok(n.to_string().into()),
+            other => anyhow::bail!(
+                "settings file {shown}: `{key}` takes a string or a number, not {}",
+                other.type_str()
+            ),
+        }
+    };
+    let mut out = vec![argv.first().cloned().unwrap_or_else(|| "lbd".into())];
+    for (key, value) in &table {
+        if key == "config" || !known.contains(&key.as_str()) {
+            anyhow::bail!(
+                "settings file {shown}: unknown setting `{key}` (the settings are lbd's long flags, see lbd --help)"
+            );
+        }
+        if on_cli.iter().any(|f| f == key) {
+            continue;
+        }
+        let name = format!("--{key}");
+        match value {
+            toml::Value::Boolean(true) => out.push(name.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for v in items {
+                    out.push(name.clone().into());
+                    out.push(scalar(key, v)?);
+                }
+            }
+            v => {
+                out.push(name.into());
+                out.push(scalar(key, v)?);
+            }
+        }
+    }
+    out.extend(argv.into_iter().skip(1));
+    Ok(out)
+}
+
 fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
+    let a = Args::parse_from(with_config(std::env::args_os().collect())?);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&a.log))
         .context("--log")?;
