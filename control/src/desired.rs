@@ -281,13 +281,22 @@ impl fmt::Display for Change<'_> {
                         .join(", ")
                 )?;
                 if !options.is_default() {
-                    write!(f, " (mode {}, affinity {})", options.mode, options.affinity)?;
+                    write!(
+                        f,
+                        " (mode {}, affinity {})",
+                        options.mode_label(),
+                        options.affinity
+                    )?;
                 }
                 Ok(())
             }
             Op::RemoveService { frontend } => write!(f, "- service {frontend}"),
             Op::SetOptions { frontend, options } => {
-                write!(f, "~ service {frontend} options: mode {}", options.mode)?;
+                write!(
+                    f,
+                    "~ service {frontend} options: mode {}",
+                    options.mode_label()
+                )?;
                 write!(f, ", affinity {}", options.affinity)?;
                 if let Some(t) = options.affinity_timeout_s {
                     write!(f, " ({t} s)")?;

@@ -113,6 +113,27 @@ impl NetView {
         self.routes.iter().find(|r| r.matches(dst))
     }
 
+    /// Whether `dst` is a neighbour: on a subnet directly connected to an interface xlb
+    /// serves. Otherwise why not, for an operator: the gateway and interface it is
+    /// reached through, or that no served interface reaches it. (L2 direct server
+    /// return needs it: only the destination MAC changes.)
+    pub fn on_link(&self, dst: [u8; 4]) -> Result<(), String> {
+        let route = self.route(dst);
+        let served = route.and_then(|r| self.ifaces.iter().find(|i| i.ifindex == r.ifindex));
+        let addr = std::net::Ipv4Addr::from(dst);
+        match (route, served) {
+            (Some(r), Some(_)) if r.gateway.is_none() => Ok(()),
+            (Some(r), Some(i)) => Err(format!(
+                "{addr} is reached through gateway {} on {}, not directly",
+                std::net::Ipv4Addr::from(r.gateway.unwrap_or_default()),
+                i.name
+            )),
+            _ => Err(format!(
+                "{addr} is not on a subnet directly connected to an interface xlb serves"
+            )),
+        }
+    }
+
     /// Longest-prefix match, then the neighbour of the gateway (or of `dst` when on-link).
     pub fn next_hop(&self, dst: [u8; 4]) -> Result<NextHop, NextHopError> {
         let route = self.route(dst).ok_or(NextHopError::NoRoute)?;
@@ -215,7 +236,13 @@ mod tests {
             v.next_hop([192, 168, 1, 1]),
             Err(NextHopError::ForeignInterface)
         );
+        assert_eq!(v.on_link([10, 1, 0, 9]), Ok(()), "unresolved but on-link");
+        let e = v.on_link([8, 8, 8, 8]).expect_err("routed");
+        assert!(e.contains("gateway 10.0.0.254 on lb0"), "{e}");
+        let e = v.on_link([192, 168, 1, 1]).expect_err("foreign interface");
+        assert!(e.contains("not on a subnet"), "{e}");
         let no_default = NetView::new(v.ifaces.clone(), vec![], []);
+        assert!(no_default.on_link([8, 8, 8, 8]).is_err());
         assert_eq!(
             no_default.next_hop([8, 8, 8, 8]),
             Err(NextHopError::NoRoute)

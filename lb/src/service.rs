@@ -343,6 +343,18 @@ impl ServiceOptions {
     pub fn is_default(&self) -> bool {
         *self == ServiceOptions::default()
     }
+
+    /// The mode as operators read it: its name, with GUE's port (`dsr-gue:6080`).
+    pub fn mode_label(&self) -> String {
+        match self.mode.uses_gue() {
+            true => format!(
+                "{}:{}",
+                self.mode,
+                self.gue_port.unwrap_or(DEFAULT_GUE_PORT)
+            ),
+            false => self.mode.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -908,17 +908,7 @@ impl Daemon {
             if let Err((kind, e)) = self.commit(next) {
                 return ResponseEnvelope::error(kind, e);
             }
-            let mut fresh = Vec::new();
-            for op in &ops {
-                match op {
-                    Op::AddService { backends, .. } => {
-                        fresh.extend(backends.iter().map(|b| b.addr.octets()))
-                    }
-                    Op::AddBackend { backend, .. } => fresh.push(backend.addr.octets()),
-                    _ => {}
-                }
-            }
-            self.prime(fresh);
+            self.prime(ops.iter().flat_map(new_backends).collect());
             tracing::info!(changes = changes.len(), "desired state applied");
         }
         ResponseEnvelope::ok(Reply::Applied { changes, dry_run })
@@ -1038,7 +1028,7 @@ impl Daemon {
             Op::AddService {
                 frontend, backends, ..
             } => {
-                self.prime(backends.iter().map(|b| b.addr.octets()).collect());
+                self.prime(new_backends(op));
                 format!(
                     "service {frontend} added with {} backend(s)",
                     backends.len()
@@ -1046,7 +1036,7 @@ impl Daemon {
             }
             Op::RemoveService { frontend } => format!("service {frontend} removed"),
             Op::AddBackend { frontend, backend } => {
-                self.prime(vec![backend.addr.octets()]);
+                self.prime(new_backends(op));
                 format!(
                     "backend {}:{} added to {frontend}",
                     backend.addr, backend.port
@@ -1082,7 +1072,7 @@ impl Daemon {
             } => format!("backend {addr}:{port} of {frontend} now has weight {weight}"),
             Op::SetOptions { frontend, options } => format!(
                 "service {frontend}: mode {} (for new flows), affinity {}{}, on-remove {}, table size {}",
-                mode_view(options),
+                options.mode_label(),
                 options.affinity,
                 options
                     .affinity_timeout_s
@@ -1226,7 +1216,7 @@ impl Daemon {
             services.push(ServiceView {
                 id: spec.id,
                 frontend: spec.frontend.to_string(),
-                mode: mode_view(&spec.options),
+                mode: spec.options.mode_label(),
                 options: spec.options,
                 backends: spec
                     .backends
@@ -1762,6 +1752,15 @@ impl Daemon {
     }
 }
 
+/// The backend addresses an operation adds (their next hops to resolve ahead).
+fn new_backends(op: &Op) -> Vec<[u8; 4]> {
+    match op {
+        Op::AddService { backends, .. } => backends.iter().map(|b| b.addr.octets()).collect(),
+        Op::AddBackend { backend, .. } => vec![backend.addr.octets()],
+        _ => Vec::new(),
+    }
+}
+
 /// The service an operation adds to or changes.
 fn op_service(op: &Op) -> Option<&lb::service::Frontend> {
     match op {
@@ -1772,47 +1771,21 @@ fn op_service(op: &Op) -> Option<&lb::service::Frontend> {
     }
 }
 
-/// L2 DSR only changes the destination MAC, so each backend must be a neighbour: on a
-/// subnet directly connected to an interface xlb serves (no gateway between).
+/// L2 DSR only changes the destination MAC, so each backend must be a neighbour
+/// (`NetView::on_link`).
 fn check_dsr_l2(svc: &lb::service::ServiceSpec, net: &lb::netview::NetView) -> Result<(), String> {
     let f = svc.frontend;
     if svc.options.mode.dsr(f.proto) != Some(lb::service::Dsr::L2) {
         return Ok(());
     }
     for b in &svc.backends {
-        let route = net.route(b.addr.octets());
-        let served = route.and_then(|r| net.ifaces.iter().find(|i| i.ifindex == r.ifindex));
-        match (route, served) {
-            (Some(r), Some(_)) if r.gateway.is_none() => {}
-            (Some(r), Some(i)) => {
-                return Err(format!(
-                    "{f} forwards by L2 DSR ({}): backend {} is reached through gateway {} on {}, not directly; \
-                     L2 DSR needs backends on a subnet of an interface xlb serves (use dsr-ipip or dsr-gue across routers)",
-                    svc.options.mode,
-                    b.addr,
-                    std::net::Ipv4Addr::from(r.gateway.unwrap_or_default()),
-                    i.name
-                ))
-            }
-            _ => {
-                return Err(format!(
-                    "{f} forwards by L2 DSR ({}): backend {} is not on a subnet directly connected to an interface xlb serves",
-                    svc.options.mode, b.addr
-                ))
-            }
-        }
+        net.on_link(b.addr.octets()).map_err(|why| {
+            format!(
+                "{f} forwards by L2 DSR ({}): backend {why}; L2 DSR needs backends on a subnet \
+                 of an interface xlb serves (use dsr-ipip or dsr-gue across routers)",
+                svc.options.mode
+            )
+        })?;
     }
     Ok(())
-}
-
-/// A service's mode as listed: its name, and GUE's port.
-fn mode_view(o: &lb::service::ServiceOptions) -> String {
-    match o.mode.uses_gue() {
-        true => format!(
-            "{}:{}",
-            o.mode,
-            o.gue_port.unwrap_or(lb::service::DEFAULT_GUE_PORT)
-        ),
-        false => o.mode.to_string(),
-    }
 }
