@@ -81,7 +81,7 @@ measure() {
 xlb_round() {
   # Not through the ns function: $! must be lbd's pid (SIGINT detaches it cleanly).
   ip netns exec "$P-lb" target/release/lbd --iface lb0 --iface lb1 --snat-addr "$SNAT" ${XLB_ARGS:-} \
-    --no-state --socket "$dir/lbd.sock" --log warn < /dev/null > /dev/null 2> "$dir/lbd.log" &
+    --no-state --no-pin --socket "$dir/lbd.sock" --log warn < /dev/null > /dev/null 2> "$dir/lbd.log" &
   lbd_pid=$!
   for _ in $(seq 100); do
     target/release/lbctl --socket "$dir/lbd.sock" status > /dev/null 2>&1 && break

@@ -40,7 +40,7 @@ trap 'exit 130' INT TERM
 # start_lbd NS ARGS...: lbd in namespace NS with its socket and log in $RUN; waits until
 # it answers, then shows lbctl status.
 start_lbd() {
-  ip netns exec "$1" "$LBD" "${@:2}" --no-state --socket "$RUN/lbd.sock" 2>"$RUN/lbd.log" &
+  ip netns exec "$1" "$LBD" "${@:2}" --no-state --no-pin --socket "$RUN/lbd.sock" 2>"$RUN/lbd.log" &
   pids+=($!); disown
   export LBCTL_SOCKET=$RUN/lbd.sock
   for _ in $(seq 100); do

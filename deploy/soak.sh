@@ -49,7 +49,7 @@ LBCTL=$PWD/target/release/lbctl
 rm -rf "$RUN"; mkdir -p "$RUN"
 
 start_lbd() { # NS SOCKET LOG ARGS...
-  ip netns exec "$1" "$LBD" "${@:4}" --no-state --socket "$2" 2>"$3" &
+  ip netns exec "$1" "$LBD" "${@:4}" --no-state --no-pin --socket "$2" 2>"$3" &
   pids+=($!); disown
   for _ in $(seq 100); do "$LBCTL" --socket "$2" status >/dev/null 2>&1 && return 0; sleep 0.1; done
   cat "$3"; return 1

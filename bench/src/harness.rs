@@ -384,6 +384,7 @@ fn start_lbd(bins: &Bins, o: &RunOptions, dir: &Path, s: Scenario) -> Result<Sut
         "--log",
         "warn",
         "--no-state",
+        "--no-pin",
     ]
     .iter()
     .map(|s| s.to_string())

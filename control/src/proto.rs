@@ -447,6 +447,9 @@ pub struct WorkerStats {
     /// Packets sent to backends inside an outer header (DSR over IPIP or GUE).
     #[serde(default)]
     pub encapsulated: u64,
+    /// Flows taken over from the fast path a previous lbd left.
+    #[serde(default)]
+    pub flows_adopted: u64,
     /// Nonzero drop counters by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -474,6 +477,7 @@ impl WorkerStats {
             resets_sent: c.resets_sent,
             dsr_flows: c.dsr_flows,
             encapsulated: c.encapsulated,
+            flows_adopted: c.flows_adopted,
             drops: lb::DropReason::ALL
                 .iter()
                 .filter(|r| c.drops[**r as usize] > 0)

@@ -122,6 +122,8 @@ pub struct Counters {
     pub dsr_flows: u64,
     /// Packets sent to a backend inside an outer header (DSR over IPIP or GUE).
     pub encapsulated: u64,
+    /// Flows taken over from the fast path a previous lbd left (see `pipeline::adopt`).
+    pub flows_adopted: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -155,6 +157,7 @@ impl Counters {
             self.resets_sent,
             self.dsr_flows,
             self.encapsulated,
+            self.flows_adopted,
         ]);
         a[SCALARS..].copy_from_slice(&self.drops);
         a
@@ -181,11 +184,12 @@ impl Counters {
             resets_sent: a[14],
             dsr_flows: a[15],
             encapsulated: a[16],
+            flows_adopted: a[17],
             drops,
         }
     }
 }
 
-const SCALARS: usize = 17;
+const SCALARS: usize = 18;
 /// Length of [`Counters::to_array`].
 pub const COUNTER_SLOTS: usize = SCALARS + DropReason::COUNT;

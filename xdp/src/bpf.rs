@@ -16,12 +16,15 @@ use crate::abi::{
 };
 use crate::sys::{FpKey, FpValue};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, XskMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
 use lb::service::ServiceTable;
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
 
 /// `XLB_MAX_QUEUES` in xlb.h.
 pub const MAX_QUEUES: u32 = 64;
@@ -51,6 +54,8 @@ pub enum BpfError {
         iface: String,
         source: aya::programs::ProgramError,
     },
+    #[error("{path}: {why}")]
+    Pin { path: PathBuf, why: String },
     #[error("map {map} rejected {key}: {source} (is the map full?)")]
     Insert {
         map: &'static str,
@@ -238,6 +243,82 @@ pub struct Steering {
     fp_clock: Array<MapData, u64>,
     current: SteeringState,
     attached: Vec<(String, &'static str)>,
+    /// Where the program's links and the fast path's maps are pinned (`lbd --pin-dir`).
+    pins: Option<PathBuf>,
+    /// Our handles on the pinned links (the pins keep them attached without us).
+    links: Vec<PinnedLink>,
+}
+
+/// The maps whose contents outlive lbd when pinned, with the layout they must have to be
+/// taken over: (name, key size, value size, entries). The fast path's: its flows, the
+/// generation they were resolved under, and its clock.
+const PINNED_MAPS: [(&str, usize, usize, u32); 3] = [
+    (
+        "fp_flows",
+        std::mem::size_of::<flowrec::FlowKey>(),
+        std::mem::size_of::<flowrec::FlowEntry>(),
+        flowrec::limits::FAST_PATH_ENTRIES,
+    ),
+    ("fp_generation", 4, 8, 1),
+    ("fp_clock", 4, 8, 1),
+];
+
+/// What a previous lbd left in the pinned fast-path maps: the generation its entries
+/// execute under and the entries.
+#[derive(Debug, Default)]
+pub struct Inheritance {
+    pub generation: u64,
+    pub entries: Vec<(flowrec::FlowKey, flowrec::FlowEntry)>,
+}
+
+fn pin_error(path: &Path, why: impl std::fmt::Display) -> BpfError {
+    BpfError::Pin {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    }
+}
+
+/// Is `dir` on a BPF file system (what pinning needs)? From /proc/self/mountinfo: the
+/// file system of the longest mount point above it.
+pub fn on_bpffs(dir: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let mut best: Option<(usize, bool)> = None;
+    for line in info.lines() {
+        let mut halves = line.splitn(2, " - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
+            continue;
+        };
+        let Some(point) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let fstype = right.split(' ').next().unwrap_or("");
+        if dir.starts_with(point) && best.is_none_or(|(len, _)| point.len() >= len) {
+            best = Some((point.len(), fstype == "bpf"));
+        }
+    }
+    best.is_some_and(|(_, bpf)| bpf)
+}
+
+/// Remove what lbd pinned in `dir` (its program links and the fast path's maps): the
+/// program leaves the interfaces, and the flows the fast path kept end. The paths removed.
+pub fn unpin(dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(pin_error(dir, e)),
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with("link_") || PINNED_MAPS.iter().any(|(m, ..)| *m == name);
+        if ours {
+            std::fs::remove_file(e.path()).map_err(|err| pin_error(&e.path(), err))?;
+            removed.push(e.path());
+        }
+    }
+    Ok(removed)
 }
 
 impl std::fmt::Debug for Steering {
@@ -280,13 +361,39 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, BpfError> {
 }
 
 impl Steering {
-    /// Load and verify the program; attach nothing yet.
-    pub fn load() -> Result<Steering, BpfError> {
-        let mut ebpf = Ebpf::load(XLB_BPF)?;
+    /// Load and verify the program; attach nothing yet. With `pins`, the fast path's maps
+    /// are pinned there: taken over when a previous lbd left them (with the layout this
+    /// lbd's has), and what they hold is returned, for its workers to adopt.
+    pub fn load(pins: Option<&Path>) -> Result<(Steering, Option<Inheritance>), BpfError> {
+        let mut loader = EbpfLoader::new();
+        let mut inherited = false;
+        if let Some(dir) = pins {
+            std::fs::create_dir_all(dir).map_err(|e| pin_error(dir, e))?;
+            for (name, key, value, max) in PINNED_MAPS {
+                let path = dir.join(name);
+                if path.exists() {
+                    let fits = MapInfo::from_pin(&path).is_ok_and(|i| {
+                        (
+                            i.key_size() as usize,
+                            i.value_size() as usize,
+                            i.max_entries(),
+                        ) == (key, value, max)
+                    });
+                    if fits {
+                        inherited |= name == "fp_flows";
+                    } else {
+                        tracing::warn!(path = %path.display(), "a pinned map with another layout (an older xlb?) is replaced: the flows it held are not adopted");
+                        std::fs::remove_file(&path).map_err(|e| pin_error(&path, e))?;
+                    }
+                }
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader.load(XLB_BPF)?;
         program(&mut ebpf)?
             .load()
             .map_err(|e| BpfError::Program("xlb_steer", e))?;
-        Ok(Steering {
+        let steering = Steering {
             frontends: take(&mut ebpf, "frontends")?,
             vips: take(&mut ebpf, "vips")?,
             backends: take(&mut ebpf, "backends")?,
@@ -308,15 +415,66 @@ impl Steering {
             ebpf,
             current: SteeringState::default(),
             attached: Vec::new(),
-        })
+            pins: pins.map(Path::to_path_buf),
+            links: Vec::new(),
+        };
+        let inheritance = match inherited {
+            false => None,
+            true => Some(Inheritance {
+                generation: steering.fp_generation.get(&0, 0).unwrap_or(0),
+                entries: steering.fast_path_map()?.entries(),
+            }),
+        };
+        Ok((steering, inheritance))
+    }
+
+    fn link_pin(&self, iface: &str) -> Option<PathBuf> {
+        self.pins.as_ref().map(|d| d.join(format!("link_{iface}")))
+    }
+
+    /// A previous lbd's program is attached to `iface` through a pinned link (see
+    /// [`Steering::take_over`]).
+    pub fn has_pinned_link(&self, iface: &str) -> bool {
+        self.link_pin(iface).is_some_and(|p| p.exists())
+    }
+
+    /// Put this program in place of the previous lbd's on `iface`, atomically (the
+    /// pinned link's program is replaced: no packet meets no program). A link that no
+    /// longer works (its interface was replaced) is unpinned and the program attached
+    /// anew.
+    pub fn take_over(&mut self, iface: &str) -> Result<&'static str, BpfError> {
+        let Some(path) = self.link_pin(iface) else {
+            return self.attach(iface);
+        };
+        let swapped = PinnedLink::from_pin(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+            .and_then(|link| {
+                program(&mut self.ebpf)
+                    .map_err(|e| e.to_string())?
+                    .attach_to_link(link)
+                    .map_err(|e| e.to_string())
+            });
+        match swapped {
+            Ok(_) => {
+                self.attached.push((iface.to_string(), "taken over"));
+                Ok("taken over")
+            }
+            Err(why) => {
+                tracing::warn!(iface, %why, "the pinned XDP link cannot be taken over; attaching anew");
+                std::fs::remove_file(&path).map_err(|e| pin_error(&path, e))?;
+                self.attach(iface)
+            }
+        }
     }
 
     /// Attach to `iface` in native (driver) mode, falling back to generic mode with a
     /// warning. Returns the mode used.
     pub fn attach(&mut self, iface: &str) -> Result<&'static str, BpfError> {
+        let pin = self.link_pin(iface);
         let prog = program(&mut self.ebpf)?;
-        let mode = match prog.attach(iface, XdpMode::Driver) {
-            Ok(_) => "native",
+        let (mode, id) = match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => ("native", id),
             // Another program (another lbd) holds the interface: generic mode would fail
             // the same way, so say what is wrong instead of "falling back".
             Err(e) if os_error(&e).is_some_and(|c| c == libc::EBUSY || c == libc::EEXIST) => {
@@ -324,14 +482,32 @@ impl Steering {
             }
             Err(e) => {
                 tracing::warn!(iface, error = %e, "native XDP attach failed; falling back to generic (slow) mode");
-                prog.attach(iface, XdpMode::Skb)
+                let id = prog
+                    .attach(iface, XdpMode::Skb)
                     .map_err(|source| BpfError::Attach {
                         iface: iface.to_string(),
                         source,
                     })?;
-                "generic"
+                ("generic", id)
             }
         };
+        // Pinned, the link outlives lbd: the program keeps forwarding the fast path's
+        // flows while lbd is down, and the next lbd takes it over.
+        if let Some(path) = pin {
+            let link = prog
+                .take_link(id)
+                .map_err(|e| BpfError::Program("xlb_steer", e))?;
+            let pinned = FdLink::try_from(link)
+                .map_err(|e| {
+                    pin_error(
+                        &path,
+                        format!("{e} (the kernel attached XDP without a bpf_link)"),
+                    )
+                })?
+                .pin(&path)
+                .map_err(|e| pin_error(&path, e))?;
+            self.links.push(pinned);
+        }
         self.attached.push((iface.to_string(), mode));
         Ok(mode)
     }
@@ -612,6 +788,15 @@ impl FastPathMap {
     /// Remove one flow direction; false if it was not there.
     pub fn remove(&mut self, key: &flowrec::FlowKey) -> bool {
         self.0.remove(&FpKey(*key)).is_ok()
+    }
+
+    /// Every entry (an operator's or a start-up's walk of the map, one lookup each).
+    pub fn entries(&self) -> Vec<(flowrec::FlowKey, flowrec::FlowEntry)> {
+        self.0
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k.0, v.0))
+            .collect()
     }
 
     /// The entry of a flow direction, as the executor left it.

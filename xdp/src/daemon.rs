@@ -126,6 +126,9 @@ pub struct DaemonConfig {
     pub masq: Option<MasqOptions>,
     /// Execute established flows in XDP (`--fast-path on`).
     pub fast_path: bool,
+    /// Where the program's links and the fast path's maps are pinned (`--pin-dir`), so
+    /// that established flows outlive lbd; none: the program leaves with lbd.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +181,27 @@ pub struct Daemon {
     state_file: Option<std::path::PathBuf>,
     /// Why lbd must stop (an interface vanished); read by `lbd` after the loop ends.
     fatal: Option<String>,
+    /// What a previous lbd left pinned, until [`Daemon::resume`] takes it over.
+    handover: Option<Handover>,
+}
+
+/// A previous lbd's datapath, found pinned at start: the fast path's entries (still
+/// executing, under the generation it left in `fp_generation`) and the interfaces whose
+/// program is still its own. Until [`Daemon::resume`], lbd leaves both alone.
+#[derive(Debug)]
+struct Handover {
+    entries: Vec<(flowrec::FlowKey, flowrec::FlowEntry)>,
+    ifaces: Vec<String>,
+}
+
+/// What [`Daemon::resume`] did with a previous lbd's fast-path flows.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Adoption {
+    /// Flows now in this lbd's workers.
+    pub adopted: usize,
+    /// Flows refused (their service is gone, their interface, ...): their entries were
+    /// removed.
+    pub refused: usize,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -624,10 +648,14 @@ impl Daemon {
         lb::maglev::Maglev::build(&[], cfg.maglev_size, 0)
             .map_err(|e| DaemonError::Config(e.to_string()))?;
         let table = ServiceTable::with_table_size(cfg.maglev_size);
+        let (mut steering, inherited) = Steering::load(dc.pin_dir.as_deref())?;
+        // Generations go on from the previous lbd's, so none of its entries is ever
+        // taken for one of ours.
+        let first = inherited.as_ref().map_or(1, |i| i.generation + 1);
         let snap = Arc::new(
-            Snapshot::build(1, &cfg, &table, Arc::new(net), None)
+            Snapshot::build(first, &cfg, &table, Arc::new(net), None)
                 .map_err(|e| DaemonError::Config(e.to_string()))?
-                .with_masq(1, masq_state),
+                .with_masq(first, masq_state),
         );
 
         if let Err(e) = crate::sys::raise_memlock_limit() {
@@ -636,8 +664,11 @@ impl Daemon {
         if dc.fast_path {
             check_redirect_targets(&snap.net.ifaces)?;
         }
-        let mut steering = Steering::load()?;
-        steering.set_fast_path_generation(snap.generation)?;
+        // A previous lbd's fast-path entries keep executing (under its generation) until
+        // resume() has our workers adopt them.
+        if inherited.is_none() {
+            steering.set_fast_path_generation(snap.generation)?;
+        }
         steering.set_fast_path_clock(crate::sys::monotonic_ns())?;
         for (slot, iface) in snap.net.ifaces.iter().enumerate() {
             // Masquerade sources arrive on the cluster side: every interface but the
@@ -648,10 +679,21 @@ impl Daemon {
             steering.set_iface_slot(iface.ifindex, slot as u32, internal, iface.mac)?;
         }
         steering.add_new(&steering_state(&table, &cfg, &snap))?;
+        // An interface still running a previous lbd's program (pinned link) keeps it
+        // until resume() replaces it, once our workers run and have adopted its flows.
+        let mut inherited_ifaces = Vec::new();
         for i in &dc.ifaces {
+            if steering.has_pinned_link(i) {
+                inherited_ifaces.push(i.clone());
+                continue;
+            }
             let mode = steering.attach(i)?;
             tracing::info!(iface = %i, mode, "XDP program attached");
         }
+        let handover = (inherited.is_some() || !inherited_ifaces.is_empty()).then(|| Handover {
+            entries: inherited.map(|i| i.entries).unwrap_or_default(),
+            ifaces: inherited_ifaces,
+        });
 
         // Hand-off rings: one per ordered pair of workers.
         let n = usize::from(workers);
@@ -788,13 +830,17 @@ impl Daemon {
             unserved,
             local,
             fatal: None,
+            handover,
         })
     }
 
     fn publish(&mut self, snap: Snapshot) {
-        // Fast-path entries of older snapshots stop before any worker runs this one.
-        if let Err(e) = self.steering.set_fast_path_generation(snap.generation) {
-            tracing::error!(error = %e, "fast-path generation not updated");
+        // Fast-path entries of older snapshots stop before any worker runs this one
+        // (a previous lbd's keep executing until resume()).
+        if self.handover.is_none() {
+            if let Err(e) = self.steering.set_fast_path_generation(snap.generation) {
+                tracing::error!(error = %e, "fast-path generation not updated");
+            }
         }
         let snap = Arc::new(snap);
         for w in &self.workers {
@@ -968,6 +1014,111 @@ impl Daemon {
     /// in place), then maps and workers in the safe order (stale entries out, the
     /// snapshot to the workers, new entries in), then the state file put in place; or
     /// nothing on error.
+    /// Take over what a previous lbd left pinned, once the state is restored (the
+    /// services its flows belong to are back) and before lbd answers: the workers adopt
+    /// the fast path's flows (each translated flow on its NAT port's worker), then this
+    /// lbd's program replaces the previous one on its interfaces, then the fast path's
+    /// generation becomes ours, so the previous entries stop and their next packets come
+    /// to the workers that now hold their flows (which install them again). Entries no
+    /// worker took are removed. Nothing is lost in between: until the switch the previous
+    /// entries keep executing. Without a handover this does nothing.
+    pub fn resume(&mut self) -> Result<Adoption, DaemonError> {
+        let Some(h) = self.handover.take() else {
+            return Ok(Adoption::default());
+        };
+        let mut report = Adoption::default();
+        let mut groups: BTreeMap<(u32, u32), Vec<(flowrec::FlowKey, flowrec::FlowEntry)>> =
+            BTreeMap::new();
+        for (k, e) in h.entries {
+            groups.entry((e.worker, e.slot)).or_default().push((k, e));
+        }
+        let n = self.workers.len().max(1);
+        let mut per_worker: Vec<Vec<lb::pipeline::adopt::Inherited>> = vec![Vec::new(); n];
+        let mut keys_of: Vec<Vec<Vec<flowrec::FlowKey>>> = vec![Vec::new(); n];
+        let mut stale: Vec<flowrec::FlowKey> = Vec::new();
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for ((worker, _), entries) in groups {
+            match lb::pipeline::adopt::inherit(&self.snap, &entries) {
+                Ok(f) => {
+                    // A DSR flow lives where its client's packets arrive: the worker
+                    // that had it, if there still is one.
+                    let w = usize::from(f.owner(self.cfg.workers).unwrap_or(worker as u16)) % n;
+                    per_worker[w].push(f);
+                    keys_of[w].push(entries.iter().map(|(k, _)| *k).collect());
+                }
+                Err(why) => {
+                    *reasons.entry(why.to_string()).or_default() += 1;
+                    stale.extend(entries.iter().map(|(k, _)| *k));
+                }
+            }
+        }
+        let mut answers = Vec::new();
+        for (w, flows) in self.workers.iter().zip(per_worker) {
+            let count = flows.len();
+            if count == 0 {
+                continue;
+            }
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if w.requests
+                .send(WorkerRequest::Adopt { flows, reply: tx })
+                .is_ok()
+            {
+                w.shared.wake();
+                answers.push((usize::from(w.id), count, rx));
+            }
+        }
+        for (id, count, rx) in answers {
+            // Start-up, before lbd answers: waiting here blocks no client.
+            let answer = rx
+                .recv_timeout(WORKER_ANSWER * 5)
+                .map_err(|_| DaemonError::Worker {
+                    worker: id as u16,
+                    queue: id as u32,
+                    reason: "did not answer the adoption of the previous lbd's flows".into(),
+                })?;
+            report.adopted += count - answer.refused.len();
+            for (i, why) in answer.refused {
+                *reasons.entry(why.to_string()).or_default() += 1;
+                if let Some(keys) = keys_of[id].get(i) {
+                    stale.extend(keys.iter().copied());
+                }
+            }
+            for k in answer.kept {
+                if let Err(e) = self.steering.keep(&k) {
+                    tracing::warn!(error = %e, "adopted flow not kept: it will lose its translation");
+                }
+            }
+        }
+        for i in &h.ifaces {
+            let how = self.steering.take_over(i)?;
+            tracing::info!(iface = %i, how, "XDP program in place of the previous lbd's");
+        }
+        self.steering
+            .set_fast_path_generation(self.snap.generation)?;
+        report.refused = reasons.values().sum();
+        // The previous entries no longer execute; remove those no worker holds (and, with
+        // the fast path off, all: the workers forward their flows).
+        let mut map = self.steering.fast_path_map()?;
+        if !self.fast_path {
+            stale.extend(keys_of.iter().flatten().flatten().copied());
+        }
+        for k in &stale {
+            map.remove(k);
+        }
+        for (why, count) in &reasons {
+            tracing::warn!(
+                count,
+                "fast-path flows of the previous lbd not adopted: {why}"
+            );
+        }
+        tracing::info!(
+            adopted = report.adopted,
+            refused = report.refused,
+            "took over the previous lbd's datapath"
+        );
+        Ok(report)
+    }
+
     fn commit(&mut self, next: ServiceTable) -> Result<(), (ErrorKind, String)> {
         let pending = match &self.state_file {
             Some(path) => Some(

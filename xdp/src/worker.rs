@@ -32,7 +32,7 @@ use ringbuf::{HeapCons, HeapProd};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest park (the loop also notices stop requests this often).
 const PARK: Duration = Duration::from_millis(20);
@@ -110,6 +110,20 @@ pub enum WorkerRequest {
     },
     /// Live load-balanced flows by service and backend.
     BackendFlows(Sender<BackendFlows>),
+    /// Take over flows a previous lbd left in the fast path (`lb::pipeline::adopt`);
+    /// reply with the ones refused (by position) and the forward keys of those the
+    /// masquerading policy now keeps (for the keep map).
+    Adopt {
+        flows: Vec<lb::pipeline::adopt::Inherited>,
+        reply: Sender<Adopted>,
+    },
+}
+
+/// A worker's answer to [`WorkerRequest::Adopt`].
+#[derive(Debug, Default)]
+pub struct Adopted {
+    pub refused: Vec<(usize, lb::pipeline::adopt::Unadoptable)>,
+    pub kept: Vec<lb::flow::FlowKey>,
 }
 
 pub use lb::pipeline::BackendFlows;
@@ -232,9 +246,9 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     let me = Arc::clone(&spec.peers[spec.id as usize]);
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; MAX_FRAME];
-    let start = Instant::now();
-    // The fast path stamps entries with CLOCK_MONOTONIC; the engine's clock starts here.
-    let mono_start = crate::sys::monotonic_ns();
+    // The engine's clock is CLOCK_MONOTONIC, the fast path's (it stamps entries with it):
+    // one clock for both, and for flows adopted from a previous lbd's fast path.
+    let clock = crate::sys::monotonic_ns;
     let mut fast_entries = 0u64;
     let mut kept = Vec::new();
     if spec.fast_path.is_some() {
@@ -249,7 +263,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
             engine.set_snapshot(s);
             fresh = true;
         }
-        let now = start.elapsed().as_nanos() as u64;
+        let now = clock();
         while let Ok(req) = spec.requests.try_recv() {
             match req {
                 WorkerRequest::Sync(reply) => {
@@ -271,7 +285,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         .flows()
                         .iter()
                         .take(limit)
-                        .map(|f| flow_copy(f, map, mono_start))
+                        .map(|f| flow_copy(f, map))
                         .collect();
                     let truncated = engine.flows().len() > limit;
                     let _ = reply.send((flows, now, truncated));
@@ -279,13 +293,29 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                 WorkerRequest::BackendFlows(reply) => {
                     let _ = reply.send(engine.backend_flows());
                 }
+                WorkerRequest::Adopt { flows, reply } => {
+                    let mut answer = Adopted::default();
+                    for (i, f) in flows.iter().enumerate() {
+                        match engine.adopt(f, now) {
+                            // Its entries are in the map already.
+                            Ok(()) => fast_entries += if f.rewrite[0].fwd.is_dsr() { 1 } else { 2 },
+                            Err(why) => answer.refused.push((i, why)),
+                        }
+                    }
+                    dispatch(
+                        &mut engine,
+                        Sinks::of(&mut spec, &mut kept, &mut fast_entries),
+                    );
+                    answer.kept = std::mem::take(&mut kept);
+                    me.fast_entries.store(fast_entries, Ordering::Relaxed);
+                    publish(&me, &engine);
+                    let _ = reply.send(answer);
+                }
             }
         }
         match &spec.fast_path {
             Some(map) => engine.begin_batch_with(now, &mut |k| {
-                map.get(k)
-                    .filter(|e| e.last_seen != 0)
-                    .map(|e| e.last_seen.saturating_sub(mono_start))
+                map.get(k).filter(|e| e.last_seen != 0).map(|e| e.last_seen)
             }),
             None => engine.begin_batch(now),
         }
@@ -406,18 +436,14 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                 let _ = spec.poll.poll(&mut events, Some(PARK));
             }
             me.parked.store(false, Ordering::SeqCst);
-            last_work = start.elapsed().as_nanos() as u64;
+            last_work = clock();
         }
     }
 }
 
 /// `f` with the fast path's packets and last-seen (one lookup a direction, for
 /// installed flows only; an operator's request, not per packet).
-fn flow_copy(
-    f: &lb::flow::Flow,
-    map: Option<&crate::bpf::FastPathMap>,
-    mono_start: u64,
-) -> FlowCopy {
+fn flow_copy(f: &lb::flow::Flow, map: Option<&crate::bpf::FastPathMap>) -> FlowCopy {
     let mut c = FlowCopy {
         flow: *f,
         fast_packets: [0; 2],
@@ -429,7 +455,7 @@ fn flow_copy(
         if let Some(e) = map.get(&k.flowrec()) {
             c.fast_packets[d] = e.packets;
             if e.last_seen != 0 {
-                c.flow.last_seen = c.flow.last_seen.max(e.last_seen.saturating_sub(mono_start));
+                c.flow.last_seen = c.flow.last_seen.max(e.last_seen);
             }
         }
     }

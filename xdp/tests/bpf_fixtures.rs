@@ -17,7 +17,9 @@ const ETH_HLEN: usize = 14;
 
 fn loaded() -> Steering {
     let _ = xdp::sys::raise_memlock_limit(); // best effort, as in lbd
-    let mut s = Steering::load().expect("the program loads and verifies");
+    let mut s = Steering::load(None)
+        .expect("the program loads and verifies")
+        .0;
     let cfg = fixtures::config();
     let state = SteeringState::new(&fixtures::table(), &cfg.snat.pool);
     s.add_new(&state)
@@ -130,7 +132,9 @@ fn lo_ifindex() -> u32 {
 /// ingress interface (the namespace's loopback) numbered slot 0.
 fn masq_loaded(policy: nat::MasqPolicy) -> (Steering, SteeringState) {
     let _ = xdp::sys::raise_memlock_limit();
-    let mut s = Steering::load().expect("the program loads and verifies");
+    let mut s = Steering::load(None)
+        .expect("the program loads and verifies")
+        .0;
     let cfg = mf::config(61000, 65535);
     let state = SteeringState::new(&Default::default(), &cfg.snat.pool)
         .with_masq(&mf::rules(policy), cfg.snat.ports);
@@ -570,7 +574,9 @@ fn an_interface_whose_cache_slot_is_taken_is_found_in_the_hash() {
     }
     const XDP_REDIRECT: u32 = 4;
     let _ = xdp::sys::raise_memlock_limit();
-    let mut s = Steering::load().expect("the program loads and verifies");
+    let mut s = Steering::load(None)
+        .expect("the program loads and verifies")
+        .0;
     let cfg = fixtures::config();
     s.add_new(&SteeringState::new(&fixtures::table(), &cfg.snat.pool))
         .expect("maps");

@@ -840,6 +840,13 @@ fn print_stats(s: &StatsView) {
                 w.encapsulated
             );
         }
+        if w.flows_adopted > 0 {
+            out!(
+                "  worker {} flows adopted from the previous lbd {}",
+                w.id,
+                w.flows_adopted
+            );
+        }
         for (reason, n) in &w.drops {
             out!("  worker {} drop {:<22} {:>10}", w.id, reason, n);
         }

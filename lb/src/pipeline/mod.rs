@@ -58,6 +58,7 @@ use crate::snapshot::{FrontendKey, Snapshot, Timeouts};
 use nat::{MapKey, Mappings};
 use std::sync::Arc;
 
+pub mod adopt;
 pub mod classify;
 mod decide;
 pub mod execute;

@@ -8,7 +8,7 @@ use control::server::{serve, ControlSocket, SocketOptions};
 use lb::Timeouts;
 use nat::PortRange;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +81,7 @@ struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Interface to serve (repeat for two-armed: clients on one, backends on another).
-    #[arg(long = "iface", required = true)]
+    #[arg(long = "iface", required_unless_present = "unpin")]
     ifaces: Vec<String>,
     /// Source address for traffic to backends: ADDR or ADDR-ADDR (a pool; repeat for
     /// more, up to 15), optionally :FIRST-LAST ports. A client's flows all leave from
@@ -104,6 +104,20 @@ struct Args {
     /// Keep no state: start without services, write nothing.
     #[arg(long)]
     no_state: bool,
+    /// Where lbd pins its XDP program's links and the fast path's flow maps (a directory
+    /// on a bpffs). Established flows the fast path forwards then keep going while lbd
+    /// is down (a crash, a SIGKILL, an upgrade, a stop), and the next lbd adopts them.
+    /// Stopping lbd leaves them pinned; `lbd --unpin` removes them [default:
+    /// /sys/fs/bpf/xlb when /sys/fs/bpf is a bpffs, else no pinning, with a warning].
+    #[arg(long, conflicts_with = "no_pin")]
+    pin_dir: Option<PathBuf>,
+    /// Pin nothing: the XDP program leaves with lbd, and established flows with it.
+    #[arg(long)]
+    no_pin: bool,
+    /// Remove what lbd pinned in --pin-dir and exit: its XDP program leaves the
+    /// interfaces, and the flows the fast path kept end (taking xlb out of service).
+    #[arg(long)]
+    unpin: bool,
     /// Outer source address of DSR tunnels (services in dsr-ipip, dsr-gue and their
     /// hybrid modes) [default: the address of the interface a tunnel leaves by].
     #[arg(long)]
@@ -288,6 +302,33 @@ fn with_config(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::Os
     Ok(out)
 }
 
+/// Where lbd pins (see `--pin-dir`): a directory given must be on a bpffs; the default
+/// is used only where /sys/fs/bpf is one (not inside `ip netns exec`, which remounts
+/// /sys).
+fn pin_dir(a: &Args) -> anyhow::Result<Option<PathBuf>> {
+    const DEFAULT: &str = "/sys/fs/bpf/xlb";
+    if a.no_pin {
+        return Ok(None);
+    }
+    if let Some(dir) = &a.pin_dir {
+        if !xdp::bpf::on_bpffs(dir) {
+            anyhow::bail!(
+                "--pin-dir {}: not on a bpffs (mount one: mount -t bpf bpf DIR)",
+                dir.display()
+            );
+        }
+        return Ok(Some(dir.clone()));
+    }
+    if xdp::bpf::on_bpffs(Path::new(DEFAULT)) {
+        return Ok(Some(DEFAULT.into()));
+    }
+    tracing::warn!(
+        "/sys/fs/bpf is not a bpffs: nothing is pinned, so established flows end with lbd \
+         (mount one, or give --pin-dir; --no-pin says this is intended)"
+    );
+    Ok(None)
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse_from(with_config(std::env::args_os().collect())?);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -297,6 +338,19 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let pins = pin_dir(&a)?;
+    if a.unpin {
+        let Some(dir) = pins else {
+            anyhow::bail!("--unpin: no pin directory (give --pin-dir)");
+        };
+        let removed = xdp::bpf::unpin(&dir)?;
+        println!(
+            "removed {} pinned object(s) from {}",
+            removed.len(),
+            dir.display()
+        );
+        return Ok(());
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
@@ -333,6 +387,7 @@ fn main() -> anyhow::Result<()> {
         },
         busy_poll_ns: a.busy_poll_us * 1000,
         fast_path: a.fast_path == OnOff::On,
+        pin_dir: pins,
         masq: (!a.masquerade_from.is_empty()).then_some(MasqOptions {
             from: a.masquerade_from,
             egress_iface: a.egress_iface,
@@ -367,6 +422,11 @@ fn main() -> anyhow::Result<()> {
                 return Err(anyhow::Error::msg(e));
             }
         }
+    }
+    // The services are back: take over the previous lbd's flows and program, if any.
+    if let Err(e) = daemon.resume() {
+        daemon.shutdown();
+        return Err(e).context("taking over the previous lbd's datapath");
     }
     tracing::info!(socket = %sock.path().display(), "lbd ready");
     // systemd's Type=notify: ready once the workers run and the state is restored (a

@@ -285,6 +285,10 @@ impl Topo {
             cmd.args(["--flows-per-worker", "16384"]);
         }
         // No state file unless the test names one (the default is the host's).
+        // Nothing pinned unless the test pins (the default is the host's bpffs).
+        if !extra.contains(&"--pin-dir") && !extra.contains(&"--no-pin") {
+            cmd.arg("--no-pin");
+        }
         if !extra.contains(&"--state-file") && !extra.contains(&"--no-state") {
             cmd.arg("--no-state");
         }
