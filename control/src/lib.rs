@@ -1,7 +1,8 @@
 //! xlb's control plane: the request/response protocol `lbd` speaks on its Unix socket
 //! ([`proto`], documented in docs/protocol.md), the mio event loop that serves it
 //! ([`server`]), the blocking client `lbctl` uses ([`client`]), and the desired state
-//! as a file with the plan that applies it ([`desired`]).
+//! as a file with the plan that applies it ([`desired`]), and the one ordered apply with
+//! rollback every datapath change goes through ([`txn`]).
 //!
 //! This crate never touches frames or the kernel's datapath; `lbd` (in the `xdp` crate)
 //! implements [`server::Handler`].
@@ -12,6 +13,7 @@ pub mod desired;
 pub mod fuzzing;
 pub mod proto;
 pub mod server;
+pub mod txn;
 
 /// Where `lbd` listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/xlb/lbd.sock";

@@ -54,6 +54,8 @@ pub enum BpfError {
         iface: String,
         source: aya::programs::ProgramError,
     },
+    #[error("steering entry {0}: a value of another map")]
+    WrongValue(String),
     #[error("{path}: {why}")]
     Pin { path: PathBuf, why: String },
     #[error("map {map} rejected {key}: {source} (is the map full?)")]
@@ -150,78 +152,64 @@ impl SteeringState {
     }
 }
 
+/// One entry of the steering maps, by map and key. The order of the variants is the
+/// order new entries go in during a change (replies before what opens flows: NAT ranges
+/// and backends before frontends; kept destinations before masquerade sources); stale
+/// entries go out in the reverse order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Entry {
+    Snat([u8; 4]),
+    Backend(Endpoint),
+    Vip([u8; 4]),
+    Frontend(Endpoint),
+    MasqSkip(Prefix),
+    MasqSrc(Prefix),
+}
+
+/// An entry's value: a reference count (or reason), or a NAT range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryValue {
+    Count(u32),
+    Snat(SnatRange),
+}
+
+impl SteeringState {
+    /// Every entry the maps must hold.
+    pub fn entries(&self) -> BTreeMap<Entry, EntryValue> {
+        let mut m = BTreeMap::new();
+        let c = EntryValue::Count;
+        m.extend(
+            self.snat
+                .iter()
+                .map(|(k, v)| (Entry::Snat(*k), EntryValue::Snat(*v))),
+        );
+        m.extend(
+            self.backends
+                .iter()
+                .map(|(k, v)| (Entry::Backend(*k), c(*v))),
+        );
+        m.extend(self.vips.iter().map(|(k, v)| (Entry::Vip(*k), c(*v))));
+        m.extend(
+            self.frontends
+                .iter()
+                .map(|(k, v)| (Entry::Frontend(*k), c(*v))),
+        );
+        m.extend(
+            self.masq_skip
+                .iter()
+                .map(|(k, v)| (Entry::MasqSkip(*k), c(*v))),
+        );
+        m.extend(
+            self.masq_src
+                .iter()
+                .map(|(k, v)| (Entry::MasqSrc(*k), c(*v))),
+        );
+        m
+    }
+}
+
 fn lpm(p: &Prefix) -> LpmKey<[u8; 4]> {
     LpmKey::new(u32::from(p.0), p.1)
-}
-
-/// A BPF map as the sync code writes it: the hash maps by key, the LPM tries by prefix.
-trait SyncMap<K, V> {
-    fn put(&mut self, k: &K, v: &V) -> Result<(), MapError>;
-    fn del(&mut self, k: &K) -> Result<(), MapError>;
-}
-
-impl<K: aya::Pod, V: aya::Pod> SyncMap<K, V> for HashMap<MapData, K, V> {
-    fn put(&mut self, k: &K, v: &V) -> Result<(), MapError> {
-        self.insert(k, v, 0)
-    }
-    fn del(&mut self, k: &K) -> Result<(), MapError> {
-        self.remove(k)
-    }
-}
-
-impl SyncMap<Prefix, u32> for LpmTrie<MapData, [u8; 4], u32> {
-    fn put(&mut self, k: &Prefix, v: &u32) -> Result<(), MapError> {
-        self.insert(&lpm(k), v, 0)
-    }
-    fn del(&mut self, k: &Prefix) -> Result<(), MapError> {
-        self.remove(&lpm(k))
-    }
-}
-
-/// Remove from `map` the keys of `cur` that `next` lacks.
-fn sweep<K: Ord, V>(
-    map: &mut impl SyncMap<K, V>,
-    name: &'static str,
-    cur: &BTreeMap<K, V>,
-    next: &BTreeMap<K, V>,
-) -> Result<(), BpfError> {
-    for k in cur.keys() {
-        if !next.contains_key(k) {
-            map.del(k)
-                .map_err(|source| BpfError::Map { map: name, source })?;
-        }
-    }
-    Ok(())
-}
-
-/// Insert into `map` what differs in `next`; on failure, remove what this call added and
-/// report the key.
-fn fill<K: Ord + Copy + std::fmt::Debug, V: PartialEq>(
-    map: &mut impl SyncMap<K, V>,
-    name: &'static str,
-    cur: &BTreeMap<K, V>,
-    next: &BTreeMap<K, V>,
-) -> Result<(), BpfError> {
-    let mut added = Vec::new();
-    for (k, v) in next {
-        if cur.get(k) == Some(v) {
-            continue;
-        }
-        if let Err(source) = map.put(k, v) {
-            for a in &added {
-                let _ = map.del(a);
-            }
-            return Err(BpfError::Insert {
-                map: name,
-                key: format!("{k:?}"),
-                source,
-            });
-        }
-        if !cur.contains_key(k) {
-            added.push(*k);
-        }
-    }
-    Ok(())
 }
 
 pub struct Steering {
@@ -241,7 +229,8 @@ pub struct Steering {
     fp_flows: MapData,
     fp_generation: Array<MapData, u64>,
     fp_clock: Array<MapData, u64>,
-    current: SteeringState,
+    /// What the steering maps hold.
+    held: BTreeMap<Entry, EntryValue>,
     attached: Vec<(String, &'static str)>,
     /// Where the program's links and the fast path's maps are pinned (`lbd --pin-dir`).
     pins: Option<PathBuf>,
@@ -413,7 +402,7 @@ impl Steering {
             fp_generation: take(&mut ebpf, "fp_generation")?,
             fp_clock: take(&mut ebpf, "fp_clock")?,
             ebpf,
-            current: SteeringState::default(),
+            held: BTreeMap::new(),
             attached: Vec::new(),
             pins: pins.map(Path::to_path_buf),
             links: Vec::new(),
@@ -568,83 +557,76 @@ impl Steering {
             })
     }
 
-    pub fn current(&self) -> &SteeringState {
-        &self.current
+    /// What the steering maps hold (every change goes from here: see control::txn).
+    pub fn held(&self) -> &BTreeMap<Entry, EntryValue> {
+        &self.held
     }
 
-    /// Phase 1 of a change: remove entries `next` does not have (and lower counts).
-    pub fn remove_stale(&mut self, next: &SteeringState) -> Result<(), BpfError> {
-        let cur = &self.current;
-        sweep(
-            &mut self.frontends,
-            "frontends",
-            &cur.frontends,
-            &next.frontends,
-        )?;
-        sweep(
-            &mut self.backends,
-            "backends",
-            &cur.backends,
-            &next.backends,
-        )?;
-        sweep(&mut self.vips, "vips", &cur.vips, &next.vips)?;
-        sweep(&mut self.snat, "snat_addrs", &cur.snat, &next.snat)?;
-        sweep(
-            &mut self.masq_src,
-            "masq_src",
-            &cur.masq_src,
-            &next.masq_src,
-        )?;
-        sweep(
-            &mut self.masq_skip,
-            "masq_skip",
-            &cur.masq_skip,
-            &next.masq_skip,
-        )?;
-        let c = &mut self.current;
-        c.frontends.retain(|k, _| next.frontends.contains_key(k));
-        c.backends.retain(|k, _| next.backends.contains_key(k));
-        c.vips.retain(|k, _| next.vips.contains_key(k));
-        c.snat.retain(|k, _| next.snat.contains_key(k));
-        c.masq_src.retain(|k, _| next.masq_src.contains_key(k));
-        c.masq_skip.retain(|k, _| next.masq_skip.contains_key(k));
-        Ok(())
+    /// Record what the maps hold after a change (what the transaction reports).
+    pub fn set_held(&mut self, held: BTreeMap<Entry, EntryValue>) {
+        self.held = held;
     }
 
-    /// Phase 2 of a change: insert or update entries so the maps equal `next`. On
-    /// failure, entries this call inserted are removed again.
-    pub fn add_new(&mut self, next: &SteeringState) -> Result<(), BpfError> {
-        let cur = &self.current;
-        // Backends and NAT ranges before frontends: a steered first packet's replies
-        // must be steered too. Kept destinations before sources: a new source must not
-        // masquerade what the policy keeps.
-        fill(&mut self.snat, "snat_addrs", &cur.snat, &next.snat)?;
-        fill(
-            &mut self.backends,
-            "backends",
-            &cur.backends,
-            &next.backends,
-        )?;
-        fill(&mut self.vips, "vips", &cur.vips, &next.vips)?;
-        fill(
-            &mut self.frontends,
-            "frontends",
-            &cur.frontends,
-            &next.frontends,
-        )?;
-        fill(
-            &mut self.masq_skip,
-            "masq_skip",
-            &cur.masq_skip,
-            &next.masq_skip,
-        )?;
-        fill(
-            &mut self.masq_src,
-            "masq_src",
-            &cur.masq_src,
-            &next.masq_src,
-        )?;
-        self.current = next.clone();
+    /// Insert or replace one entry (one map update).
+    pub fn put(&mut self, e: &Entry, v: &EntryValue) -> Result<(), BpfError> {
+        let (map, r) = match (e, v) {
+            (Entry::Snat(k), EntryValue::Snat(r)) => ("snat_addrs", self.snat.insert(k, r, 0)),
+            (Entry::Backend(k), EntryValue::Count(n)) => {
+                ("backends", self.backends.insert(k, n, 0))
+            }
+            (Entry::Vip(k), EntryValue::Count(n)) => ("vips", self.vips.insert(k, n, 0)),
+            (Entry::Frontend(k), EntryValue::Count(n)) => {
+                ("frontends", self.frontends.insert(k, n, 0))
+            }
+            (Entry::MasqSkip(p), EntryValue::Count(n)) => {
+                ("masq_skip", self.masq_skip.insert(&lpm(p), n, 0))
+            }
+            (Entry::MasqSrc(p), EntryValue::Count(n)) => {
+                ("masq_src", self.masq_src.insert(&lpm(p), n, 0))
+            }
+            _ => return Err(BpfError::WrongValue(format!("{e:?}: {v:?}"))),
+        };
+        r.map_err(|source| BpfError::Insert {
+            map,
+            key: format!("{e:?}"),
+            source,
+        })
+    }
+
+    /// Remove one entry (one map update).
+    pub fn del(&mut self, e: &Entry) -> Result<(), BpfError> {
+        let (map, r) = match e {
+            Entry::Snat(k) => ("snat_addrs", self.snat.remove(k)),
+            Entry::Backend(k) => ("backends", self.backends.remove(k)),
+            Entry::Vip(k) => ("vips", self.vips.remove(k)),
+            Entry::Frontend(k) => ("frontends", self.frontends.remove(k)),
+            Entry::MasqSkip(p) => ("masq_skip", self.masq_skip.remove(&lpm(p))),
+            Entry::MasqSrc(p) => ("masq_src", self.masq_src.remove(&lpm(p))),
+        };
+        r.map_err(|source| BpfError::Map { map, source })
+    }
+
+    /// Make the maps hold `next`, without a transaction (start-up, tests): removals, then
+    /// insertions, each recorded as it is done; the first failure stops it.
+    pub fn sync(&mut self, next: &SteeringState) -> Result<(), BpfError> {
+        let next = next.entries();
+        let stale: Vec<Entry> = self
+            .held
+            .keys()
+            .rev()
+            .filter(|k| !next.contains_key(*k))
+            .copied()
+            .collect();
+        for k in stale {
+            self.del(&k)?;
+            self.held.remove(&k);
+        }
+        for (k, v) in &next {
+            if self.held.get(k) != Some(v) {
+                self.put(k, v)?;
+                self.held.insert(*k, *v);
+            }
+        }
         Ok(())
     }
 

@@ -18,7 +18,7 @@
 //! good policy stays.
 
 use crate::abi::Stat;
-use crate::bpf::{Steering, SteeringState, MAX_IFACES, MAX_QUEUES};
+use crate::bpf::{Entry, EntryValue, Steering, SteeringState, MAX_IFACES, MAX_QUEUES};
 use crate::netlink::{local_port_range, Netlink};
 use crate::sys::IoConfig;
 use crate::worker::WorkerRequest;
@@ -30,6 +30,7 @@ use control::proto::{
     StatusView, TranslationView, WorkerStats, WorkerView,
 };
 use control::server::{Handler, Peer};
+use control::txn::Datapath as _;
 use crossbeam_channel::{Receiver, Sender};
 use lb::flow::{FlowKey, FlowKind};
 use lb::netview::{NetView, NextHopError};
@@ -183,6 +184,19 @@ pub struct Daemon {
     fatal: Option<String>,
     /// What a previous lbd left pinned, until [`Daemon::resume`] takes it over.
     handover: Option<Handover>,
+    /// A masquerading-policy change waiting for the workers' answers.
+    policy_pending: Option<PendingPolicy>,
+}
+
+/// A masquerading-policy change between its two halves (see `Daemon::apply_policy`).
+#[derive(Debug)]
+struct PendingPolicy {
+    /// The snapshot before the change: back to it if the XDP maps refuse the change.
+    before: Arc<Snapshot>,
+    /// Workers yet to say which flows the new policy keeps.
+    answers: Vec<(u16, Receiver<Vec<FlowKey>>)>,
+    deadline: Instant,
+    kept: usize,
 }
 
 /// A previous lbd's datapath, found pinned at start: the fast path's entries (still
@@ -192,6 +206,48 @@ pub struct Daemon {
 struct Handover {
     entries: Vec<(flowrec::FlowKey, flowrec::FlowEntry)>,
     ifaces: Vec<String>,
+}
+
+/// The datapath a transaction changes: the steering maps, and the workers' snapshot
+/// (published with the fast path's generation first, so entries resolved under an older
+/// snapshot stop before any worker runs this one; a previous lbd's entries keep
+/// executing until [`Daemon::resume`]).
+struct Live<'a> {
+    steering: &'a mut Steering,
+    workers: &'a [WorkerHandle],
+    snap: &'a mut Arc<Snapshot>,
+    handover: bool,
+}
+
+impl control::txn::Datapath for Live<'_> {
+    type Key = Entry;
+    type Value = EntryValue;
+    type Snapshot = Snapshot;
+    type Error = crate::bpf::BpfError;
+
+    fn put(&mut self, k: &Entry, v: &EntryValue) -> Result<(), Self::Error> {
+        self.steering.put(k, v)
+    }
+
+    fn del(&mut self, k: &Entry) -> Result<(), Self::Error> {
+        self.steering.del(k)
+    }
+
+    fn publish(&mut self, snap: Snapshot) {
+        if !self.handover {
+            if let Err(e) = self.steering.set_fast_path_generation(snap.generation) {
+                tracing::error!(error = %e, "fast-path generation not updated");
+            }
+        }
+        let snap = Arc::new(snap);
+        for w in self.workers {
+            if w.snapshots.try_send(Arc::clone(&snap)).is_err() {
+                tracing::error!(worker = w.id, "worker is not taking snapshots (stuck?)");
+            }
+            w.shared.wake();
+        }
+        *self.snap = snap;
+    }
 }
 
 /// What [`Daemon::resume`] did with a previous lbd's fast-path flows.
@@ -678,7 +734,7 @@ impl Daemon {
                 .is_some_and(|m| dc.ifaces.len() == 1 || iface.name != m.egress_iface);
             steering.set_iface_slot(iface.ifindex, slot as u32, internal, iface.mac)?;
         }
-        steering.add_new(&steering_state(&table, &cfg, &snap))?;
+        steering.sync(&steering_state(&table, &cfg, &snap))?;
         // An interface still running a previous lbd's program (pinned link) keeps it
         // until resume() replaces it, once our workers run and have adopted its flows.
         let mut inherited_ifaces = Vec::new();
@@ -831,25 +887,44 @@ impl Daemon {
             local,
             fatal: None,
             handover,
+            policy_pending: None,
         })
     }
 
     fn publish(&mut self, snap: Snapshot) {
-        // Fast-path entries of older snapshots stop before any worker runs this one
-        // (a previous lbd's keep executing until resume()).
-        if self.handover.is_none() {
-            if let Err(e) = self.steering.set_fast_path_generation(snap.generation) {
-                tracing::error!(error = %e, "fast-path generation not updated");
-            }
+        self.live().publish(snap);
+    }
+
+    /// The datapath as a transaction changes it (see `control::txn`).
+    fn live(&mut self) -> Live<'_> {
+        Live {
+            steering: &mut self.steering,
+            workers: &self.workers,
+            snap: &mut self.snap,
+            handover: self.handover.is_some(),
         }
-        let snap = Arc::new(snap);
-        for w in &self.workers {
-            if w.snapshots.try_send(Arc::clone(&snap)).is_err() {
-                tracing::error!(worker = w.id, "worker is not taking snapshots (stuck?)");
-            }
-            w.shared.wake();
-        }
-        self.snap = snap;
+    }
+
+    /// Make the steering maps hold `next` and the workers run `snap`, in one ordered
+    /// change that any failure undoes exactly (`control::txn`).
+    fn change(&mut self, next: &SteeringState, snap: Snapshot) -> Result<(), String> {
+        let before = Arc::clone(&self.snap);
+        self.change_from(next, snap, &before)
+    }
+
+    /// [`Daemon::change`], going back to `before` (with today's next hops) on failure.
+    fn change_from(
+        &mut self,
+        next: &SteeringState,
+        snap: Snapshot,
+        before: &Snapshot,
+    ) -> Result<(), String> {
+        let cur = self.steering.held().clone();
+        // Under a newer generation than `snap`'s (generations only grow).
+        let old = before.with_net(snap.generation + 1, Arc::clone(&self.snap.net));
+        let (held, r) = control::txn::apply(&mut self.live(), &cur, &next.entries(), snap, old);
+        self.steering.set_held(held);
+        r.map_err(|e| e.to_string())
     }
 
     fn next_generation(&self) -> u64 {
@@ -1154,21 +1229,9 @@ impl Daemon {
             Ok(s) => s,
             Err(e) => return Err((ErrorKind::Invalid, e.to_string())),
         };
-        let old_state = self.steering.current().clone();
         let new_state = steering_state(&next, &self.cfg, &self.snap);
-        if let Err(e) = self.steering.remove_stale(&new_state) {
-            let _ = self.steering.add_new(&old_state);
-            return Err((ErrorKind::Datapath, format!("nothing changed: {e}")));
-        }
-        let old_snap = Arc::clone(&self.snap);
-        self.publish(snap);
-        if let Err(e) = self.steering.add_new(&new_state) {
-            let _ = self.steering.remove_stale(&old_state);
-            let _ = self.steering.add_new(&old_state);
-            let restored = old_snap.with_net(self.next_generation(), Arc::clone(&self.snap.net));
-            self.publish(restored);
-            return Err((ErrorKind::Datapath, format!("nothing changed: {e}")));
-        }
+        self.change(&new_state, snap)
+            .map_err(|e| (ErrorKind::Datapath, e))?;
         self.table = next;
         Ok(())
     }
@@ -1584,7 +1647,10 @@ impl Daemon {
     }
 
     /// Apply a new non-masquerade policy without disturbing established flows (see the
-    /// module documentation for the order).
+    /// module documentation for the order), without blocking the control loop: the
+    /// workers get the new snapshot and are asked which of their flows it keeps; the
+    /// loop collects their answers ([`Daemon::poll_policy`]) and only then changes the
+    /// XDP maps, once those flows are in the keep map.
     fn apply_policy(&mut self, policy: Arc<MasqPolicy>) {
         let Some(cur) = self.snap.masq.clone() else {
             return;
@@ -1600,6 +1666,7 @@ impl Daemon {
             version: cur.version + 1,
             filtering: cur.filtering,
         };
+        let before = Arc::clone(&self.snap);
         let snap = self
             .snap
             .with_masq(self.next_generation(), Some(Arc::new(state)));
@@ -1612,39 +1679,71 @@ impl Daemon {
                 answers.push((w.id, rx));
             }
         }
-        let mut kept = 0usize;
-        for (id, rx) in answers {
-            match rx.recv_timeout(WORKER_ANSWER) {
-                Ok(keys) => {
-                    for k in keys {
-                        match self.steering.keep(&k) {
-                            Ok(()) => kept += 1,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "flow not kept: it will lose its translation")
-                            }
+        self.policy_pending = Some(PendingPolicy {
+            before,
+            answers,
+            deadline: Instant::now() + WORKER_ANSWER,
+            kept: 0,
+        });
+    }
+
+    /// Go on with a policy change once every worker answered (or the wait is over): keep
+    /// the flows they name, then change the XDP maps in one transaction. If the maps
+    /// refuse it, everything goes back to the previous policy, and the error is shown
+    /// (`lbctl ipmasq list`).
+    fn poll_policy(&mut self, now: Instant) {
+        let (Some(p), steering) = (self.policy_pending.as_mut(), &mut self.steering) else {
+            return;
+        };
+        p.answers.retain(|(id, rx)| match rx.try_recv() {
+            Ok(keys) => {
+                for k in keys {
+                    match steering.keep(&k) {
+                        Ok(()) => p.kept += 1,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "flow not kept: it will lose its translation")
                         }
                     }
                 }
-                Err(_) => tracing::error!(worker = id, "worker did not answer the policy sync"),
+                false
             }
+            Err(crossbeam_channel::TryRecvError::Empty) => true,
+            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                tracing::error!(worker = id, "worker gone during the policy sync");
+                false
+            }
+        });
+        if !p.answers.is_empty() && now < p.deadline {
+            return;
+        }
+        let Some(p) = self.policy_pending.take() else {
+            return;
+        };
+        for (id, _) in &p.answers {
+            tracing::error!(worker = id, "worker did not answer the policy sync");
         }
         let next = steering_state(&self.table, &self.cfg, &self.snap);
-        let applied = self
-            .steering
-            .remove_stale(&next)
-            .and_then(|()| self.steering.add_new(&next));
-        if let Err(e) = applied {
-            tracing::error!(error = %e, "XDP maps did not take the new masquerade policy");
-            if let Some(m) = self.masq.as_mut() {
-                m.config_error = Some(format!("XDP maps: {e}"));
+        let again = self
+            .snap
+            .with_net(self.next_generation(), Arc::clone(&self.snap.net));
+        match self.change_from(&next, again, &p.before) {
+            Ok(()) => {
+                let rules = self
+                    .snap
+                    .masq
+                    .as_ref()
+                    .map_or(0, |m| m.rules.policy.rules().len());
+                tracing::info!(rules, kept = p.kept, "masquerade policy applied");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "XDP maps did not take the new masquerade policy; the previous one stays");
+                if let Some(m) = self.masq.as_mut() {
+                    m.config_error = Some(format!(
+                        "XDP maps refused the policy, the previous one stays: {e}"
+                    ));
+                }
             }
         }
-        let rules = self
-            .snap
-            .masq
-            .as_ref()
-            .map_or(0, |m| m.rules.policy.rules().len());
-        tracing::info!(rules, kept, "masquerade policy applied");
     }
 
     fn masq_rules(m: &MasqState) -> (Vec<IpmasqRule>, Vec<IpmasqRule>) {
@@ -1889,7 +1988,10 @@ impl Daemon {
             self.steering.unkeep(&k);
         }
         let now = Instant::now();
-        self.check_masq_config(now);
+        self.poll_policy(now);
+        if self.policy_pending.is_none() {
+            self.check_masq_config(now);
+        }
         if asked {
             self.next_refresh = self.next_refresh.min(now + RESOLVE_RECHECK);
         }

@@ -22,7 +22,7 @@ fn loaded() -> Steering {
         .0;
     let cfg = fixtures::config();
     let state = SteeringState::new(&fixtures::table(), &cfg.snat.pool);
-    s.add_new(&state)
+    s.sync(&state)
         .expect("maps accept the fixture configuration");
     // BPF_PROG_TEST_RUN's ingress interface is the namespace's loopback.
     s.set_iface_slot(lo_ifindex(), 0, false, fixtures::LB_MAC)
@@ -111,8 +111,7 @@ fn removing_a_service_stops_steering_it() {
     s.test_run(&syn.frame).expect("run");
     assert_eq!(s.stats()[Stat::Frontend as usize], before + 1);
     let empty = SteeringState::new(&Default::default(), &fixtures::config().snat.pool);
-    s.remove_stale(&empty).expect("remove");
-    s.add_new(&empty).expect("add");
+    s.sync(&empty).expect("sync");
     s.test_run(&syn.frame).expect("run");
     assert_eq!(
         s.stats()[Stat::Frontend as usize],
@@ -138,7 +137,7 @@ fn masq_loaded(policy: nat::MasqPolicy) -> (Steering, SteeringState) {
     let cfg = mf::config(61000, 65535);
     let state = SteeringState::new(&Default::default(), &cfg.snat.pool)
         .with_masq(&mf::rules(policy), cfg.snat.ports);
-    s.add_new(&state)
+    s.sync(&state)
         .expect("maps accept the masquerading configuration");
     (s, state)
 }
@@ -220,8 +219,7 @@ fn kept_flows_stay_steered_after_a_policy_change() {
     let new = SteeringState::new(&Default::default(), &cfg.snat.pool)
         .with_masq(&mf::rules(policy), cfg.snat.ports);
     assert_ne!(old, new);
-    s.remove_stale(&new).expect("remove");
-    s.add_new(&new).expect("add");
+    s.sync(&new).expect("sync");
     assert_eq!(steer_of(&mut s, &flow.build()), Steer::Masq, "kept");
     assert_eq!(
         steer_of(&mut s, &other.build()),
@@ -578,7 +576,7 @@ fn an_interface_whose_cache_slot_is_taken_is_found_in_the_hash() {
         .expect("the program loads and verifies")
         .0;
     let cfg = fixtures::config();
-    s.add_new(&SteeringState::new(&fixtures::table(), &cfg.snat.pool))
+    s.sync(&SteeringState::new(&fixtures::table(), &cfg.snat.pool))
         .expect("maps");
     let lo = lo_ifindex();
     // Another interface first, in the slot the loopback's ifindex maps to.
