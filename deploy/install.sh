@@ -14,7 +14,7 @@ PREFIX=${PREFIX:-/usr/local}
 DESTDIR=${DESTDIR:-}
 if [[ -z ${SKIP_BUILD:-} ]]; then
   deploy/install-deps.sh
-  cargo build --release --locked -p xdp -p control
+  cargo build --release --locked -p xdp -p lbd -p control
 fi
 install -d "$DESTDIR$PREFIX/bin" "$DESTDIR/etc/systemd/system" "$DESTDIR/etc/xlb" \
   "$DESTDIR$PREFIX/share/doc/xlb"

@@ -18,11 +18,11 @@ cargo build --workspace --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 echo "== pure crates: unit, property and fixture tests"
-cargo test --workspace --locked --exclude xdp -- --skip fuzz_ 2>&1 | tee -a "$log"
+cargo test --workspace --locked --exclude xdp --exclude lbd -- --skip fuzz_ 2>&1 | tee -a "$log"
 echo "== fuzz targets, bounded (bolero, 5 s each; long runs: docs/fuzzing.md)"
 cargo test --locked -p lb -p nat -p control --test fuzz -- --nocapture 2>&1 | tee -a "$log"
 echo "== XDP program and end-to-end namespace tests (serial)"
-cargo test -p xdp --locked -- --test-threads=1 2>&1 | tee -a "$log"
+cargo test -p xdp -p lbd --locked -- --test-threads=1 2>&1 | tee -a "$log"
 echo "== benchmark harness, smoke mode (every scenario for a few seconds)"
 bench/run.sh --smoke
 # One closing line for the whole run (cargo prints one per test binary).

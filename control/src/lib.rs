@@ -4,8 +4,8 @@
 //! as a file with the plan that applies it ([`desired`]), and the one ordered apply with
 //! rollback every datapath change goes through ([`txn`]).
 //!
-//! This crate never touches frames or the kernel's datapath; `lbd` (in the `xdp` crate)
-//! implements [`server::Handler`].
+//! This crate never touches frames or the kernel's datapath; `lbd` (`control/lbd`, over
+//! the `xdp` I/O crate) implements [`server::Handler`] and [`txn::Datapath`].
 #![forbid(unsafe_code)]
 
 pub mod client;

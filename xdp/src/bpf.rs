@@ -1,15 +1,16 @@
 //! Loading the steering program and keeping its maps in step with the service table.
 //!
-//! The program is compiled by build.rs and embedded. [`Steering`] owns the loaded object:
-//! dropping it detaches the program (aya attaches through bpf_link where the kernel has
-//! it, so a crashed `lbd` also leaves no program behind).
+//! The program is compiled by build.rs and embedded. [`Steering`] owns the loaded object.
+//! Without pinning, dropping it detaches the program (aya attaches through bpf_link, so
+//! a crashed `lbd` also leaves no program behind). With a pin directory
+//! ([`Steering::load`]), the links and the fast path's maps are pinned there: the
+//! program and the flows it executes outlive lbd, and the next lbd takes them over
+//! ([`Steering::take_over`]); [`unpin`] removes them.
 //!
-//! Map updates follow one order so that a packet the program steers is always one the
-//! workers' snapshot handles identically before and after a change: entries that go away
-//! are removed first, then the daemon publishes the new snapshot, then new entries are
-//! added ([`Steering::remove_stale`], [`Steering::add_new`]). During a change the program
-//! therefore steers a subset of both the old and the new configuration. A failed insert
-//! (a full map) rolls back what the call added and reports which map and key failed.
+//! The steering maps change one entry at a time ([`Steering::put`], [`Steering::del`],
+//! by [`Entry`], whose order is the order new entries go in); lbd orders the entries of a
+//! change, publishes the workers' snapshot between removals and insertions, and undoes
+//! it all on a failure (`control::txn`). [`Steering::held`] is what the maps hold.
 
 use crate::abi::{
     Endpoint, Iface, IfaceCached, SnatRange, Stat, IFACE_CACHE, IFACE_INTERNAL, SNAT_ANY_SOURCE,

@@ -1,8 +1,6 @@
 //! The steering program against the shared fixture table (lb::fixtures), through
 //! BPF_PROG_TEST_RUN: the same frames the Rust pipeline tests run.
 
-mod common;
-
 use lb::fixtures::{self, Steer};
 use lb::flow::Forwarding;
 use lb::masq_fixtures::{self as mf, Side};
@@ -32,7 +30,7 @@ fn loaded() -> Steering {
 
 #[test]
 fn fixture_table_through_prog_test_run() {
-    if !common::privileged("fixture_table_through_prog_test_run") {
+    if !xdp::testing::privileged("fixture_table_through_prog_test_run") {
         return;
     }
     let mut s = loaded();
@@ -53,7 +51,7 @@ fn fixture_table_through_prog_test_run() {
 
 #[test]
 fn reasons_are_counted() {
-    if !common::privileged("reasons_are_counted") {
+    if !xdp::testing::privileged("reasons_are_counted") {
         return;
     }
     let mut s = loaded();
@@ -102,7 +100,7 @@ fn reasons_are_counted() {
 
 #[test]
 fn removing_a_service_stops_steering_it() {
-    if !common::privileged("removing_a_service_stops_steering_it") {
+    if !xdp::testing::privileged("removing_a_service_stops_steering_it") {
         return;
     }
     let mut s = loaded();
@@ -174,7 +172,7 @@ fn steer_of(s: &mut Steering, frame: &[u8]) -> Steer {
 
 #[test]
 fn masquerade_fixtures_through_prog_test_run() {
-    if !common::privileged("masquerade_fixtures_through_prog_test_run") {
+    if !xdp::testing::privileged("masquerade_fixtures_through_prog_test_run") {
         return;
     }
     let (mut s, _) = masq_loaded(nat::MasqPolicy::defaults());
@@ -196,7 +194,7 @@ fn masquerade_fixtures_through_prog_test_run() {
 
 #[test]
 fn kept_flows_stay_steered_after_a_policy_change() {
-    if !common::privileged("kept_flows_stay_steered_after_a_policy_change") {
+    if !xdp::testing::privileged("kept_flows_stay_steered_after_a_policy_change") {
         return;
     }
     let (mut s, old) = masq_loaded(nat::MasqPolicy::defaults());
@@ -513,7 +511,7 @@ fn table_entry(action: flowrec::Action) -> flowrec::FlowEntry {
 /// fast-path entry): the same bytes, and checksums right by full recomputation.
 #[test]
 fn the_executors_agree_on_every_row_of_the_action_table() {
-    if !common::privileged("the_executors_agree_on_every_row_of_the_action_table") {
+    if !xdp::testing::privileged("the_executors_agree_on_every_row_of_the_action_table") {
         return;
     }
     const XDP_REDIRECT: u32 = 4;
@@ -567,7 +565,7 @@ fn the_executors_agree_on_every_row_of_the_action_table() {
 /// its fast-path flows still execute.
 #[test]
 fn an_interface_whose_cache_slot_is_taken_is_found_in_the_hash() {
-    if !common::privileged("an_interface_whose_cache_slot_is_taken_is_found_in_the_hash") {
+    if !xdp::testing::privileged("an_interface_whose_cache_slot_is_taken_is_found_in_the_hash") {
         return;
     }
     const XDP_REDIRECT: u32 = 4;
@@ -651,7 +649,7 @@ fn check_tunnel(what: &str, frame: &[u8], out: &[u8], a: &flowrec::Action) {
 /// with the same bytes as the engine writes (identifier and checksum translated).
 #[test]
 fn the_c_executor_translates_echo_like_the_rust_one() {
-    if !common::privileged("the_c_executor_translates_echo_like_the_rust_one") {
+    if !xdp::testing::privileged("the_c_executor_translates_echo_like_the_rust_one") {
         return;
     }
     use lb::wire::build::verify;
@@ -710,7 +708,7 @@ fn the_c_executor_translates_echo_like_the_rust_one() {
 #[test]
 fn the_c_header_asserts_the_same_layout_as_flowrec() {
     let h =
-        std::fs::read_to_string(common::topo::repo().join("xdp/bpf/flowrec.h")).expect("flowrec.h");
+        std::fs::read_to_string(xdp::testing::repo().join("xdp/bpf/flowrec.h")).expect("flowrec.h");
     let mut asserted = std::collections::BTreeMap::new();
     for line in h.lines().filter(|l| l.starts_with("_Static_assert(")) {
         let inner = &line["_Static_assert(".len()..];
@@ -742,7 +740,7 @@ fn the_c_header_asserts_the_same_layout_as_flowrec() {
 #[test]
 fn the_c_header_defines_the_same_numbers_as_flowrec() {
     let h =
-        std::fs::read_to_string(common::topo::repo().join("xdp/bpf/flowrec.h")).expect("flowrec.h");
+        std::fs::read_to_string(xdp::testing::repo().join("xdp/bpf/flowrec.h")).expect("flowrec.h");
     let number = |v: &str| -> u64 {
         let v = v.trim().trim_start_matches('(').trim_end_matches(')');
         match v.split_once("<<") {
@@ -779,7 +777,7 @@ fn the_c_header_defines_the_same_numbers_as_flowrec() {
 /// executed.
 #[test]
 fn the_c_executor_writes_the_same_bytes_as_the_rust_one() {
-    if !common::privileged("the_c_executor_writes_the_same_bytes_as_the_rust_one") {
+    if !xdp::testing::privileged("the_c_executor_writes_the_same_bytes_as_the_rust_one") {
         return;
     }
     use lb::fixtures::{BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, LB_MAC, SNAT, VIP};

@@ -1,10 +1,12 @@
-//! Helpers shared by the privileged tests.
-#![allow(dead_code)]
+//! Helpers for the privileged tests, this crate's (`tests/bpf_fixtures.rs`) and lbd's
+//! end-to-end tests: not used by the datapath.
 
-/// True if the test may use privileged kernel features. In CI (`CI=true`) a missing
-/// privilege is a failure, never a silent skip.
+use std::path::PathBuf;
+
+/// True if the test may use privileged kernel features (root). In CI (`CI=true`) a
+/// missing privilege is a failure, never a silent skip.
 pub fn privileged(test: &str) -> bool {
-    // SAFETY-free check: effective uid via /proc to avoid libc in tests.
+    // The effective uid from /proc (no libc call).
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -22,4 +24,11 @@ pub fn privileged(test: &str) -> bool {
     eprintln!("{test}: not root, skipped (set CI=true to make this a failure)");
     false
 }
-pub mod topo;
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}

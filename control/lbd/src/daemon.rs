@@ -4,7 +4,7 @@
 //! the netlink socket and the workers' handles. A request is validated whole
 //! (`ServiceTable::apply`, Maglev build), then applied in an order that keeps every
 //! steered packet handled the same by the old and the new configuration (see
-//! [`crate::bpf`]): stale map entries out, new snapshot to the workers, new entries in.
+//! [`xdp::bpf`]): stale map entries out, new snapshot to the workers, new entries in.
 //! A datapath failure restores the previous state and reports it; nothing half-applies.
 //!
 //! Periodically ([`Handler::tick`]) it asks the kernel to resolve neighbours the workers
@@ -17,12 +17,6 @@
 //! An invalid file is reported (log, `lbctl status`, `lbctl ipmasq list`) and the last
 //! good policy stays.
 
-use crate::abi::Stat;
-use crate::bpf::{Entry, EntryValue, Steering, SteeringState, MAX_IFACES, MAX_QUEUES};
-use crate::netlink::{local_port_range, Netlink};
-use crate::sys::IoConfig;
-use crate::worker::WorkerRequest;
-use crate::worker::{self, WorkerShared, WorkerSpec, HANDOFF_RING_BYTES};
 use control::desired::DesiredState;
 use control::proto::{
     BackendView, CheckView, ErrorKind, InterfaceView, IpmasqRule, IpmasqView, MasqStatusView,
@@ -47,6 +41,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use xdp::abi::Stat;
+use xdp::bpf::{Entry, EntryValue, Steering, SteeringState, MAX_IFACES, MAX_QUEUES};
+use xdp::netlink::{local_port_range, Netlink};
+use xdp::sys::IoConfig;
+use xdp::worker::WorkerRequest;
+use xdp::worker::{self, WorkerShared, WorkerSpec, HANDOFF_RING_BYTES};
 
 /// How often routes and neighbours are re-read.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -137,9 +137,9 @@ pub enum DaemonError {
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
-    Netlink(#[from] crate::netlink::NetlinkError),
+    Netlink(#[from] xdp::netlink::NetlinkError),
     #[error(transparent)]
-    Bpf(#[from] crate::bpf::BpfError),
+    Bpf(#[from] xdp::bpf::BpfError),
     #[error("starting worker {worker} (queue {queue}): {reason}")]
     Worker {
         worker: u16,
@@ -223,7 +223,7 @@ impl control::txn::Datapath for Live<'_> {
     type Key = Entry;
     type Value = EntryValue;
     type Snapshot = Snapshot;
-    type Error = crate::bpf::BpfError;
+    type Error = xdp::bpf::BpfError;
 
     fn put(&mut self, k: &Entry, v: &EntryValue) -> Result<(), Self::Error> {
         self.steering.put(k, v)
@@ -437,7 +437,7 @@ fn endpoint(addr: [u8; 4], port: u16, proto: u8) -> String {
     }
 }
 
-fn translation(c: &crate::worker::FlowCopy, worker: u16, now: u64) -> TranslationView {
+fn translation(c: &xdp::worker::FlowCopy, worker: u16, now: u64) -> TranslationView {
     let f = &c.flow;
     let (k, out) = (f.keys[0], f.rewrite[0]);
     let proto = match k.proto {
@@ -714,7 +714,7 @@ impl Daemon {
                 .with_masq(first, masq_state),
         );
 
-        if let Err(e) = crate::sys::raise_memlock_limit() {
+        if let Err(e) = xdp::sys::raise_memlock_limit() {
             tracing::debug!(error = %e, "RLIMIT_MEMLOCK not raised (fine with CAP_IPC_LOCK on Linux 5.11+)");
         }
         if dc.fast_path {
@@ -725,7 +725,7 @@ impl Daemon {
         if inherited.is_none() {
             steering.set_fast_path_generation(snap.generation)?;
         }
-        steering.set_fast_path_clock(crate::sys::monotonic_ns())?;
+        steering.set_fast_path_clock(xdp::sys::monotonic_ns())?;
         for (slot, iface) in snap.net.ifaces.iter().enumerate() {
             // Masquerade sources arrive on the cluster side: every interface but the
             // egress one, or the only one.
@@ -1375,7 +1375,7 @@ impl Daemon {
 
     /// Live flows by service and backend, summed over the workers (each answers between
     /// two batches).
-    fn backend_flows(&self) -> Result<crate::worker::BackendFlows, String> {
+    fn backend_flows(&self) -> Result<xdp::worker::BackendFlows, String> {
         let mut answers = Vec::new();
         for w in &self.workers {
             let (tx, rx) = crossbeam_channel::bounded(1);
@@ -1384,7 +1384,7 @@ impl Daemon {
                 answers.push((w.id, rx));
             }
         }
-        let mut total = crate::worker::BackendFlows::new();
+        let mut total = xdp::worker::BackendFlows::new();
         for (id, rx) in answers {
             let counts = rx
                 .recv_timeout(WORKER_ANSWER)
@@ -1591,7 +1591,7 @@ impl Daemon {
                         worker: w.id,
                         iface: iface.clone(),
                         queue: w.queue,
-                        kernel: crate::sys::XSK_STAT_NAMES
+                        kernel: xdp::sys::XSK_STAT_NAMES
                             .iter()
                             .map(|n| n.to_string())
                             .zip(st)
@@ -1974,10 +1974,7 @@ impl Daemon {
 
     fn tick_inner(&mut self) {
         // The fast path's clock (see maps.h, fp_clock): one step per tick.
-        if let Err(e) = self
-            .steering
-            .set_fast_path_clock(crate::sys::monotonic_ns())
-        {
+        if let Err(e) = self.steering.set_fast_path_clock(xdp::sys::monotonic_ns()) {
             tracing::warn!(error = %e, "fast-path clock not stamped");
         }
         let mut asked = false;

@@ -88,7 +88,7 @@ fn ipip_and_gue_reach_the_backend_which_answers_from_the_vip() {
     );
     t.spawn_ready("b1", "python3", &["-c", SERVER]);
     let mut decap = t
-        .cmd("b1", env!("CARGO_BIN_EXE_xlb-decap"))
+        .cmd("b1", common::topo::decap_path())
         .args(["run", "--iface", "eth0", "--gue-port", "6080"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -103,7 +103,7 @@ fn ipip_and_gue_reach_the_backend_which_answers_from_the_vip() {
     assert!(said.ends_with("ok\n"), "{said}");
 
     let status = t
-        .cmd("b1", env!("CARGO_BIN_EXE_xlb-decap"))
+        .cmd("b1", common::topo::decap_path())
         .args(["status", "-o", "json"])
         .output()
         .expect("status");

@@ -6,13 +6,13 @@ use anyhow::Context;
 use clap::Parser;
 use control::server::{serve, ControlSocket, SocketOptions};
 use lb::Timeouts;
+use lbd::daemon::{Daemon, DaemonConfig, MasqOptions};
 use nat::PortRange;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-use xdp::daemon::{Daemon, DaemonConfig, MasqOptions};
 use xdp::sys::IoConfig;
 
 const SEC: u64 = 1_000_000_000;

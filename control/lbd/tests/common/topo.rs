@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,11 +33,18 @@ def poke(c, word):
         return "timeout"
 "#;
 
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+pub use xdp::testing::repo;
+
+/// The DSR decapsulator, built beside lbd (by the `xdp` crate).
+pub fn decap_path() -> PathBuf {
+    let lbd = PathBuf::from(env!("CARGO_BIN_EXE_lbd"));
+    let p = lbd.with_file_name("xlb-decap");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
 }
 
 pub fn lbctl_path() -> PathBuf {
@@ -101,7 +108,7 @@ impl Topo {
             t.start_server(&b);
             t.spawn_ready(
                 &b,
-                env!("CARGO_BIN_EXE_xlb-decap"),
+                decap_path().to_str().expect("utf-8 path"),
                 &["run", "--iface", "eth0", "--gue-port", "6080"],
             );
         }

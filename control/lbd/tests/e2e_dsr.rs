@@ -180,7 +180,7 @@ fn every_dsr_mode_is_answered_by_every_backend_directly_with_the_client_address(
     assert!(t.worker_sum("dsr_flows") >= 3 * 61);
     // The backends' decapsulators did the tunnels' work.
     let o = t
-        .cmd("b1", env!("CARGO_BIN_EXE_xlb-decap"))
+        .cmd("b1", common::topo::decap_path())
         .args(["status", "-o", "json"])
         .output()
         .expect("status");
