@@ -211,9 +211,19 @@ fn a_masqueraded_transfer_outlives_lbd() {
     }
     let mut t = Topo::masq_up("restartm", 2);
     let pins = Bpffs::mount(&t.dir().join("bpf"));
+    // A policy of its own (the ip-masq-agent file): it is back after the restart.
+    let policy = t.dir().join("ip-masq-agent.yaml");
+    std::fs::write(
+        &policy,
+        "nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n  - 192.0.2.0/24\nmasqLinkLocal: true\n",
+    )
+    .expect("policy");
+    let policy = policy.to_string_lossy().into_owned();
     let args = [
         "--masquerade-from",
         "10.244.0.0/16",
+        "--ip-masq-config",
+        &policy,
         "--pin-dir",
         &pins.arg(),
         "--no-state",
@@ -221,6 +231,8 @@ fn a_masqueraded_transfer_outlives_lbd() {
     t.start_lbd_on(&["int0", "ext0"], &args);
     t.spawn("srv", "iperf3", &["-s", "-p", "5201"]);
     std::thread::sleep(Duration::from_millis(500));
+    let rules = t.lbctl_json(&["ipmasq", "list"]);
+    assert!(rules.to_string().contains("192.0.2.0/24"), "{rules}");
 
     let transfer = iperf3(&t, "pod", "20.0.0.10", 8);
     wait_for("the transfer in the fast path", || t.fast_entries() >= 2);
@@ -228,6 +240,7 @@ fn a_masqueraded_transfer_outlives_lbd() {
     t.kill_lbd();
     std::thread::sleep(Duration::from_secs(2));
     t.start_lbd_on(&["int0", "ext0"], &args);
+    assert_eq!(t.lbctl_json(&["ipmasq", "list"]), rules, "the same policy");
     let adopted = t.worker_sum("flows_adopted");
     assert!(adopted >= 1, "{}", t.lbd_log());
     // The adopted flows keep their egress port: the server sees the egress address.
