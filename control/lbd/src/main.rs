@@ -329,6 +329,19 @@ fn pin_dir(a: &Args) -> anyhow::Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// Hold the pin directory for this lbd's lifetime: a second lbd given the same directory
+/// (another socket, by mistake) would take the running one's program and flows over.
+fn lock_pins(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--pin-dir {}", dir.display()))?;
+    let f = std::fs::File::open(dir).with_context(|| format!("--pin-dir {}", dir.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "--pin-dir {}: {e}: another lbd is using it (stop it first)",
+            dir.display()
+        )
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse_from(with_config(std::env::args_os().collect())?);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -339,6 +352,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let pins = pin_dir(&a)?;
+    let _pins_held = pins.as_deref().map(lock_pins).transpose()?;
     if a.unpin {
         let Some(dir) = pins else {
             anyhow::bail!("--unpin: no pin directory (give --pin-dir)");

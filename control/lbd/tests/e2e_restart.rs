@@ -100,6 +100,30 @@ fn an_iperf3_transfer_through_a_vip_outlives_lbd() {
     let state = t.dir().join("state.json").to_string_lossy().into_owned();
     let args = ["--pin-dir", &pins.arg(), "--state-file", &state];
     t.start_lbd(&args);
+    // A second lbd on the same pins (another socket, by mistake) would take the first
+    // one's program and flows over: refused, as is --unpin under a running lbd.
+    for extra in [
+        vec![
+            "--iface",
+            "lb0",
+            "--no-state",
+            "--socket",
+            "/tmp/xlb-second.sock",
+        ],
+        vec!["--unpin"],
+    ] {
+        let o = t
+            .cmd("lb", env!("CARGO_BIN_EXE_lbd"))
+            .args(["--pin-dir", &pins.arg()])
+            .args(&extra)
+            .output()
+            .expect("lbd");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("another lbd"),
+            "{extra:?}: {err}"
+        );
+    }
     t.spawn("b1", "iperf3", &["-s", "-p", "5201"]);
     t.add_service("10.96.0.10:5201/tcp", &["10.1.0.11:5201"]);
     t.add_service("10.96.0.10:80/tcp", &["10.1.0.11:8080", "10.1.0.12:8080"]);
