@@ -183,7 +183,8 @@ pub fn snapshot() -> Snapshot {
     Snapshot::build(1, &config(), &table(), Arc::new(net()), None).expect("fixture snapshot builds")
 }
 
-fn client_syn() -> FrameSpec {
+/// The client's SYN to the VIP (port 80 unless changed).
+pub fn client_syn() -> FrameSpec {
     FrameSpec {
         src_mac: CLIENT_MAC,
         dst_mac: LB_MAC,
@@ -216,7 +217,8 @@ fn to_backend(spec: &FrameSpec, bport: u16) -> Vec<u8> {
     .build()
 }
 
-fn backend_reply(dport: u16) -> FrameSpec {
+/// The backend's SYN+ACK to the SNAT address's `dport`.
+pub fn backend_reply(dport: u16) -> FrameSpec {
     FrameSpec {
         src_mac: BACKEND_MAC,
         dst_mac: LB_MAC,

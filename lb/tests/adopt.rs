@@ -4,7 +4,7 @@
 //! as a removal says when its backend is gone; entries that do not make a flow of the
 //! current configuration are refused.
 
-use lb::fixtures::{self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, LB_MAC, SNAT, VIP};
+use lb::fixtures::{self, BACKEND, CLIENT};
 use lb::masq_fixtures as mf;
 use lb::pipeline::adopt::{inherit, Unadoptable};
 use lb::service::{BackendSpec, Op, ServiceTable};
@@ -33,30 +33,20 @@ fn engine(snap: Snapshot, now: u64) -> Engine {
 
 fn client(sport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
     FrameSpec {
-        src_mac: CLIENT_MAC,
-        dst_mac: LB_MAC,
-        src: CLIENT,
-        dst: VIP,
         sport,
         dport: 80,
         flags,
         payload: payload.to_vec(),
-        ..FrameSpec::default()
+        ..fixtures::client_syn()
     }
     .build()
 }
 
 fn backend(port: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
     FrameSpec {
-        src_mac: BACKEND_MAC,
-        dst_mac: LB_MAC,
-        src: BACKEND,
-        dst: SNAT,
-        sport: 8080,
-        dport: port,
         flags,
         payload: payload.to_vec(),
-        ..FrameSpec::default()
+        ..fixtures::backend_reply(port)
     }
     .build()
 }

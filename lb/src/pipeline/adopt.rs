@@ -49,11 +49,15 @@ pub enum Unadoptable {
     TableFull,
 }
 
+/// The IPv4 address in a flow-action record's 16-byte field.
+fn a4(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
 fn key_of(k: &flowrec::FlowKey) -> Result<FlowKey, Unadoptable> {
     if k.family != flowrec::FAMILY_IPV4 {
         return Err(Unadoptable::Family);
     }
-    let a4 = |a: &[u8; 16]| [a[0], a[1], a[2], a[3]];
     Ok(FlowKey {
         src: a4(&k.src),
         dst: a4(&k.dst),
@@ -83,7 +87,6 @@ fn rewrite_of(snap: &Snapshot, a: &flowrec::Action) -> Result<Rewrite, Unadoptab
         .position(|i| i.ifindex == a.ifindex)
         .and_then(|i| u8::try_from(i).ok())
         .ok_or(Unadoptable::Interface(a.ifindex))?;
-    let a4 = |a: &[u8; 16]| [a[0], a[1], a[2], a[3]];
     Ok(Rewrite {
         src: a4(&a.src),
         dst: a4(&a.dst),
