@@ -62,6 +62,8 @@ pub enum Request {
     ServiceList {},
     Status {},
     Stats {},
+    /// Traffic by service and backend since lbd started (`lbctl stats --services`).
+    ServiceStats {},
     /// The effective non-masquerade list.
     IpmasqList {},
     /// What happens to a packet from `source` to `destination`, and why.
@@ -169,6 +171,51 @@ pub enum Reply {
         changes: Vec<String>,
         dry_run: bool,
     },
+    /// `service_stats`: traffic by service and backend.
+    ServiceStats {
+        services: Vec<ServiceStatsView>,
+    },
+}
+
+/// One service's traffic since lbd started, with each backend's (what `ipvsadm -L
+/// --stats` shows). "In" is the client's direction (client → backend), "out" the
+/// answers; bytes are IP bytes. The service's figures are its backends' sums (backends
+/// removed since included).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatsView {
+    pub frontend: String,
+    #[serde(flatten)]
+    pub totals: TrafficView,
+    pub backends: Vec<BackendStatsView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatsView {
+    pub backend: String,
+    #[serde(flatten)]
+    pub totals: TrafficView,
+}
+
+/// Flows opened since start, flows live now, packets and bytes each way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficView {
+    pub flows: u64,
+    pub active: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl TrafficView {
+    pub fn add(&mut self, o: &TrafficView) {
+        self.flows += o.flows;
+        self.active += o.active;
+        self.packets_in += o.packets_in;
+        self.packets_out += o.packets_out;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+    }
 }
 
 /// One non-masquerade rule: the CIDR and where it comes from ("default",

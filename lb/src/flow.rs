@@ -195,6 +195,9 @@ pub struct Flow {
     pub fwd_seq: u32,
     /// Packets per direction (informational; saturates).
     pub packets: [u32; 2],
+    /// The (service, backend) account its traffic counts to (`pipeline::Account`), or
+    /// `pipeline::NO_ACCOUNT` (masquerading, or a worker whose accounts are full).
+    pub acct: u32,
 }
 
 impl Flow {
@@ -488,6 +491,7 @@ mod tests {
             fast_gen: 0,
             fwd_seq: 0,
             packets: [0; 2],
+            acct: u32::MAX,
         }
     }
 

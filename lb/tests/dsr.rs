@@ -167,7 +167,7 @@ fn l2_dsr_changes_the_mac_only_and_keeps_no_nat_state() {
     assert_eq!(flow.state, FlowState::Fin);
     let events: Vec<Event> = e.take_events().collect();
     assert!(
-        matches!(events[..], [Event::FastRemove(_, 1)]),
+        matches!(events[..], [Event::FastRemove(_, 1, _)]),
         "{events:?}"
     );
 }

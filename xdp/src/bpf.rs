@@ -752,7 +752,8 @@ impl std::fmt::Debug for FastPathMap {
 
 impl FastPathMap {
     /// Install one flow direction, or replace its entry; true when it was not there (one
-    /// syscall for a new entry, two for a replacement).
+    /// syscall for a new entry, three for a replacement, which keeps the packets and
+    /// bytes the entry had counted).
     pub fn install(
         &mut self,
         key: &flowrec::FlowKey,
@@ -761,10 +762,14 @@ impl FastPathMap {
         const BPF_NOEXIST: u64 = 1;
         match self.0.insert(FpKey(*key), FpValue(*entry), BPF_NOEXIST) {
             Ok(()) => Ok(true),
-            Err(_) => self
-                .0
-                .insert(FpKey(*key), FpValue(*entry), 0)
-                .map(|()| false),
+            Err(_) => {
+                let mut e = *entry;
+                if let Some(old) = self.get(key) {
+                    e.packets = old.packets;
+                    e.bytes = old.bytes;
+                }
+                self.0.insert(FpKey(*key), FpValue(e), 0).map(|()| false)
+            }
         }
     }
 

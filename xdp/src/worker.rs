@@ -110,6 +110,8 @@ pub enum WorkerRequest {
     },
     /// Live load-balanced flows by service and backend.
     BackendFlows(Sender<BackendFlows>),
+    /// The worker's (service, backend) accounts and its live flows by the same pairs.
+    Accounts(Sender<(Vec<lb::pipeline::Account>, BackendFlows)>),
     /// Take over flows a previous lbd left in the fast path (`lb::pipeline::adopt`);
     /// reply with the ones refused (by position) and the forward keys of those the
     /// masquerading policy now keeps (for the keep map).
@@ -250,6 +252,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     // one clock for both, and for flows adopted from a previous lbd's fast path.
     let clock = crate::sys::monotonic_ns;
     let mut fast_entries = 0u64;
+    let mut folds = Vec::with_capacity(FOLDS);
     let mut kept = Vec::new();
     if spec.fast_path.is_some() {
         engine.enable_fast_path();
@@ -275,7 +278,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     }
                     dispatch(
                         &mut engine,
-                        Sinks::of(&mut spec, &mut kept, &mut fast_entries),
+                        Sinks::of(&mut spec, &mut kept, &mut fast_entries, &mut folds),
                     );
                     let _ = reply.send(std::mem::take(&mut kept));
                 }
@@ -293,6 +296,9 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                 WorkerRequest::BackendFlows(reply) => {
                     let _ = reply.send(engine.backend_flows());
                 }
+                WorkerRequest::Accounts(reply) => {
+                    let _ = reply.send((engine.accounts().to_vec(), engine.backend_flows()));
+                }
                 WorkerRequest::Adopt { flows, reply } => {
                     let mut answer = Adopted::default();
                     for (i, f) in flows.iter().enumerate() {
@@ -304,7 +310,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     }
                     dispatch(
                         &mut engine,
-                        Sinks::of(&mut spec, &mut kept, &mut fast_entries),
+                        Sinks::of(&mut spec, &mut kept, &mut fast_entries, &mut folds),
                     );
                     answer.kept = std::mem::take(&mut kept);
                     me.fast_entries.store(fast_entries, Ordering::Relaxed);
@@ -401,7 +407,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         // packet.
         dispatch(
             &mut engine,
-            Sinks::of(&mut spec, &mut kept, &mut fast_entries),
+            Sinks::of(&mut spec, &mut kept, &mut fast_entries, &mut folds),
         );
         me.fast_entries.store(fast_entries, Ordering::Relaxed);
         io.end_batch();
@@ -462,6 +468,10 @@ fn flow_copy(f: &lb::flow::Flow, map: Option<&crate::bpf::FastPathMap>) -> FlowC
     c
 }
 
+/// Removed fast-path directions whose counts one drain of the engine's events folds
+/// into accounts (at most two per event; more go uncounted).
+const FOLDS: usize = 4096;
+
 /// Where the engine's events go.
 struct Sinks<'a> {
     fast_path: Option<&'a mut crate::bpf::FastPathMap>,
@@ -471,6 +481,9 @@ struct Sinks<'a> {
     kept: &'a mut Vec<lb::flow::FlowKey>,
     /// Fast-path entries this worker has installed.
     entries: &'a mut u64,
+    /// What removed entries had forwarded, for their accounts: (account, direction,
+    /// packets, bytes). Reserved at start.
+    folds: &'a mut Vec<(u32, usize, u64, u64)>,
 }
 
 impl<'a> Sinks<'a> {
@@ -478,6 +491,7 @@ impl<'a> Sinks<'a> {
         spec: &'a mut WorkerSpec,
         kept: &'a mut Vec<lb::flow::FlowKey>,
         entries: &'a mut u64,
+        folds: &'a mut Vec<(u32, usize, u64, u64)>,
     ) -> Self {
         Sinks {
             fast_path: spec.fast_path.as_mut(),
@@ -485,6 +499,7 @@ impl<'a> Sinks<'a> {
             unkept: &spec.unkept,
             kept,
             entries,
+            folds,
         }
     }
 }
@@ -494,6 +509,7 @@ impl<'a> Sinks<'a> {
 /// resolutions and ended keep entries to the daemon, kept flows for the next sync.
 fn dispatch(engine: &mut Engine, mut sinks: Sinks<'_>) {
     let entries = sinks.entries;
+    let folds = sinks.folds;
     for ev in engine.take_events() {
         match ev {
             Event::FastInstall(dirs, n) => {
@@ -508,11 +524,18 @@ fn dispatch(engine: &mut Engine, mut sinks: Sinks<'_>) {
                     }
                 }
             }
-            Event::FastRemove(keys, n) => {
+            Event::FastRemove(keys, n, acct) => {
                 let Some(map) = sinks.fast_path.as_deref_mut() else {
                     continue;
                 };
-                for k in keys.iter().take(n.into()) {
+                for (dir, k) in keys.iter().take(n.into()).enumerate() {
+                    // What it forwarded counts to its account (a packet the fast path
+                    // forwards between the read and the removal goes uncounted).
+                    if let Some(e) = map.get(k) {
+                        if acct != lb::pipeline::NO_ACCOUNT && folds.len() < folds.capacity() {
+                            folds.push((acct, dir, e.packets, e.bytes));
+                        }
+                    }
                     if map.remove(k) {
                         *entries = entries.saturating_sub(1);
                     }
@@ -526,6 +549,9 @@ fn dispatch(engine: &mut Engine, mut sinks: Sinks<'_>) {
             }
             Event::Kept(k) => sinks.kept.push(k),
         }
+    }
+    for (acct, dir, packets, bytes) in folds.drain(..) {
+        engine.account_fast(acct, dir, packets, bytes);
     }
 }
 

@@ -19,9 +19,10 @@
 
 use control::desired::DesiredState;
 use control::proto::{
-    BackendView, CheckView, ErrorKind, InterfaceView, IpmasqRule, IpmasqView, MasqStatusView,
-    NatView, Outcome, Reply, Request, ResponseEnvelope, ServiceView, SocketStats, StatsView,
-    StatusView, TranslationView, WorkerStats, WorkerView,
+    BackendStatsView, BackendView, CheckView, ErrorKind, InterfaceView, IpmasqRule, IpmasqView,
+    MasqStatusView, NatView, Outcome, Reply, Request, ResponseEnvelope, ServiceStatsView,
+    ServiceView, SocketStats, StatsView, StatusView, TrafficView, TranslationView, WorkerStats,
+    WorkerView,
 };
 use control::server::{Handler, Peer};
 use control::txn::Datapath as _;
@@ -1396,6 +1397,99 @@ impl Daemon {
         Ok(total)
     }
 
+    /// Traffic by service and backend: the workers' accounts (what they forwarded, and
+    /// what the fast path forwarded for flows no longer installed), the live fast-path
+    /// entries' counters (read from the map here, off the workers), and live flows.
+    fn service_stats(&self) -> Result<Vec<ServiceStatsView>, String> {
+        type Pair = (lb::snapshot::FrontendKey, [u8; 4], u16);
+        let mut answers = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if w.requests.try_send(WorkerRequest::Accounts(tx)).is_ok() {
+                w.shared.wake();
+                answers.push((w.id, rx));
+            }
+        }
+        let mut pairs: BTreeMap<(String, String), TrafficView> = BTreeMap::new();
+        let name = |k: &Pair| {
+            let f = lb::service::Frontend {
+                addr: Ipv4Addr::from(k.0.addr),
+                port: k.0.port,
+                proto: lb::service::Proto::from_number(k.0.proto)
+                    .unwrap_or(lb::service::Proto::Tcp),
+            };
+            (f.to_string(), format!("{}:{}", Ipv4Addr::from(k.1), k.2))
+        };
+        for (id, rx) in answers {
+            let (accounts, live) = rx
+                .recv_timeout(WORKER_ANSWER)
+                .map_err(|_| format!("worker {id} did not answer"))?;
+            for a in accounts {
+                let t = pairs
+                    .entry(name(&(a.frontend, a.backend.0, a.backend.1)))
+                    .or_default();
+                t.flows += a.flows;
+                t.packets_in += a.packets[0];
+                t.packets_out += a.packets[1];
+                t.bytes_in += a.bytes[0];
+                t.bytes_out += a.bytes[1];
+            }
+            for (k, n) in live {
+                pairs.entry(name(&k)).or_default().active += n;
+            }
+        }
+        if self.fast_path {
+            let map = self.steering.fast_path_map().map_err(|e| e.to_string())?;
+            let mut flows: BTreeMap<(u32, u32), Vec<(flowrec::FlowKey, flowrec::FlowEntry)>> =
+                BTreeMap::new();
+            for (k, e) in map.entries() {
+                flows.entry((e.worker, e.slot)).or_default().push((k, e));
+            }
+            for entries in flows.values() {
+                let Ok(f) = lb::pipeline::adopt::inherit(&self.snap, entries) else {
+                    continue;
+                };
+                if f.kind != FlowKind::Lb {
+                    continue;
+                }
+                let (addr, port) = f.backend();
+                let t = pairs.entry(name(&(f.frontend(), addr, port))).or_default();
+                for (k, e) in entries {
+                    if *k == f.keys[0].flowrec() {
+                        t.packets_in += e.packets;
+                        t.bytes_in += e.bytes;
+                    } else {
+                        t.packets_out += e.packets;
+                        t.bytes_out += e.bytes;
+                    }
+                }
+            }
+        }
+        // Every service of the table, with each backend, also before any traffic.
+        for svc in self.table.services() {
+            for b in &svc.backends {
+                pairs
+                    .entry((svc.frontend.to_string(), format!("{}:{}", b.addr, b.port)))
+                    .or_default();
+            }
+        }
+        let mut out: Vec<ServiceStatsView> = Vec::new();
+        for ((frontend, backend), totals) in pairs {
+            if out.last().is_none_or(|s| s.frontend != frontend) {
+                out.push(ServiceStatsView {
+                    frontend,
+                    totals: TrafficView::default(),
+                    backends: Vec::new(),
+                });
+            }
+            if let Some(s) = out.last_mut() {
+                s.totals.add(&totals);
+                s.backends.push(BackendStatsView { backend, totals });
+            }
+        }
+        Ok(out)
+    }
+
     fn service_list(&self) -> ResponseEnvelope {
         let flows = match self.backend_flows() {
             Ok(f) => f,
@@ -1959,6 +2053,10 @@ impl Daemon {
             Request::ServiceList {} => self.service_list(),
             Request::Status {} => ResponseEnvelope::ok(self.status()),
             Request::Stats {} => ResponseEnvelope::ok(self.stats()),
+            Request::ServiceStats {} => match self.service_stats() {
+                Ok(services) => ResponseEnvelope::ok(Reply::ServiceStats { services }),
+                Err(e) => ResponseEnvelope::error(ErrorKind::Datapath, e),
+            },
             Request::IpmasqList {} => self.ipmasq_list(),
             Request::IpmasqCheck {
                 source,

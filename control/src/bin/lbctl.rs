@@ -28,7 +28,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use control::client::{Client, ClientError};
 use control::desired;
 use control::proto::{
-    CheckView, IpmasqView, NatView, Outcome, Reply, Request, ServiceView, StatsView, StatusView,
+    CheckView, IpmasqView, NatView, Outcome, Reply, Request, ServiceStatsView, ServiceView,
+    StatsView, StatusView, TrafficView,
 };
 use lb::service::{Affinity, BackendSpec, Frontend, Mode, OnRemove, ServiceOptions};
 use std::net::Ipv4Addr;
@@ -79,10 +80,18 @@ enum Cmd {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
-    /// Per-worker packet counters and drops by reason, and the XDP program's counters.
+    /// Per-worker packet counters and drops by reason, and the XDP program's counters;
+    /// with --services, traffic by service and backend (as ipvsadm --stats).
     Stats {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
+        /// Flows, packets and bytes by service and backend since lbd started.
+        #[arg(long)]
+        services: bool,
+        /// With --services: rates over one second (flows/s, packets/s and bytes/s each
+        /// way), from two readings (as ipvsadm --rate).
+        #[arg(long, requires = "services")]
+        rate: bool,
     },
     /// Egress masquerading: the effective non-masquerade list, and why a packet is (not)
     /// masqueraded.
@@ -410,7 +419,17 @@ fn main() -> ExitCode {
             Format::Table,
         ),
         Cmd::Status { output } => (Request::Status {}, output),
-        Cmd::Stats { output } => (Request::Stats {}, output),
+        Cmd::Stats {
+            output,
+            services: false,
+            ..
+        } => (Request::Stats {}, output),
+        Cmd::Stats {
+            output,
+            rate: false,
+            ..
+        } => (Request::ServiceStats {}, output),
+        Cmd::Stats { output, .. } => return service_rates(&cli, output),
         Cmd::Ipmasq {
             cmd: IpmasqCmd::List { output },
         } => (Request::IpmasqList {}, output),
@@ -535,6 +554,7 @@ fn print_table(r: &Reply) {
         Reply::Ipmasq(v) => print_ipmasq(v),
         Reply::Check(c) => print_check(c),
         Reply::Nat(n) => print_nat(n),
+        Reply::ServiceStats { services } => print_service_stats(services),
         Reply::State { state } => match state.to_text(desired::Format::Yaml) {
             Ok(t) => out!("{}", t.trim_end()),
             Err(e) => out!("{e}"),
@@ -550,6 +570,152 @@ fn print_table(r: &Reply) {
             }
         }
     }
+}
+
+fn print_service_stats(services: &[ServiceStatsView]) {
+    if services.is_empty() {
+        out!("no services");
+        return;
+    }
+    out!(
+        "{:<28} {:>9} {:>7} {:>12} {:>12} {:>14} {:>14}",
+        "SERVICE / -> BACKEND",
+        "FLOWS",
+        "ACTIVE",
+        "INPKTS",
+        "OUTPKTS",
+        "INBYTES",
+        "OUTBYTES"
+    );
+    let row = |name: &str, t: &TrafficView| {
+        out!(
+            "{:<28} {:>9} {:>7} {:>12} {:>12} {:>14} {:>14}",
+            name,
+            t.flows,
+            t.active,
+            t.packets_in,
+            t.packets_out,
+            t.bytes_in,
+            t.bytes_out
+        )
+    };
+    for s in services {
+        row(&s.frontend, &s.totals);
+        for b in &s.backends {
+            row(&format!("  -> {}", b.backend), &b.totals);
+        }
+    }
+}
+
+/// Per-second rates of one service or backend between two readings.
+#[derive(Debug, Clone, serde::Serialize)]
+struct RateView {
+    name: String,
+    cps: f64,
+    in_pps: f64,
+    out_pps: f64,
+    in_bps: f64,
+    out_bps: f64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    backends: Vec<RateView>,
+}
+
+fn rate_of(name: &str, a: Option<&TrafficView>, b: &TrafficView, secs: f64) -> RateView {
+    let a = a.copied().unwrap_or_default();
+    let per = |x: u64, y: u64| y.saturating_sub(x) as f64 / secs;
+    RateView {
+        name: name.to_string(),
+        cps: per(a.flows, b.flows),
+        in_pps: per(a.packets_in, b.packets_in),
+        out_pps: per(a.packets_out, b.packets_out),
+        in_bps: per(a.bytes_in, b.bytes_in),
+        out_bps: per(a.bytes_out, b.bytes_out),
+        backends: Vec::new(),
+    }
+}
+
+/// `lbctl stats --services --rate`: two readings a second apart.
+fn service_rates(cli: &Cli, output: Format) -> ExitCode {
+    let timeout = std::time::Duration::from_secs(cli.timeout);
+    let read = || -> Result<(Vec<ServiceStatsView>, std::time::Instant), String> {
+        let resp = Client::connect_with_timeout(&cli.socket, timeout)
+            .and_then(|mut c| c.call_with_id(&Request::ServiceStats {}, None))
+            .map_err(|e| e.to_string())?;
+        match resp.outcome {
+            Outcome::Ok {
+                result: Reply::ServiceStats { services },
+            } => Ok((services, std::time::Instant::now())),
+            Outcome::Ok { .. } => Err("lbd answered with something else".into()),
+            Outcome::Error { error } => Err(error.message),
+        }
+    };
+    let readings = read().and_then(|first| {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        read().map(|second| (first, second))
+    });
+    let ((before, t0), (after, t1)) = match readings {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lbctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let secs = t1.duration_since(t0).as_secs_f64().max(1e-3);
+    let rates: Vec<RateView> = after
+        .iter()
+        .map(|s| {
+            let prev = before.iter().find(|p| p.frontend == s.frontend);
+            let mut r = rate_of(&s.frontend, prev.map(|p| &p.totals), &s.totals, secs);
+            r.backends = s
+                .backends
+                .iter()
+                .map(|b| {
+                    let pb = prev
+                        .and_then(|p| p.backends.iter().find(|x| x.backend == b.backend))
+                        .map(|x| &x.totals);
+                    rate_of(&b.backend, pb, &b.totals, secs)
+                })
+                .collect();
+            r
+        })
+        .collect();
+    if output == Format::Json {
+        match serde_json::to_string_pretty(&serde_json::json!({ "services": rates })) {
+            Ok(j) => out!("{j}"),
+            Err(e) => {
+                eprintln!("lbctl: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    out!(
+        "{:<28} {:>9} {:>10} {:>10} {:>13} {:>13}",
+        "SERVICE / -> BACKEND",
+        "CPS",
+        "INPPS",
+        "OUTPPS",
+        "INBPS",
+        "OUTBPS"
+    );
+    let row = |name: &str, r: &RateView| {
+        out!(
+            "{:<28} {:>9.1} {:>10.1} {:>10.1} {:>13.1} {:>13.1}",
+            name,
+            r.cps,
+            r.in_pps,
+            r.out_pps,
+            r.in_bps,
+            r.out_bps
+        )
+    };
+    for r in &rates {
+        row(&r.name, r);
+        for b in &r.backends {
+            row(&format!("  -> {}", b.name), b);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn print_ipmasq(v: &IpmasqView) {

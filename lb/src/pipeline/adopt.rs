@@ -188,6 +188,24 @@ pub fn inherit(
 }
 
 impl Inherited {
+    /// A load-balanced flow's service (where its client sent), as [`Flow::frontend`].
+    pub fn frontend(&self) -> FrontendKey {
+        let k = &self.keys[0];
+        FrontendKey {
+            addr: k.dst,
+            port: k.dport,
+            proto: k.proto,
+        }
+    }
+
+    /// A load-balanced flow's backend, as [`Flow::backend`].
+    pub fn backend(&self) -> ([u8; 4], u16) {
+        match self.rewrite[0].fwd.is_dsr() {
+            true => (self.rewrite[0].dst, self.keys[0].dport),
+            false => (self.rewrite[0].dst, self.rewrite[0].dport),
+        }
+    }
+
     /// The worker a translated flow belongs to: its NAT port's (where its replies
     /// arrive). A DSR flow has none: it lives where its client's packets arrive.
     pub fn owner(&self, workers: u16) -> Option<u16> {
@@ -233,6 +251,7 @@ impl Engine {
             fast_gen: 0,
             fwd_seq: 0,
             packets: [0, 0],
+            acct: super::NO_ACCOUNT,
         };
         let key = map_key(&flow);
         let fresh = st.mappings.port(&key).is_none();
@@ -245,6 +264,10 @@ impl Engine {
                 flow.kept = true;
                 st.events.push(Event::Kept(k));
             }
+        }
+        if f.kind == FlowKind::Lb {
+            // Its packets so far are in its fast-path entries (they count there).
+            flow.acct = st.accounts.open(&flow);
         }
         if st.flows.insert(flow).is_err() {
             if flow.mapped {

@@ -319,6 +319,8 @@ impl State {
         f.packets[dir as usize] = f.packets[dir as usize].saturating_add(1);
         let rw = f.rewrite[dir as usize];
         let around = f.hairpin && dir == Dir::Forward;
+        let acct = f.acct;
+        self.accounts.add(acct, dir as usize, 1, p.ip_len() as u64);
         self.fast_sync(snap, slot);
         self.last_flow = Some((slot, dir));
         Ok(Step::Nat { rw, around })
@@ -705,6 +707,7 @@ impl State {
             } else {
                 [0, 1]
             },
+            acct: super::NO_ACCOUNT,
         };
         let mtu = rewrite[first as usize].mtu;
         if p.df && p.ip_len() > usize::from(mtu) {
@@ -723,6 +726,14 @@ impl State {
         };
         if flow.mapped && fresh {
             super::count_use(&mut self.pool_use, &snap.snat.pool, key.outside, true);
+        }
+        if kind == FlowKind::Lb {
+            let acct = self.accounts.open(&flow);
+            self.accounts
+                .add(acct, first as usize, 1, p.ip_len() as u64);
+            if let Some(f) = self.flows.get_mut(slot) {
+                f.acct = acct;
+            }
         }
         self.last_flow = Some((slot, first));
         self.counters.flows_created += 1;

@@ -177,8 +177,9 @@ pub enum Event {
     /// install (or replace) in the XDP fast path (`flowrec`).
     FastInstall([(flowrec::FlowKey, flowrec::FlowEntry); 2], u8),
     /// A fast-path flow's directions (the first `n`), to remove (it ended, or no longer
-    /// qualifies).
-    FastRemove([flowrec::FlowKey; 2], u8),
+    /// qualifies), and its account: the packets the fast path forwarded (the entries'
+    /// counters) count there ([`Engine::account_fast`]).
+    FastRemove([flowrec::FlowKey; 2], u8, u32),
 }
 
 /// The event queue, reserved at start, with the bounds of its resolve and unkept
@@ -229,6 +230,69 @@ enum FragTarget {
 
 /// Live flows by (service, backend address, backend port).
 pub type BackendFlows = hashbrown::HashMap<(FrontendKey, [u8; 4], u16), u64>;
+
+/// (Service, backend) accounts a worker keeps; a worker with more pairs counts the rest
+/// nowhere (bounded memory, bounded label sets).
+pub const ACCOUNTS: usize = 4096;
+/// [`Flow::acct`] of a flow that counts to no account.
+pub const NO_ACCOUNT: u32 = u32::MAX;
+
+/// The traffic of one (service, backend) pair on one worker since lbd started: flows
+/// opened, and packets and bytes (IP length) each way (0: client to backend, 1: back),
+/// the worker's and, folded in when an installed flow leaves the fast path, the fast
+/// path's. Live fast-path entries are added by the reader (the daemon reads the map).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Account {
+    pub frontend: FrontendKey,
+    pub backend: ([u8; 4], u16),
+    pub flows: u64,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// A worker's accounts: a list (a flow keeps its index) and an index by pair, both
+/// reserved at start.
+#[derive(Debug)]
+struct Accounts {
+    list: Vec<Account>,
+    index: hashbrown::HashMap<(FrontendKey, [u8; 4], u16), u32>,
+}
+
+impl Accounts {
+    /// The account of a new load-balanced flow, which counts it as opened.
+    fn open(&mut self, f: &Flow) -> u32 {
+        let frontend = f.frontend();
+        let backend = f.backend();
+        let key = (frontend, backend.0, backend.1);
+        let i = match self.index.get(&key) {
+            Some(&i) => i,
+            None if self.list.len() < ACCOUNTS => {
+                let i = self.list.len() as u32;
+                self.list.push(Account {
+                    frontend,
+                    backend,
+                    flows: 0,
+                    packets: [0; 2],
+                    bytes: [0; 2],
+                });
+                self.index.insert(key, i);
+                i
+            }
+            None => return NO_ACCOUNT,
+        };
+        if let Some(a) = self.list.get_mut(i as usize) {
+            a.flows += 1;
+        }
+        i
+    }
+
+    fn add(&mut self, i: u32, dir: usize, packets: u64, bytes: u64) {
+        if let Some(a) = self.list.get_mut(i as usize) {
+            a.packets[dir] += packets;
+            a.bytes[dir] += bytes;
+        }
+    }
+}
 
 /// A client of a service with a client-ip affinity timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -302,6 +366,8 @@ struct State {
     first_frag: Option<FragKey>,
     /// Install established flows in the XDP fast path (`lbd --fast-path`).
     fast_path: bool,
+    /// Traffic by (service, backend).
+    accounts: Accounts,
     /// Clients' backends for services with a client-ip affinity timeout. Such a client's
     /// new connections all open on one worker, its *affinity home* (a hash of its
     /// address), so one worker remembers it. Allocated at start.
@@ -378,6 +444,7 @@ fn fast_remove(f: &Flow) -> Event {
     Event::FastRemove(
         [f.keys[0].flowrec(), f.keys[1].flowrec()],
         f.directions() as u8,
+        f.acct,
     )
 }
 
@@ -470,6 +537,10 @@ impl Engine {
             last_flow: None,
             first_frag: None,
             fast_path: false,
+            accounts: Accounts {
+                list: reserve(ACCOUNTS, flow_capacity)?,
+                index: reserve_map(ACCOUNTS, flow_capacity)?,
+            },
             affinity: reserve_map(AFFINITY_CAPACITY, flow_capacity)?,
             affinity_reap: 0,
         };
@@ -708,6 +779,17 @@ impl Engine {
     /// Install established flows in the XDP fast path from now on (`lbd --fast-path on`).
     pub fn enable_fast_path(&mut self) {
         self.st.fast_path = true;
+    }
+
+    /// The traffic by (service, backend) this worker counted (see [`Account`]).
+    pub fn accounts(&self) -> &[Account] {
+        &self.st.accounts.list
+    }
+
+    /// Count what the fast path forwarded for a flow direction (`dir`: 0 forward, 1
+    /// reverse) whose entry is being removed ([`Event::FastRemove`] names the account).
+    pub fn account_fast(&mut self, acct: u32, dir: usize, packets: u64, bytes: u64) {
+        self.st.accounts.add(acct, dir, packets, bytes);
     }
 
     /// Live load-balanced flows by service and backend (for `lbctl service list`: a
