@@ -60,6 +60,8 @@ pub struct WorkerShared {
     /// pool address (pool order).
     pub mappings: AtomicU64,
     pub pool_use: [AtomicU64; nat::MAX_POOL],
+    /// New flows refused for want of a port, by SNAT pool address.
+    pub pool_failures: [AtomicU64; nat::MAX_POOL],
     /// Flow directions this worker has in the XDP fast path.
     pub fast_entries: AtomicU64,
     pub parked: AtomicBool,
@@ -194,6 +196,7 @@ pub fn shared_state(sockets: usize) -> std::io::Result<(Poll, Arc<WorkerShared>)
             flows: AtomicU64::new(0),
             mappings: AtomicU64::new(0),
             pool_use: std::array::from_fn(|_| AtomicU64::new(0)),
+            pool_failures: std::array::from_fn(|_| AtomicU64::new(0)),
             fast_entries: AtomicU64::new(0),
             parked: AtomicBool::new(false),
             failed: AtomicBool::new(false),
@@ -564,6 +567,9 @@ fn publish(me: &WorkerShared, engine: &Engine) {
     me.mappings
         .store(engine.mappings() as u64, Ordering::Relaxed);
     for (a, n) in me.pool_use.iter().zip(engine.pool_use()) {
+        a.store(*n, Ordering::Relaxed);
+    }
+    for (a, n) in me.pool_failures.iter().zip(engine.pool_failures()) {
         a.store(*n, Ordering::Relaxed);
     }
 }

@@ -187,6 +187,10 @@ pub struct Daemon {
     handover: Option<Handover>,
     /// A masquerading-policy change waiting for the workers' answers.
     policy_pending: Option<PendingPolicy>,
+    /// Scrapes waiting for an answer (`--metrics-addr`).
+    metrics: Option<Receiver<crate::metrics::Scrape>>,
+    /// The most ports of each SNAT pool address held at once.
+    pool_high_water: Vec<u64>,
 }
 
 /// A masquerading-policy change between its two halves (see `Daemon::apply_policy`).
@@ -889,6 +893,8 @@ impl Daemon {
             fatal: None,
             handover,
             policy_pending: None,
+            metrics: None,
+            pool_high_water: Vec::new(),
         })
     }
 
@@ -1491,10 +1497,15 @@ impl Daemon {
     }
 
     fn service_list(&self) -> ResponseEnvelope {
-        let flows = match self.backend_flows() {
-            Ok(f) => f,
-            Err(e) => return ResponseEnvelope::error(ErrorKind::Datapath, e),
-        };
+        match self.service_views() {
+            Ok(services) => ResponseEnvelope::ok(Reply::Services { services }),
+            Err(e) => ResponseEnvelope::error(ErrorKind::Datapath, e),
+        }
+    }
+
+    /// The services as `lbctl service list` shows them.
+    fn service_views(&self) -> Result<Vec<ServiceView>, String> {
+        let flows = self.backend_flows()?;
         let mut services = Vec::new();
         for spec in self.table.services() {
             let key = lb::snapshot::FrontendKey::from(&spec.frontend);
@@ -1556,7 +1567,73 @@ impl Daemon {
                 worst_share_error_pct: worst,
             });
         }
-        ResponseEnvelope::ok(Reply::Services { services })
+        Ok(services)
+    }
+
+    /// Start answering scrapes: each request on `rx` gets the exposition
+    /// (`crate::metrics`), between two ticks.
+    pub fn serve_metrics(&mut self, rx: Receiver<crate::metrics::Scrape>) {
+        self.metrics = Some(rx);
+    }
+
+    /// SNAT pool addresses' ports over the workers, with the high-water marks.
+    fn pools(&self) -> Vec<crate::metrics::PoolSample> {
+        let sum =
+            |i: usize, f: fn(&xdp::worker::WorkerShared) -> &[std::sync::atomic::AtomicU64]| {
+                self.workers
+                    .iter()
+                    .filter_map(|w| f(&w.shared).get(i))
+                    .map(|n| n.load(Ordering::Relaxed))
+                    .sum::<u64>()
+            };
+        self.cfg
+            .snat
+            .pool
+            .iter()
+            .enumerate()
+            .map(|(i, a)| crate::metrics::PoolSample {
+                address: Ipv4Addr::from(a.addr).to_string(),
+                ports: u64::from(a.ports.len()),
+                allocated: sum(i, |w| &w.pool_use),
+                high_water: self.pool_high_water.get(i).copied().unwrap_or(0),
+                failures: sum(i, |w| &w.pool_failures),
+            })
+            .collect()
+    }
+
+    /// The metrics exposition (`/metrics`), from what the loop has now.
+    fn metrics_text(&self) -> Result<String, String> {
+        let (Reply::Stats(stats), Reply::Status(status)) = (self.stats(), self.status()) else {
+            return Err("no stats".into());
+        };
+        let sample = crate::metrics::Sample {
+            stats,
+            status: *status,
+            services: self.service_views()?,
+            traffic: self.service_stats()?,
+            pools: self.pools(),
+        };
+        crate::metrics::encode(&sample).map_err(|e| e.to_string())
+    }
+
+    /// Answer the scrapes waiting, and follow the NAT pools' high-water marks.
+    fn tick_metrics(&mut self) {
+        let now = self.pools();
+        self.pool_high_water.resize(now.len(), 0);
+        for (h, p) in self.pool_high_water.iter_mut().zip(&now) {
+            *h = (*h).max(p.allocated);
+        }
+        let Some(rx) = self.metrics.as_ref() else {
+            return;
+        };
+        let waiting: Vec<crate::metrics::Scrape> = rx.try_iter().collect();
+        for reply in waiting {
+            let body = self.metrics_text();
+            if let Err(e) = &body {
+                tracing::warn!(error = %e, "metrics not collected");
+            }
+            let _ = reply.send(body);
+        }
     }
 
     fn status(&self) -> Reply {
@@ -2082,6 +2159,7 @@ impl Daemon {
         while let Ok(k) = self.unkept_rx.try_recv() {
             self.steering.unkeep(&k);
         }
+        self.tick_metrics();
         let now = Instant::now();
         self.poll_policy(now);
         if self.policy_pending.is_none() {

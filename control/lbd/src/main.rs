@@ -114,6 +114,10 @@ struct Args {
     /// Pin nothing: the XDP program leaves with lbd, and established flows with it.
     #[arg(long)]
     no_pin: bool,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR:PORT/metrics, e.g.
+    /// 127.0.0.1:9567 (off by default).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Remove what lbd pinned in --pin-dir and exit: its XDP program leaves the
     /// interfaces, and the flows the fast path kept end (taking xlb out of service).
     #[arg(long)]
@@ -441,6 +445,16 @@ fn main() -> anyhow::Result<()> {
     if let Err(e) = daemon.resume() {
         daemon.shutdown();
         return Err(e).context("taking over the previous lbd's datapath");
+    }
+    if let Some(addr) = a.metrics_addr {
+        match lbd::metrics::serve(addr) {
+            Ok(rx) => daemon.serve_metrics(rx),
+            Err(e) => {
+                daemon.shutdown();
+                return Err(anyhow::Error::msg(e));
+            }
+        }
+        tracing::info!(%addr, "metrics at /metrics");
     }
     tracing::info!(socket = %sock.path().display(), "lbd ready");
     // systemd's Type=notify: ready once the workers run and the state is restored (a

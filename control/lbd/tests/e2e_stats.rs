@@ -109,3 +109,277 @@ fn service_stats_count_flows_packets_and_bytes_by_backend() {
         "ACKs: {rate}"
     );
 }
+
+/// `curl -s URL` in namespace `ns`: the body.
+fn get(t: &Topo, ns: &str, url: &str) -> String {
+    let o = t
+        .cmd(ns, "curl")
+        .args(["-s", "--max-time", "5", url])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A PromQL query against the test's Prometheus: the result vector.
+fn query(t: &Topo, q: &str) -> Vec<serde_json::Value> {
+    let o = t
+        .cmd("lb", "curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-G",
+            "http://127.0.0.1:9090/api/v1/query",
+        ])
+        .args(["--data-urlencode", &format!("query={q}")])
+        .output()
+        .expect("curl");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+/// The sum of a query's values (0 without series).
+fn total(t: &Topo, q: &str) -> f64 {
+    query(t, q)
+        .iter()
+        .filter_map(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Wait (scrapes are a second apart) until `q` sums to at least `min`.
+fn eventually(t: &Topo, q: &str, min: f64) -> f64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = total(t, q);
+        if v >= min {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{q} stayed at {v} (< {min})"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Every metric family lbd exports, each moved by this test.
+const FAMILIES: &[&str] = &[
+    "xlb_build_info",
+    "xlb_worker_rx_packets_total",
+    "xlb_worker_tx_packets_total",
+    "xlb_worker_handoff_packets_total",
+    "xlb_worker_flows_created_total",
+    "xlb_worker_flows_expired_total",
+    "xlb_worker_flows_evicted_total",
+    "xlb_worker_flows_adopted_total",
+    "xlb_worker_generated_packets_total",
+    "xlb_drops_total",
+    "xlb_xdp_packets_total",
+    "xlb_fast_path_packets_total",
+    "xlb_afxdp_kernel_total",
+    "xlb_flow_table_entries",
+    "xlb_flow_table_capacity",
+    "xlb_nat_mappings",
+    "xlb_fast_path_entries",
+    "xlb_nat_ports",
+    "xlb_nat_ports_allocated",
+    "xlb_nat_ports_free",
+    "xlb_nat_ports_allocated_high_water",
+    "xlb_nat_port_allocation_failures_total",
+    "xlb_service_flows_total",
+    "xlb_service_flows_active",
+    "xlb_service_packets_total",
+    "xlb_service_bytes_total",
+    "xlb_backend_weight",
+    "xlb_backend_state",
+    "xlb_service_maglev_info",
+];
+
+#[test]
+fn a_real_prometheus_scrapes_the_metrics_and_they_move_with_the_traffic() {
+    if !common::privileged("a_real_prometheus_scrapes_the_metrics_and_they_move_with_the_traffic") {
+        return;
+    }
+    let mut t = Topo::up("metrics", 2, 2);
+    // 64 NAT ports (32 a worker): 80 connections to one backend exhaust them.
+    t.start_lbd(&[
+        "--metrics-addr",
+        "127.0.0.1:9567",
+        "--snat-ports",
+        "61000-61063",
+    ]);
+    t.add_service("10.96.0.10:80/tcp", &["10.1.0.11:8080", "10.1.0.12:8080"]);
+    t.add_service("10.96.0.10:9000/tcp", &["10.1.0.11:9000"]);
+
+    // The exposition itself: OpenMetrics, accepted by promtool.
+    let o = t
+        .cmd("lb", "curl")
+        .args(["-s", "-i", "http://127.0.0.1:9567/metrics"])
+        .output()
+        .expect("curl");
+    let raw = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        raw.contains("application/openmetrics-text; version=1.0.0"),
+        "{raw}"
+    );
+    assert!(raw.trim_end().ends_with("# EOF"), "{raw}");
+    let body = get(&t, "lb", "http://127.0.0.1:9567/metrics");
+    let path = t.dir().join("metrics.txt");
+    std::fs::write(&path, &body).expect("write");
+    // A strict OpenMetrics parser (the Python client's, Debian's python3-prometheus-client)
+    // takes it whole: names, types, units, label escaping, the closing # EOF.
+    let parsed = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import sys\n\
+             from prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
+             fams = list(p(open(sys.argv[1]).read()))\n\
+             print(len(fams), sum(len(f.samples) for f in fams))",
+        )
+        .arg(&path)
+        .output()
+        .expect("python3");
+    assert!(
+        parsed.status.success(),
+        "OpenMetrics parser: {}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    println!(
+        "families, samples: {}",
+        String::from_utf8_lossy(&parsed.stdout).trim()
+    );
+    assert!(get(&t, "lb", "http://127.0.0.1:9567/other").contains("not found"));
+
+    // A real Prometheus in the edge node's namespace, scraping every second.
+    let cfg = t.dir().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n\
+         scrape_configs:\n  - job_name: xlb\n    static_configs: [{targets: ['127.0.0.1:9567']}]\n",
+    )
+    .expect("config");
+    let tsdb = t.dir().join("tsdb");
+    t.spawn(
+        "lb",
+        "prometheus",
+        &[
+            &format!("--config.file={}", cfg.display()),
+            &format!("--storage.tsdb.path={}", tsdb.display()),
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+    );
+    eventually(&t, "up{job=\"xlb\"}", 1.0);
+    let idle_rx = eventually(&t, "xlb_worker_rx_packets_total", 0.0);
+    assert_eq!(total(&t, "xlb_service_flows_total"), 0.0);
+
+    // Traffic: 30 requests, a few invalid segments, an upload through the fast path.
+    assert_eq!(t.curl_many(30).len(), 30, "{}", t.lbd_log());
+    let st = t
+        .cmd("client", "hping3")
+        .args([
+            "-q",
+            "-c",
+            "3",
+            "-i",
+            "u10000",
+            "-S",
+            "-F",
+            "-p",
+            "80",
+            "10.96.0.10",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("hping3");
+    assert!(st.code().is_some(), "hping3 ran");
+    t.spawn("b1", "iperf3", &["-s", "-p", "5201"]);
+    t.add_service("10.96.0.10:5201/tcp", &["10.1.0.11:5201"]);
+    let up = t
+        .cmd("client", "iperf3")
+        .args(["-c", "10.96.0.10", "-p", "5201", "-n", "10M"])
+        .output()
+        .expect("iperf3");
+    assert!(up.status.success());
+    let web = "{service=\"10.96.0.10:80/tcp\"}";
+    eventually(&t, &format!("xlb_service_flows_total{web}"), 30.0);
+    eventually(&t, &format!("xlb_service_packets_total{web}"), 150.0);
+    eventually(&t, &format!("xlb_service_bytes_total{web}"), 6000.0);
+    eventually(
+        &t,
+        "xlb_service_bytes_total{service=\"10.96.0.10:5201/tcp\",direction=\"in\"}",
+        10.0 * 1024.0 * 1024.0,
+    );
+    assert!(eventually(&t, "xlb_worker_rx_packets_total", 1.0) > idle_rx);
+    eventually(&t, "xlb_worker_tx_packets_total", 100.0);
+    eventually(&t, "xlb_worker_flows_created_total", 31.0);
+    eventually(&t, "xlb_fast_path_packets_total", 1000.0);
+    eventually(&t, "xlb_xdp_packets_total{counter=\"fast_path\"}", 1000.0);
+    eventually(
+        &t,
+        "xlb_drops_total{source=\"worker\",reason=\"invalid_tcp_flags\"}",
+        3.0,
+    );
+    eventually(&t, "xlb_flow_table_capacity", 2.0 * 16384.0);
+    eventually(&t, "xlb_nat_ports{address=\"10.1.0.1\"}", 64.0);
+    eventually(&t, "xlb_backend_weight", 4.0);
+    eventually(&t, "xlb_backend_state{state=\"active\"}", 4.0);
+    eventually(&t, "xlb_service_maglev_info", 3.0);
+    eventually(&t, "xlb_build_info", 1.0);
+    // Live connections hold ports, exhaust them, and show in the gauges.
+    let held = t.py(
+        "client",
+        "import socket\n\
+         socks, refused = [], 0\n\
+         for i in range(80):\n\
+         \x20   try:\n\
+         \x20       socks.append(socket.create_connection(('10.96.0.10', 9000), timeout=2))\n\
+         \x20   except OSError:\n\
+         \x20       refused += 1\n\
+         import time\n\
+         time.sleep(3)\n\
+         print(len(socks), refused)",
+    );
+    println!("connections held, refused: {held}");
+    eventually(
+        &t,
+        "xlb_nat_ports_allocated_high_water{address=\"10.1.0.1\"}",
+        64.0,
+    );
+    eventually(&t, "xlb_nat_ports_allocated{address=\"10.1.0.1\"}", 32.0);
+    eventually(
+        &t,
+        "xlb_nat_port_allocation_failures_total{address=\"10.1.0.1\"}",
+        1.0,
+    );
+    eventually(
+        &t,
+        "xlb_service_flows_active{service=\"10.96.0.10:9000/tcp\"}",
+        0.0,
+    );
+    // Draining a backend shows in its state.
+    t.lbctl(&["backend", "drain", "10.96.0.10:80/tcp", "10.1.0.12:8080"]);
+    eventually(
+        &t,
+        "xlb_backend_state{backend=\"10.1.0.12:8080\",state=\"drained\"}",
+        1.0,
+    );
+    // Every family is there.
+    let names: Vec<String> = query(&t, "count by (__name__) ({__name__=~\"xlb_.*\"})")
+        .iter()
+        .filter_map(|s| s["metric"]["__name__"].as_str().map(str::to_string))
+        .collect();
+    for f in FAMILIES {
+        assert!(names.iter().any(|n| n == f), "{f} missing from {names:?}");
+    }
+    let after = get(&t, "lb", "http://127.0.0.1:9567/metrics");
+    let sample: Vec<&str> = after
+        .lines()
+        .filter(|l| {
+            l.contains("10.96.0.10:80/tcp")
+                || l.contains("10.1.0.1\"")
+                || l.starts_with("xlb_build")
+        })
+        .collect();
+    println!("{}", sample.join("\n"));
+}

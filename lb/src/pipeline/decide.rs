@@ -888,7 +888,18 @@ impl State {
         let port = match self.map_port(snap, &mk, to.range, |f, port| !f.contains_key(&reply(port)))
         {
             Ok(port) => port,
-            Err(r) => return self.refuse(snap, p, r),
+            Err(r) => {
+                if let Some(n) = snap
+                    .snat
+                    .pool
+                    .iter()
+                    .position(|a| a.addr == to.outside)
+                    .and_then(|i| self.pool_failures.get_mut(i))
+                {
+                    *n += 1;
+                }
+                return self.refuse(snap, p, r);
+            }
         };
         let rev_key = reply(port);
         let fwd = rewrite(&k, to.outside, raddr, port, rport, to.hops.0);

@@ -354,6 +354,8 @@ struct State {
     scratch: Scratch,
     /// Mappings on each SNAT pool address (by position in the snapshot's pool).
     pool_use: [u64; nat::MAX_POOL],
+    /// New flows refused for want of a free port, by SNAT pool address (same order).
+    pool_failures: [u64; nat::MAX_POOL],
     /// Fragmented datagrams whose first fragment was seen here: where the later
     /// fragments go, and when it was seen. Allocated at start; `frag_order` forgets the
     /// oldest when full.
@@ -531,6 +533,7 @@ impl Engine {
             icmp_clock: 0,
             scratch: Scratch::new(),
             pool_use: [0; nat::MAX_POOL],
+            pool_failures: [0; nat::MAX_POOL],
             frags: reserve_map(FRAGS, flow_capacity)?,
             frag_order: [FragKey::default(); FRAGS],
             frag_next: 0,
@@ -640,6 +643,11 @@ impl Engine {
     /// Mappings on each SNAT pool address, in the snapshot's pool order.
     pub fn pool_use(&self) -> &[u64] {
         &self.st.pool_use[..self.snap.snat.pool.len().min(nat::MAX_POOL)]
+    }
+
+    /// New flows refused because no port was free, by SNAT pool address (same order).
+    pub fn pool_failures(&self) -> &[u64] {
+        &self.st.pool_failures[..self.snap.snat.pool.len().min(nat::MAX_POOL)]
     }
 
     /// Start a batch at time `now` (ns, monotonic): advances the expiry clock hand.
