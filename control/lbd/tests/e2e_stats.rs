@@ -200,6 +200,18 @@ fn a_real_prometheus_scrapes_the_metrics_and_they_move_with_the_traffic() {
     if !common::privileged("a_real_prometheus_scrapes_the_metrics_and_they_move_with_the_traffic") {
         return;
     }
+    // The real programs this test needs (deploy/install-deps.sh installs them).
+    let runs = |prog: &str, args: &[&str]| {
+        std::process::Command::new(prog)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(runs("prometheus", &["--version"]), "prometheus is missing");
+    assert!(
+        runs("/usr/bin/python3", &["-c", "import prometheus_client"]),
+        "python3-prometheus-client is missing"
+    );
     let mut t = Topo::up("metrics", 2, 2);
     // 64 NAT ports (32 a worker): 80 connections to one backend exhaust them.
     t.start_lbd(&[
