@@ -240,6 +240,10 @@ pub struct IpmasqView {
     /// stays in effect).
     pub config: Option<String>,
     pub config_error: Option<String>,
+    /// The list above is being applied: the workers have it, the XDP maps follow once
+    /// every worker has said which flows it keeps (milliseconds).
+    #[serde(default)]
+    pub applying: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1960,6 +1960,7 @@ impl Daemon {
             masq_link_local: m.rules.policy.masq_link_local(),
             config: rt.config.as_ref().map(|p| p.display().to_string()),
             config_error: rt.config_error.clone(),
+            applying: self.policy_pending.is_some(),
         }))
     }
 

@@ -39,6 +39,13 @@ fn start(test: &str, queues: u32, config: Option<&str>, extra: &[&str]) -> Optio
     Some(t)
 }
 
+/// `lbctl ipmasq list` says what `ok` wants, and the change is applied whole (the XDP
+/// maps too, not only the workers).
+fn applied(t: &Topo, ok: impl Fn(&str) -> bool) -> bool {
+    let l = t.lbctl(&["ipmasq", "list"]);
+    ok(&l) && !l.contains("being applied")
+}
+
 /// `curl --interface SRC http://DST:8080/peer` from the pod namespace: the peer the
 /// server saw.
 fn http_peer(t: &Topo, src: &str, dst: &str) -> String {
@@ -407,7 +414,7 @@ fn a_policy_change_applies_to_new_flows_only() {
     )
     .expect("write");
     wait_for("the new list", || {
-        t.lbctl(&["ipmasq", "list"]).contains("20.0.0.0/24")
+        applied(&t, |l| l.contains("20.0.0.0/24"))
     });
     assert_eq!(
         t.lbctl(&["ipmasq", "check", POD_A, SRV]).trim(),
@@ -446,7 +453,7 @@ fn a_policy_change_applies_to_new_flows_only() {
     // Back to a list without srv's network: new flows are masqueraded again.
     std::fs::write(&config, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").expect("write");
     wait_for("the list without 20.0.0.0/24", || {
-        !t.lbctl(&["ipmasq", "list"]).contains("20.0.0.0/24")
+        applied(&t, |l| !l.contains("20.0.0.0/24"))
     });
     assert_eq!(peer_addr(&http_peer(&t, POD_A, SRV)), EGRESS);
     assert_eq!(echo.say("end"), "srv:end");

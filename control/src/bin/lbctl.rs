@@ -731,6 +731,9 @@ fn print_ipmasq(v: &IpmasqView) {
     if let Some(e) = &v.config_error {
         out!("Config error (last good list in effect): {e}");
     }
+    if v.applying {
+        out!("This list is being applied (the XDP maps follow in milliseconds)");
+    }
     out!("masqLinkLocal: {}", v.masq_link_local);
     out!("{:<20} SOURCE", "NON-MASQUERADE CIDR");
     for r in &v.non_masquerade {
