@@ -34,7 +34,13 @@ pub struct ServiceEntry {
     pub backends: Vec<BackendSpec>,
     #[serde(default, skip_serializing_if = "ServiceOptions::is_default")]
     pub options: ServiceOptions,
+    /// Its backends' health check, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::health::HealthSpec>,
 }
+
+/// Health checks by service.
+pub type HealthChecks = BTreeMap<Frontend, crate::health::HealthSpec>;
 
 /// The file formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +50,9 @@ pub enum Format {
 }
 
 impl DesiredState {
-    /// The state a service table is in (services by frontend, backends sorted).
-    pub fn of(table: &ServiceTable) -> DesiredState {
+    /// The state a service table is in (services by frontend, backends sorted), with
+    /// the services' health checks.
+    pub fn of(table: &ServiceTable, health: &HealthChecks) -> DesiredState {
         DesiredState {
             services: table
                 .services()
@@ -53,9 +60,22 @@ impl DesiredState {
                     frontend: s.frontend,
                     backends: s.backends.clone(),
                     options: s.options,
+                    health: health.get(&s.frontend).cloned(),
                 })
                 .collect(),
         }
+    }
+
+    /// The health checks the file gives, each validated.
+    pub fn health(&self) -> Result<HealthChecks, String> {
+        let mut m = HealthChecks::new();
+        for s in &self.services {
+            if let Some(h) = &s.health {
+                h.validate().map_err(|e| format!("{}: {e}", s.frontend))?;
+                m.insert(s.frontend, h.clone());
+            }
+        }
+        Ok(m)
     }
 
     /// Parse a file's text. Errors name the line and column (YAML and JSON alike) and
@@ -348,7 +368,7 @@ services:
     #[test]
     fn a_file_round_trips_through_export() {
         let t = table(TWO);
-        let d = DesiredState::of(&t);
+        let d = DesiredState::of(&t, &HealthChecks::new());
         assert_eq!(d.services.len(), 2);
         for format in [Format::Yaml, Format::Json] {
             let text = d.to_text(format).expect("text");
@@ -403,7 +423,7 @@ services:
             ]
         );
         let t2 = apply_all(&t, &ops).expect("valid");
-        assert_eq!(DesiredState::of(&t2), {
+        assert_eq!(DesiredState::of(&t2, &HealthChecks::new()), {
             let mut d = d.clone();
             d.services.sort_by_key(|s| s.frontend);
             d
@@ -440,7 +460,7 @@ services:
         let dir = std::env::temp_dir().join(format!("xlb-state-{}", std::process::id()));
         let path = dir.join("sub").join("state.yaml");
         assert_eq!(load(&path), Ok(None), "no file yet");
-        let d = DesiredState::of(&table(TWO));
+        let d = DesiredState::of(&table(TWO), &HealthChecks::new());
         prepare(&path, &d).expect("write").finish().expect("rename");
         assert_eq!(load(&path), Ok(Some(d.clone())));
         // A prepared state that is dropped (the change failed) leaves the old one and
@@ -485,5 +505,39 @@ services:
             plan(&t, &dup),
             Err(PlanError::DuplicateService(_))
         ));
+    }
+
+    #[test]
+    fn health_checks_are_part_of_the_file_and_validated() {
+        let text = "services:\n  - frontend: 10.96.0.10:80/tcp\n    backends: [10.1.0.11:8080]\n    health: {probe: {type: http, path: /healthz}, interval_ms: 500, fall: 2}\n";
+        let d = DesiredState::parse(text, Format::Yaml).expect("parse");
+        let h = d.health().expect("valid");
+        let spec = h.values().next().expect("one check");
+        assert_eq!((spec.interval_ms, spec.fall, spec.rise), (500, 2, 2));
+        // Exported and read back: the same.
+        let t = apply_all(
+            &ServiceTable::default(),
+            &plan(&ServiceTable::default(), &d).expect("plan"),
+        )
+        .expect("table");
+        let back = DesiredState::of(&t, &h);
+        assert_eq!(back, d);
+        for f in [Format::Yaml, Format::Json] {
+            let again = DesiredState::parse(&back.to_text(f).expect("text"), f).expect("parse");
+            assert_eq!(again, d);
+        }
+        // A check that cannot work is refused with its service; a misspelt key names itself.
+        let bad = text.replace("interval_ms: 500", "interval_ms: 5");
+        let e = DesiredState::parse(&bad, Format::Yaml)
+            .expect("parses")
+            .health()
+            .expect_err("refused");
+        assert!(
+            e.contains("10.96.0.10:80/tcp") && e.contains("interval"),
+            "{e}"
+        );
+        let typo = text.replace("fall: 2", "fal: 2");
+        let e = DesiredState::parse(&typo, Format::Yaml).expect_err("unknown key");
+        assert!(e.contains("fal"), "{e}");
     }
 }

@@ -2,7 +2,8 @@
 //! ([`proto`], documented in docs/protocol.md), the mio event loop that serves it
 //! ([`server`]), the blocking client `lbctl` uses ([`client`]), and the desired state
 //! as a file with the plan that applies it ([`desired`]), and the one ordered apply with
-//! rollback every datapath change goes through ([`txn`]).
+//! rollback every datapath change goes through ([`txn`]), and health checks' pure part
+//! ([`health`]).
 //!
 //! This crate never touches frames or the kernel's datapath; `lbd` (`control/lbd`, over
 //! the `xdp` I/O crate) implements [`server::Handler`] and [`txn::Datapath`].
@@ -11,6 +12,7 @@
 pub mod client;
 pub mod desired;
 pub mod fuzzing;
+pub mod health;
 pub mod proto;
 pub mod server;
 pub mod txn;

@@ -64,6 +64,13 @@ pub enum Request {
     Stats {},
     /// Traffic by service and backend since lbd started (`lbctl stats --services`).
     ServiceStats {},
+    /// Give a service's backends a health check (`check`), or none.
+    ServiceHealth {
+        #[serde(with = "as_string")]
+        frontend: Frontend,
+        #[serde(default)]
+        check: Option<crate::health::HealthSpec>,
+    },
     /// The effective non-masquerade list.
     IpmasqList {},
     /// What happens to a packet from `source` to `destination`, and why.
@@ -99,6 +106,7 @@ impl Request {
                 | Request::BackendAdd { .. }
                 | Request::BackendRemove { .. }
                 | Request::BackendSetWeight { .. }
+                | Request::ServiceHealth { .. }
                 | Request::Apply { dry_run: false, .. }
         )
     }
@@ -359,6 +367,13 @@ pub struct BackendView {
     /// up to 1 s for it), or "no route".
     #[serde(default)]
     pub next_hop: String,
+    /// With a health check: whether its probes say it is up, and the last probe's
+    /// result and age ("up: HTTP 200, 0.4 s ago"). `state` is "unhealthy" while it is
+    /// down (no new flows; its established flows go on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -383,6 +398,9 @@ pub struct ServiceView {
     pub table_size: usize,
     #[serde(default)]
     pub worst_share_error_pct: f64,
+    /// Its health check, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

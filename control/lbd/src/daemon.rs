@@ -191,6 +191,19 @@ pub struct Daemon {
     metrics: Option<Receiver<crate::metrics::Scrape>>,
     /// The most ports of each SNAT pool address held at once.
     pool_high_water: Vec<u64>,
+    /// Health checks by service (the operator's; in the state file).
+    health: control::desired::HealthChecks,
+    /// Each checked backend's state by its probes, by (service, backend).
+    checked: HashMap<crate::prober::Key, Checked>,
+    /// The thread running the probes.
+    prober: Option<crate::prober::Prober>,
+}
+
+/// A checked backend: its state, and the last probe's result and when.
+#[derive(Debug, Default)]
+struct Checked {
+    tracker: control::health::Tracker,
+    last: Option<(bool, String, Instant)>,
 }
 
 /// A masquerading-policy change between its two halves (see `Daemon::apply_policy`).
@@ -895,6 +908,16 @@ impl Daemon {
             policy_pending: None,
             metrics: None,
             pool_high_water: Vec::new(),
+            health: control::desired::HealthChecks::new(),
+            checked: HashMap::new(),
+            prober: match crate::prober::spawn() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    return Err(DaemonError::Config(format!(
+                        "starting the health prober: {e}"
+                    )))
+                }
+            },
         })
     }
 
@@ -1022,18 +1045,22 @@ impl Daemon {
     /// operations are validated as each alone would be, then the table they lead to is
     /// committed at once, so clients see the old services or the new, never a mix.
     fn apply_state(&mut self, state: DesiredState, dry_run: bool) -> ResponseEnvelope {
-        let (ops, next) = match self.plan_state(&state) {
+        let planned = self
+            .plan_state(&state)
+            .and_then(|(ops, next)| state.health().map(|h| (ops, next, h)));
+        let (ops, next, health) = match planned {
             Ok(p) => p,
             Err(e) => {
                 return ResponseEnvelope::error(ErrorKind::Invalid, format!("nothing changed: {e}"))
             }
         };
-        let changes: Vec<String> = ops
+        let mut changes: Vec<String> = ops
             .iter()
             .map(|o| control::desired::Change(o).to_string())
             .collect();
-        if !dry_run && !ops.is_empty() {
-            if let Err((kind, e)) = self.commit(next) {
+        changes.extend(health_changes(&self.health, &health));
+        if !dry_run && !changes.is_empty() {
+            if let Err((kind, e)) = self.commit_all(next, health) {
                 return ResponseEnvelope::error(kind, e);
             }
             self.prime(ops.iter().flat_map(new_backends).collect());
@@ -1073,12 +1100,13 @@ impl Daemon {
     ) -> Result<usize, String> {
         let mut n = 0;
         if let Some(state) = state {
-            let (ops, next) = self
+            let (ops, next, health) = self
                 .plan_state(&state)
+                .and_then(|(ops, next)| state.health().map(|h| (ops, next, h)))
                 .map_err(|e| format!("state file {}: {e}", path.display()))?;
             n = next.len();
-            if !ops.is_empty() {
-                self.commit(next)
+            if !ops.is_empty() || !health.is_empty() {
+                self.commit_all(next, health)
                     .map_err(|(_, e)| format!("state file {}: {e}", path.display()))?;
                 let fresh = self
                     .table
@@ -1202,21 +1230,44 @@ impl Daemon {
     }
 
     fn commit(&mut self, next: ServiceTable) -> Result<(), (ErrorKind, String)> {
+        // A removed service's health check goes with it.
+        let health = self
+            .health
+            .iter()
+            .filter(|(f, _)| next.get(f).is_some())
+            .map(|(f, h)| (*f, h.clone()))
+            .collect();
+        self.commit_all(next, health)
+    }
+
+    /// [`Daemon::commit`] of a table and the services' health checks together.
+    fn commit_all(
+        &mut self,
+        next: ServiceTable,
+        health: control::desired::HealthChecks,
+    ) -> Result<(), (ErrorKind, String)> {
         let pending = match &self.state_file {
             Some(path) => Some(
-                control::desired::prepare(path, &DesiredState::of(&next)).map_err(|e| {
-                    (
-                        ErrorKind::Datapath,
-                        format!(
-                            "nothing changed: cannot write the state file {}: {e}",
-                            path.display()
-                        ),
-                    )
-                })?,
+                control::desired::prepare(path, &DesiredState::of(&next, &health)).map_err(
+                    |e| {
+                        (
+                            ErrorKind::Datapath,
+                            format!(
+                                "nothing changed: cannot write the state file {}: {e}",
+                                path.display()
+                            ),
+                        )
+                    },
+                )?,
             ),
             None => None,
         };
-        self.commit_datapath(next)?;
+        let before = std::mem::replace(&mut self.health, health);
+        if let Err(e) = self.commit_datapath(next) {
+            self.health = before;
+            return Err(e);
+        }
+        self.sync_prober();
         if let Some(p) = pending {
             if let Err(e) = p.finish() {
                 tracing::error!(error = %e, "the change is in force but the state file was not replaced: a restart would lose it");
@@ -1225,18 +1276,144 @@ impl Daemon {
         Ok(())
     }
 
+    /// `lbctl service health`: give a service's backends a check, or none.
+    fn set_health(
+        &mut self,
+        frontend: lb::service::Frontend,
+        check: Option<control::health::HealthSpec>,
+    ) -> ResponseEnvelope {
+        if self.table.get(&frontend).is_none() {
+            return ResponseEnvelope::error(ErrorKind::Invalid, format!("no service {frontend}"));
+        }
+        if let Some(Err(e)) = check.as_ref().map(|c| c.validate()) {
+            return ResponseEnvelope::error(ErrorKind::Invalid, format!("nothing changed: {e}"));
+        }
+        let mut health = self.health.clone();
+        let message = match check {
+            Some(c) => {
+                let m = format!("health check of {frontend}: {c}");
+                health.insert(frontend, c);
+                m
+            }
+            None => {
+                health.remove(&frontend);
+                format!("health check of {frontend} removed")
+            }
+        };
+        match self.commit_all(self.table.clone(), health) {
+            Ok(()) => ResponseEnvelope::ok(Reply::Done { message }),
+            Err((kind, e)) => ResponseEnvelope::error(kind, e),
+        }
+    }
+
+    /// The key a checked backend's results come under.
+    fn health_key(
+        frontend: &lb::service::Frontend,
+        b: &lb::service::BackendSpec,
+    ) -> crate::prober::Key {
+        (frontend.to_string(), format!("{}:{}", b.addr, b.port))
+    }
+
+    /// A checked backend its probes say is down.
+    fn is_down(&self, frontend: &lb::service::Frontend, b: &lb::service::BackendSpec) -> bool {
+        self.health.contains_key(frontend)
+            && self
+                .checked
+                .get(&Self::health_key(frontend, b))
+                .is_some_and(|c| !c.tracker.up)
+    }
+
+    /// The table the datapath runs: the operator's, with the backends their health
+    /// checks say are down out of new flows (`control::health::effective`).
+    fn effective(&self, table: &ServiceTable) -> ServiceTable {
+        control::health::effective(table, |f, b| self.is_down(f, b))
+    }
+
+    /// Hand the prober every checked backend; forget the states of backends no longer
+    /// checked.
+    fn sync_prober(&mut self) {
+        let mut targets = Vec::new();
+        for svc in self.table.services() {
+            let Some(spec) = self.health.get(&svc.frontend) else {
+                continue;
+            };
+            for b in &svc.backends {
+                targets.push(crate::prober::Target {
+                    key: Self::health_key(&svc.frontend, b),
+                    addr: std::net::SocketAddr::from((b.addr, spec.port.unwrap_or(b.port))),
+                    spec: spec.clone(),
+                });
+            }
+        }
+        self.checked
+            .retain(|k, _| targets.iter().any(|t| &t.key == k));
+        if let Some(p) = &self.prober {
+            p.set(targets);
+        }
+    }
+
+    /// Count the probes' results; a backend that changes state is said once in the log
+    /// and the datapath follows (new flows avoid a down backend).
+    fn poll_health(&mut self) {
+        let Some(p) = &self.prober else {
+            return;
+        };
+        let results: Vec<crate::prober::Outcome> = p.results().collect();
+        let mut changed = Vec::new();
+        for r in results {
+            let Some(spec) = self
+                .health
+                .iter()
+                .find(|(f, _)| f.to_string() == r.key.0)
+                .map(|(_, h)| h)
+            else {
+                continue;
+            };
+            let c = self.checked.entry(r.key.clone()).or_default();
+            c.last = Some((r.ok, r.detail.clone(), Instant::now()));
+            if let Some(up) = c.tracker.record(r.ok, spec.rise, spec.fall) {
+                match up {
+                    true => {
+                        tracing::info!(service = %r.key.0, backend = %r.key.1, "backend healthy again ({}): new flows reach it", r.detail)
+                    }
+                    false => {
+                        tracing::warn!(service = %r.key.0, backend = %r.key.1, "backend unhealthy ({}): no new flows until it answers again", r.detail)
+                    }
+                }
+                changed.push(r.key.0.clone());
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        for svc in self.table.services() {
+            let name = svc.frontend.to_string();
+            let weighted: Vec<_> = svc.backends.iter().filter(|b| b.weight > 0).collect();
+            if changed.contains(&name)
+                && !weighted.is_empty()
+                && weighted.iter().all(|b| self.is_down(&svc.frontend, b))
+            {
+                tracing::warn!(service = %name, "every backend failed its health check: traffic goes to all of them (fail open)");
+            }
+        }
+        if let Err((_, e)) = self.commit_datapath(self.table.clone()) {
+            tracing::error!(error = %e, "the datapath did not take the health change; it is tried again at the next one");
+        }
+    }
+
     fn commit_datapath(&mut self, next: ServiceTable) -> Result<(), (ErrorKind, String)> {
+        let run = self.effective(&next);
         let snap = match Snapshot::build(
             self.next_generation(),
             &self.cfg,
-            &next,
+            &run,
             Arc::clone(&self.snap.net),
             Some(&self.snap),
         ) {
             Ok(s) => s,
             Err(e) => return Err((ErrorKind::Invalid, e.to_string())),
         };
-        let new_state = steering_state(&next, &self.cfg, &self.snap);
+        let new_state = steering_state(&run, &self.cfg, &self.snap);
         self.change(&new_state, snap)
             .map_err(|e| (ErrorKind::Datapath, e))?;
         self.table = next;
@@ -1546,25 +1723,42 @@ impl Daemon {
                             .get(&(key, b.addr.octets(), b.port))
                             .copied()
                             .unwrap_or(0);
+                        let checked = self
+                            .health
+                            .contains_key(&spec.frontend)
+                            .then(|| self.checked.get(&Self::health_key(&spec.frontend, b)));
+                        let down = self.is_down(&spec.frontend, b);
                         BackendView {
                             address: b.addr,
                             port: b.port,
                             weight: b.weight,
                             flows: live,
-                            state: match (b.weight, live) {
-                                (1.., _) => "active",
-                                (0, 1..) => "draining",
-                                (0, 0) => "drained",
+                            state: match (b.weight, live, down) {
+                                (1.., _, true) => "unhealthy",
+                                (1.., _, false) => "active",
+                                (0, 1.., _) => "draining",
+                                (0, 0, _) => "drained",
                             }
                             .into(),
                             share: (n as f64 * 1000.0 / total as f64).round() / 10.0,
                             next_hop: self.next_hop_state(b.addr.octets()).into(),
+                            healthy: checked.map(|_| !down),
+                            health: checked.map(|c| match c.and_then(|c| c.last.as_ref()) {
+                                Some((ok, detail, at)) => format!(
+                                    "{}: last probe {} ({detail}), {:.1} s ago",
+                                    if down { "down" } else { "up" },
+                                    if *ok { "ok" } else { "failed" },
+                                    at.elapsed().as_secs_f64()
+                                ),
+                                None => "up: not probed yet".into(),
+                            }),
                         }
                     })
                     .collect(),
                 fingerprint,
                 table_size: total,
                 worst_share_error_pct: worst,
+                health_check: self.health.get(&spec.frontend).map(ToString::to_string),
             });
         }
         Ok(services)
@@ -2131,6 +2325,7 @@ impl Daemon {
             Request::ServiceList {} => self.service_list(),
             Request::Status {} => ResponseEnvelope::ok(self.status()),
             Request::Stats {} => ResponseEnvelope::ok(self.stats()),
+            Request::ServiceHealth { frontend, check } => self.set_health(frontend, check),
             Request::ServiceStats {} => match self.service_stats() {
                 Ok(services) => ResponseEnvelope::ok(Reply::ServiceStats { services }),
                 Err(e) => ResponseEnvelope::error(ErrorKind::Datapath, e),
@@ -2142,7 +2337,7 @@ impl Daemon {
             } => self.ipmasq_check(source, destination),
             Request::NatList { limit } => self.nat_list(limit.unwrap_or(10_000)),
             Request::Export {} => ResponseEnvelope::ok(Reply::State {
-                state: DesiredState::of(&self.table),
+                state: DesiredState::of(&self.table, &self.health),
             }),
             Request::Apply { state, dry_run } => self.apply_state(state, dry_run),
         }
@@ -2161,6 +2356,7 @@ impl Daemon {
             self.steering.unkeep(&k);
         }
         self.tick_metrics();
+        self.poll_health();
         let now = Instant::now();
         self.poll_policy(now);
         if self.policy_pending.is_none() {
@@ -2177,6 +2373,23 @@ impl Daemon {
                 .retain(|_, t| now.duration_since(*t) < RESOLVE_BACKOFF * 10);
         }
     }
+}
+
+/// What `apply -f` changes in the services' health checks, one line each.
+fn health_changes(
+    cur: &control::desired::HealthChecks,
+    next: &control::desired::HealthChecks,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (f, h) in next {
+        if cur.get(f) != Some(h) {
+            out.push(format!("~ service {f} health check: {h}"));
+        }
+    }
+    for f in cur.keys().filter(|f| !next.contains_key(*f)) {
+        out.push(format!("~ service {f} health check: none"));
+    }
+    out
 }
 
 /// The backend addresses an operation adds (their next hops to resolve ahead).

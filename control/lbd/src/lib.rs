@@ -12,3 +12,4 @@
 
 pub mod daemon;
 pub mod metrics;
+pub mod prober;

@@ -342,7 +342,12 @@ pub fn encode(s: &Sample) -> Result<String, std::fmt::Error> {
     let state = gauges(
         &mut reg,
         "xlb_backend_state",
-        "A backend's state: 1 for the one it is in (active, draining: weight 0 with live flows, drained)",
+        "A backend's state: 1 for the one it is in (active; unhealthy: its health check fails, no new flows; draining: weight 0 with live flows; drained)",
+    );
+    let healthy = gauges(
+        &mut reg,
+        "xlb_backend_healthy",
+        "A checked backend's health: 1 while its probes say it is up, 0 while down",
     );
     let mut maglev = Vec::new();
     for svc in &s.services {
@@ -350,7 +355,10 @@ pub fn encode(s: &Sample) -> Result<String, std::fmt::Error> {
             let name = format!("{}:{}", b.address, b.port);
             let l = labels(&[("service", &svc.frontend), ("backend", &name)]);
             weight.get_or_create(&l).set(i64::from(b.weight));
-            for st in ["active", "draining", "drained"] {
+            if let Some(up) = b.healthy {
+                healthy.get_or_create(&l).set(i64::from(up));
+            }
+            for st in ["active", "unhealthy", "draining", "drained"] {
                 state
                     .get_or_create(&labels(&[
                         ("service", &svc.frontend),

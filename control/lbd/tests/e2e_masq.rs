@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::topo::Echo;
 use common::topo::Topo;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -318,7 +319,7 @@ fn exhausted_ports_are_counted_and_established_flows_keep_working() {
         return;
     };
     count_pings(&t, "srv");
-    let mut echo = Echo::connect(&t, POD_A, SRV);
+    let mut echo = Echo::from(&t, "pod", POD_A, SRV, 9000);
     let first = echo.say("?peer");
     assert!(first.starts_with("srv:peer 203.0.113.7:620"), "{first}");
 
@@ -340,50 +341,6 @@ fn exhausted_ports_are_counted_and_established_flows_keep_working() {
     assert_eq!(echo.say("still there"), "srv:still there");
 }
 
-/// A line-oriented TCP echo client running in the pod namespace.
-struct Echo {
-    child: std::process::Child,
-    out: std::io::BufReader<std::process::ChildStdout>,
-}
-
-impl Echo {
-    /// A TCP connection from `src` to `dst`'s echo server (port 9000).
-    fn connect(t: &Topo, src: &str, dst: &str) -> Echo {
-        let mut child = t
-            .cmd("pod", "python3")
-            .args([
-                "-c",
-                &format!(
-                    "import socket,sys\nc=socket.create_connection(('{dst}',9000),source_address=('{src}',0),timeout=5)\n\
-                     f=c.makefile('rw')\nfor line in sys.stdin:\n    f.write(line); f.flush(); print(f.readline().strip(), flush=True)\n"
-                ),
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("echo client");
-        let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-        Echo { child, out }
-    }
-
-    fn say(&mut self, line: &str) -> String {
-        use std::io::{BufRead, Write};
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        writeln!(stdin, "{line}").expect("write");
-        stdin.flush().expect("flush");
-        let mut answer = String::new();
-        self.out.read_line(&mut answer).expect("read");
-        answer.trim().to_string()
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -401,7 +358,7 @@ fn a_policy_change_applies_to_new_flows_only() {
         return;
     };
     let config = t.dir().join("ip-masq-agent.yaml");
-    let mut echo = Echo::connect(&t, POD_A, SRV);
+    let mut echo = Echo::from(&t, "pod", POD_A, SRV, 9000);
     assert!(echo.say("?peer").starts_with("srv:peer 203.0.113.7:"));
     // Established, the connection runs in the XDP fast path.
     assert!(t.xdp_stat("fast_path") >= 1, "{}", t.lbctl(&["stats"]));

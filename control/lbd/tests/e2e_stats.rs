@@ -192,6 +192,7 @@ const FAMILIES: &[&str] = &[
     "xlb_service_bytes_total",
     "xlb_backend_weight",
     "xlb_backend_state",
+    "xlb_backend_healthy",
     "xlb_service_maglev_info",
 ];
 
@@ -222,6 +223,14 @@ fn a_real_prometheus_scrapes_the_metrics_and_they_move_with_the_traffic() {
     ]);
     t.add_service("10.96.0.10:80/tcp", &["10.1.0.11:8080", "10.1.0.12:8080"]);
     t.add_service("10.96.0.10:9000/tcp", &["10.1.0.11:9000"]);
+    t.lbctl(&[
+        "service",
+        "health",
+        "10.96.0.10:9000/tcp",
+        "--tcp",
+        "--interval-ms",
+        "500",
+    ]);
 
     // The exposition itself: OpenMetrics, accepted by promtool.
     let o = t
@@ -336,6 +345,11 @@ fn a_real_prometheus_scrapes_the_metrics_and_they_move_with_the_traffic() {
     eventually(&t, "xlb_nat_ports{address=\"10.1.0.1\"}", 64.0);
     eventually(&t, "xlb_backend_weight", 4.0);
     eventually(&t, "xlb_backend_state{state=\"active\"}", 4.0);
+    eventually(
+        &t,
+        "xlb_backend_healthy{service=\"10.96.0.10:9000/tcp\"}",
+        1.0,
+    );
     eventually(&t, "xlb_service_maglev_info", 3.0);
     eventually(&t, "xlb_build_info", 1.0);
     // Live connections hold ports, exhaust them, and show in the gauges.

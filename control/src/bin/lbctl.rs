@@ -272,6 +272,88 @@ enum ServiceCmd {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Give a service's backends a health check (one of --tcp, --http, --udp), or none
+    /// (--off). A backend that fails --fall probes in a row gets no new flows (its
+    /// established flows go on) until it passes --rise in a row.
+    Health {
+        frontend: Frontend,
+        #[command(flatten)]
+        check: HealthArgs,
+    },
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false, id = "probe")]
+struct ProbeArgs {
+    /// A TCP connection must be accepted.
+    #[arg(long)]
+    tcp: bool,
+    /// GET PATH over HTTP/1.0 must answer with a status in --codes.
+    #[arg(long, value_name = "PATH")]
+    http: Option<String>,
+    /// This datagram must be answered with one containing --expect.
+    #[arg(long, value_name = "PAYLOAD", requires = "expect")]
+    udp: Option<String>,
+    /// No health check.
+    #[arg(long)]
+    off: bool,
+}
+
+#[derive(clap::Args)]
+struct HealthArgs {
+    #[command(flatten)]
+    probe: ProbeArgs,
+    /// Accepted HTTP statuses.
+    #[arg(long, default_value = "200-399", requires = "http")]
+    codes: String,
+    /// What the UDP answer must contain.
+    #[arg(long, requires = "udp")]
+    expect: Option<String>,
+    /// Probe this port [default: the backend's].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Milliseconds between probes of a backend.
+    #[arg(long, default_value_t = 2000)]
+    interval_ms: u32,
+    /// Milliseconds a probe may take [default: 1000, or the interval if shorter].
+    #[arg(long)]
+    timeout_ms: Option<u32>,
+    /// Successes in a row that bring a down backend back.
+    #[arg(long, default_value_t = 2)]
+    rise: u32,
+    /// Failures in a row that take a backend down.
+    #[arg(long, default_value_t = 3)]
+    fall: u32,
+}
+
+impl HealthArgs {
+    fn spec(self) -> Option<control::health::HealthSpec> {
+        use control::health::Probe;
+        let p = self.probe;
+        let probe = if p.tcp {
+            Probe::Tcp {}
+        } else if let Some(path) = p.http {
+            Probe::Http {
+                path,
+                codes: self.codes,
+            }
+        } else if let Some(send) = p.udp {
+            Probe::Udp {
+                send,
+                expect: self.expect.unwrap_or_default(),
+            }
+        } else {
+            return None;
+        };
+        Some(control::health::HealthSpec {
+            probe,
+            port: self.port,
+            interval_ms: self.interval_ms,
+            timeout_ms: self.timeout_ms,
+            rise: self.rise,
+            fall: self.fall,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -368,6 +450,15 @@ fn main() -> ExitCode {
         Cmd::Service {
             cmd: ServiceCmd::List { output },
         } => (Request::ServiceList {}, output),
+        Cmd::Service {
+            cmd: ServiceCmd::Health { frontend, check },
+        } => (
+            Request::ServiceHealth {
+                frontend,
+                check: check.spec(),
+            },
+            Format::Table,
+        ),
         Cmd::Backend {
             cmd:
                 BackendCmd::Add {
@@ -830,6 +921,9 @@ fn print_services(services: &[ServiceView]) {
                 .unwrap_or_default(),
             o.on_remove
         );
+        if let Some(h) = &s.health_check {
+            out!("{:<4} {:<22} health check: {h}", s.id, s.frontend);
+        }
         if s.backends.is_empty() {
             out!(
                 "{:<4} {:<22} {:<11} {:<22}",
@@ -857,6 +951,9 @@ fn print_services(services: &[ServiceView]) {
                 b.flows,
                 b.next_hop
             );
+            if let Some(h) = &b.health {
+                out!("{:<4} {:<22} {:<11} {:<22} health {h}", "", "", "", "");
+            }
         }
     }
 }

@@ -169,6 +169,21 @@ impl Topo {
         self.spawn_ready(name, "python3", &args);
     }
 
+    /// Kill every process in namespace `short` whose command line contains `pattern`
+    /// (SIGKILL: as a crash).
+    pub fn kill_in(&self, short: &str, pattern: &str) {
+        let o = Command::new("ip")
+            .args(["netns", "pids", &self.ns(short)])
+            .output()
+            .expect("ip netns pids");
+        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(pattern) {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+    }
+
     /// nginx in namespace `short` on port 8081 answering "ok <short>" to every request,
     /// with room for `conns` concurrent connections (keep-alive for an hour) over as
     /// many worker processes as that takes.
@@ -577,4 +592,60 @@ pub fn tally(lines: &[String]) -> std::collections::BTreeMap<String, usize> {
         *m.entry(l.clone()).or_insert(0) += 1;
     }
     m
+}
+
+/// A line-oriented client of a TCP echo server (deploy/backend.py answers each line with
+/// "NAME:" + the line), one connection, run by python3 in a namespace.
+pub struct Echo {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Echo {
+    /// A connection from the client namespace to `dst:port`.
+    pub fn connect(t: &Topo, dst: &str, port: u16) -> Echo {
+        Echo::from(t, "client", "0.0.0.0", dst, port)
+    }
+
+    /// A connection from namespace `ns`, source address `src`, to `dst:port`.
+    pub fn from(t: &Topo, ns: &str, src: &str, dst: &str, port: u16) -> Echo {
+        let mut child = t
+            .cmd(ns, "python3")
+            .args([
+                "-c",
+                &format!(
+                    "import socket,sys\nc=socket.create_connection(('{dst}',{port}),source_address=('{src}',0),timeout=5)\n\
+                     f=c.makefile('rw')\nfor line in sys.stdin:\n    f.write(line); f.flush(); print(f.readline().strip(), flush=True)\n"
+                ),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("echo client");
+        let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Echo { child, out }
+    }
+
+    /// Send a line; the answer.
+    pub fn say(&mut self, line: &str) -> String {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{line}").expect("write");
+        stdin.flush().expect("flush");
+        let mut answer = String::new();
+        self.out.read_line(&mut answer).expect("read");
+        answer.trim().to_string()
+    }
+
+    /// The name of the server that answers.
+    pub fn name(&mut self) -> String {
+        self.say("?").split(':').next().unwrap_or("").to_string()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
