@@ -64,6 +64,13 @@ pub enum Request {
     Stats {},
     /// Traffic by service and backend since lbd started (`lbctl stats --services`).
     ServiceStats {},
+    /// What xlb would do with a packet `source` → `destination` and why.
+    Explain {
+        source: std::net::SocketAddrV4,
+        destination: std::net::SocketAddrV4,
+        /// "tcp", "udp".
+        proto: String,
+    },
     /// Give a service's backends a health check (`check`), or none.
     ServiceHealth {
         #[serde(with = "as_string")]
@@ -183,6 +190,23 @@ pub enum Reply {
     ServiceStats {
         services: Vec<ServiceStatsView>,
     },
+    Explain(ExplainView),
+}
+
+/// `explain`: what xlb would do with a packet, and why (each step a line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainView {
+    pub steered: bool,
+    pub service: Option<String>,
+    pub mode: Option<String>,
+    pub slot: Option<usize>,
+    pub backend: Option<String>,
+    pub translation: Option<String>,
+    pub next_hop: Option<String>,
+    /// A worker's flow already holds the 5-tuple: it decides (its backend and
+    /// translation above).
+    pub flow: Option<String>,
+    pub steps: Vec<String>,
 }
 
 /// One service's traffic since lbd started, with each backend's (what `ipvsadm -L

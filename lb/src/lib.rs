@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod counters;
+pub mod explain;
 pub mod fixtures;
 pub mod flow;
 pub mod fuzzing;

@@ -112,6 +112,11 @@ pub enum WorkerRequest {
     },
     /// Live load-balanced flows by service and backend.
     BackendFlows(Sender<BackendFlows>),
+    /// The flow holding this 5-tuple (either direction), if this worker has one.
+    Lookup {
+        key: lb::flow::FlowKey,
+        reply: Sender<Option<FlowCopy>>,
+    },
     /// The worker's (service, backend) accounts and its live flows by the same pairs.
     Accounts(Sender<(Vec<lb::pipeline::Account>, BackendFlows)>),
     /// Take over flows a previous lbd left in the fast path (`lb::pipeline::adopt`);
@@ -298,6 +303,14 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                 }
                 WorkerRequest::BackendFlows(reply) => {
                     let _ = reply.send(engine.backend_flows());
+                }
+                WorkerRequest::Lookup { key, reply } => {
+                    let found = engine
+                        .flows()
+                        .lookup(&key)
+                        .and_then(|(slot, _)| engine.flows().get(slot))
+                        .map(|f| flow_copy(f, spec.fast_path.as_ref()));
+                    let _ = reply.send(found);
                 }
                 WorkerRequest::Accounts(reply) => {
                     let _ = reply.send((engine.accounts().to_vec(), engine.backend_flows()));

@@ -19,10 +19,10 @@
 
 use control::desired::DesiredState;
 use control::proto::{
-    BackendStatsView, BackendView, CheckView, ErrorKind, InterfaceView, IpmasqRule, IpmasqView,
-    MasqStatusView, NatView, Outcome, Reply, Request, ResponseEnvelope, ServiceStatsView,
-    ServiceView, SocketStats, StatsView, StatusView, TrafficView, TranslationView, WorkerStats,
-    WorkerView,
+    BackendStatsView, BackendView, CheckView, ErrorKind, ExplainView, InterfaceView, IpmasqRule,
+    IpmasqView, MasqStatusView, NatView, Outcome, Reply, Request, ResponseEnvelope,
+    ServiceStatsView, ServiceView, SocketStats, StatsView, StatusView, TrafficView,
+    TranslationView, WorkerStats, WorkerView,
 };
 use control::server::{Handler, Peer};
 use control::txn::Datapath as _;
@@ -1276,6 +1276,81 @@ impl Daemon {
         Ok(())
     }
 
+    /// `lbctl explain`: what the snapshot in force does with a new flow of this 5-tuple,
+    /// or what the worker flow that already holds it does.
+    fn explain(
+        &self,
+        source: std::net::SocketAddrV4,
+        destination: std::net::SocketAddrV4,
+        proto: &str,
+    ) -> ResponseEnvelope {
+        let p = match proto {
+            "tcp" => Some(lb::service::Proto::Tcp),
+            "udp" => Some(lb::service::Proto::Udp),
+            _ => None,
+        };
+        let Some(p) = p else {
+            return ResponseEnvelope::error(
+                ErrorKind::BadRequest,
+                format!("proto {proto:?}: tcp or udp"),
+            );
+        };
+        let key = FlowKey {
+            src: source.ip().octets(),
+            dst: destination.ip().octets(),
+            sport: source.port(),
+            dport: destination.port(),
+            proto: p.number(),
+        };
+        let e = lb::explain::explain(&self.snap, &key);
+        let mut view = ExplainView {
+            steered: e.steered,
+            service: e.service,
+            mode: e.mode,
+            slot: e.slot,
+            backend: e.backend,
+            translation: e.translation,
+            next_hop: e.next_hop,
+            flow: None,
+            steps: e.steps,
+        };
+        let mut answers = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if w.requests
+                .try_send(WorkerRequest::Lookup { key, reply: tx })
+                .is_ok()
+            {
+                w.shared.wake();
+                answers.push((w.id, rx));
+            }
+        }
+        for (id, rx) in answers {
+            let Ok(Some(c)) = rx.recv_timeout(WORKER_ANSWER) else {
+                continue;
+            };
+            let t = translation(&c, id, 0);
+            let f = &c.flow;
+            if f.kind == FlowKind::Lb {
+                let (a, port) = f.backend();
+                view.backend = Some(format!("{}:{port}", Ipv4Addr::from(a)));
+            }
+            view.translation = Some(t.outside.clone());
+            let line = format!(
+                "a flow already holds it on worker {id} ({}, {}{}): {} → {} → {}; it decides, not the table",
+                t.kind,
+                t.state,
+                if t.fast_path { ", in the XDP fast path" } else { "" },
+                t.inside,
+                t.outside,
+                t.remote
+            );
+            view.steps.push(line.clone());
+            view.flow = Some(line);
+        }
+        ResponseEnvelope::ok(Reply::Explain(view))
+    }
+
     /// `lbctl service health`: give a service's backends a check, or none.
     fn set_health(
         &mut self,
@@ -2326,6 +2401,11 @@ impl Daemon {
             Request::Status {} => ResponseEnvelope::ok(self.status()),
             Request::Stats {} => ResponseEnvelope::ok(self.stats()),
             Request::ServiceHealth { frontend, check } => self.set_health(frontend, check),
+            Request::Explain {
+                source,
+                destination,
+                proto,
+            } => self.explain(source, destination, &proto),
             Request::ServiceStats {} => match self.service_stats() {
                 Ok(services) => ResponseEnvelope::ok(Reply::ServiceStats { services }),
                 Err(e) => ResponseEnvelope::error(ErrorKind::Datapath, e),

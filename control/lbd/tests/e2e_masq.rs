@@ -144,6 +144,39 @@ fn servers_see_the_egress_address_unless_the_policy_keeps_the_pod_address() {
     assert_eq!(check.trim(), "masquerade to 203.0.113.7 (no rule matches)");
     let check = t.lbctl(&["ipmasq", "check", POD_A, NM]);
     assert_eq!(check.trim(), "keep source: 10.0.0.0/8 (default)");
+    // explain says the same, with the port the worker tries first; a connection from
+    // that client port gets it.
+    let e = t.lbctl_json(&[
+        "explain",
+        &format!("{POD_A}:41001"),
+        &format!("{SRV}:8080/tcp"),
+    ]);
+    assert_eq!(e["steered"], true, "{e}");
+    let said = e["translation"].as_str().unwrap_or("").to_string();
+    assert!(
+        said.ends_with("(masquerade to 203.0.113.7 (no rule matches))"),
+        "{e}"
+    );
+    let said = said.split(' ').next().unwrap_or("").to_string();
+    let peer = t.py(
+        "pod",
+        &format!(
+            "import socket\ns=socket.socket(); s.bind(('{POD_A}',41001)); s.settimeout(3)\n\
+             s.connect(('{SRV}',9000)); s.sendall(b'?peer\\n'); print(s.recv(100).decode().strip())"
+        ),
+    );
+    assert_eq!(
+        peer.trim(),
+        format!("srv:peer {said}"),
+        "explain said {said}"
+    );
+    let e = t.lbctl_json(&[
+        "explain",
+        &format!("{POD_A}:41001"),
+        &format!("{NM}:8080/tcp"),
+    ]);
+    assert_eq!(e["steered"], false, "{e}");
+    assert_eq!(e["translation"], "keep source: 10.0.0.0/8 (default)");
     let list = t.lbctl_json(&["ipmasq", "list"]);
     let rules = list["non_masquerade"].as_array().expect("rules");
     assert_eq!(rules.len(), 12, "the 11 defaults and link-local: {list}");

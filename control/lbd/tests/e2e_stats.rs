@@ -409,3 +409,67 @@ fn a_real_prometheus_scrapes_the_metrics_and_they_move_with_the_traffic() {
         .collect();
     println!("{}", sample.join("\n"));
 }
+
+#[test]
+fn explain_says_what_the_datapath_does_with_a_tuple() {
+    let Some(t) = Topo::start("explain", 2, 3) else {
+        return;
+    };
+    t.add_service(
+        "10.96.0.10:9000/tcp",
+        &["10.1.0.11:9000", "10.1.0.12:9000", "10.1.0.13:9000"],
+    );
+    let names = ["10.1.0.11:9000", "10.1.0.12:9000", "10.1.0.13:9000"];
+    // For a few client ports: explain, then a real connection from that port.
+    for port in [41000u16, 41002, 41004, 41006, 41008, 41010] {
+        let e = t.lbctl_json(&[
+            "explain",
+            &format!("10.0.0.2:{port}"),
+            "10.96.0.10:9000/tcp",
+        ]);
+        assert_eq!(e["steered"], true, "{e}");
+        assert_eq!(e["service"], "10.96.0.10:9000/tcp");
+        assert!(e["slot"].as_u64().is_some(), "{e}");
+        // lb1 to the backend's MAC, or (before its first packet) the MAC being learnt.
+        assert!(
+            e["next_hop"].as_str().is_some_and(|h| h.starts_with("lb1")),
+            "{e}"
+        );
+        let backend = e["backend"].as_str().expect("backend").to_string();
+        let answer = t.client_py_with_lbctl(&format!(
+            "import socket, subprocess, sys\n\
+             s=socket.socket(); s.bind(('10.0.0.2',{port})); s.settimeout(3)\n\
+             s.connect(('10.96.0.10',9000)); s.sendall(b'?peer\\n')\n\
+             print(s.recv(100).decode().strip())\n\
+             cmd = [sys.argv[1], '--socket', sys.argv[2], 'explain', '10.0.0.2:{port}', '10.96.0.10:9000/tcp', '-o', 'json']\n\
+             print(subprocess.run(cmd, capture_output=True, text=True).stdout.replace('\\n', ' '))\n\
+             print('ok')"
+        ));
+        // "bN:peer 10.1.0.1:PORT": the backend that answered and the source it saw.
+        let mut lines = answer.lines();
+        let first = lines.next().expect("answer");
+        let (who, seen) = first.split_once(":peer ").expect("peer answer");
+        let n: usize = who.trim_start_matches('b').parse().expect("bN");
+        assert_eq!(
+            names[n - 1],
+            backend,
+            "explain said {backend}, {who} answered"
+        );
+        assert_eq!(e["translation"], seen, "the SNAT source and port");
+        // While the connection is open, a flow holds the tuple: explain says so.
+        let during: serde_json::Value =
+            serde_json::from_str(lines.next().unwrap_or("")).expect("explain json");
+        assert!(
+            during["flow"]
+                .as_str()
+                .is_some_and(|f| f.contains("a flow already holds it")),
+            "{during}"
+        );
+        assert_eq!(during["backend"], backend.as_str());
+    }
+    let table = t.lbctl(&["explain", "10.0.0.2:41000", "10.96.0.10:9000/tcp"]);
+    assert!(table.contains("Maglev slot"), "{table}");
+    println!("{table}");
+    let other = t.lbctl_json(&["explain", "10.0.0.2:41000", "10.96.0.10:9999/tcp"]);
+    assert_eq!(other["steered"], false);
+}

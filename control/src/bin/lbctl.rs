@@ -93,6 +93,17 @@ enum Cmd {
         #[arg(long, requires = "services")]
         rate: bool,
     },
+    /// What xlb would do with a packet SRC:PORT → DST:PORT/PROTO and why: steered or
+    /// left to the kernel, the service, Maglev slot and backend (or the flow that already
+    /// holds it), the translation, the next hop.
+    Explain {
+        /// SRC:PORT
+        source: std::net::SocketAddrV4,
+        /// DST:PORT/tcp|udp
+        destination: Frontend,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Egress masquerading: the effective non-masquerade list, and why a packet is (not)
     /// masqueraded.
     Ipmasq {
@@ -510,6 +521,18 @@ fn main() -> ExitCode {
             Format::Table,
         ),
         Cmd::Status { output } => (Request::Status {}, output),
+        Cmd::Explain {
+            source,
+            destination,
+            output,
+        } => (
+            Request::Explain {
+                source,
+                destination: std::net::SocketAddrV4::new(destination.addr, destination.port),
+                proto: destination.proto.to_string(),
+            },
+            output,
+        ),
         Cmd::Stats {
             output,
             services: false,
@@ -646,6 +669,11 @@ fn print_table(r: &Reply) {
         Reply::Check(c) => print_check(c),
         Reply::Nat(n) => print_nat(n),
         Reply::ServiceStats { services } => print_service_stats(services),
+        Reply::Explain(e) => {
+            for step in &e.steps {
+                out!("{step}");
+            }
+        }
         Reply::State { state } => match state.to_text(desired::Format::Yaml) {
             Ok(t) => out!("{}", t.trim_end()),
             Err(e) => out!("{e}"),
