@@ -282,3 +282,38 @@ fn a_masqueraded_flow_is_adopted_with_its_egress_port() {
         assert_eq!((vb, b), (va, a));
     }
 }
+
+#[test]
+fn a_dsr_flow_is_adopted_on_its_own_entry() {
+    use lb::service::{Mode, ServiceOptions};
+    let table = ServiceTable::default()
+        .apply(&Op::AddService {
+            frontend: fixtures::frontends()[0],
+            backends: vec![BackendSpec {
+                addr: BACKEND.into(),
+                port: 80,
+                weight: 1,
+            }],
+            options: ServiceOptions {
+                mode: Mode::DsrL2,
+                ..ServiceOptions::default()
+            },
+        })
+        .expect("valid");
+    let mut old = engine(lb_snapshot(1, &table), SEC);
+    run(&mut old, &client(40000, TcpFlags::SYN, b""));
+    run(&mut old, &client(40000, TcpFlags::ACK, b""));
+    let entries = installed(&mut old);
+    assert_eq!(entries.len(), 1, "one direction");
+    let mut new = engine(lb_snapshot(4, &table), SEC);
+    let inh = inherit(new.snapshot(), &entries).expect("adoptable");
+    assert_eq!(inh.owner(2), None, "a DSR flow has no NAT port to follow");
+    assert_eq!(inh.backend(), (BACKEND, 80));
+    new.adopt(&inh, SEC).expect("adopted");
+    assert_eq!(new.mappings(), 0, "no NAT port");
+    let frame = client(40000, TcpFlags::ACK | TcpFlags::PSH, b"data");
+    let (va, a) = run(&mut old, &frame);
+    let (vb, b) = run(&mut new, &frame);
+    assert_eq!((vb, b), (va, a));
+    assert_eq!(installed(&mut new).len(), 1, "installed again");
+}

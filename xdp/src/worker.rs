@@ -64,6 +64,9 @@ pub struct WorkerShared {
     pub pool_failures: [AtomicU64; nat::MAX_POOL],
     /// Flow directions this worker has in the XDP fast path.
     pub fast_entries: AtomicU64,
+    /// Bumped each time the worker folds removed fast-path entries' counts into its
+    /// accounts (a reader of accounts and the map together checks it did not move).
+    pub fold_seq: AtomicU64,
     pub parked: AtomicBool,
     /// The worker thread panicked (set by the daemon's supervisor; lbd then stops).
     pub failed: AtomicBool,
@@ -117,8 +120,9 @@ pub enum WorkerRequest {
         key: lb::flow::FlowKey,
         reply: Sender<Option<FlowCopy>>,
     },
-    /// The worker's (service, backend) accounts and its live flows by the same pairs.
-    Accounts(Sender<(Vec<lb::pipeline::Account>, BackendFlows)>),
+    /// The worker's (service, backend) accounts, its live flows by the same pairs, and
+    /// its `fold_seq` as of the accounts.
+    Accounts(Sender<(Vec<lb::pipeline::Account>, BackendFlows, u64)>),
     /// Take over flows a previous lbd left in the fast path (`lb::pipeline::adopt`);
     /// reply with the ones refused (by position) and the forward keys of those the
     /// masquerading policy now keeps (for the keep map).
@@ -203,6 +207,7 @@ pub fn shared_state(sockets: usize) -> std::io::Result<(Poll, Arc<WorkerShared>)
             pool_use: std::array::from_fn(|_| AtomicU64::new(0)),
             pool_failures: std::array::from_fn(|_| AtomicU64::new(0)),
             fast_entries: AtomicU64::new(0),
+            fold_seq: AtomicU64::new(0),
             parked: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             waker,
@@ -286,7 +291,13 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     }
                     dispatch(
                         &mut engine,
-                        Sinks::of(&mut spec, &mut kept, &mut fast_entries, &mut folds),
+                        Sinks::of(
+                            &mut spec,
+                            &mut kept,
+                            &mut fast_entries,
+                            &mut folds,
+                            &me.fold_seq,
+                        ),
                     );
                     let _ = reply.send(std::mem::take(&mut kept));
                 }
@@ -313,7 +324,8 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     let _ = reply.send(found);
                 }
                 WorkerRequest::Accounts(reply) => {
-                    let _ = reply.send((engine.accounts().to_vec(), engine.backend_flows()));
+                    let seq = me.fold_seq.load(Ordering::SeqCst);
+                    let _ = reply.send((engine.accounts().to_vec(), engine.backend_flows(), seq));
                 }
                 WorkerRequest::Adopt { flows, reply } => {
                     let mut answer = Adopted::default();
@@ -326,7 +338,13 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     }
                     dispatch(
                         &mut engine,
-                        Sinks::of(&mut spec, &mut kept, &mut fast_entries, &mut folds),
+                        Sinks::of(
+                            &mut spec,
+                            &mut kept,
+                            &mut fast_entries,
+                            &mut folds,
+                            &me.fold_seq,
+                        ),
                     );
                     answer.kept = std::mem::take(&mut kept);
                     me.fast_entries.store(fast_entries, Ordering::Relaxed);
@@ -423,7 +441,13 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         // packet.
         dispatch(
             &mut engine,
-            Sinks::of(&mut spec, &mut kept, &mut fast_entries, &mut folds),
+            Sinks::of(
+                &mut spec,
+                &mut kept,
+                &mut fast_entries,
+                &mut folds,
+                &me.fold_seq,
+            ),
         );
         me.fast_entries.store(fast_entries, Ordering::Relaxed);
         io.end_batch();
@@ -500,6 +524,7 @@ struct Sinks<'a> {
     /// What removed entries had forwarded, for their accounts: (account, direction,
     /// packets, bytes). Reserved at start.
     folds: &'a mut Vec<(u32, usize, u64, u64)>,
+    fold_seq: &'a AtomicU64,
 }
 
 impl<'a> Sinks<'a> {
@@ -508,8 +533,10 @@ impl<'a> Sinks<'a> {
         kept: &'a mut Vec<lb::flow::FlowKey>,
         entries: &'a mut u64,
         folds: &'a mut Vec<(u32, usize, u64, u64)>,
+        fold_seq: &'a AtomicU64,
     ) -> Self {
         Sinks {
+            fold_seq,
             fast_path: spec.fast_path.as_mut(),
             resolve: &spec.resolve,
             unkept: &spec.unkept,
@@ -566,8 +593,12 @@ fn dispatch(engine: &mut Engine, mut sinks: Sinks<'_>) {
             Event::Kept(k) => sinks.kept.push(k),
         }
     }
+    let folded = !folds.is_empty();
     for (acct, dir, packets, bytes) in folds.drain(..) {
         engine.account_fast(acct, dir, packets, bytes);
+    }
+    if folded {
+        sinks.fold_seq.fetch_add(1, Ordering::SeqCst);
     }
 }
 

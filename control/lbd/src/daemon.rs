@@ -1660,15 +1660,6 @@ impl Daemon {
     /// entries' counters (read from the map here, off the workers), and live flows.
     fn service_stats(&self) -> Result<Vec<ServiceStatsView>, String> {
         type Pair = (lb::snapshot::FrontendKey, [u8; 4], u16);
-        let mut answers = Vec::new();
-        for w in &self.workers {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            if w.requests.try_send(WorkerRequest::Accounts(tx)).is_ok() {
-                w.shared.wake();
-                answers.push((w.id, rx));
-            }
-        }
-        let mut pairs: BTreeMap<(String, String), TrafficView> = BTreeMap::new();
         let name = |k: &Pair| {
             let f = lb::service::Frontend {
                 addr: Ipv4Addr::from(k.0.addr),
@@ -1678,10 +1669,45 @@ impl Daemon {
             };
             (f.to_string(), format!("{}:{}", Ipv4Addr::from(k.1), k.2))
         };
-        for (id, rx) in answers {
-            let (accounts, live) = rx
-                .recv_timeout(WORKER_ANSWER)
-                .map_err(|_| format!("worker {id} did not answer"))?;
+        // The workers' accounts and the map's live entries must be read as of one
+        // moment: a flow whose entries a worker folds into its account between the two
+        // reads would count in neither (or in both). A worker's fold_seq says whether it
+        // folded since its answer; then the reading is taken again.
+        let mut attempt = 0;
+        let (answers, dump) = loop {
+            attempt += 1;
+            let mut asked = Vec::new();
+            for w in &self.workers {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                if w.requests.try_send(WorkerRequest::Accounts(tx)).is_ok() {
+                    w.shared.wake();
+                    asked.push((w, rx));
+                }
+            }
+            let mut answers = Vec::new();
+            for (w, rx) in asked {
+                let a = rx
+                    .recv_timeout(WORKER_ANSWER)
+                    .map_err(|_| format!("worker {} did not answer", w.id))?;
+                answers.push((w, a));
+            }
+            let dump = match self.fast_path {
+                true => self
+                    .steering
+                    .fast_path_map()
+                    .map_err(|e| e.to_string())?
+                    .entries(),
+                false => Vec::new(),
+            };
+            let moved = answers
+                .iter()
+                .any(|(w, (_, _, seq))| w.shared.fold_seq.load(Ordering::SeqCst) != *seq);
+            if !moved || attempt == 5 {
+                break (answers, dump);
+            }
+        };
+        let mut pairs: BTreeMap<(String, String), TrafficView> = BTreeMap::new();
+        for (_, (accounts, live, _)) in answers {
             for a in accounts {
                 let t = pairs
                     .entry(name(&(a.frontend, a.backend.0, a.backend.1)))
@@ -1696,30 +1722,27 @@ impl Daemon {
                 pairs.entry(name(&k)).or_default().active += n;
             }
         }
-        if self.fast_path {
-            let map = self.steering.fast_path_map().map_err(|e| e.to_string())?;
-            let mut flows: BTreeMap<(u32, u32), Vec<(flowrec::FlowKey, flowrec::FlowEntry)>> =
-                BTreeMap::new();
-            for (k, e) in map.entries() {
-                flows.entry((e.worker, e.slot)).or_default().push((k, e));
+        let mut flows: BTreeMap<(u32, u32), Vec<(flowrec::FlowKey, flowrec::FlowEntry)>> =
+            BTreeMap::new();
+        for (k, e) in dump {
+            flows.entry((e.worker, e.slot)).or_default().push((k, e));
+        }
+        for entries in flows.values() {
+            let Ok(f) = lb::pipeline::adopt::inherit(&self.snap, entries) else {
+                continue;
+            };
+            if f.kind != FlowKind::Lb {
+                continue;
             }
-            for entries in flows.values() {
-                let Ok(f) = lb::pipeline::adopt::inherit(&self.snap, entries) else {
-                    continue;
-                };
-                if f.kind != FlowKind::Lb {
-                    continue;
-                }
-                let (addr, port) = f.backend();
-                let t = pairs.entry(name(&(f.frontend(), addr, port))).or_default();
-                for (k, e) in entries {
-                    if *k == f.keys[0].flowrec() {
-                        t.packets_in += e.packets;
-                        t.bytes_in += e.bytes;
-                    } else {
-                        t.packets_out += e.packets;
-                        t.bytes_out += e.bytes;
-                    }
+            let (addr, port) = f.backend();
+            let t = pairs.entry(name(&(f.frontend(), addr, port))).or_default();
+            for (k, e) in entries {
+                if *k == f.keys[0].flowrec() {
+                    t.packets_in += e.packets;
+                    t.bytes_in += e.bytes;
+                } else {
+                    t.packets_out += e.packets;
+                    t.bytes_out += e.bytes;
                 }
             }
         }

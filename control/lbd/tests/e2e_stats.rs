@@ -75,6 +75,7 @@ fn service_stats_count_flows_packets_and_bytes_by_backend() {
         .expect("iperf3");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     let up = service(&t, "10.96.0.10:5201/tcp");
+    println!("after upload: {up}");
     assert!(n(&up, "bytes_in") >= 20 << 20, "{up}");
     assert!(
         t.xdp_stat("fast_path") > 1000,
