@@ -422,6 +422,28 @@ impl Steering {
         self.pins.as_ref().map(|d| d.join(format!("link_{iface}")))
     }
 
+    /// Unpin the links a previous lbd left on interfaces this one does not serve: its
+    /// program leaves them (it would otherwise steer there for ever, unserved). The
+    /// interfaces unpinned.
+    pub fn unpin_links_except(&mut self, ifaces: &[String]) -> Result<Vec<String>, BpfError> {
+        let Some(dir) = self.pins.clone() else {
+            return Ok(Vec::new());
+        };
+        let mut gone = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| pin_error(&dir, e))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(iface) = name.strip_prefix("link_") else {
+                continue;
+            };
+            if !ifaces.iter().any(|i| i == iface) {
+                std::fs::remove_file(e.path()).map_err(|err| pin_error(&e.path(), err))?;
+                gone.push(iface.to_string());
+            }
+        }
+        Ok(gone)
+    }
+
     /// A previous lbd's program is attached to `iface` through a pinned link (see
     /// [`Steering::take_over`]).
     pub fn has_pinned_link(&self, iface: &str) -> bool {

@@ -723,6 +723,9 @@ impl Daemon {
             .map_err(|e| DaemonError::Config(e.to_string()))?;
         let table = ServiceTable::with_table_size(cfg.maglev_size);
         let (mut steering, inherited) = Steering::load(dc.pin_dir.as_deref())?;
+        for i in steering.unpin_links_except(&dc.ifaces)? {
+            tracing::warn!(iface = %i, "the previous lbd's program left {i}, which this lbd does not serve");
+        }
         // Generations go on from the previous lbd's, so none of its entries is ever
         // taken for one of ours.
         let first = inherited.as_ref().map_or(1, |i| i.generation + 1);

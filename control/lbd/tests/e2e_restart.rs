@@ -201,17 +201,24 @@ fn an_iperf3_transfer_through_a_vip_outlives_lbd() {
             })
         })
     });
-    // A stop leaves the program (and the fast path's flows) for the next lbd; --unpin
-    // takes xlb out: the program leaves the interfaces, nothing of lbd stays pinned.
-    t.stop_lbd();
-    let xdp_on_lb0 = |t: &Topo| {
+    let xdp_on = |t: &Topo, dev: &str| {
         let o = t
             .cmd("lb", "ip")
-            .args(["link", "show", "lb0"])
+            .args(["link", "show", dev])
             .output()
             .expect("ip");
         String::from_utf8_lossy(&o.stdout).contains("xdp")
     };
+    // A restart that serves fewer interfaces takes the previous program off the others.
+    t.kill_lbd();
+    assert!(xdp_on(&t, "lb1"));
+    t.start_lbd_on(&["lb0"], &args);
+    assert!(!xdp_on(&t, "lb1"), "lb1 is not served any more");
+    assert!(t.lbd_log().contains("which this lbd does not serve"));
+    // A stop leaves the program (and the fast path's flows) for the next lbd; --unpin
+    // takes xlb out: the program leaves the interfaces, nothing of lbd stays pinned.
+    t.stop_lbd();
+    let xdp_on_lb0 = |t: &Topo| xdp_on(t, "lb0");
     assert!(xdp_on_lb0(&t), "the program stays after a stop");
     let o = Command::new(env!("CARGO_BIN_EXE_lbd"))
         .args(["--unpin", "--pin-dir", &pins.arg()])
