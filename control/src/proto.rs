@@ -196,17 +196,11 @@ pub enum Reply {
 /// `explain`: what xlb would do with a packet, and why (each step a line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExplainView {
-    pub steered: bool,
-    pub service: Option<String>,
-    pub mode: Option<String>,
-    pub slot: Option<usize>,
-    pub backend: Option<String>,
-    pub translation: Option<String>,
-    pub next_hop: Option<String>,
+    #[serde(flatten)]
+    pub explained: lb::explain::Explained,
     /// A worker's flow already holds the 5-tuple: it decides (its backend and
     /// translation above).
     pub flow: Option<String>,
-    pub steps: Vec<String>,
 }
 
 /// One service's traffic since lbd started, with each backend's (what `ipvsadm -L

@@ -14,8 +14,8 @@ use crate::service::{Affinity, Proto};
 use crate::snapshot::{FrontendKey, Snapshot};
 use std::net::Ipv4Addr;
 
-/// What xlb would do with a packet, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// What xlb would do with a packet, and why (also the wire form of `lbctl explain`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Explained {
     /// The XDP program sends it to a worker (else the kernel has it).
     pub steered: bool,

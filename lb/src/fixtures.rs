@@ -194,6 +194,44 @@ pub fn client_syn() -> FrameSpec {
     }
 }
 
+/// The fixture snapshot on one worker, with `table`, under `generation`.
+pub fn one_worker(generation: u64, table: &ServiceTable) -> Snapshot {
+    let mut cfg = config();
+    cfg.workers = 1;
+    Snapshot::build(generation, &cfg, table, Arc::new(net()), None)
+        .expect("fixture snapshot builds")
+}
+
+/// An engine on `snap` (worker 0, fast path on), its clock at `now`.
+pub fn engine_at(snap: Snapshot, now: u64) -> crate::Engine {
+    let mut e = crate::Engine::new(0, 1024, Arc::new(snap));
+    e.enable_fast_path();
+    e.begin_batch(now);
+    e
+}
+
+/// A client segment to VIP:80 from port `sport`.
+pub fn client_segment(sport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    FrameSpec {
+        sport,
+        dport: 80,
+        flags,
+        payload: payload.to_vec(),
+        ..client_syn()
+    }
+    .build()
+}
+
+/// The backend's segment to the SNAT address's `port`.
+pub fn backend_segment(port: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    FrameSpec {
+        flags,
+        payload: payload.to_vec(),
+        ..backend_reply(port)
+    }
+    .build()
+}
+
 /// The SNAT port a client port maps to when it is free (port preservation within the
 /// fixture range, parity kept).
 pub fn mapped(client_port: u16) -> u16 {

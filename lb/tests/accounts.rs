@@ -4,42 +4,15 @@
 
 use lb::fixtures::{self, BACKEND, VIP};
 use lb::pipeline::NO_ACCOUNT;
-use lb::wire::build::FrameSpec;
 use lb::wire::TcpFlags;
-use lb::{Engine, Event, Snapshot, Verdict};
-use std::sync::Arc;
+use lb::{Engine, Event, Verdict};
 
 const SEC: u64 = 1_000_000_000;
 
+use fixtures::{backend_segment as backend, client_segment as client};
+
 fn engine() -> Engine {
-    let mut cfg = fixtures::config();
-    cfg.workers = 1;
-    let s = Snapshot::build(1, &cfg, &fixtures::table(), Arc::new(fixtures::net()), None)
-        .expect("build");
-    let mut e = Engine::new(0, 1024, Arc::new(s));
-    e.enable_fast_path();
-    e.begin_batch(SEC);
-    e
-}
-
-fn client(sport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    FrameSpec {
-        sport,
-        dport: 80,
-        flags,
-        payload: payload.to_vec(),
-        ..fixtures::client_syn()
-    }
-    .build()
-}
-
-fn backend(port: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    FrameSpec {
-        flags,
-        payload: payload.to_vec(),
-        ..fixtures::backend_reply(port)
-    }
-    .build()
+    fixtures::engine_at(fixtures::one_worker(1, &fixtures::table()), SEC)
 }
 
 fn run(e: &mut Engine, frame: &[u8]) -> Vec<u8> {

@@ -11,45 +11,16 @@ use lb::service::{BackendSpec, Op, ServiceTable};
 use lb::wire::build::FrameSpec;
 use lb::wire::ipv4::PROTO_TCP;
 use lb::wire::TcpFlags;
-use lb::{Engine, Event, Snapshot, Verdict};
-use std::sync::Arc;
+use lb::{Engine, Event, Verdict};
 
 const SEC: u64 = 1_000_000_000;
 
 type Entries = Vec<(flowrec::FlowKey, flowrec::FlowEntry)>;
 
-fn lb_snapshot(generation: u64, table: &ServiceTable) -> Snapshot {
-    let mut cfg = fixtures::config();
-    cfg.workers = 1;
-    Snapshot::build(generation, &cfg, table, Arc::new(fixtures::net()), None).expect("build")
-}
-
-fn engine(snap: Snapshot, now: u64) -> Engine {
-    let mut e = Engine::new(0, 1024, Arc::new(snap));
-    e.enable_fast_path();
-    e.begin_batch(now);
-    e
-}
-
-fn client(sport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    FrameSpec {
-        sport,
-        dport: 80,
-        flags,
-        payload: payload.to_vec(),
-        ..fixtures::client_syn()
-    }
-    .build()
-}
-
-fn backend(port: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    FrameSpec {
-        flags,
-        payload: payload.to_vec(),
-        ..fixtures::backend_reply(port)
-    }
-    .build()
-}
+use fixtures::{
+    backend_segment as backend, client_segment as client, engine_at as engine,
+    one_worker as lb_snapshot,
+};
 
 fn sport(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[34], frame[35]])

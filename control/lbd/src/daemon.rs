@@ -1305,17 +1305,9 @@ impl Daemon {
             dport: destination.port(),
             proto: p.number(),
         };
-        let e = lb::explain::explain(&self.snap, &key);
         let mut view = ExplainView {
-            steered: e.steered,
-            service: e.service,
-            mode: e.mode,
-            slot: e.slot,
-            backend: e.backend,
-            translation: e.translation,
-            next_hop: e.next_hop,
+            explained: lb::explain::explain(&self.snap, &key),
             flow: None,
-            steps: e.steps,
         };
         let mut answers = Vec::new();
         for w in &self.workers {
@@ -1336,9 +1328,9 @@ impl Daemon {
             let f = &c.flow;
             if f.kind == FlowKind::Lb {
                 let (a, port) = f.backend();
-                view.backend = Some(format!("{}:{port}", Ipv4Addr::from(a)));
+                view.explained.backend = Some(format!("{}:{port}", Ipv4Addr::from(a)));
             }
-            view.translation = Some(t.outside.clone());
+            view.explained.translation = Some(t.outside.clone());
             let line = format!(
                 "a flow already holds it on worker {id} ({}, {}{}): {} → {} → {}; it decides, not the table",
                 t.kind,
@@ -1348,7 +1340,7 @@ impl Daemon {
                 t.outside,
                 t.remote
             );
-            view.steps.push(line.clone());
+            view.explained.steps.push(line.clone());
             view.flow = Some(line);
         }
         ResponseEnvelope::ok(Reply::Explain(view))

@@ -670,7 +670,7 @@ fn print_table(r: &Reply) {
         Reply::Nat(n) => print_nat(n),
         Reply::ServiceStats { services } => print_service_stats(services),
         Reply::Explain(e) => {
-            for step in &e.steps {
+            for step in &e.explained.steps {
                 out!("{step}");
             }
         }
