@@ -64,6 +64,18 @@ pub enum Request {
     Stats {},
     /// Traffic by service and backend since lbd started (`lbctl stats --services`).
     ServiceStats {},
+    /// Start capturing the frames the workers see (of one service and/or backend, or
+    /// all), before and after translation; one capture at a time.
+    CaptureStart {
+        #[serde(default, with = "opt_string")]
+        service: Option<Frontend>,
+        #[serde(default)]
+        backend: Option<Ipv4Addr>,
+    },
+    /// The frames captured since the last read.
+    CaptureRead {},
+    /// End the capture.
+    CaptureStop {},
     /// What xlb would do with a packet `source` → `destination` and why.
     Explain {
         source: std::net::SocketAddrV4,
@@ -191,6 +203,27 @@ pub enum Reply {
         services: Vec<ServiceStatsView>,
     },
     Explain(ExplainView),
+    /// `capture_read` and `capture_stop`: frames captured since the last read.
+    Captured {
+        frames: Vec<CapturedFrame>,
+        /// Frames matched but not kept since the capture began (rate limit, full ring).
+        dropped: u64,
+        /// lbd's CLOCK_MONOTONIC now, ns (to date the frames).
+        now_ns: u64,
+    },
+}
+
+/// One frame a worker captured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapturedFrame {
+    pub worker: u16,
+    /// "in": as the worker received it; "out": as it left after translation.
+    pub direction: String,
+    /// What the worker did with it ("sent", "dropped", ...).
+    pub verdict: String,
+    /// CLOCK_MONOTONIC, ns.
+    pub ts_ns: u64,
+    pub data: Vec<u8>,
 }
 
 /// `explain`: what xlb would do with a packet, and why (each step a line).
@@ -597,6 +630,31 @@ pub struct StatsView {
 
 /// Serde through `Display`/`FromStr`, so frontends and backends read as operators write
 /// them ("10.0.0.10:80/tcp", "10.1.0.2:8080@2").
+/// An optional value as its string form (`"VIP:PORT/tcp"`), or null.
+pub(crate) mod opt_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    pub fn serialize<T: Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<Option<T>, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        Option::<String>::deserialize(d)?
+            .map(|s| s.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
 pub(crate) mod as_string {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
     use std::fmt::Display;

@@ -64,6 +64,8 @@ pub struct WorkerShared {
     pub pool_failures: [AtomicU64; nat::MAX_POOL],
     /// Flow directions this worker has in the XDP fast path.
     pub fast_entries: AtomicU64,
+    /// Frames a capture matched but did not keep (rate limit, full ring).
+    pub capture_dropped: AtomicU64,
     /// Bumped each time the worker folds removed fast-path entries' counts into its
     /// accounts (a reader of accounts and the map together checks it did not move).
     pub fold_seq: AtomicU64,
@@ -123,6 +125,8 @@ pub enum WorkerRequest {
     /// The worker's (service, backend) accounts, its live flows by the same pairs, and
     /// its `fold_seq` as of the accounts.
     Accounts(Sender<(Vec<lb::pipeline::Account>, BackendFlows, u64)>),
+    /// Start capturing into the tap, or stop (None).
+    Capture(Option<CaptureTap>),
     /// Take over flows a previous lbd left in the fast path (`lb::pipeline::adopt`);
     /// reply with the ones refused (by position) and the forward keys of those the
     /// masquerading policy now keeps (for the keep map).
@@ -131,6 +135,36 @@ pub enum WorkerRequest {
         reply: Sender<Adopted>,
     },
 }
+
+/// What a capture keeps: frames of this service and/or backend (load-balanced flows;
+/// neither: every frame), before and after the worker's translation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CaptureFilter {
+    pub service: Option<lb::snapshot::FrontendKey>,
+    pub backend: Option<[u8; 4]>,
+}
+
+/// A capture's end in a worker: the filter and the ring its records go into.
+pub struct CaptureTap {
+    pub filter: CaptureFilter,
+    pub ring: HeapProd<u8>,
+}
+
+impl std::fmt::Debug for CaptureTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptureTap")
+            .field("filter", &self.filter)
+            .finish()
+    }
+}
+
+/// Frames a worker may capture per second (each is one record before translation and
+/// one after): a capture cannot take the datapath's time; more are counted as dropped.
+pub const CAPTURE_PER_SEC: u64 = 10_000;
+
+/// A capture record's header in the ring: direction (0 in, 1 out), verdict code,
+/// worker, CLOCK_MONOTONIC ns, frame length; the frame follows.
+pub const CAPTURE_HEADER: usize = 1 + 1 + 2 + 8 + 2;
 
 /// A worker's answer to [`WorkerRequest::Adopt`].
 #[derive(Debug, Default)]
@@ -208,6 +242,7 @@ pub fn shared_state(sockets: usize) -> std::io::Result<(Poll, Arc<WorkerShared>)
             pool_failures: std::array::from_fn(|_| AtomicU64::new(0)),
             fast_entries: AtomicU64::new(0),
             fold_seq: AtomicU64::new(0),
+            capture_dropped: AtomicU64::new(0),
             parked: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             waker,
@@ -266,6 +301,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     let clock = crate::sys::monotonic_ns;
     let mut fast_entries = 0u64;
     let mut folds = Vec::with_capacity(FOLDS);
+    let mut capture: Option<Capture> = None;
     let mut kept = Vec::new();
     if spec.fast_path.is_some() {
         engine.enable_fast_path();
@@ -327,6 +363,16 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                     let seq = me.fold_seq.load(Ordering::SeqCst);
                     let _ = reply.send((engine.accounts().to_vec(), engine.backend_flows(), seq));
                 }
+                WorkerRequest::Capture(tap) => {
+                    capture = tap.map(|t| Capture {
+                        tap: t,
+                        tokens: CAPTURE_PER_SEC,
+                        refilled: now,
+                        pre: Vec::with_capacity(MAX_FRAME),
+                        post: Vec::with_capacity(MAX_FRAME),
+                        rec: Vec::with_capacity(MAX_FRAME + CAPTURE_HEADER),
+                    });
+                }
                 WorkerRequest::Adopt { flows, reply } => {
                     let mut answer = Adopted::default();
                     for (i, f) in flows.iter().enumerate() {
@@ -376,7 +422,16 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         }
         for i in 0..io.batch_len() {
             let hops = io.hops(i);
+            if let Some(c) = capture.as_mut() {
+                c.pre.clear();
+                c.pre.extend_from_slice(io.frame(i));
+            }
             let v = engine.process_probe(io.frame(i), hops);
+            if let Some(c) = capture.as_mut() {
+                c.post.clear();
+                c.post.extend_from_slice(io.frame(i));
+                c.record(&engine, v, spec.id, now, &me);
+            }
             match v {
                 Verdict::Tx { iface } => {
                     if !io.send(i, usize::from(iface)) {
@@ -506,6 +561,125 @@ fn flow_copy(f: &lb::flow::Flow, map: Option<&crate::bpf::FastPathMap>) -> FlowC
         }
     }
     c
+}
+
+/// A capture running in this worker.
+struct Capture {
+    tap: CaptureTap,
+    /// Frames it may still keep this second, and when the allowance was last refilled.
+    tokens: u64,
+    refilled: u64,
+    /// The frame before and after the engine, and a record being built.
+    pre: Vec<u8>,
+    post: Vec<u8>,
+    rec: Vec<u8>,
+}
+
+impl Capture {
+    /// Keep the frame just processed, before and after, if it matches the filter and
+    /// the rate allows (else count it dropped).
+    fn record(&mut self, engine: &Engine, v: Verdict, worker: u16, now: u64, me: &WorkerShared) {
+        let f = self.tap.filter;
+        if f.service.is_some() || f.backend.is_some() {
+            let Some((svc, addr, _)) = engine.last_pair() else {
+                return;
+            };
+            if f.service.is_some_and(|s| s != svc) || f.backend.is_some_and(|b| b != addr) {
+                return;
+            }
+        }
+        if now.saturating_sub(self.refilled) >= 1_000_000_000 {
+            self.tokens = CAPTURE_PER_SEC;
+            self.refilled = now;
+        }
+        let sent = matches!(v, Verdict::Tx { .. });
+        let need = 2 * CAPTURE_HEADER + self.pre.len() + if sent { self.post.len() } else { 0 };
+        if self.tokens == 0 || self.tap.ring.vacant_len() < need {
+            me.capture_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.tokens -= 1;
+        let code = verdict_code(v);
+        let (ring, rec) = (&mut self.tap.ring, &mut self.rec);
+        push_record(ring, rec, 0, code, worker, now, &self.pre);
+        if sent {
+            push_record(ring, rec, 1, code, worker, now, &self.post);
+        }
+    }
+}
+
+/// A verdict as a capture record says it (see [`capture_verdict`]).
+fn verdict_code(v: Verdict) -> u8 {
+    match v {
+        Verdict::Tx { .. } => 0,
+        Verdict::Encap { .. } => 1,
+        Verdict::Fragments { .. } => 2,
+        Verdict::Icmp { .. } => 3,
+        Verdict::Reset { .. } => 4,
+        Verdict::ToWorker(_) | Verdict::Probe(_) => 5,
+        Verdict::Hold => 6,
+        Verdict::Drop(_) => 7,
+    }
+}
+
+/// What a capture record's verdict code means.
+pub fn capture_verdict(code: u8) -> &'static str {
+    match code {
+        0 => "sent",
+        1 => "sent in a tunnel",
+        2 => "sent in fragments",
+        3 => "answered with an ICMP error",
+        4 => "answered with a reset",
+        5 => "handed to another worker",
+        6 => "held for a neighbour",
+        _ => "dropped",
+    }
+}
+
+/// Put one record (header and frame) into the ring in one push, so the reader sees it
+/// whole or not at all.
+fn push_record(
+    ring: &mut HeapProd<u8>,
+    rec: &mut Vec<u8>,
+    dir: u8,
+    code: u8,
+    worker: u16,
+    now: u64,
+    frame: &[u8],
+) {
+    rec.clear();
+    rec.push(dir);
+    rec.push(code);
+    rec.extend_from_slice(&worker.to_be_bytes());
+    rec.extend_from_slice(&now.to_be_bytes());
+    rec.extend_from_slice(&(frame.len() as u16).to_be_bytes());
+    rec.extend_from_slice(frame);
+    ring.push_slice(rec);
+}
+
+/// One record a worker captured: direction (0 in, 1 out), verdict code, worker,
+/// CLOCK_MONOTONIC ns, the frame.
+pub type CaptureRecord = (u8, u8, u16, u64, Vec<u8>);
+
+/// The next whole record in a capture ring, if there is one.
+pub fn pop_record(ring: &mut HeapCons<u8>) -> Option<CaptureRecord> {
+    if ring.occupied_len() < CAPTURE_HEADER {
+        return None;
+    }
+    let mut h = [0u8; CAPTURE_HEADER];
+    ring.pop_slice(&mut h);
+    let len = usize::from(u16::from_be_bytes([h[12], h[13]]));
+    let mut frame = vec![0u8; len];
+    ring.pop_slice(&mut frame);
+    let mut ts = [0u8; 8];
+    ts.copy_from_slice(&h[4..12]);
+    Some((
+        h[0],
+        h[1],
+        u16::from_be_bytes([h[2], h[3]]),
+        u64::from_be_bytes(ts),
+        frame,
+    ))
 }
 
 /// Removed fast-path directions whose counts one drain of the engine's events folds

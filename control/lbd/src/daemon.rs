@@ -197,7 +197,32 @@ pub struct Daemon {
     checked: HashMap<crate::prober::Key, Checked>,
     /// The thread running the probes.
     prober: Option<crate::prober::Prober>,
+    /// A packet capture running (`lbctl capture`).
+    capture: Option<CaptureRun>,
 }
+
+/// A capture: each worker's ring, when lbctl last read, and the workers' dropped
+/// counts when it began.
+struct CaptureRun {
+    rings: Vec<ringbuf::HeapCons<u8>>,
+    last_read: Instant,
+    dropped_at_start: u64,
+}
+
+impl std::fmt::Debug for CaptureRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptureRun")
+            .field("rings", &self.rings.len())
+            .finish()
+    }
+}
+
+/// Bytes of captured records a worker's ring holds between two reads.
+const CAPTURE_RING: usize = 4 << 20;
+/// A capture nobody has read for this long ends (lbctl went away).
+const CAPTURE_IDLE: Duration = Duration::from_secs(5);
+/// Frames one read returns at most.
+const CAPTURE_READ: usize = 2000;
 
 /// A checked backend: its state, and the last probe's result and when.
 #[derive(Debug, Default)]
@@ -913,6 +938,7 @@ impl Daemon {
             pool_high_water: Vec::new(),
             health: control::desired::HealthChecks::new(),
             checked: HashMap::new(),
+            capture: None,
             prober: match crate::prober::spawn() {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -1277,6 +1303,108 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    fn capture_dropped(&self) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| w.shared.capture_dropped.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Send every worker its end of a capture, or None to stop.
+    fn capture_taps(
+        &mut self,
+        filter: Option<xdp::worker::CaptureFilter>,
+    ) -> Vec<ringbuf::HeapCons<u8>> {
+        let mut rings = Vec::new();
+        for w in &self.workers {
+            let tap = filter.map(|filter| {
+                let (p, c) = HeapRb::<u8>::new(CAPTURE_RING).split();
+                rings.push(c);
+                xdp::worker::CaptureTap { filter, ring: p }
+            });
+            if w.requests
+                .send_timeout(WorkerRequest::Capture(tap), WORKER_ANSWER)
+                .is_ok()
+            {
+                w.shared.wake();
+            }
+        }
+        rings
+    }
+
+    /// `lbctl capture`: start capturing what the workers see.
+    fn capture_start(
+        &mut self,
+        service: Option<lb::service::Frontend>,
+        backend: Option<Ipv4Addr>,
+    ) -> ResponseEnvelope {
+        if self
+            .capture
+            .as_ref()
+            .is_some_and(|c| c.last_read.elapsed() < CAPTURE_IDLE)
+        {
+            return ResponseEnvelope::error(
+                ErrorKind::Busy,
+                "a capture is running (one at a time); it ends when its lbctl stops reading",
+            );
+        }
+        if let Some(s) = &service {
+            if self.table.get(s).is_none() {
+                return ResponseEnvelope::error(ErrorKind::Invalid, format!("no service {s}"));
+            }
+        }
+        let filter = xdp::worker::CaptureFilter {
+            service: service.as_ref().map(lb::snapshot::FrontendKey::from),
+            backend: backend.map(|a| a.octets()),
+        };
+        let rings = self.capture_taps(Some(filter));
+        self.capture = Some(CaptureRun {
+            rings,
+            last_read: Instant::now(),
+            dropped_at_start: self.capture_dropped(),
+        });
+        tracing::info!(?service, ?backend, "packet capture started");
+        ResponseEnvelope::ok(Reply::Done {
+            message: "capture started".into(),
+        })
+    }
+
+    /// The frames captured since the last read; with `stop`, the capture ends.
+    fn capture_read(&mut self, stop: bool) -> ResponseEnvelope {
+        let dropped = self.capture_dropped();
+        let Some(run) = self.capture.as_mut() else {
+            return ResponseEnvelope::error(ErrorKind::Invalid, "no capture is running");
+        };
+        run.last_read = Instant::now();
+        let mut frames = Vec::new();
+        'rings: for ring in &mut run.rings {
+            while let Some((dir, code, worker, ts_ns, data)) = xdp::worker::pop_record(ring) {
+                frames.push(control::proto::CapturedFrame {
+                    worker,
+                    direction: if dir == 0 { "in" } else { "out" }.into(),
+                    verdict: xdp::worker::capture_verdict(code).into(),
+                    ts_ns,
+                    data,
+                });
+                if frames.len() >= CAPTURE_READ && !stop {
+                    break 'rings;
+                }
+            }
+        }
+        frames.sort_by_key(|f| f.ts_ns);
+        let dropped = dropped.saturating_sub(run.dropped_at_start);
+        if stop {
+            self.capture_taps(None);
+            self.capture = None;
+            tracing::info!(dropped, "packet capture ended");
+        }
+        ResponseEnvelope::ok(Reply::Captured {
+            frames,
+            dropped,
+            now_ns: xdp::sys::monotonic_ns(),
+        })
     }
 
     /// `lbctl explain`: what the snapshot in force does with a new flow of this 5-tuple,
@@ -2419,6 +2547,9 @@ impl Daemon {
             Request::Status {} => ResponseEnvelope::ok(self.status()),
             Request::Stats {} => ResponseEnvelope::ok(self.stats()),
             Request::ServiceHealth { frontend, check } => self.set_health(frontend, check),
+            Request::CaptureStart { service, backend } => self.capture_start(service, backend),
+            Request::CaptureRead {} => self.capture_read(false),
+            Request::CaptureStop {} => self.capture_read(true),
             Request::Explain {
                 source,
                 destination,
@@ -2455,6 +2586,15 @@ impl Daemon {
         }
         self.tick_metrics();
         self.poll_health();
+        if self
+            .capture
+            .as_ref()
+            .is_some_and(|c| c.last_read.elapsed() >= CAPTURE_IDLE)
+        {
+            tracing::info!("packet capture ended: nobody read it for 5 s");
+            self.capture_taps(None);
+            self.capture = None;
+        }
         let now = Instant::now();
         self.poll_policy(now);
         if self.policy_pending.is_none() {

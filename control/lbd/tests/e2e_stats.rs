@@ -474,3 +474,90 @@ fn explain_says_what_the_datapath_does_with_a_tuple() {
     let other = t.lbctl_json(&["explain", "10.0.0.2:41000", "10.96.0.10:9999/tcp"]);
     assert_eq!(other["steered"], false);
 }
+
+#[test]
+fn capture_writes_what_the_workers_see_before_and_after_translation() {
+    if !common::privileged("capture_writes_what_the_workers_see_before_and_after_translation") {
+        return;
+    }
+    let mut t = Topo::up("capture", 2, 2);
+    // Every packet through the workers (the fast path's are not captured).
+    t.start_lbd(&["--fast-path", "off"]);
+    t.add_service("10.96.0.10:80/tcp", &["10.1.0.11:8080", "10.1.0.12:8080"]);
+    t.add_service("10.96.0.10:9000/tcp", &["10.1.0.11:9000"]);
+    let file = t.dir().join("capture.pcapng");
+    let capture = std::process::Command::new(common::topo::lbctl_path())
+        .arg("--socket")
+        .arg(t.socket())
+        .args([
+            "capture",
+            "--service",
+            "10.96.0.10:80/tcp",
+            "--count",
+            "40",
+            "--seconds",
+            "10",
+            "-w",
+        ])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("lbctl capture");
+    std::thread::sleep(Duration::from_millis(300));
+    // Traffic of the captured service and of another one.
+    let mut echo = common::topo::Echo::connect(&t, "10.96.0.10", 9000);
+    assert_eq!(echo.say("x"), "b1:x");
+    assert_eq!(t.curl_many(20).len(), 20);
+    let out = capture.wait_with_output().expect("lbctl capture");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    println!("{said}");
+    // Read back with tshark.
+    let o = std::process::Command::new("tshark")
+        .args(["-r"])
+        .arg(&file)
+        .args(["-T", "fields", "-E", "separator=|"])
+        .args([
+            "-e",
+            "frame.comment",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "tcp.dstport",
+        ])
+        .output()
+        .expect("tshark");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<Vec<String>> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| l.split('|').map(str::to_string).collect())
+        .collect();
+    let ins: Vec<&Vec<String>> = rows.iter().filter(|r| r[0].starts_with("in ")).collect();
+    let outs: Vec<&Vec<String>> = rows.iter().filter(|r| r[0].starts_with("out ")).collect();
+    assert_eq!(ins.len(), 40, "--count 40: {rows:?}");
+    assert_eq!(
+        outs.len(),
+        40,
+        "each frame sent has its translation: {rows:?}"
+    );
+    for r in &rows {
+        assert_ne!(r[3], "9000", "another service's frame: {r:?}");
+        match (r[0].split(' ').next(), r[1].as_str(), r[2].as_str()) {
+            // From the client to the VIP, out from the SNAT address to a backend.
+            (Some("in"), "10.0.0.2", "10.96.0.10") => {}
+            (Some("out"), "10.1.0.1", b) => assert!(b == "10.1.0.11" || b == "10.1.0.12", "{r:?}"),
+            // A backend's answer, out from the VIP to the client.
+            (Some("in"), b, "10.1.0.1") => assert!(b == "10.1.0.11" || b == "10.1.0.12", "{r:?}"),
+            (Some("out"), "10.96.0.10", "10.0.0.2") => {}
+            _ => panic!("unexpected frame {r:?}"),
+        }
+    }
+    assert!(rows
+        .iter()
+        .all(|r| r[0].contains("worker") && r[0].ends_with("sent")));
+    // One capture at a time, and none left running.
+    let o = t.try_lbctl(&["capture", "-w", "/dev/null", "--seconds", "0.2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -93,6 +93,27 @@ enum Cmd {
         #[arg(long, requires = "services")]
         rate: bool,
     },
+    /// Capture what the workers see into a pcapng file: each frame as it arrived ("in")
+    /// and as it left after translation ("out"), said in its comment. The XDP fast path's
+    /// packets are not seen (an established flow's: its handshake and close are).
+    /// At most 10 000 frames a second a worker.
+    Capture {
+        /// Only this service's flows.
+        #[arg(long)]
+        service: Option<Frontend>,
+        /// Only flows to this backend address.
+        #[arg(long)]
+        backend: Option<Ipv4Addr>,
+        /// Stop after this many frames (in).
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Stop after this long.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// The pcapng file.
+        #[arg(short = 'w', long = "write")]
+        file: PathBuf,
+    },
     /// What xlb would do with a packet SRC:PORT → DST:PORT/PROTO and why: steered or
     /// left to the kernel, the service, Maglev slot and backend (or the flow that already
     /// holds it), the translation, the next hop.
@@ -521,6 +542,13 @@ fn main() -> ExitCode {
             Format::Table,
         ),
         Cmd::Status { output } => (Request::Status {}, output),
+        Cmd::Capture {
+            service,
+            backend,
+            count,
+            seconds,
+            ref file,
+        } => return capture(&cli, service, backend, count, seconds, file),
         Cmd::Explain {
             source,
             destination,
@@ -669,6 +697,7 @@ fn print_table(r: &Reply) {
         Reply::Check(c) => print_check(c),
         Reply::Nat(n) => print_nat(n),
         Reply::ServiceStats { services } => print_service_stats(services),
+        Reply::Captured { frames, .. } => out!("{} frame(s)", frames.len()),
         Reply::Explain(e) => {
             for step in &e.explained.steps {
                 out!("{step}");
@@ -751,6 +780,120 @@ fn rate_of(name: &str, a: Option<&TrafficView>, b: &TrafficView, secs: f64) -> R
         out_bps: per(a.bytes_out, b.bytes_out),
         backends: Vec::new(),
     }
+}
+
+/// One request to lbd, its reply or the error's message.
+fn call(cli: &Cli, req: &Request) -> Result<Reply, String> {
+    let timeout = std::time::Duration::from_secs(cli.timeout);
+    let resp = Client::connect_with_timeout(&cli.socket, timeout)
+        .and_then(|mut c| c.call_with_id(req, None))
+        .map_err(|e| e.to_string())?;
+    match resp.outcome {
+        Outcome::Ok { result } => Ok(result),
+        Outcome::Error { error } => Err(error.message),
+    }
+}
+
+/// `lbctl capture`: start, read every 100 ms into the pcapng file, stop.
+fn capture(
+    cli: &Cli,
+    service: Option<Frontend>,
+    backend: Option<Ipv4Addr>,
+    count: usize,
+    seconds: f64,
+    path: &std::path::Path,
+) -> ExitCode {
+    use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
+    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionBlock;
+    use pcap_file::pcapng::PcapNgWriter;
+    use std::borrow::Cow;
+    let fail = |e: String| {
+        eprintln!("lbctl: {e}");
+        ExitCode::from(1)
+    };
+    let file = match std::fs::File::create(path) {
+        Ok(f) => std::io::BufWriter::new(f),
+        Err(e) => return fail(format!("{}: {e}", path.display())),
+    };
+    let mut w = match PcapNgWriter::new(file) {
+        Ok(w) => w,
+        Err(e) => return fail(format!("{}: {e}", path.display())),
+    };
+    let idb = InterfaceDescriptionBlock {
+        linktype: pcap_file::DataLink::ETHERNET,
+        snaplen: 0xffff,
+        options: vec![],
+    };
+    if let Err(e) = w.write_pcapng_block(idb) {
+        return fail(format!("{}: {e}", path.display()));
+    }
+    if let Err(e) = call(cli, &Request::CaptureStart { service, backend }) {
+        return fail(e);
+    }
+    let start = std::time::Instant::now();
+    let (mut seen, mut written) = (0usize, 0usize);
+    let mut dropped;
+    loop {
+        let done = seen >= count || start.elapsed().as_secs_f64() >= seconds;
+        if !done {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let req = match done {
+            true => Request::CaptureStop {},
+            false => Request::CaptureRead {},
+        };
+        let (frames, d, now_ns) = match call(cli, &req) {
+            Ok(Reply::Captured {
+                frames,
+                dropped,
+                now_ns,
+            }) => (frames, dropped, now_ns),
+            Ok(_) => return fail("lbd answered with something else".into()),
+            Err(e) => return fail(e),
+        };
+        dropped = d;
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        // An "out" frame follows its "in" frame: both are kept, or neither.
+        let mut keep = false;
+        for f in frames {
+            if f.direction == "in" {
+                keep = seen < count;
+                seen += usize::from(keep);
+            }
+            if !keep {
+                continue;
+            }
+            let age = std::time::Duration::from_nanos(now_ns.saturating_sub(f.ts_ns));
+            let epb = EnhancedPacketBlock {
+                interface_id: 0,
+                timestamp: wall.saturating_sub(age),
+                original_len: f.data.len() as u32,
+                data: Cow::Borrowed(&f.data),
+                options: vec![EnhancedPacketOption::Comment(Cow::Owned(format!(
+                    "{} worker {}: {}",
+                    f.direction, f.worker, f.verdict
+                )))],
+            };
+            if let Err(e) = w.write_pcapng_block(epb) {
+                let _ = call(cli, &Request::CaptureStop {});
+                return fail(format!("{}: {e}", path.display()));
+            }
+            written += 1;
+        }
+        if done {
+            break;
+        }
+    }
+    if let Err(e) = std::io::Write::flush(w.get_mut()) {
+        return fail(format!("{}: {e}", path.display()));
+    }
+    out!(
+        "{written} frame(s) ({seen} received, with what left after translation) written to {}; {dropped} not kept (rate limit)",
+        path.display()
+    );
+    ExitCode::SUCCESS
 }
 
 /// `lbctl stats --services --rate`: two readings a second apart.

@@ -789,6 +789,18 @@ impl Engine {
         self.st.fast_path = true;
     }
 
+    /// The service and backend of the flow the last processed frame went through (a
+    /// load-balanced flow's), for packet capture's filter.
+    pub fn last_pair(&self) -> Option<(FrontendKey, [u8; 4], u16)> {
+        let (slot, _) = self.st.last_flow?;
+        let f = self.st.flows.get(slot)?;
+        if f.kind != FlowKind::Lb {
+            return None;
+        }
+        let (addr, port) = f.backend();
+        Some((f.frontend(), addr, port))
+    }
+
     /// The traffic by (service, backend) this worker counted (see [`Account`]).
     pub fn accounts(&self) -> &[Account] {
         &self.st.accounts.list

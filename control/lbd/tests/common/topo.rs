@@ -266,6 +266,11 @@ impl Topo {
     }
 
     /// The directory this topology keeps its files in (socket, log, configs).
+    /// lbd's control socket.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
     pub fn dir(&self) -> PathBuf {
         std::env::temp_dir().join(format!("{}-run", self.prefix))
     }
