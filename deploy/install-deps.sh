@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(clang llvm libbpf-dev libxdp-dev libelf-dev zlib1g-dev pkg-config make m4 libclang-dev
       iproute2 ethtool nftables curl python3 iputils-ping iperf3 procps valgrind hping3
-      fonts-dejavu-core wrk nginx-light systemd prometheus python3-prometheus-client)
+      fonts-dejavu-core wrk nginx-light systemd prometheus python3-prometheus-client tshark)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

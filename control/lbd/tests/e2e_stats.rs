@@ -480,6 +480,13 @@ fn capture_writes_what_the_workers_see_before_and_after_translation() {
     if !common::privileged("capture_writes_what_the_workers_see_before_and_after_translation") {
         return;
     }
+    let tshark = std::process::Command::new("tshark")
+        .arg("--version")
+        .output();
+    assert!(
+        tshark.is_ok_and(|o| o.status.success()),
+        "tshark is missing: deploy/install-deps.sh installs it"
+    );
     let mut t = Topo::up("capture", 2, 2);
     // Every packet through the workers (the fast path's are not captured).
     t.start_lbd(&["--fast-path", "off"]);
