@@ -303,6 +303,21 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
     let mut folds = Vec::with_capacity(FOLDS);
     let mut capture: Option<Capture> = None;
     let mut kept = Vec::new();
+    // Carry out the engine's events (see `dispatch`), from the loop's own state.
+    macro_rules! dispatch_events {
+        () => {
+            dispatch(
+                &mut engine,
+                Sinks::of(
+                    &mut spec,
+                    &mut kept,
+                    &mut fast_entries,
+                    &mut folds,
+                    &me.fold_seq,
+                ),
+            )
+        };
+    }
     if spec.fast_path.is_some() {
         engine.enable_fast_path();
     }
@@ -325,16 +340,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                         engine.set_snapshot(s);
                         fresh = true;
                     }
-                    dispatch(
-                        &mut engine,
-                        Sinks::of(
-                            &mut spec,
-                            &mut kept,
-                            &mut fast_entries,
-                            &mut folds,
-                            &me.fold_seq,
-                        ),
-                    );
+                    dispatch_events!();
                     let _ = reply.send(std::mem::take(&mut kept));
                 }
                 WorkerRequest::Flows { limit, reply } => {
@@ -382,16 +388,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
                             Err(why) => answer.refused.push((i, why)),
                         }
                     }
-                    dispatch(
-                        &mut engine,
-                        Sinks::of(
-                            &mut spec,
-                            &mut kept,
-                            &mut fast_entries,
-                            &mut folds,
-                            &me.fold_seq,
-                        ),
-                    );
+                    dispatch_events!();
                     answer.kept = std::mem::take(&mut kept);
                     me.fast_entries.store(fast_entries, Ordering::Relaxed);
                     publish(&me, &engine);
@@ -494,16 +491,7 @@ pub fn run(mut spec: WorkerSpec, ready: Sender<Result<Vec<RawFd>, String>>) {
         // The engine's events before the batch leaves: an ended flow's fast-path
         // entries are gone before a new flow that reuses its NAT port sends its first
         // packet.
-        dispatch(
-            &mut engine,
-            Sinks::of(
-                &mut spec,
-                &mut kept,
-                &mut fast_entries,
-                &mut folds,
-                &me.fold_seq,
-            ),
-        );
+        dispatch_events!();
         me.fast_entries.store(fast_entries, Ordering::Relaxed);
         io.end_batch();
         io.flush();
