@@ -82,6 +82,9 @@ pub enum Request {
         destination: std::net::SocketAddrV4,
         /// "tcp", "udp".
         proto: String,
+        /// The interface the packet arrives on (optional: any served one).
+        #[serde(default)]
+        iface: Option<String>,
     },
     /// Give a service's backends a health check (`check`), or none.
     ServiceHealth {

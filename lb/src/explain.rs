@@ -67,8 +67,9 @@ fn hop(snap: &Snapshot, dst: [u8; 4]) -> String {
     }
 }
 
-/// What the engine would do with a new flow of `k` under `snap`.
-pub fn explain(snap: &Snapshot, k: &FlowKey) -> Explained {
+/// What the engine would do with a new flow of `k` under `snap`, arriving on an
+/// internal interface (`internal`: where masquerade sources are looked up; `None`: any).
+pub fn explain(snap: &Snapshot, k: &FlowKey, internal: Option<bool>) -> Explained {
     let mut e = Explained::default();
     let proto = Proto::from_number(k.proto);
     let fk = FrontendKey {
@@ -143,6 +144,12 @@ pub fn explain(snap: &Snapshot, k: &FlowKey) -> Explained {
         ));
         return e;
     };
+    if internal == Some(false) {
+        e.steps.push(
+            "no frontend, and masquerade sources are looked up only on internal interfaces (not the egress one): left to the kernel".into(),
+        );
+        return e;
+    }
     let d = m.rules.decide(k.src.into(), k.dst.into());
     e.steered = d.masquerades();
     e.translation = Some(d.to_string());
@@ -185,7 +192,7 @@ mod tests {
             dport: 80,
             proto: 6,
         };
-        let e = explain(&snap, &k);
+        let e = explain(&snap, &k, None);
         assert!(e.steered);
         assert_eq!(e.service.as_deref(), Some("10.0.0.10:80/tcp"));
         assert_eq!(e.backend, Some(format!("{}:8080", Ipv4Addr::from(BACKEND))));
@@ -209,7 +216,7 @@ mod tests {
             .next_hop
             .is_some_and(|h| h.starts_with("lb0 to 02:00:00:00:00:b2")));
         // Not a frontend, no masquerading: the kernel's.
-        let other = explain(&snap, &FlowKey { dport: 81, ..k });
+        let other = explain(&snap, &FlowKey { dport: 81, ..k }, Some(true));
         assert!(!other.steered && other.backend.is_none());
     }
 }

@@ -182,6 +182,28 @@ pub struct DatapathConfig {
 }
 
 impl Snapshot {
+    /// The NAT addresses per-address counts are kept for: the SNAT pool's, then the
+    /// egress (masquerading) addresses not in it, with their ports.
+    pub fn nat_addrs(&self) -> impl Iterator<Item = NatAddr> + '_ {
+        let pool = &self.snat.pool;
+        let egress = self
+            .masq
+            .iter()
+            .flat_map(|m| m.rules.egress_pool().iter())
+            .map(|e| e.octets())
+            .filter(move |e| !pool.iter().any(|a| a.addr == *e))
+            .map(|addr| NatAddr {
+                addr,
+                ports: self.snat.ports,
+            });
+        pool.iter().copied().chain(egress)
+    }
+
+    /// Where `addr` stands in [`Snapshot::nat_addrs`].
+    pub fn nat_position(&self, addr: [u8; 4]) -> Option<usize> {
+        self.nat_addrs().position(|a| a.addr == addr)
+    }
+
     /// Build the snapshot for `table`, reusing service states (and their Maglev tables)
     /// from `prev` where the spec is unchanged.
     pub fn build(

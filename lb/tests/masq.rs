@@ -954,3 +954,20 @@ fn kept(e: &mut Engine) -> Vec<lb::flow::FlowKey> {
         })
         .collect()
 }
+
+#[test]
+fn per_address_counts_cover_the_egress_addresses_after_the_snat_pool() {
+    let mut snap = mf::snapshot();
+    let ports = snap.snat.ports;
+    snap.snat.pool = std::sync::Arc::from(vec![lb::snapshot::NatAddr {
+        addr: [198, 51, 100, 1],
+        ports,
+    }]);
+    let addrs: Vec<[u8; 4]> = snap.nat_addrs().map(|a| a.addr).collect();
+    assert_eq!(addrs, [[198, 51, 100, 1], mf::EGRESS]);
+    assert_eq!(snap.nat_position(mf::EGRESS), Some(1));
+    assert_eq!(snap.nat_position([192, 0, 2, 1]), None);
+    // An egress address that is also a pool address is counted once, as the pool's.
+    let snap = mf::snapshot();
+    assert_eq!(snap.nat_addrs().count(), 1);
+}

@@ -60,7 +60,7 @@ pub struct WorkerShared {
     /// pool address (pool order).
     pub mappings: AtomicU64,
     pub pool_use: [AtomicU64; nat::MAX_POOL],
-    /// New flows refused for want of a port, by SNAT pool address.
+    /// New flows refused for want of a port, by NAT address (`Snapshot::nat_addrs`).
     pub pool_failures: [AtomicU64; nat::MAX_POOL],
     /// Flow directions this worker has in the XDP fast path.
     pub fast_entries: AtomicU64,

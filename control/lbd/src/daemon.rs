@@ -1414,6 +1414,7 @@ impl Daemon {
         source: std::net::SocketAddrV4,
         destination: std::net::SocketAddrV4,
         proto: &str,
+        iface: Option<&str>,
     ) -> ResponseEnvelope {
         let p = match proto {
             "tcp" => Some(lb::service::Proto::Tcp),
@@ -1433,8 +1434,26 @@ impl Daemon {
             dport: destination.port(),
             proto: p.number(),
         };
+        // Masquerade sources are looked up on internal interfaces: all but the egress
+        // one, or the only one.
+        let internal = match iface {
+            None => None,
+            Some(i) if !self.ifaces.iter().any(|x| x == i) => {
+                let mut e = lb::explain::Explained::default();
+                e.steps.push(format!(
+                    "{i} is not an interface lbd serves: no XDP program of lbd sees it, the kernel has it"
+                ));
+                return ResponseEnvelope::ok(Reply::Explain(ExplainView {
+                    explained: e,
+                    flow: None,
+                }));
+            }
+            Some(i) => Some(
+                self.ifaces.len() == 1 || self.masq.as_ref().is_none_or(|m| m.egress_iface != i),
+            ),
+        };
         let mut view = ExplainView {
-            explained: lb::explain::explain(&self.snap, &key),
+            explained: lb::explain::explain(&self.snap, &key, internal),
             flow: None,
         };
         let mut answers = Vec::new();
@@ -1991,7 +2010,8 @@ impl Daemon {
         self.metrics = Some(rx);
     }
 
-    /// SNAT pool addresses' ports over the workers, with the high-water marks.
+    /// NAT addresses' ports (the SNAT pool's, then the egress addresses), over the
+    /// workers, with the high-water marks.
     fn pools(&self) -> Vec<crate::metrics::PoolSample> {
         let sum =
             |i: usize, f: fn(&xdp::worker::WorkerShared) -> &[std::sync::atomic::AtomicU64]| {
@@ -2001,10 +2021,8 @@ impl Daemon {
                     .map(|n| n.load(Ordering::Relaxed))
                     .sum::<u64>()
             };
-        self.cfg
-            .snat
-            .pool
-            .iter()
+        self.snap
+            .nat_addrs()
             .enumerate()
             .map(|(i, a)| crate::metrics::PoolSample {
                 address: Ipv4Addr::from(a.addr).to_string(),
@@ -2554,7 +2572,8 @@ impl Daemon {
                 source,
                 destination,
                 proto,
-            } => self.explain(source, destination, &proto),
+                iface,
+            } => self.explain(source, destination, &proto, iface.as_deref()),
             Request::ServiceStats {} => match self.service_stats() {
                 Ok(services) => ResponseEnvelope::ok(Reply::ServiceStats { services }),
                 Err(e) => ResponseEnvelope::error(ErrorKind::Datapath, e),

@@ -5,9 +5,10 @@
 //! for a [`Sample`] (the loop answers between two ticks, from what it already has: the
 //! workers' published counters, the XDP program's counters, the service table, and the
 //! traffic by service), and [`encode`] turns the sample into the exposition. The
-//! encoding is pure and unit-tested; nothing here touches the workers or the kernel.
+//! encoding is pure (checked by the end-to-end scrape and a strict parser); nothing here
+//! touches the workers or the kernel.
 //!
-//! Label sets are bounded: workers, interfaces and queues, drop reasons, SNAT pool
+//! Label sets are bounded: workers, interfaces and queues, drop reasons, NAT
 //! addresses, services and backends (at most 4096 pairs per worker); no per-flow label.
 
 use control::proto::{ServiceStatsView, ServiceView, StatsView, StatusView};
@@ -28,7 +29,7 @@ const SCRAPE_WAIT: Duration = Duration::from_secs(5);
 /// OpenMetrics' content type (Prometheus asks for it and parses it strictly).
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// One SNAT pool address's ports.
+/// One NAT address's ports (a SNAT pool address, or an egress address).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSample {
     pub address: String,
@@ -261,27 +262,27 @@ pub fn encode(s: &Sample) -> Result<String, std::fmt::Error> {
     let ports = gauges(
         &mut reg,
         "xlb_nat_ports",
-        "Ports of a SNAT pool address's range",
+        "Ports of a NAT address's range (SNAT pool or egress address)",
     );
     let allocated = gauges(
         &mut reg,
         "xlb_nat_ports_allocated",
-        "Mappings (inside endpoints) holding a port of a SNAT pool address now; toward different backends two may share a port",
+        "Mappings (inside endpoints) holding a port of a NAT address now; toward different remotes two may share a port",
     );
     let free = gauges(
         &mut reg,
         "xlb_nat_ports_free",
-        "Ports of a SNAT pool address less its mappings (0 at least)",
+        "Ports of a NAT address less its mappings (0 at least)",
     );
     let high = gauges(
         &mut reg,
         "xlb_nat_ports_allocated_high_water",
-        "The most mappings on a SNAT pool address at once since lbd started",
+        "The most mappings on a NAT address at once since lbd started",
     );
     let failures = counters(
         &mut reg,
         "xlb_nat_port_allocation_failures",
-        "New flows refused on a SNAT pool address because no port was free toward their backend",
+        "New flows refused on a NAT address because no port was free toward their remote (backend or destination)",
     );
     for p in &s.pools {
         let l = labels(&[("address", &p.address)]);

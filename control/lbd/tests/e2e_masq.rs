@@ -177,6 +177,17 @@ fn servers_see_the_egress_address_unless_the_policy_keeps_the_pod_address() {
     ]);
     assert_eq!(e["steered"], false, "{e}");
     assert_eq!(e["translation"], "keep source: 10.0.0.0/8 (default)");
+    // Where it arrives matters: masquerade sources are looked up on int0, not ext0.
+    let from = format!("{POD_A}:41001");
+    let to = format!("{SRV}:8080/tcp");
+    let on = |iface: &str| t.lbctl_json(&["explain", &from, &to, "--iface", iface]);
+    assert_eq!(on("int0")["steered"], true);
+    let e = on("ext0");
+    assert_eq!(e["steered"], false, "{e}");
+    assert!(e.to_string().contains("internal interfaces"), "{e}");
+    assert!(on("eth9")
+        .to_string()
+        .contains("not an interface lbd serves"));
     let list = t.lbctl_json(&["ipmasq", "list"]);
     let rules = list["non_masquerade"].as_array().expect("rules");
     assert_eq!(rules.len(), 12, "the 11 defaults and link-local: {list}");
@@ -347,7 +358,14 @@ fn exhausted_ports_are_counted_and_established_flows_keep_working() {
         "exh",
         1,
         None,
-        &["--snat-ports", "62000-62007", "--timeout-udp", "120"],
+        &[
+            "--snat-ports",
+            "62000-62007",
+            "--timeout-udp",
+            "120",
+            "--metrics-addr",
+            "127.0.0.1:9568",
+        ],
     ) else {
         return;
     };
@@ -361,6 +379,26 @@ fn exhausted_ports_are_counted_and_established_flows_keep_working() {
     let answers = udp_flows(&t, SRV, 20);
     assert_eq!(answers.len(), 8, "{answers:?}\n{}", t.lbctl(&["stats"]));
     assert!(t.worker_drop("ports_exhausted") >= 12);
+    // The egress address's ports in the metrics: all 8 held toward srv, the refusals
+    // counted on it.
+    let o = t
+        .cmd("lb", "curl")
+        .args(["-s", "http://127.0.0.1:9568/metrics"])
+        .output()
+        .expect("curl");
+    let metrics = String::from_utf8_lossy(&o.stdout);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{address=\"{EGRESS}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+    };
+    assert_eq!(value("xlb_nat_ports"), 8.0);
+    assert!(value("xlb_nat_ports_allocated") >= 8.0);
+    assert_eq!(value("xlb_nat_ports_free"), 0.0);
+    assert!(value("xlb_nat_port_allocation_failures_total") >= 12.0);
     let status = t.lbctl(&["status"]);
     assert!(status.contains("ports_exhausted"), "{status}");
     assert_eq!(

@@ -122,6 +122,9 @@ enum Cmd {
         source: std::net::SocketAddrV4,
         /// DST:PORT/tcp|udp
         destination: Frontend,
+        /// The interface it arrives on [default: any lbd serves].
+        #[arg(long)]
+        iface: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
@@ -552,12 +555,14 @@ fn main() -> ExitCode {
         Cmd::Explain {
             source,
             destination,
+            iface,
             output,
         } => (
             Request::Explain {
                 source,
                 destination: std::net::SocketAddrV4::new(destination.addr, destination.port),
                 proto: destination.proto.to_string(),
+                iface,
             },
             output,
         ),

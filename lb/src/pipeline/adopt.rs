@@ -276,7 +276,7 @@ impl Engine {
             return Err(Unadoptable::TableFull);
         }
         if flow.mapped && fresh {
-            count_use(&mut st.pool_use, &snap.snat.pool, key.outside, true);
+            count_use(&mut st.pool_use, snap, key.outside, true);
         }
         st.counters.flows_adopted += 1;
         Ok(())

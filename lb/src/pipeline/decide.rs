@@ -725,7 +725,7 @@ impl State {
             return Err(DropReason::FlowTableFull);
         };
         if flow.mapped && fresh {
-            super::count_use(&mut self.pool_use, &snap.snat.pool, key.outside, true);
+            super::count_use(&mut self.pool_use, snap, key.outside, true);
         }
         if kind == FlowKind::Lb {
             let acct = self.accounts.open(&flow);
@@ -890,10 +890,7 @@ impl State {
             Ok(port) => port,
             Err(r) => {
                 if let Some(n) = snap
-                    .snat
-                    .pool
-                    .iter()
-                    .position(|a| a.addr == to.outside)
+                    .nat_position(to.outside)
                     .and_then(|i| self.pool_failures.get_mut(i))
                 {
                     *n += 1;

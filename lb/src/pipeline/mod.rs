@@ -352,9 +352,10 @@ struct State {
     icmp_clock: u64,
     /// The packets the engine originates (ICMP errors, resets, fragments).
     scratch: Scratch,
-    /// Mappings on each SNAT pool address (by position in the snapshot's pool).
+    /// Mappings on each NAT address (`Snapshot::nat_addrs` order: the SNAT pool, then the
+    /// egress addresses).
     pool_use: [u64; nat::MAX_POOL],
-    /// New flows refused for want of a free port, by SNAT pool address (same order).
+    /// New flows refused for want of a free port, by NAT address (same order).
     pool_failures: [u64; nat::MAX_POOL],
     /// Fragmented datagrams whose first fragment was seen here: where the later
     /// fragments go, and when it was seen. Allocated at start; `frag_order` forgets the
@@ -382,23 +383,14 @@ struct State {
 struct Mapped<'a> {
     mappings: &'a mut Mappings,
     pool_use: &'a mut [u64; nat::MAX_POOL],
-    pool: &'a [crate::snapshot::NatAddr],
+    snap: &'a Snapshot,
     /// Where a fast-path flow's removal and a kept flow's end are queued.
     events: &'a mut Events,
 }
 
 /// One mapping more (`up`) or fewer on `addr`, if it is a pool address.
-fn count_use(
-    pool_use: &mut [u64; nat::MAX_POOL],
-    pool: &[crate::snapshot::NatAddr],
-    addr: [u8; 4],
-    up: bool,
-) {
-    if let Some(n) = pool
-        .iter()
-        .position(|a| a.addr == addr)
-        .and_then(|i| pool_use.get_mut(i))
-    {
+fn count_use(pool_use: &mut [u64; nat::MAX_POOL], snap: &Snapshot, addr: [u8; 4], up: bool) {
+    if let Some(n) = snap.nat_position(addr).and_then(|i| pool_use.get_mut(i)) {
         *n = if up { *n + 1 } else { n.saturating_sub(1) };
     }
 }
@@ -461,7 +453,7 @@ fn gone(maps: &mut Mapped<'_>, f: &Flow) {
         let key = map_key(f);
         maps.mappings.release(&key);
         if maps.mappings.port(&key).is_none() {
-            count_use(maps.pool_use, maps.pool, key.outside, false);
+            count_use(maps.pool_use, maps.snap, key.outside, false);
         }
     }
     if f.kept {
@@ -640,14 +632,14 @@ impl Engine {
         self.st.mappings.len()
     }
 
-    /// Mappings on each SNAT pool address, in the snapshot's pool order.
+    /// Mappings on each NAT address, in `Snapshot::nat_addrs` order.
     pub fn pool_use(&self) -> &[u64] {
-        &self.st.pool_use[..self.snap.snat.pool.len().min(nat::MAX_POOL)]
+        &self.st.pool_use[..self.snap.nat_addrs().count().min(nat::MAX_POOL)]
     }
 
-    /// New flows refused because no port was free, by SNAT pool address (same order).
+    /// New flows refused because no port was free, by NAT address (same order).
     pub fn pool_failures(&self) -> &[u64] {
-        &self.st.pool_failures[..self.snap.snat.pool.len().min(nat::MAX_POOL)]
+        &self.st.pool_failures[..self.snap.nat_addrs().count().min(nat::MAX_POOL)]
     }
 
     /// Start a batch at time `now` (ns, monotonic): advances the expiry clock hand.
@@ -685,7 +677,7 @@ impl Engine {
         let mut maps = Mapped {
             mappings: &mut st.mappings,
             pool_use: &mut st.pool_use,
-            pool: &snap.snat.pool,
+            snap,
             events: &mut st.events,
         };
         let expired = st.flows.expire_step(budget as usize, |f| {
@@ -867,7 +859,7 @@ impl State {
         let mut maps = Mapped {
             mappings: &mut self.mappings,
             pool_use: &mut self.pool_use,
-            pool: &snap.snat.pool,
+            snap,
             events: &mut self.events,
         };
         gone(&mut maps, f);
