@@ -1528,7 +1528,7 @@ impl Daemon {
         frontend: &lb::service::Frontend,
         b: &lb::service::BackendSpec,
     ) -> crate::prober::Key {
-        (frontend.to_string(), format!("{}:{}", b.addr, b.port))
+        (*frontend, std::net::SocketAddrV4::new(b.addr, b.port))
     }
 
     /// A checked backend its probes say is down.
@@ -1578,15 +1578,10 @@ impl Daemon {
         let results: Vec<crate::prober::Outcome> = p.results().collect();
         let mut changed = Vec::new();
         for r in results {
-            let Some(spec) = self
-                .health
-                .iter()
-                .find(|(f, _)| f.to_string() == r.key.0)
-                .map(|(_, h)| h)
-            else {
+            let Some(spec) = self.health.get(&r.key.0) else {
                 continue;
             };
-            let c = self.checked.entry(r.key.clone()).or_default();
+            let c = self.checked.entry(r.key).or_default();
             c.last = Some((r.ok, r.detail.clone(), Instant::now()));
             if let Some(up) = c.tracker.record(r.ok, spec.rise, spec.fall) {
                 match up {
@@ -1597,20 +1592,19 @@ impl Daemon {
                         tracing::warn!(service = %r.key.0, backend = %r.key.1, "backend unhealthy ({}): no new flows until it answers again", r.detail)
                     }
                 }
-                changed.push(r.key.0.clone());
+                changed.push(r.key.0);
             }
         }
         if changed.is_empty() {
             return;
         }
         for svc in self.table.services() {
-            let name = svc.frontend.to_string();
             let weighted: Vec<_> = svc.backends.iter().filter(|b| b.weight > 0).collect();
-            if changed.contains(&name)
+            if changed.contains(&svc.frontend)
                 && !weighted.is_empty()
                 && weighted.iter().all(|b| self.is_down(&svc.frontend, b))
             {
-                tracing::warn!(service = %name, "every backend failed its health check: traffic goes to all of them (fail open)");
+                tracing::warn!(service = %svc.frontend, "every backend failed its health check: traffic goes to all of them (fail open)");
             }
         }
         if let Err((_, e)) = self.commit_datapath(self.table.clone()) {

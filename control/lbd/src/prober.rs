@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What a result is about: the service (`VIP:PORT/PROTO`) and the backend (`IP:PORT`).
-pub type Key = (String, String);
+/// What a result is about: the service and the backend (its address and service port).
+pub type Key = (lb::service::Frontend, std::net::SocketAddrV4);
 
 /// A backend to probe at `addr` (its address, the check's port or its own).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +155,7 @@ fn run(mut poll: Poll, targets_rx: Receiver<Vec<Target>>, results: Sender<Outcom
                     Err(d) => (false, d),
                 };
                 let _ = results.try_send(Outcome {
-                    key: t.key.clone(),
+                    key: t.key,
                     ok,
                     detail,
                 });
@@ -183,7 +183,7 @@ fn run(mut poll: Poll, targets_rx: Receiver<Vec<Target>>, results: Sender<Outcom
                 }
                 Err(e) => {
                     let _ = results.try_send(Outcome {
-                        key: t.key.clone(),
+                        key: t.key,
                         ok: false,
                         detail: e,
                     });

@@ -903,17 +903,10 @@ fn capture(
 
 /// `lbctl stats --services --rate`: two readings a second apart.
 fn service_rates(cli: &Cli, output: Format) -> ExitCode {
-    let timeout = std::time::Duration::from_secs(cli.timeout);
     let read = || -> Result<(Vec<ServiceStatsView>, std::time::Instant), String> {
-        let resp = Client::connect_with_timeout(&cli.socket, timeout)
-            .and_then(|mut c| c.call_with_id(&Request::ServiceStats {}, None))
-            .map_err(|e| e.to_string())?;
-        match resp.outcome {
-            Outcome::Ok {
-                result: Reply::ServiceStats { services },
-            } => Ok((services, std::time::Instant::now())),
-            Outcome::Ok { .. } => Err("lbd answered with something else".into()),
-            Outcome::Error { error } => Err(error.message),
+        match call(cli, &Request::ServiceStats {})? {
+            Reply::ServiceStats { services } => Ok((services, std::time::Instant::now())),
+            _ => Err("lbd answered with something else".into()),
         }
     };
     let readings = read().and_then(|first| {
